@@ -1,0 +1,227 @@
+"""The federation schema: features, their encoding and normalization, and tasks.
+
+Sites must agree on the schema. Normalization statistics are computed
+federatedly: each site contributes sums and counts (:func:`feature_sums`),
+never rows, and :meth:`Schema.with_normalization` combines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from fedmeta.files import atomic_write_text
+from fedmeta.models import TaskSpec
+
+
+class Feature(BaseModel):
+    """One input column: numeric (standardized) or categorical (one-hot)."""
+
+    name: str = Field(min_length=1)
+    type: Literal["numeric", "categorical"] = "numeric"
+    categories: list[str] | None = None
+    mean: float = 0.0
+    std: float = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Feature":
+        if self.type == "categorical" and not self.categories:
+            raise ValueError(f"feature {self.name!r}: categorical features need a non-empty 'categories' list")
+        if self.type == "numeric" and self.categories:
+            raise ValueError(f"feature {self.name!r}: numeric features take no 'categories'")
+        if not self.std > 0:
+            raise ValueError(f"feature {self.name!r}: std must be > 0, got {self.std}")
+        return self
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) if self.type == "categorical" else 1
+
+
+class TaskColumn(TaskSpec):
+    """A task plus where its label lives: ``label`` column, class values, target scaling."""
+
+    label: str = Field(min_length=1)
+    classes: list[str] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @model_validator(mode="after")
+    def _check_label_values(self) -> "TaskColumn":
+        if self.is_classification:
+            if self.classes is None:
+                self.classes = [str(i) for i in range(self.n_classes)]
+            if len(self.classes) != self.n_classes:
+                raise ValueError(f"task {self.name!r}: {len(self.classes)} class values for {self.n_classes} classes")
+        if not self.target_std > 0:
+            raise ValueError(f"task {self.name!r}: target_std must be > 0, got {self.target_std}")
+        return self
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(name=self.name, kind=self.kind, n_classes=self.n_classes)
+
+
+class SchemaError(ValueError):
+    """Site data that does not match the federation schema."""
+
+
+class Schema(BaseModel):
+    """What every site's table looks like.
+
+    >>> s = Schema(name="demo", features=[Feature(name="age"), Feature(name="sex", type="categorical", categories=["F", "M"])],
+    ...            tasks=[TaskColumn(name="mortality", kind="binary", label="died", classes=["0", "1"])])
+    >>> s.encoded_dim
+    3
+    """
+
+    name: str = "federation"
+    features: list[Feature] = Field(min_length=1)
+    tasks: list[TaskColumn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Schema":
+        cols = [f.name for f in self.features] + [t.label for t in self.tasks]
+        dup = {c for c in cols if cols.count(c) > 1}
+        if dup:
+            raise ValueError(f"schema columns must be unique; repeated: {sorted(dup)}")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return self
+
+    @property
+    def encoded_dim(self) -> int:
+        return sum(f.width for f in self.features)
+
+    @property
+    def task_specs(self) -> list[TaskSpec]:
+        return [t.spec() for t in self.tasks]
+
+    def task(self, name: str) -> TaskColumn:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"schema has no task {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+    # --- persistence -------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise SchemaError(f"schema file not found: {path}") from None
+        except ValidationError as e:
+            raise SchemaError(f"invalid schema {path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.model_dump_json(indent=2))
+
+    # --- encoding ----------------------------------------------------------
+    def validate_frame(self, df: pd.DataFrame, source: str) -> None:
+        """Raise :class:`SchemaError` naming file, column and row for the first problem found."""
+        missing = [f.name for f in self.features if f.name not in df.columns]
+        if missing:
+            raise SchemaError(f"{source}: missing feature column(s) {missing}")
+        for f in self.features:
+            col = df[f.name]
+            if f.type == "numeric":
+                values = pd.to_numeric(col, errors="coerce")
+                bad = values.isna() & col.notna()
+                if bad.any():
+                    row = int(np.flatnonzero(bad.to_numpy())[0])
+                    raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: expected a number, got {col.iloc[row]!r}")
+                nan = values.isna()
+                if nan.any():
+                    row = int(np.flatnonzero(nan.to_numpy())[0])
+                    raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: missing value (NaN) in a required feature")
+            else:
+                if col.isna().any():
+                    row = int(np.flatnonzero(col.isna().to_numpy())[0])
+                    raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: missing value (NaN) in a required feature")
+                known = set(f.categories)
+                unknown = ~col.astype(str).isin(known)
+                if unknown.any():
+                    row = int(np.flatnonzero(unknown.to_numpy())[0])
+                    raise SchemaError(
+                        f"{source}: column {f.name!r} row {row + 2}: unknown category {col.iloc[row]!r}; known: {f.categories}"
+                    )
+        for t in self.tasks:
+            if t.label not in df.columns:
+                continue
+            col = df[t.label]
+            present = col.notna()
+            if t.is_classification:
+                unknown = present & ~col.astype(str).str.removesuffix(".0").isin(set(t.classes))
+                if unknown.any():
+                    row = int(np.flatnonzero(unknown.to_numpy())[0])
+                    raise SchemaError(
+                        f"{source}: label column {t.label!r} row {row + 2}: unknown class {col.iloc[row]!r}; classes: {t.classes}"
+                    )
+            else:
+                bad = present & pd.to_numeric(col, errors="coerce").isna()
+                if bad.any():
+                    row = int(np.flatnonzero(bad.to_numpy())[0])
+                    raise SchemaError(f"{source}: label column {t.label!r} row {row + 2}: expected a number, got {col.iloc[row]!r}")
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """Normalized numeric features and one-hot categories, float32, in schema order."""
+        blocks = []
+        for f in self.features:
+            if f.type == "numeric":
+                v = pd.to_numeric(df[f.name]).to_numpy(np.float32)
+                blocks.append(((v - f.mean) / f.std)[:, None])
+            else:
+                codes = pd.Categorical(df[f.name].astype(str), categories=f.categories).codes
+                blocks.append(np.eye(len(f.categories), dtype=np.float32)[codes])
+        return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    def labels(self, df: pd.DataFrame, task: str) -> np.ndarray:
+        """Encoded labels of one task, NaN where the row has none (class index or scaled value)."""
+        t = self.task(task)
+        if t.label not in df.columns:
+            return np.full(len(df), np.nan, np.float32)
+        col = df[t.label]
+        if t.is_classification:
+            as_str = col.astype(str).str.removesuffix(".0")
+            codes = pd.Categorical(as_str, categories=t.classes).codes.astype(np.float32)
+            codes[col.isna().to_numpy()] = np.nan
+            return codes
+        return ((pd.to_numeric(col).to_numpy(np.float32) - t.target_mean) / t.target_std).astype(np.float32)
+
+    # --- federated statistics ---------------------------------------------
+    def with_normalization(self, sums: Iterable[dict[str, tuple[float, float, float]]]) -> "Schema":
+        """A copy whose numeric means/stds come from per-site ``{feature: (count, sum, sum_sq)}``."""
+        total: dict[str, np.ndarray] = {}
+        for site in sums:
+            for name, stats in site.items():
+                total[name] = total.get(name, np.zeros(3)) + np.asarray(stats, dtype=np.float64)
+        features = []
+        for f in self.features:
+            if f.type == "numeric" and f.name in total and total[f.name][0] > 1:
+                n, s, ss = total[f.name]
+                mean = s / n
+                std = float(np.sqrt(max(ss / n - mean**2, 0.0)))
+                f = f.model_copy(update={"mean": float(mean), "std": std if std > 1e-12 else 1.0})
+            features.append(f)
+        return self.model_copy(update={"features": features})
+
+
+def feature_sums(df: pd.DataFrame, schema: Schema) -> dict[str, tuple[float, float, float]]:
+    """A site's contribution to federated normalization: count, sum and sum of squares per numeric feature."""
+    out = {}
+    for f in schema.features:
+        if f.type == "numeric":
+            v = pd.to_numeric(df[f.name]).to_numpy(np.float64)
+            out[f.name] = (float(len(v)), float(v.sum()), float((v**2).sum()))
+    return out
+
+
+def numeric_schema(n_features: int, tasks: Sequence[TaskColumn], name: str = "federation") -> Schema:
+    """A schema of ``n_features`` numeric columns ``x0..x{n-1}``."""
+    return Schema(name=name, features=[Feature(name=f"x{j}") for j in range(n_features)], tasks=list(tasks))

@@ -1,0 +1,103 @@
+"""A site's own rows: encoded features, per-task labels, and a fixed held-out split.
+
+Not every site has every task; a row whose label for a task is missing is
+simply not used for that task. The held-out split is drawn once, from the
+site's seed, and is never trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedmeta.data.episodes import EpisodeSampler
+from fedmeta.data.schema import Schema, SchemaError
+
+
+@dataclass
+class SiteData:
+    """Rows of one site, already encoded with the federation schema.
+
+    ``labels[task]`` holds class indices or scaled values, NaN where missing.
+    ``test_mask`` marks the held-out rows.
+    """
+
+    name: str
+    schema: Schema
+    x: np.ndarray
+    labels: dict[str, np.ndarray]
+    test_mask: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_arrays(cls, name: str, schema: Schema, x: np.ndarray, labels: dict[str, np.ndarray], test_fraction: float = 0.25, seed: int = 0) -> "SiteData":
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"site {name!r}: test_fraction must be in (0, 1), got {test_fraction}")
+        n = len(x)
+        rng = np.random.default_rng(seed)
+        test_mask = np.zeros(n, bool)
+        test_mask[rng.permutation(n)[: int(round(n * test_fraction))]] = True
+        full = {t.name: np.asarray(labels.get(t.name, np.full(n, np.nan)), np.float32) for t in schema.tasks}
+        return cls(name, schema, np.asarray(x, np.float32), full, test_mask)
+
+    @classmethod
+    def from_frame(cls, name: str, schema: Schema, df: pd.DataFrame, source: str, test_fraction: float = 0.25, seed: int = 0) -> "SiteData":
+        schema.validate_frame(df, source)
+        labels = {t.name: schema.labels(df, t.name) for t in schema.tasks}
+        return cls.from_arrays(name, schema, schema.encode(df), labels, test_fraction, seed)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.x)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks with at least a few labelled rows on each side of the split."""
+        return [t for t in self.labels if self.n_labelled(t, train=True) >= 4 and self.n_labelled(t, train=False) >= 2]
+
+    def n_labelled(self, task: str, train: bool = True) -> int:
+        mask = ~np.isnan(self.labels[task]) & (self.test_mask != train)
+        return int(mask.sum())
+
+    def split(self, task: str, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the labelled rows of ``task`` on one side of the split."""
+        mask = ~np.isnan(self.labels[task]) & (self.test_mask != train)
+        y = self.labels[task][mask]
+        if self.schema.task(task).is_classification:
+            y = y.astype(np.int64)
+        return self.x[mask], y
+
+    def sampler(self, task: str, shots: int, query_size: int = 16, seed: int | np.random.Generator = 0) -> EpisodeSampler:
+        """Episodes of ``task`` from the training split only."""
+        spec = self.schema.task(task)
+        x, y = self.split(task, train=True)
+        return EpisodeSampler(x, y, task, spec.is_classification, shots, query_size, spec.n_classes, seed)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a site's CSV or Parquet file, with errors that name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError(f"site data file not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as e:  # pandas raises many types; the user needs the file name
+        raise SchemaError(f"cannot read site data {path}: {e}") from None
+
+
+def load_site(path: str | Path, schema: Schema | str | Path, name: str | None = None, test_fraction: float = 0.25, seed: int = 0) -> SiteData:
+    """Load and validate one site's table against the schema.
+
+    Raises :class:`SchemaError` naming the file, column and row of the first problem.
+    """
+    path = Path(path)
+    if not isinstance(schema, Schema):
+        schema = Schema.load(schema)
+    df = read_table(path)
+    if df.empty:
+        raise SchemaError(f"{path}: the file has no rows")
+    return SiteData.from_frame(name or path.stem, schema, df, str(path), test_fraction, seed)
