@@ -1,0 +1,224 @@
+"""The Flower app: a ClientApp for sites and a ServerApp that runs resumable rounds.
+
+Sites get the run configuration inside every message (``context.run_config``
+is empty in simulation), and find their own data:
+
+- in deployment, from the SuperNode's ``--node-config``:
+  ``data-path="site.csv" schema-path="schema.json"`` (optional ``site-name``);
+- in simulation, from ``partition-id``: site i regenerates partition i of the
+  seeded synthetic federation (or reads the i-th file of a CSV federation).
+
+The server loop is ours rather than ``Strategy.start`` because Flower has no
+checkpoint/resume and keeps optimizer state on the strategy object: each
+round here ends with an atomic checkpoint of everything needed to continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, load_site
+from fedmeta.data.schema import Schema
+from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
+from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update
+from fedmeta.fl.strategy import MetaStrategy, describe
+
+log = logging.getLogger("fedmeta.fl")
+
+# --------------------------------------------------------------------------
+# Sites
+# --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
+    from fedmeta.fl.config import FederationConfig
+
+    fed = FederationConfig.model_validate_json(federation_json)
+    if fed.kind == "hospitals":
+        return tuple(hospital_federation(fed.n_sites, fed.seed, fed.test_fraction))
+    return tuple(fedprox_synthetic(fed.alpha, fed.beta, fed.n_sites, fed.seed, fed.test_fraction))
+
+
+@lru_cache(maxsize=8)
+def _site_from_files(data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int) -> SiteData:
+    return load_site(data_path, Schema.load(schema_path), name=name, test_fraction=test_fraction, seed=seed)
+
+
+def site_for(context: Context, config: RunConfig) -> SiteData:
+    """The site's own data, found from its node config."""
+    node = context.node_config
+    fed = config.federation
+    if "data-path" in node:
+        if "schema-path" not in node:
+            raise ValueError("node config has data-path but no schema-path; pass both with --node-config")
+        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed)
+    partition = int(node["partition-id"])
+    if fed.kind == "csv":
+        files = sorted(p for p in Path(fed.data_dir).iterdir() if p.suffix.lower() in (".csv", ".parquet", ".pq"))
+        if partition >= len(files):
+            raise ValueError(f"partition {partition} has no site file in {fed.data_dir} ({len(files)} files)")
+        return _site_from_files(str(files[partition]), str(Path(fed.data_dir) / "schema.json"), None, fed.test_fraction, fed.seed + partition)
+    return _synthetic_federation(fed.model_dump_json())[partition]
+
+
+client_app = ClientApp()
+
+
+def _reply(message: Message, site: SiteData, arrays: dict | None, metrics: dict) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    return Message(content=content, reply_to=message)
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    config = RunConfig.model_validate_json(message.content["config"]["run-config"])
+    round_ = int(message.content["config"]["round"])
+    partition = int(context.node_config.get("partition-id", -1))
+    if partition in config.simulation.failing_sites:
+        raise RuntimeError(f"simulated failure of partition {partition} (simulation.failing_sites)")
+    site = site_for(context, config)
+    received = message.content["arrays"].to_torch_state_dict()
+    update, metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
+    return _reply(message, site, update, metrics)
+
+
+@client_app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    config = RunConfig.model_validate_json(message.content["config"]["run-config"])
+    round_ = int(message.content["config"]["round"])
+    site = site_for(context, config)
+    received = message.content["arrays"].to_torch_state_dict()
+    metrics = evaluate_site(config, site, received, seed=config.seed + round_)
+    return _reply(message, site, None, metrics)
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+
+def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global state, from the run seed (the server never sees site rows)."""
+    if config.federation.kind == "csv":
+        schema = Schema.load(Path(config.federation.data_dir) / "schema.json")
+    elif config.federation.kind == "hospitals":
+        from fedmeta.data import hospital_schema
+
+        schema = hospital_schema()
+    else:
+        from fedmeta.data.synthetic import fedprox_schema
+
+        schema = fedprox_schema()
+    torch.manual_seed(config.seed)
+    dummy = SiteData.from_arrays("init", schema, torch.zeros(4, schema.encoded_dim).numpy(), {})
+    return flatten_state(build_algorithm(config).init_state(build_model(config, dummy)))
+
+
+class RoundObserver:
+    """Hooks for progress display; the default does nothing."""
+
+    def start(self, first_round: int, rounds: int) -> None: ...
+
+    def round_done(self, round_: int, train: dict | None, evaluation: dict | None) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None) -> dict[str, torch.Tensor]:
+    """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state."""
+    observer = observer or RoundObserver()
+    optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
+    strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed))
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is None:
+        state, first = initial_state(config), 1
+        torch.manual_seed(config.seed)
+    else:
+        if ckpt.config_digest != config.digest():
+            raise RuntimeError(f"{run_dir.path}: the configuration changed since the checkpoint (hash mismatch); refusing to resume")
+        state, first = ckpt.state, ckpt.round + 1
+        optimizer.load_state_dict(ckpt.optimizer)
+        strategy.rng.setstate(ckpt.rng_state)
+        strategy.node_tasks = dict(ckpt.node_tasks)
+        torch.set_rng_state(ckpt.torch_rng)
+        run_dir.truncate_metrics(ckpt.round)
+        log.info("resuming %s after round %d", run_dir.path, ckpt.round)
+    strategy.summary()
+    s = config.server
+    observer.start(first, config.rounds)
+    for round_ in range(first, config.rounds + 1):
+        started = time.perf_counter()
+        train_metrics = None
+        for attempt in range(s.retries + 1):
+            replies = grid.send_and_receive(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid), timeout=s.round_timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
+            rows = strategy.site_rows
+            if new_arrays is not None:
+                state = new_arrays.to_torch_state_dict()
+                break
+            if attempt < s.retries:
+                log.warning("round %d: retrying (%d of %d)", round_, attempt + 1, s.retries)
+        else:
+            log.warning("round %d skipped: fewer than %d sites replied after %d attempt(s); the model is unchanged", round_, s.min_sites, s.retries + 1)
+        summary = {"round": round_, "phase": "train", "site": "*", "seconds": time.perf_counter() - started, "skipped": train_metrics is None}
+        if train_metrics is not None:
+            summary.update(dict(train_metrics))
+        rows = rows + [summary]
+        evaluation = None
+        if round_ % config.evaluation.every == 0 or round_ == config.rounds:
+            replies = grid.send_and_receive(strategy.configure_evaluate(round_, ArrayRecord(state), ConfigRecord(), grid), timeout=s.round_timeout)
+            agg = strategy.aggregate_evaluate(round_, replies)
+            rows += strategy.site_rows
+            if agg is not None:
+                evaluation = dict(agg)
+                rows.append({"round": round_, "phase": "evaluate", "site": "*", **evaluation})
+                log.info("round %d evaluation: %s", round_, describe(evaluation))
+        run_dir.append_metrics(rows)
+        run_dir.save_checkpoint(
+            Checkpoint(round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks)
+        )
+        observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None, evaluation)
+    observer.stop()
+    run_dir.save_base_model(state, config, config.rounds)
+    return state
+
+
+def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None = None, observer: RoundObserver | None = None) -> ServerApp:
+    """A ServerApp for ``config``; without arguments it reads ``config-path``/``run-dir`` from the run config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        nonlocal config, run_dir
+        if config is None:
+            rc = context.run_config
+            if "run-dir" not in rc:
+                raise ValueError("flwr run needs --run-config 'run-dir=\"...\"' (and config-path for a new run)")
+            rd = RunDir(str(rc["run-dir"]))
+            if rd.config_path.exists():
+                cfg = rd.load_config()
+            else:
+                cfg = RunConfig.load(str(rc["config-path"]))
+                rd.create(cfg)
+            run_rounds(grid, cfg, rd, observer)
+        else:
+            run_rounds(grid, config, RunDir(run_dir), observer)
+
+    return app
+
+
+server_app = make_server_app()
+

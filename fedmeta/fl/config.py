@@ -1,0 +1,179 @@
+"""The typed configuration of a federated meta-training run, loaded from TOML.
+
+One section per concern: ``[federation]`` (which sites), ``[model]``,
+``[algorithm]`` (the meta-learner), ``[local]`` (site-side training),
+``[server]`` (optimizer and sampling), ``[evaluation]``. CLI overrides use
+dotted keys, e.g. ``--set server.lr=0.5``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FederationConfig(_Section):
+    """Where sites' data comes from.
+
+    ``kind = "hospitals"`` or ``"fedprox"`` synthesize a seeded federation
+    (site i regenerates partition i itself); ``"csv"`` reads ``data_dir``:
+    one CSV/Parquet file per site plus ``schema.json``.
+    """
+
+    kind: Literal["hospitals", "fedprox", "csv"] = "hospitals"
+    n_sites: int = Field(10, ge=1)
+    seed: int = 0
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    data_dir: str | None = None
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationConfig":
+        if self.kind == "csv" and not self.data_dir:
+            raise ValueError("federation.kind = 'csv' needs federation.data_dir (a folder of site files and schema.json)")
+        return self
+
+
+class ModelConfig(_Section):
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+
+
+class AlgorithmConfig(_Section):
+    """The meta-learner: ``maml``, ``fomaml``, ``metasgd``, ``anil`` or ``reptile``."""
+
+    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile"] = "fomaml"
+    lr: float = Field(0.05, gt=0, description="inner-loop learning rate")
+    adaptation_steps: int = Field(3, ge=1)
+    first_order: bool | None = None
+
+
+class LocalConfig(_Section):
+    """What a site does with the global model in one round."""
+
+    steps: int = Field(10, ge=1, description="local meta-updates per round")
+    lr: float = Field(0.05, gt=0, description="site-side learning rate of the local meta-updates")
+    meta_batch: int = Field(8, ge=1, description="episodes per meta-update")
+    shots: int = Field(5, ge=1)
+    query_size: int = Field(16, ge=1)
+
+
+class ServerConfig(_Section):
+    """The server optimizer on the weighted mean update, sampling and fault tolerance."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1.0, gt=0, description="server learning rate beta")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    min_sites: int = Field(2, ge=1, description="fewest replies a round may aggregate")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
+    sampling_timeout: float = Field(120.0, gt=0, description="seconds to wait for min_sites sites to connect")
+    retries: int = Field(1, ge=0, description="retries of a round with too few replies before it is skipped")
+
+
+class EvaluationConfig(_Section):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and after the last)")
+    shots: int = Field(5, ge=1)
+    steps: int = Field(5, ge=0, description="adaptation steps before personalized evaluation")
+    lr: float | None = Field(None, description="adaptation rate (defaults to algorithm.lr)")
+
+
+class SimulationConfig(_Section):
+    """Options of the embedded simulation only."""
+
+    cpus_per_site: float = Field(1.0, gt=0)
+    failing_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions raise in training")
+
+
+class RunConfig(_Section):
+    """A whole run; its hash guards resumption against changed settings."""
+
+    name: str = "run"
+    rounds: int = Field(10, ge=1)
+    seed: int = 0
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.server.min_sites > self.federation.n_sites:
+            raise ValueError(f"server.min_sites = {self.server.min_sites} exceeds federation.n_sites = {self.federation.n_sites}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        return cls.from_dict(data, overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> "RunConfig":
+        data = json.loads(json.dumps(data))
+        for item in overrides or []:
+            apply_override(data, item)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+            raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+    def digest(self) -> str:
+        """SHA-256 of the settings that shape training (the name is excluded)."""
+        payload = self.model_dump(mode="json", exclude={"name", "rounds"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        return _to_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``section.key=value`` (value parsed as TOML, else kept as a string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in scalars.items()]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"

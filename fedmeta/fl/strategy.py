@@ -1,0 +1,174 @@
+"""The server strategy: per-site messages, per-head averaging, a server optimizer.
+
+:class:`MetaStrategy` is a Flower ``Strategy``. Each round it waits (bounded)
+for enough sites, samples them, and sends each the body plus the heads of
+the tasks it has (all heads until the site's first reply tells its tasks).
+Replies carry an update the server treats as a gradient; the strategy
+averages it with :func:`~fedmeta.fl.aggregation.weighted_mean` and applies
+the server optimizer. Failed replies are dropped; a round with fewer than
+``min_sites`` good replies aggregates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmeta.fl.aggregation import FlatState, SiteUpdate, select_for_tasks, weighted_mean
+from fedmeta.fl.config import RunConfig
+
+log = logging.getLogger("fedmeta.fl")
+
+
+class TooFewSitesError(RuntimeError):
+    """Fewer sites connected than the run needs, after waiting ``sampling_timeout``."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Connected node ids once at least ``minimum`` are there; raise after ``timeout`` seconds.
+
+    Flower's own sampling waits forever, and the strategy timeout does not cover it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TooFewSitesError(
+                f"only {len(nodes)} site(s) connected after waiting {timeout:.0f} s; the run needs at least {minimum} "
+                "(server.min_sites). Start more SuperNodes or lower server.min_sites."
+            )
+        time.sleep(poll)
+
+
+def site_examples(metrics: MetricRecord) -> dict[str, int]:
+    """``{task: examples}`` from a reply's ``examples.<task>`` metrics."""
+    return {k.split(".", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("examples.")}
+
+
+class MetaStrategy(Strategy):
+    """Federated meta-learning: FedAvg-style rounds with a server optimizer and per-task heads.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's configuration; it is also sent to sites in every message.
+    optimizer : ServerSGD or ServerAdam
+        Applied to the weighted mean update with the server learning rate.
+    rng : random.Random
+        Site sampling; its state is checkpointed.
+    """
+
+    def __init__(self, config: RunConfig, optimizer, rng: random.Random):
+        self.config = config
+        self.optimizer = optimizer
+        self.rng = rng
+        self.node_tasks: dict[int, list[str]] = {}
+        self.node_sites: dict[int, str] = {}
+        self.current: FlatState = {}
+        self.site_rows: list[dict] = []
+        self.failures: list[str] = []
+
+    def summary(self) -> None:
+        s = self.config.server
+        log.info("MetaStrategy: algorithm=%s server=%s(lr=%s) min_sites=%d", self.config.algorithm.name, s.optimizer, s.lr, s.min_sites)
+
+    # --- messages -------------------------------------------------------------
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        s = self.config.server
+        nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout)
+        size = min(len(nodes), max(s.min_sites, math.ceil(fraction * len(nodes))))
+        return sorted(self.rng.sample(nodes, size))
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
+        self.current = arrays.to_torch_state_dict()
+        config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": server_round, "phase": phase})
+        messages = []
+        for node in self._sample(grid, fraction):
+            flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
+            content = RecordDict({"arrays": ArrayRecord(flat), "config": config})
+            messages.append(Message(content=content, message_type=phase, dst_node_id=node))
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._messages(server_round, arrays, grid, "train", self.config.server.fraction_train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._messages(server_round, arrays, grid, "evaluate", self.config.server.fraction_evaluate)
+
+    # --- replies --------------------------------------------------------------
+    def _good_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        good = []
+        self.site_rows, self.failures = [], []
+        for reply in replies:
+            if reply.has_error():
+                err = reply.error
+                self.failures.append(f"node {reply.metadata.src_node_id}: {err.reason}")
+                log.warning("round %d %s: site on node %s failed: %s", server_round, phase, reply.metadata.src_node_id, err.reason)
+                continue
+            node = reply.metadata.src_node_id
+            site = str(reply.content["site"]["name"])
+            metrics = reply.content["metrics"]
+            self.node_sites[node] = site
+            self.node_tasks[node] = sorted(site_examples(metrics))
+            self.site_rows.append({"round": server_round, "phase": phase, "site": site, **{k: v for k, v in metrics.items()}})
+            good.append(reply)
+        return good
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self._good_replies(server_round, replies, "train")
+        if len(good) < self.config.server.min_sites:
+            log.warning(
+                "round %d: %d good repl%s, fewer than server.min_sites = %d; nothing aggregated",
+                server_round, len(good), "y" if len(good) == 1 else "ies", self.config.server.min_sites,
+            )
+            return None, None
+        updates = [SiteUpdate(str(r.content["site"]["name"]), r.content["arrays"].to_torch_state_dict(), site_examples(r.content["metrics"])) for r in good]
+        mean_update = weighted_mean(updates)
+        new_state = self.optimizer.step(self.current, mean_update)
+        examples = [sum(u.examples.values()) for u in updates]
+        losses = [float(r.content["metrics"]["loss"]) for r in good]
+        metrics = MetricRecord(
+            {
+                "loss": sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1),
+                "sites": len(good),
+                "failed_sites": len(self.failures),
+                "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
+            }
+        )
+        return ArrayRecord(new_state), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = self._good_replies(server_round, replies, "evaluate")
+        if not good:
+            log.warning("round %d: no site returned evaluation metrics", server_round)
+            return None
+        return MetricRecord(mean_site_metrics(self.site_rows))
+
+
+def mean_site_metrics(rows: list[dict]) -> dict[str, float]:
+    """Example-weighted mean of each ``<task>.<global|personalized>.<metric>`` over sites."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            parts = key.split(".")
+            if len(parts) != 3 or parts[1] not in ("global", "personalized"):
+                continue
+            w = float(row.get(f"examples.{parts[0]}", 1))
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    return {k: sums[k] / weights[k] for k in sorted(sums)}
+
+
+def describe(metrics: dict[str, float]) -> str:
+    return json.dumps({k: round(v, 4) for k, v in metrics.items()})
