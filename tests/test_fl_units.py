@@ -1,0 +1,72 @@
+"""Aggregation rules, server optimizers and bounded node waits, without a federation."""
+
+import pytest
+import torch
+
+from fedmeta.fl.aggregation import ServerAdam, ServerSGD, SiteUpdate, select_for_tasks, weighted_mean
+from fedmeta.fl.config import ConfigError, RunConfig
+from fedmeta.fl.strategy import TooFewSitesError, wait_for_nodes
+
+
+def test_body_averages_over_all_sites_and_heads_over_sites_with_the_task():
+    a = SiteUpdate("a", {"params.body.w": torch.tensor([1.0]), "params.heads.x.w": torch.tensor([1.0])}, {"x": 30})
+    b = SiteUpdate("b", {"params.body.w": torch.tensor([4.0]), "params.heads.y.w": torch.tensor([7.0])}, {"y": 10, "z": 50})
+    mean = weighted_mean([a, b])
+    assert mean["params.body.w"].item() == pytest.approx((30 * 1 + 60 * 4) / 90)
+    assert mean["params.heads.x.w"].item() == pytest.approx(1.0)
+    assert mean["params.heads.y.w"].item() == pytest.approx(7.0)
+
+
+def test_a_site_receives_the_body_and_only_its_heads():
+    flat = {"params.body.w": 0, "params.heads.x.w": 1, "params.heads.y.w": 2, "inner_lrs.heads.y.w": 3}
+    assert sorted(select_for_tasks(flat, ["y"])) == ["inner_lrs.heads.y.w", "params.body.w", "params.heads.y.w"]
+
+
+def test_server_sgd_momentum_matches_torch():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
+    ours, state = ServerSGD(0.5, 0.9), {"k": p.detach().clone()}
+    for g in [torch.tensor([0.3, 0.1]), torch.tensor([-0.2, 0.4]), torch.tensor([0.5, 0.5])]:
+        p.grad = g.clone()
+        opt.step()
+        state = ours.step(state, {"k": g})
+    torch.testing.assert_close(state["k"], p.detach())
+
+
+def test_server_adam_matches_torch_and_survives_a_state_round_trip():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.Adam([p], lr=0.1)
+    ours, state = ServerAdam(0.1), {"k": p.detach().clone()}
+    for i, g in enumerate([torch.tensor([0.3, 0.1]), torch.tensor([-0.2, 0.4]), torch.tensor([0.5, 0.5])]):
+        p.grad = g.clone()
+        opt.step()
+        if i == 1:
+            restored = ServerAdam(0.1)
+            restored.load_state_dict(ours.state_dict())
+            ours = restored
+        state = ours.step(state, {"k": g})
+    torch.testing.assert_close(state["k"], p.detach())
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_waiting_for_too_few_nodes_ends_with_a_clear_error():
+    with pytest.raises(TooFewSitesError, match=r"only 1 site\(s\) connected after waiting 0 s; the run needs at least 3"):
+        wait_for_nodes(_Grid([7]), minimum=3, timeout=0.3, poll=0.05)
+    assert wait_for_nodes(_Grid([3, 1, 2]), minimum=3, timeout=0.1) == [1, 2, 3]
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[server]\nlr = -1\n")
+    with pytest.raises(ConfigError, match=r"server.lr: Input should be greater than 0"):
+        RunConfig.load(path)
+    with pytest.raises(ConfigError, match="algorithm.name"):
+        RunConfig.from_dict({}, ["algorithm.name=mamlx"])
+    assert RunConfig.from_dict({}, ["server.lr=0.5", "rounds=3"]).server.lr == 0.5
