@@ -70,3 +70,15 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="algorithm.name"):
         RunConfig.from_dict({}, ["algorithm.name=mamlx"])
     assert RunConfig.from_dict({}, ["server.lr=0.5", "rounds=3"]).server.lr == 0.5
+
+
+def test_binary_auc_matches_scikit_learn_with_ties():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from fedmeta.fl.site_training import binary_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    score = np.round(rng.random(300) + 0.3 * y, 1)  # rounding makes many ties
+    assert binary_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)

@@ -33,7 +33,7 @@ from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update
 from fedmeta.fl.strategy import MetaStrategy, describe
 
-log = logging.getLogger("fedmeta.fl")
+log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
 # --------------------------------------------------------------------------
 # Sites
@@ -137,6 +137,28 @@ class RoundObserver:
     def stop(self) -> None: ...
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.1) -> list[Message]:
+    """Push ``messages`` and collect replies until all arrive or ``timeout`` passes.
+
+    ``Grid.send_and_receive`` sleeps 3 s between pulls on the Deployment Engine;
+    polling every ``poll`` seconds instead cuts that wait from each round.
+    """
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            log.warning("%d site(s) did not reply within %.0f s (server.round_timeout)", len(pending), timeout)
+            break
+        time.sleep(poll)
+    return replies
+
+
 def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None) -> dict[str, torch.Tensor]:
     """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state."""
     observer = observer or RoundObserver()
@@ -163,7 +185,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         started = time.perf_counter()
         train_metrics = None
         for attempt in range(s.retries + 1):
-            replies = grid.send_and_receive(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid), timeout=s.round_timeout)
+            replies = exchange(grid, strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid), s.round_timeout)
             new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
             rows = strategy.site_rows
             if new_arrays is not None:
@@ -179,7 +201,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         rows = rows + [summary]
         evaluation = None
         if round_ % config.evaluation.every == 0 or round_ == config.rounds:
-            replies = grid.send_and_receive(strategy.configure_evaluate(round_, ArrayRecord(state), ConfigRecord(), grid), timeout=s.round_timeout)
+            replies = exchange(grid, strategy.configure_evaluate(round_, ArrayRecord(state), ConfigRecord(), grid), s.round_timeout)
             agg = strategy.aggregate_evaluate(round_, replies)
             rows += strategy.site_rows
             if agg is not None:
@@ -203,6 +225,13 @@ def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         nonlocal config, run_dir
+        try:
+            _main(grid, context)
+        except Exception as e:
+            log.error("fedmeta: %s", e)  # the operator sees this in `flwr run --stream`
+            raise
+
+    def _main(grid: Grid, context: Context) -> None:
         if config is None:
             rc = context.run_config
             if "run-dir" not in rc:

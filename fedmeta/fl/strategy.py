@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, select_for_tasks, weighted_mean
 from fedmeta.fl.config import RunConfig
 
-log = logging.getLogger("fedmeta.fl")
+log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
 
 class TooFewSitesError(RuntimeError):

@@ -1,0 +1,71 @@
+"""Flower's Deployment Engine on 127.0.0.1: a SuperLink, two SuperNodes with CSV site data, flwr run."""
+
+import json
+import os
+
+import pytest
+
+from fedmeta.data import write_hospital_federation
+from fedmeta.fl.loopback import LoopbackDeployment
+
+CONFIG = """
+name = "deployment"
+rounds = 2
+[federation]
+kind = "csv"
+n_sites = {n_sites}
+data_dir = "{data}"
+[model]
+hidden = [16]
+[local]
+steps = 2
+meta_batch = 2
+[server]
+min_sites = {min_sites}
+sampling_timeout = {sampling_timeout}
+[evaluation]
+every = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    schema, paths = write_hospital_federation(root / "data", n_sites=2, seed=3)
+    with LoopbackDeployment([(p, schema) for p in paths], log_dir=root) as dep:
+        yield dep, root
+    for proc in dep.procs:
+        assert proc.poll() is not None
+
+
+def config(root, name, min_sites=2, sampling_timeout=60):
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(data=root / "data", n_sites=max(2, min_sites), min_sites=min_sites, sampling_timeout=sampling_timeout))
+    return path
+
+
+def test_two_supernodes_complete_two_rounds_on_their_csv_files(deployment):
+    dep, root = deployment
+    result = dep.run(config(root, "ok"), root / "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["site"] == "*" and r["phase"] == "train"]
+    assert [(r["round"], r["sites"], r["skipped"]) for r in train] == [(1, 2, False), (2, 2, False)]
+    assert {r["site"] for r in rows if r["site"] != "*"} == {"hospital_000", "hospital_001"}, "sites name themselves from their node config"
+    assert (root / "run" / "base_model.pt").exists()
+
+
+def test_too_few_supernodes_end_the_run_with_a_clear_error(deployment):
+    dep, root = deployment
+    result = dep.run(config(root, "three", min_sites=3, sampling_timeout=2), root / "too_few", timeout=120)
+    assert "only 2 site(s) connected after waiting 2 s; the run needs at least 3" in result.stdout + result.stderr
+    assert not (root / "too_few" / "base_model.pt").exists()
+
+
+def test_every_process_started_is_stopped(tmp_path):
+    schema, paths = write_hospital_federation(tmp_path / "data", n_sites=1, seed=0)
+    with LoopbackDeployment([(paths[0], schema)], log_dir=tmp_path) as dep:
+        pids = [p.pid for p in dep.procs]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
