@@ -201,12 +201,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         rows = rows + [summary]
         evaluation = None
         if round_ % config.evaluation.every == 0 or round_ == config.rounds:
+            eval_started = time.perf_counter()
             replies = exchange(grid, strategy.configure_evaluate(round_, ArrayRecord(state), ConfigRecord(), grid), s.round_timeout)
             agg = strategy.aggregate_evaluate(round_, replies)
             rows += strategy.site_rows
             if agg is not None:
                 evaluation = dict(agg)
-                rows.append({"round": round_, "phase": "evaluate", "site": "*", **evaluation})
+                rows.append({"round": round_, "phase": "evaluate", "site": "*", "seconds": time.perf_counter() - eval_started, **evaluation})
                 log.info("round %d evaluation: %s", round_, describe(evaluation))
         run_dir.append_metrics(rows)
         run_dir.save_checkpoint(
