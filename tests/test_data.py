@@ -22,7 +22,7 @@ def test_classification_support_holds_k_shots_of_every_class():
     for i in range(6):
         counts = np.bincount(batch.support_y[i].numpy(), minlength=3)
         assert counts.tolist() == [5, 5, 5]
-    assert batch.support_w.sum().item() == 6 * 15
+    assert (batch.support_w > 0).sum().item() == 6 * 15
 
 
 def test_support_and_query_of_an_episode_do_not_overlap():
@@ -36,9 +36,16 @@ def test_support_and_query_of_an_episode_do_not_overlap():
 def test_a_rare_class_is_padded_with_zero_weight_rows():
     x = np.arange(30, dtype=np.float32)[:, None]
     y = np.array([0] * 27 + [1] * 3)
-    batch = EpisodeSampler(x, y, "t", classification=True, shots=5, query_size=8).sample(2)
+    batch = EpisodeSampler(x, y, "t", classification=True, shots=5, query_size=8, prior_weighted=False).sample(2)
     assert batch.support_x.shape == (2, 10, 1)
     assert batch.support_w[0].tolist() == [1.0] * 5 + [1.0] * 2 + [0.0] * 3
+
+
+def test_support_rows_are_weighted_by_the_site_class_mix():
+    y = np.array([0] * 80 + [1] * 20)
+    batch = EpisodeSampler(np.zeros((100, 1)), y, "t", classification=True, shots=4, query_size=8).sample(1)
+    weights = dict(zip(batch.support_y[0].tolist(), batch.support_w[0].tolist()))
+    assert weights == {0: pytest.approx(1.6), 1: pytest.approx(0.4)}
 
 
 def test_regression_support_has_k_rows_and_k_too_large_is_a_clear_error():

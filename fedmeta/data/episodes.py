@@ -74,6 +74,12 @@ class EpisodeSampler:
     n_classes : int, optional
         Number of classes of the task (defaults to ``y.max() + 1``).
     seed : int or numpy Generator, default=0
+    prior_weighted : bool, default=True
+        Weight support rows of class c by ``C * p(c)``, the class's share of
+        the site's rows, so that the stratified support loss estimates the
+        loss under the site's own class mix. Without it, adapting on a
+        balanced support set moves the decision threshold toward balanced
+        classes, which costs accuracy on imbalanced sites.
 
     >>> rng = np.random.default_rng(0)
     >>> x, y = rng.normal(size=(100, 3)), rng.integers(0, 2, 100)
@@ -92,6 +98,7 @@ class EpisodeSampler:
         query_size: int = 16,
         n_classes: int | None = None,
         seed: int | np.random.Generator = 0,
+        prior_weighted: bool = True,
     ):
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y)
@@ -109,6 +116,8 @@ class EpisodeSampler:
             self.n_classes = int(n_classes if n_classes is not None else self.y.max() + 1)
             self.by_class = [np.flatnonzero(self.y == c) for c in range(self.n_classes)]
             self.support_size = shots * self.n_classes
+            counts = np.array([len(rows) for rows in self.by_class], np.float32)
+            self.class_weight = counts / counts.sum() * self.n_classes if prior_weighted else np.ones(self.n_classes, np.float32)
         else:
             self.y = y.astype(np.float32)
             self.support_size = shots
@@ -128,7 +137,7 @@ class EpisodeSampler:
             if take:
                 chosen = self.rng.choice(rows, take, replace=False)
                 idx[c * self.shots : c * self.shots + take] = chosen
-                w[c * self.shots : c * self.shots + take] = 1.0
+                w[c * self.shots : c * self.shots + take] = self.class_weight[c]
         return idx, w
 
     def _one(self) -> tuple[np.ndarray, ...]:
