@@ -132,8 +132,8 @@ class EpisodeSampler:
         idx = np.zeros(self.support_size, np.int64)
         w = np.zeros(self.support_size, np.float32)
         for c, rows in enumerate(self.by_class):
-            # Leave at least one row of a class for the query set when the class is tiny.
-            take = min(self.shots, max(len(rows) - 1, 0) if len(rows) > 1 else len(rows))
+            # A tiny class keeps one row back for the query set (unless it has only one).
+            take = min(self.shots, len(rows) - 1 if len(rows) > 1 else len(rows))
             if take:
                 chosen = self.rng.choice(rows, take, replace=False)
                 idx[c * self.shots : c * self.shots + take] = chosen

@@ -25,10 +25,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, load_site
+from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
+from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
-from fedmeta.fl.config import RunConfig
+from fedmeta.fl.config import FederationConfig, RunConfig
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update
 from fedmeta.fl.strategy import MetaStrategy, describe
@@ -42,8 +43,6 @@ log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in 
 
 @lru_cache(maxsize=8)
 def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
-    from fedmeta.fl.config import FederationConfig
-
     fed = FederationConfig.model_validate_json(federation_json)
     if fed.kind == "hospitals":
         return tuple(hospital_federation(fed.n_sites, fed.seed, fed.test_fraction))
@@ -115,12 +114,8 @@ def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     if config.federation.kind == "csv":
         schema = Schema.load(Path(config.federation.data_dir) / "schema.json")
     elif config.federation.kind == "hospitals":
-        from fedmeta.data import hospital_schema
-
         schema = hospital_schema()
     else:
-        from fedmeta.data.synthetic import fedprox_schema
-
         schema = fedprox_schema()
     torch.manual_seed(config.seed)
     dummy = SiteData.from_arrays("init", schema, torch.zeros(4, schema.encoded_dim).numpy(), {})
