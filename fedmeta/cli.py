@@ -48,15 +48,16 @@ class _ProgressObserver:
         self.task = self.progress.add_task("", total=rounds, completed=first_round - 1)
         self.progress.start()
 
-    def round_done(self, round_: int, train: dict | None, evaluation: dict | None) -> None:
-        parts = [f"loss {train['loss']:.4f}" if train else "skipped"]
-        for key, value in sorted((evaluation or {}).items()):
+    def round_done(self, round_: int, train: dict | None) -> None:
+        self.progress.update(self.task, completed=round_, description=f"loss {train['loss']:.4f}" if train else "skipped")
+
+    def evaluated(self, model_round: int, evaluation: dict) -> None:
+        parts = []
+        for key, value in sorted(evaluation.items()):
             task, kind, metric = key.split(".")
             if metric in ("acc", "mse"):
                 parts.append(f"{task} {kind[:4]} {metric} {value:.3f}")
-        self.progress.update(self.task, completed=round_, description="  ".join(parts))
-        if evaluation:
-            self.progress.console.print(f"round {round_}: " + "  ".join(parts))
+        self.progress.console.print(f"round {model_round}: " + "  ".join(parts))
 
     def stop(self) -> None:
         self.progress.stop()

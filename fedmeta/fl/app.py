@@ -127,24 +127,28 @@ class RoundObserver:
 
     def start(self, first_round: int, rounds: int) -> None: ...
 
-    def round_done(self, round_: int, train: dict | None, evaluation: dict | None) -> None: ...
+    def round_done(self, round_: int, train: dict | None) -> None: ...
+
+    def evaluated(self, model_round: int, evaluation: dict) -> None: ...
 
     def stop(self) -> None: ...
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.1) -> list[Message]:
-    """Push ``messages`` and collect replies until all arrive or ``timeout`` passes.
+def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll: float = 0.1) -> dict[str, list[Message]]:
+    """Push every group of messages at once and collect replies, per group, until all arrive or ``timeout`` passes.
 
     ``Grid.send_and_receive`` sleeps 3 s between pulls on the Deployment Engine;
     polling every ``poll`` seconds instead cuts that wait from each round.
     """
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+    group_of = {mid: name for name, messages in groups.items() if messages for mid in grid.push_messages(messages)}
+    pending = set(group_of)
+    replies: dict[str, list[Message]] = {name: [] for name in groups}
     deadline = time.monotonic() + timeout
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        for reply in grid.pull_messages(pending):
+            mid = reply.metadata.reply_to_message_id
+            replies[group_of[mid]].append(reply)
+            pending.discard(mid)
         if not pending:
             break
         if time.monotonic() >= deadline:
@@ -154,8 +158,29 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
     return replies
 
 
+def evaluation_due(config: RunConfig, model_round: int) -> bool:
+    return model_round >= 1 and (model_round % config.evaluation.every == 0 or model_round == config.rounds)
+
+
+def _evaluation_rows(strategy: MetaStrategy, model_round: int, replies: list[Message], logged_in: int, seconds: float) -> tuple[list[dict], dict | None]:
+    agg = strategy.aggregate_evaluate(model_round, replies)
+    rows = [{**row, "logged_in_round": logged_in} for row in strategy.site_rows]
+    if agg is None:
+        return rows, None
+    evaluation = dict(agg)
+    rows.append({"round": model_round, "phase": "evaluate", "site": "*", "seconds": seconds, "logged_in_round": logged_in, **evaluation})
+    log.info("round %d evaluation: %s", model_round, describe(evaluation))
+    return rows, evaluation
+
+
 def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None) -> dict[str, torch.Tensor]:
-    """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state."""
+    """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state.
+
+    The evaluation of the model after round r travels with round r+1's
+    training messages (both use that model), so an evaluated round costs one
+    exchange, not two; the last model is evaluated on its own. Rows record
+    the model's round and, as ``logged_in_round``, the round that wrote them.
+    """
     observer = observer or RoundObserver()
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
     strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed))
@@ -178,11 +203,21 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer.start(first, config.rounds)
     for round_ in range(first, config.rounds + 1):
         started = time.perf_counter()
+        rows: list[dict] = []
+        prior = round_ - 1
+        evaluate = list(strategy.configure_evaluate(prior, ArrayRecord(state), ConfigRecord(), grid)) if evaluation_due(config, prior) else []
         train_metrics = None
         for attempt in range(s.retries + 1):
-            replies = exchange(grid, strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid), s.round_timeout)
-            new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
-            rows = strategy.site_rows
+            train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
+            replies = exchange(grid, {"train": train, "evaluate": evaluate}, s.round_timeout)
+            if evaluate:
+                eval_rows, evaluation = _evaluation_rows(strategy, prior, replies["evaluate"], round_, time.perf_counter() - started)
+                rows += eval_rows
+                if evaluation is not None:
+                    observer.evaluated(prior, evaluation)
+                evaluate = []
+            new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
+            rows += strategy.site_rows
             if new_arrays is not None:
                 state = new_arrays.to_torch_state_dict()
                 break
@@ -193,22 +228,19 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         summary = {"round": round_, "phase": "train", "site": "*", "seconds": time.perf_counter() - started, "skipped": train_metrics is None}
         if train_metrics is not None:
             summary.update(dict(train_metrics))
-        rows = rows + [summary]
-        evaluation = None
-        if round_ % config.evaluation.every == 0 or round_ == config.rounds:
-            eval_started = time.perf_counter()
-            replies = exchange(grid, strategy.configure_evaluate(round_, ArrayRecord(state), ConfigRecord(), grid), s.round_timeout)
-            agg = strategy.aggregate_evaluate(round_, replies)
-            rows += strategy.site_rows
-            if agg is not None:
-                evaluation = dict(agg)
-                rows.append({"round": round_, "phase": "evaluate", "site": "*", "seconds": time.perf_counter() - eval_started, **evaluation})
-                log.info("round %d evaluation: %s", round_, describe(evaluation))
-        run_dir.append_metrics(rows)
+        run_dir.append_metrics(rows + [summary])
         run_dir.save_checkpoint(
             Checkpoint(round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks)
         )
-        observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None, evaluation)
+        observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None)
+    # The last model is evaluated on its own; its rows count as written after the last round.
+    started = time.perf_counter()
+    evaluate = list(strategy.configure_evaluate(config.rounds, ArrayRecord(state), ConfigRecord(), grid))
+    replies = exchange(grid, {"evaluate": evaluate}, s.round_timeout)
+    rows, evaluation = _evaluation_rows(strategy, config.rounds, replies["evaluate"], config.rounds + 1, time.perf_counter() - started)
+    run_dir.append_metrics(rows)
+    if evaluation is not None:
+        observer.evaluated(config.rounds, evaluation)
     observer.stop()
     run_dir.save_base_model(state, config, config.rounds)
     return state

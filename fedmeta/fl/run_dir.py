@@ -106,8 +106,8 @@ class RunDir:
         return rows
 
     def truncate_metrics(self, last_round: int) -> None:
-        """Drop rows of rounds after the last checkpoint (they will run again)."""
-        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        """Drop rows written after the last checkpoint (their round will run again)."""
+        rows = [r for r in self.read_metrics() if r.get("logged_in_round", r["round"]) <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
