@@ -3,8 +3,8 @@
 - simulation: 10 hospital sites, a small MLP, median seconds of a training round after the first
   (which includes Ray's start-up);
 - deployment: a SuperLink and SuperNodes on 127.0.0.1 (``fedmeta.fl.loopback``), CSV site data,
-  evaluation every round: median seconds of a round after the first (each carries the evaluation of
-  the previous round's model alongside its training), and of the final, stand-alone evaluation;
+  evaluation every round: median seconds of a round after the first (each site scores the model it
+  receives, then trains on it, in one message), and of the final, stand-alone evaluation;
 - bytes uploaded per site per round (the update's ArrayRecord).
 
     python benchmarks/rounds.py [--json] [--deploy-sites 2] [--rounds 4]

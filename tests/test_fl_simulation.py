@@ -61,19 +61,20 @@ def base_state(run_dir: Path):
 
 
 def test_personalized_model_beats_the_global_model_on_length_of_stay(tmp_path):
-    config = write_config(tmp_path, rounds=12, sites=6, every=12)
+    config = write_config(tmp_path, rounds=12, sites=6, every=4)
     fedmeta("train", "--config", config, "--run-dir", tmp_path / "run")
     final = train_rows(tmp_path / "run", phase="evaluate")[-1]
     assert final["round"] == 12
     # Sites differ most in length of stay; 5-shot adaptation must capture that.
     assert final["length_of_stay.personalized.mse"] < 0.9 * final["length_of_stay.global.mse"], final
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in train_rows(tmp_path / "run", phase="evaluate")] == [4, 8, 12]
     per_site = [r for r in rows if r["phase"] == "evaluate" and r["site"] != "*"]
-    assert len(per_site) == 6, "one evaluation row per site and round"
+    assert len(per_site) == 3 * 6, "one evaluation row per site and evaluated round"
 
 
 def test_a_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    config = write_config(tmp_path, rounds=4, sites=3)
+    config = write_config(tmp_path, rounds=4, sites=3, every=2)
     fedmeta("train", "--config", config, "--run-dir", tmp_path / "straight")
 
     run = tmp_path / "killed"
@@ -98,6 +99,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
 
     fedmeta("train", "--resume", run)
     assert [r["round"] for r in train_rows(run)] == [1, 2, 3, 4], "every round completes exactly once"
+    assert [r["round"] for r in train_rows(run, phase="evaluate")] == [2, 4], "and is evaluated exactly once"
     straight, resumed = base_state(tmp_path / "straight"), base_state(run)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4)

@@ -32,7 +32,7 @@ from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.config import FederationConfig, RunConfig
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update
-from fedmeta.fl.strategy import MetaStrategy, describe
+from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -90,8 +90,13 @@ def train(message: Message, context: Context) -> Message:
         raise RuntimeError(f"simulated failure of partition {partition} (simulation.failing_sites)")
     site = site_for(context, config)
     received = message.content["arrays"].to_torch_state_dict()
-    update, metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
-    return _reply(message, site, update, metrics)
+    metrics = {}
+    if message.content["config"].get("evaluate-received", False):
+        # The previous round's model, scored in this same process: one exchange per evaluated round.
+        evaluation = evaluate_site(config, site, received, seed=config.seed + round_ - 1)
+        metrics.update({EVALUATION_PREFIX + k: v for k, v in evaluation.items()})
+    update, train_metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
+    return _reply(message, site, update, {**train_metrics, **metrics})
 
 
 @client_app.evaluate()
@@ -162,12 +167,12 @@ def evaluation_due(config: RunConfig, model_round: int) -> bool:
     return model_round >= 1 and (model_round % config.evaluation.every == 0 or model_round == config.rounds)
 
 
-def _evaluation_rows(strategy: MetaStrategy, model_round: int, replies: list[Message], logged_in: int, seconds: float) -> tuple[list[dict], dict | None]:
-    agg = strategy.aggregate_evaluate(model_round, replies)
-    rows = [{**row, "logged_in_round": logged_in} for row in strategy.site_rows]
-    if agg is None:
+def _evaluation_rows(site_rows: list[dict], model_round: int, logged_in: int, seconds: float) -> tuple[list[dict], dict | None]:
+    rows = [{**row, "logged_in_round": logged_in} for row in site_rows]
+    if not site_rows:
+        log.warning("round %d: no site returned evaluation metrics", model_round)
         return rows, None
-    evaluation = dict(agg)
+    evaluation = mean_site_metrics(site_rows)
     rows.append({"round": model_round, "phase": "evaluate", "site": "*", "seconds": seconds, "logged_in_round": logged_in, **evaluation})
     log.info("round %d evaluation: %s", model_round, describe(evaluation))
     return rows, evaluation
@@ -176,10 +181,11 @@ def _evaluation_rows(strategy: MetaStrategy, model_round: int, replies: list[Mes
 def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None) -> dict[str, torch.Tensor]:
     """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state.
 
-    The evaluation of the model after round r travels with round r+1's
-    training messages (both use that model), so an evaluated round costs one
-    exchange, not two; the last model is evaluated on its own. Rows record
-    the model's round and, as ``logged_in_round``, the round that wrote them.
+    The model after round r is evaluated by the sites of round r+1, in the
+    same message and process as their training (both start from that model),
+    so an evaluated round costs one exchange, not two; the last model is
+    evaluated on its own. Rows record the model's round and, as
+    ``logged_in_round``, the round that wrote them.
     """
     observer = observer or RoundObserver()
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
@@ -205,19 +211,19 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         started = time.perf_counter()
         rows: list[dict] = []
         prior = round_ - 1
-        evaluate = list(strategy.configure_evaluate(prior, ArrayRecord(state), ConfigRecord(), grid)) if evaluation_due(config, prior) else []
+        strategy.evaluate_received = evaluation_due(config, prior)
         train_metrics = None
         for attempt in range(s.retries + 1):
             train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
-            replies = exchange(grid, {"train": train, "evaluate": evaluate}, s.round_timeout)
-            if evaluate:
-                eval_rows, evaluation = _evaluation_rows(strategy, prior, replies["evaluate"], round_, time.perf_counter() - started)
+            replies = exchange(grid, {"train": train}, s.round_timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
+            rows += strategy.site_rows
+            if strategy.evaluate_received:
+                eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
                 rows += eval_rows
                 if evaluation is not None:
                     observer.evaluated(prior, evaluation)
-                evaluate = []
-            new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
-            rows += strategy.site_rows
+                strategy.evaluate_received = False  # a retry trains again but need not re-evaluate
             if new_arrays is not None:
                 state = new_arrays.to_torch_state_dict()
                 break
@@ -237,7 +243,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     started = time.perf_counter()
     evaluate = list(strategy.configure_evaluate(config.rounds, ArrayRecord(state), ConfigRecord(), grid))
     replies = exchange(grid, {"evaluate": evaluate}, s.round_timeout)
-    rows, evaluation = _evaluation_rows(strategy, config.rounds, replies["evaluate"], config.rounds + 1, time.perf_counter() - started)
+    strategy.aggregate_evaluate(config.rounds, replies["evaluate"])
+    rows, evaluation = _evaluation_rows(strategy.site_rows, config.rounds, config.rounds + 1, time.perf_counter() - started)
     run_dir.append_metrics(rows)
     if evaluation is not None:
         observer.evaluated(config.rounds, evaluation)

@@ -75,7 +75,7 @@ class ServerConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
     fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of sites in the final evaluation (during training, the round's training sites evaluate)")
     min_sites: int = Field(2, ge=1, description="fewest replies a round may aggregate")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
     sampling_timeout: float = Field(120.0, gt=0, description="seconds to wait for min_sites sites to connect")

@@ -50,6 +50,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) 
         time.sleep(poll)
 
 
+#: Metrics a training reply carries about the model it received (evaluated before training).
+EVALUATION_PREFIX = "evaluation."
+
+
 def site_examples(metrics: MetricRecord) -> dict[str, int]:
     """``{task: examples}`` from a reply's ``examples.<task>`` metrics."""
     return {k.split(".", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("examples.")}
@@ -77,6 +81,9 @@ class MetaStrategy(Strategy):
         self.current: FlatState = {}
         self.site_rows: list[dict] = []
         self.failures: list[str] = []
+        # When set, training messages also ask sites to evaluate the model they receive.
+        self.evaluate_received = False
+        self.evaluation_rows: list[dict] = []
 
     def summary(self) -> None:
         s = self.config.server
@@ -92,6 +99,8 @@ class MetaStrategy(Strategy):
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
         self.current = arrays.to_torch_state_dict()
         config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": server_round, "phase": phase})
+        if phase == "train" and self.evaluate_received:
+            config["evaluate-received"] = True
         messages = []
         for node in self._sample(grid, fraction):
             flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
@@ -108,7 +117,7 @@ class MetaStrategy(Strategy):
     # --- replies --------------------------------------------------------------
     def _good_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
         good = []
-        self.site_rows, self.failures = [], []
+        self.site_rows, self.failures, self.evaluation_rows = [], [], []
         for reply in replies:
             if reply.has_error():
                 err = reply.error
@@ -117,10 +126,14 @@ class MetaStrategy(Strategy):
                 continue
             node = reply.metadata.src_node_id
             site = str(reply.content["site"]["name"])
-            metrics = reply.content["metrics"]
+            metrics = dict(reply.content["metrics"])
+            received = {k.removeprefix(EVALUATION_PREFIX): v for k, v in metrics.items() if k.startswith(EVALUATION_PREFIX)}
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(EVALUATION_PREFIX)}
             self.node_sites[node] = site
             self.node_tasks[node] = sorted(site_examples(metrics))
-            self.site_rows.append({"round": server_round, "phase": phase, "site": site, **{k: v for k, v in metrics.items()}})
+            self.site_rows.append({"round": server_round, "phase": phase, "site": site, **metrics})
+            if received:
+                self.evaluation_rows.append({"round": server_round - 1, "phase": "evaluate", "site": site, **received})
             good.append(reply)
         return good
 
