@@ -134,20 +134,20 @@ class Schema(BaseModel):
                 values = pd.to_numeric(col, errors="coerce")
                 bad = values.isna() & col.notna()
                 if bad.any():
-                    row = int(np.flatnonzero(bad.to_numpy())[0])
+                    row = _first_row(bad)
                     raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: expected a number, got {col.iloc[row]!r}")
                 nan = values.isna()
                 if nan.any():
-                    row = int(np.flatnonzero(nan.to_numpy())[0])
+                    row = _first_row(nan)
                     raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: missing value (NaN) in a required feature")
             else:
                 if col.isna().any():
-                    row = int(np.flatnonzero(col.isna().to_numpy())[0])
+                    row = _first_row(col.isna())
                     raise SchemaError(f"{source}: column {f.name!r} row {row + 2}: missing value (NaN) in a required feature")
                 known = set(f.categories)
                 unknown = ~col.astype(str).isin(known)
                 if unknown.any():
-                    row = int(np.flatnonzero(unknown.to_numpy())[0])
+                    row = _first_row(unknown)
                     raise SchemaError(
                         f"{source}: column {f.name!r} row {row + 2}: unknown category {col.iloc[row]!r}; known: {f.categories}"
                     )
@@ -159,14 +159,14 @@ class Schema(BaseModel):
             if t.is_classification:
                 unknown = present & ~col.astype(str).str.removesuffix(".0").isin(set(t.classes))
                 if unknown.any():
-                    row = int(np.flatnonzero(unknown.to_numpy())[0])
+                    row = _first_row(unknown)
                     raise SchemaError(
                         f"{source}: label column {t.label!r} row {row + 2}: unknown class {col.iloc[row]!r}; classes: {t.classes}"
                     )
             else:
                 bad = present & pd.to_numeric(col, errors="coerce").isna()
                 if bad.any():
-                    row = int(np.flatnonzero(bad.to_numpy())[0])
+                    row = _first_row(bad)
                     raise SchemaError(f"{source}: label column {t.label!r} row {row + 2}: expected a number, got {col.iloc[row]!r}")
 
     def encode(self, df: pd.DataFrame) -> np.ndarray:
@@ -210,6 +210,11 @@ class Schema(BaseModel):
                 f = f.model_copy(update={"mean": float(mean), "std": std if std > 1e-12 else 1.0})
             features.append(f)
         return self.model_copy(update={"features": features})
+
+
+def _first_row(mask: pd.Series) -> int:
+    """Position of the first True in ``mask`` (reported to users as ``row + 2``: header, 1-based)."""
+    return int(np.flatnonzero(mask.to_numpy())[0])
 
 
 def feature_sums(df: pd.DataFrame, schema: Schema) -> dict[str, tuple[float, float, float]]:

@@ -143,6 +143,10 @@ def _hospital_frame(rng: np.random.Generator, n: int, site_shift: dict) -> tuple
     return df, severity
 
 
+def _zscore(df: pd.DataFrame, col: str) -> np.ndarray:
+    return (df[col].to_numpy(float) - df[col].mean()) / (df[col].std() + 1e-9)
+
+
 def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema, dict[str, pd.DataFrame]]:
     """A seeded hospital network as raw tables, one per site, plus the schema.
 
@@ -164,12 +168,11 @@ def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema
             "util": rng.normal(0, 0.3),
         }
         df, severity = _hospital_frame(rng, n, shift)
-        z = lambda col: (df[col].to_numpy(float) - df[col].mean()) / (df[col].std() + 1e-9)  # noqa: E731
         # Concept shift: each site has its own base rates and its own weight on key risk factors.
         w_prior = 0.6 + rng.normal(0, 0.6)
         w_sev = 1.0 + rng.normal(0, 0.5)
-        readmit_logit = -1.7 + rng.normal(0, 0.8) + w_prior * z("prior_admissions") + 0.5 * w_sev * severity + 0.3 * (df["admission_type"] == "emergency")
-        mort_logit = -2.6 + rng.normal(0, 0.8) + w_sev * 1.1 * severity + 0.5 * z("creatinine") * (1 + rng.normal(0, 0.7)) - 0.3 * z("hemoglobin")
+        readmit_logit = -1.7 + rng.normal(0, 0.8) + w_prior * _zscore(df, "prior_admissions") + 0.5 * w_sev * severity + 0.3 * (df["admission_type"] == "emergency")
+        mort_logit = -2.6 + rng.normal(0, 0.8) + w_sev * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * (1 + rng.normal(0, 0.7)) - 0.3 * _zscore(df, "hemoglobin")
         los = np.exp(1.4 + rng.normal(0, 0.25) + 0.25 * w_sev * severity + 0.35 * (df["ward"] == "icu") + rng.normal(0, 0.35, n))
         df["readmitted_30d"] = (rng.random(n) < 1 / (1 + np.exp(-readmit_logit))).astype(int)
         df["died_in_hospital"] = (rng.random(n) < 1 / (1 + np.exp(-mort_logit))).astype(int)

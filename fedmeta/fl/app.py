@@ -168,6 +168,7 @@ def evaluation_due(config: RunConfig, model_round: int) -> bool:
 
 
 def _evaluation_rows(site_rows: list[dict], model_round: int, logged_in: int, seconds: float) -> tuple[list[dict], dict | None]:
+    """Per-site evaluation rows plus their example-weighted mean, tagged with the round that logged them."""
     rows = [{**row, "logged_in_round": logged_in} for row in site_rows]
     if not site_rows:
         log.warning("round %d: no site returned evaluation metrics", model_round)
@@ -243,8 +244,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     started = time.perf_counter()
     evaluate = list(strategy.configure_evaluate(config.rounds, ArrayRecord(state), ConfigRecord(), grid))
     replies = exchange(grid, {"evaluate": evaluate}, s.round_timeout)
-    strategy.aggregate_evaluate(config.rounds, replies["evaluate"])
-    rows, evaluation = _evaluation_rows(strategy.site_rows, config.rounds, config.rounds + 1, time.perf_counter() - started)
+    rows, evaluation = _evaluation_rows(strategy.evaluate_replies(config.rounds, replies["evaluate"]), config.rounds, config.rounds + 1, time.perf_counter() - started)
     run_dir.append_metrics(rows)
     if evaluation is not None:
         observer.evaluated(config.rounds, evaluation)

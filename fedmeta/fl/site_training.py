@@ -106,12 +106,10 @@ def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, t
     for task in site.tasks:
         spec = site.schema.task(task)
         x_test, y_test = site.split(task, train=False)
-        params = {k: v for k, v in state["params"].items()}
-        for name, value in _scores(model, params, task, x_test, y_test, spec.is_classification).items():
+        for name, value in _scores(model, state["params"], task, x_test, y_test, spec.is_classification).items():
             metrics[f"{task}.global.{name}"] = value
         support = site.sampler(task, ev.shots, query_size=1, seed=rng).sample(1).episode(0)
-        lr = ev.lr if ev.lr is not None else None
-        fast = algo.adapt(model, state, tuple(t[0] for t in support.support), task, steps=ev.steps, lr=lr)
+        fast = algo.adapt(model, state, tuple(t[0] for t in support.support), task, steps=ev.steps, lr=ev.lr)
         for name, value in _scores(model, fast, task, x_test, y_test, spec.is_classification).items():
             metrics[f"{task}.personalized.{name}"] = value
         metrics[f"examples.{task}"] = len(y_test)

@@ -160,12 +160,14 @@ class MetaStrategy(Strategy):
         )
         return ArrayRecord(new_state), metrics
 
+    def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
+        """Per-site metric rows of the good evaluation replies."""
+        self._good_replies(server_round, replies, "evaluate")
+        return self.site_rows
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = self._good_replies(server_round, replies, "evaluate")
-        if not good:
-            log.warning("round %d: no site returned evaluation metrics", server_round)
-            return None
-        return MetricRecord(mean_site_metrics(self.site_rows))
+        rows = self.evaluate_replies(server_round, replies)
+        return MetricRecord(mean_site_metrics(rows)) if rows else None
 
 
 def mean_site_metrics(rows: list[dict]) -> dict[str, float]:
