@@ -111,5 +111,292 @@ def train(
     console.print(f"base model: {rd.base_model_path}")
 
 
+# --------------------------------------------------------------------------
+# Personalization, heads and the registry
+# --------------------------------------------------------------------------
+
+heads_app = typer.Typer(help="Train task heads for departments on the meta-learned body.", no_args_is_help=True)
+models_app = typer.Typer(help="The site's model registry: versions, promotion, rollback, audit log.", no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
+app.add_typer(models_app, name="models")
+
+SITE_HOME_OPTION = typer.Option(None, "--site-home", envvar="FEDMETA_SITE_HOME", help="The site's home folder (registry + models). Default ./site-home.")
+
+
+def _fail(error: Exception, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/] {error}")
+    return typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from fedmeta.data import SchemaError
+    from fedmeta.fl.config import ConfigError
+    from fedmeta.personalize import PersonalizationError
+    from fedmeta.registry import RegistryError
+    from fedmeta.trained import ModelMismatchError
+
+    return (SchemaError, ConfigError, PersonalizationError, RegistryError, ModelMismatchError)
+
+
+def _integrity_errors() -> tuple[type[Exception], ...]:
+    from fedmeta.export import ExportError
+    from fedmeta.manifest import ManifestError
+
+    return (ExportError, ManifestError)
+
+
+def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("task", "metric", before, after, "change"):
+        table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
+    keys = sorted({(k.split(".")[0], k.split(".")[2]) for k in metrics if k.count(".") == 2})
+    for task, metric in keys:
+        b, a = metrics.get(f"{task}.{before}.{metric}"), metrics.get(f"{task}.{after}.{metric}")
+        if a is None:
+            continue
+        change = "" if b is None else f"{a - b:+.4f}"
+        table.add_row(task, metric, "" if b is None else f"{b:.4f}", f"{a:.4f}", change)
+    return table
+
+
+def _published_line(published) -> str:
+    v = published.version
+    state = "registered" if published.created else "identical to an existing version:"
+    promoted = ", promoted" if published.promoted else ""
+    return f"{state} {v.label} (site {v.site}{promoted}), sha256 {v.sha256[:16]}..., folder {v.path}"
+
+
+@app.command()
+def personalize(
+    data: Path = typer.Option(..., "--data", help="The site's rows (CSV or Parquet)."),
+    schema: Path = typer.Option(..., "--schema", help="The federation's schema.json."),
+    base: str = typer.Option(..., "--base", help="Global base model: a training run folder, a base_model.pt, or a registry version (v3)."),
+    site: str = typer.Option(None, "--site", help="Site name (default: the data file's name)."),
+    site_home: Path = SITE_HOME_OPTION,
+    shots: int = typer.Option(None, "--shots", "-k", help="K: shots per class (rows for regression) per task. Default: the run's evaluation.shots."),
+    steps: int = typer.Option(None, "--steps", help="Fine-tuning steps. Default: the run's evaluation.steps."),
+    lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
+    mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of the site's rows held out for scoring."),
+    promote: bool = typer.Option(None, "--promote/--no-promote", help="Promote the new version (default: only if the site has none)."),
+) -> None:
+    """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
+    import time
+
+    from fedmeta.data import load_site
+    from fedmeta.personalize import data_lineage, load_base, publish, register_base
+    from fedmeta.personalize import personalize as run_personalize
+    from fedmeta.registry import SiteHome
+
+    start = time.perf_counter()
+    try:
+        home = SiteHome(site_home)
+        global_base = load_base(base, home)
+        defaults = global_base.adaptation
+        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=global_base.config.federation.seed)
+        result = run_personalize(
+            global_base.for_schema(site_data.schema),
+            site_data,
+            shots=shots or defaults["shots"],
+            steps=defaults["steps"] if steps is None else steps,
+            lr=lr or defaults["lr"],
+            mode=mode,
+            seed=seed,
+        )
+        base_version = register_base(home, global_base)
+        published = publish(
+            home,
+            result.model,
+            "personalized",
+            site_data.name,
+            parent=base_version,
+            base=base_version,
+            metrics=result.metrics,
+            data=data_lineage(data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction),
+            training={"mode": result.mode, "steps": result.steps, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
+            shots=result.shots,
+            personalized_tasks=result.tasks,
+            promote=promote,
+        )
+    except _user_errors() as e:
+        raise _fail(e) from None
+    except _integrity_errors() as e:
+        raise _fail(e, 1) from None
+    title = f"{site_data.name}: K={result.shots}, {result.steps} steps, mode {result.mode}, held-out rows"
+    console.print(_metrics_table(result.metrics, "base", "personalized", title))
+    console.print(_published_line(published))
+    console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
+
+
+@heads_app.command("add")
+def heads_add(
+    task: str = typer.Option(..., "--task", help="Task name: one the federation knows, or a new one."),
+    data: Path = typer.Option(..., "--data", help="A few labelled rows (CSV or Parquet): the schema's features plus the label column."),
+    kind: str = typer.Option(None, "--kind", help="binary, multiclass or regression (required for a new task)."),
+    label: str = typer.Option(None, "--label", help="Label column (default: the task's label in the schema, else the task name)."),
+    classes: str = typer.Option(None, "--classes", help="Comma-separated class values of a new task (default: the values found)."),
+    site: str = typer.Option(None, "--site", help="Site name (default: the only site in the site home)."),
+    site_home: Path = SITE_HOME_OPTION,
+    start_from: str = typer.Option(None, "--from", help="Model version to add the head to (default: the site's promoted version)."),
+    steps: int = typer.Option(300, "--steps", help="Training steps (full batch, Adam)."),
+    lr: float = typer.Option(0.05, "--lr", help="Head learning rate (the body, if tuned, moves at a tenth of it)."),
+    tune_body: bool = typer.Option(False, "--tune-body", help="Lightly tune the body too (default: frozen, ANIL-style)."),
+    seed: int = typer.Option(0, "--seed"),
+    promote: bool = typer.Option(False, "--promote/--no-promote", help="Promote the new version."),
+) -> None:
+    """Train a head for a department's task on a few examples and register it as a new model version."""
+    from fedmeta.data import read_table
+    from fedmeta.personalize import base_of, data_lineage, head_task, load_trained, publish, train_head
+    from fedmeta.registry import RegistryError, SiteHome, parse_version
+
+    try:
+        home = SiteHome(site_home)
+        if start_from is not None:
+            parent = home.registry.get(parse_version(start_from))
+        else:
+            parent = home.current(site)
+        site = site or parent.site
+        if parent.site != site:
+            raise RegistryError(f"{parent.label} belongs to site {parent.site!r}, not {site!r}")
+        start = load_trained(home, parent)
+        already = [t.name for t in home.load(parent)[0].tasks if t.personalized and t.name != task]
+        frame = read_table(data)
+        column = head_task(start.schema, task, kind, label, [c.strip() for c in classes.split(",")] if classes else None, frame, str(data))
+        result = train_head(start, column, frame, str(data), steps=steps, lr=lr, tune_body=tune_body, seed=seed)
+        published = publish(
+            home,
+            result.model,
+            "head",
+            site,
+            parent=parent,
+            base=base_of(home, parent),
+            metrics=result.metrics,
+            data=data_lineage(data, rows=result.rows, held_out=result.holdout_rows),
+            training={"task": task, "kind": column.kind, "steps": steps, "lr": lr, "tune_body": tune_body, "seed": seed, "note": result.note},
+            personalized_tasks=already + [task],
+            promote=promote,
+        )
+    except _user_errors() as e:
+        raise _fail(e) from None
+    except _integrity_errors() as e:
+        raise _fail(e, 1) from None
+    console.print(f"head {task!r} ({column.kind}{', classes ' + ', '.join(column.classes) if column.classes else ''}) on {parent.label}: {result.note}")
+    if result.metrics:
+        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head, held-out rows"))
+    console.print(_published_line(published))
+
+
+def _home(site_home: Path | None):
+    from fedmeta.registry import SiteHome
+
+    return SiteHome(site_home)
+
+
+@models_app.command("list")
+def models_list(
+    site: str = typer.Option(None, "--site", help="Only this site's versions (and the bases)."),
+    kind: str = typer.Option(None, "--kind", help="base, personalized or head."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """List model versions, marking each site's promoted one."""
+    from rich.table import Table
+
+    try:
+        home = _home(site_home)
+        versions = home.registry.versions(kind=kind)
+        current = {s: home.registry.current(s) for s in home.registry.sites()}
+    except _user_errors() as e:
+        raise _fail(e) from None
+    table = Table(title=f"models in {home.path}")
+    for column in ("version", "kind", "site", "parent", "created", "by", "sha256", "promoted"):
+        table.add_column(column)
+    for v in versions:
+        if site is not None and v.site not in (site, None):
+            continue
+        promoted = "*" if v.site and current.get(v.site) and current[v.site].version == v.version else ""
+        parent = f"v{v.parent}" if v.parent else ""
+        table.add_row(v.label, v.kind, v.site or "(global)", parent, v.created_at[:16].replace("T", " "), v.created_by, v.sha256[:12], promoted)
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(version: str = typer.Argument(..., help="Version, e.g. v3."), site_home: Path = SITE_HOME_OPTION) -> None:
+    """Show a version's manifest (after checking its files' hashes) and lineage."""
+    import json
+
+    from fedmeta.registry import parse_version
+
+    try:
+        home = _home(site_home)
+        v = home.registry.get(parse_version(version))
+        manifest, _ = home.load(v)
+    except _user_errors() as e:
+        raise _fail(e) from None
+    except _integrity_errors() as e:
+        raise _fail(e, 1) from None
+    data = manifest.model_dump(mode="json", by_alias=True, exclude={"schema_"})
+    data = {"version": v.label, "parent": f"v{v.parent}" if v.parent else None, "folder": str(home.folder(v)), "hashes": "verified", **data}
+    console.print_json(json.dumps(data))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str = typer.Argument(..., help="Version to serve, e.g. v5."),
+    site: str = typer.Option(None, "--site", help="The site (default: the version's own)."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """Make a version the site's current (served) model."""
+    from fedmeta.registry import current_user, parse_version
+
+    try:
+        home = _home(site_home)
+        v = home.registry.get(parse_version(version))
+        home.load(v)  # never promote files that fail their hash check
+        promoted = home.registry.promote(site or v.site or "", v.version, current_user())
+    except _user_errors() as e:
+        raise _fail(e) from None
+    except _integrity_errors() as e:
+        raise _fail(e, 1) from None
+    console.print(f"site {promoted.site}: {promoted.label} is now current")
+
+
+@models_app.command("rollback")
+def models_rollback(site: str = typer.Option(None, "--site", help="The site (default: the only one)."), site_home: Path = SITE_HOME_OPTION) -> None:
+    """Return a site to the version promoted before the current one."""
+    from fedmeta.registry import current_user
+
+    try:
+        home = _home(site_home)
+        site = site or home.only_site()
+        before = home.registry.current(site)
+        after = home.registry.rollback(site, current_user())
+    except _user_errors() as e:
+        raise _fail(e) from None
+    console.print(f"site {site}: rolled back from {before.label} to {after.label}")
+
+
+@models_app.command("audit")
+def models_audit(
+    site: str = typer.Option(None, "--site"), limit: int = typer.Option(50, "--limit", help="Most recent entries to show."), site_home: Path = SITE_HOME_OPTION
+) -> None:
+    """Show the append-only audit log: who did what, when, to which version, with which hash."""
+    from rich.table import Table
+
+    try:
+        entries = _home(site_home).registry.audit(site=site, limit=limit)
+    except _user_errors() as e:
+        raise _fail(e) from None
+    table = Table(title="audit log")
+    for column in ("#", "at", "actor", "action", "site", "version", "sha256", "detail"):
+        table.add_column(column)
+    for e in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if k != "path" and v is not None)
+        table.add_row(str(e.id), e.at[:19].replace("T", " "), e.actor, e.action, e.site or "", f"v{e.version}" if e.version else "", (e.sha256 or "")[:12], detail)
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -76,7 +76,7 @@ def test_binary_auc_matches_scikit_learn_with_ties():
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from fedmeta.fl.site_training import binary_auc
+    from fedmeta.scoring import binary_auc
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)

@@ -123,8 +123,6 @@ class EpisodeSampler:
             self.support_size = shots
         if len(x) < self.support_size and not classification:
             raise ValueError(f"task {task!r}: K={shots} shots need at least {shots} labelled rows, the site has {len(x)}")
-        if len(x) <= (shots if not classification else 1):
-            raise ValueError(f"task {task!r}: {len(x)} labelled rows are too few for a support and a query set")
 
     def _support_indices(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.classification:
@@ -151,8 +149,15 @@ class EpisodeSampler:
             q_w[len(rest) :] = 0.0
         return self.x[s_idx], self.y[s_idx], s_w, self.x[q_idx], self.y[q_idx], q_w
 
+    def support_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One support set ``(x, y, w)`` alone, as site personalization draws it (no query rows needed)."""
+        idx, w = self._support_indices()
+        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx]), torch.from_numpy(w)
+
     def sample(self, batch_size: int) -> EpisodeBatch:
         """``batch_size`` independent episodes, stacked."""
+        if len(self.x) <= (self.shots if not self.classification else 1):
+            raise ValueError(f"task {self.task!r}: {len(self.x)} labelled rows are too few for a support and a query set")
         parts = list(zip(*(self._one() for _ in range(batch_size))))
         tensors = [torch.from_numpy(np.stack(p)) for p in parts]
         return EpisodeBatch(self.task, *tensors)

@@ -171,8 +171,8 @@ def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema
         # Concept shift: each site has its own base rates and its own weight on key risk factors.
         w_prior = 0.6 + rng.normal(0, 0.6)
         w_sev = 1.0 + rng.normal(0, 0.5)
-        readmit_logit = -1.7 + rng.normal(0, 0.8) + w_prior * _zscore(df, "prior_admissions") + 0.5 * w_sev * severity + 0.3 * (df["admission_type"] == "emergency")
-        mort_logit = -2.6 + rng.normal(0, 0.8) + w_sev * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * (1 + rng.normal(0, 0.7)) - 0.3 * _zscore(df, "hemoglobin")
+        readmit_logit = -1.7 + rng.normal(0, 1.5) + w_prior * _zscore(df, "prior_admissions") + 0.5 * w_sev * severity + 0.3 * (df["admission_type"] == "emergency")
+        mort_logit = -2.6 + rng.normal(0, 1.5) + w_sev * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * (1 + rng.normal(0, 0.7)) - 0.3 * _zscore(df, "hemoglobin")
         los = np.exp(1.4 + rng.normal(0, 0.25) + 0.25 * w_sev * severity + 0.35 * (df["ward"] == "icu") + rng.normal(0, 0.35, n))
         df["readmitted_30d"] = (rng.random(n) < 1 / (1 + np.exp(-readmit_logit))).astype(int)
         df["died_in_hospital"] = (rng.random(n) < 1 / (1 + np.exp(-mort_logit))).astype(int)

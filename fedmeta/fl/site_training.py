@@ -17,13 +17,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from fedmeta.data import SiteData
 from fedmeta.fl.aggregation import FlatState, flatten_state, unflatten_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.meta import MetaAlgorithm, make_algorithm
 from fedmeta.models import MultiTaskModel
+from fedmeta.scoring import task_scores
 
 
 def build_model(config: RunConfig, site: SiteData) -> MultiTaskModel:
@@ -74,27 +74,6 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
     return update, metrics
 
 
-def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC by the rank-sum statistic, ties averaged (no scikit-learn import in each site process)."""
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _scores(model: MultiTaskModel, params, task: str, x: np.ndarray, y: np.ndarray, classification: bool) -> dict[str, float]:
-    with torch.no_grad():
-        out = functional_call(model, params, (torch.from_numpy(x),), {"task": task})
-    if classification:
-        prob = torch.softmax(out, -1).numpy()
-        scores = {"acc": float((prob.argmax(1) == y).mean())}
-        if prob.shape[1] == 2 and len(np.unique(y)) == 2:
-            scores["auc"] = binary_auc(y, prob[:, 1])
-        return scores
-    return {"mse": float(((out.squeeze(-1).numpy() - y) ** 2).mean())}
-
-
 def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:
     """Per task: held-out metrics of the global model, and after K-shot adaptation (``personalized``)."""
     model = build_model(config, site)
@@ -104,13 +83,12 @@ def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, t
     rng = np.random.default_rng(seed)
     metrics: dict[str, float] = {}
     for task in site.tasks:
-        spec = site.schema.task(task)
         x_test, y_test = site.split(task, train=False)
-        for name, value in _scores(model, state["params"], task, x_test, y_test, spec.is_classification).items():
+        for name, value in task_scores(model, state["params"], task, x_test, y_test).items():
             metrics[f"{task}.global.{name}"] = value
         support = site.sampler(task, ev.shots, query_size=1, seed=rng).sample(1).episode(0)
         fast = algo.adapt(model, state, tuple(t[0] for t in support.support), task, steps=ev.steps, lr=ev.lr)
-        for name, value in _scores(model, fast, task, x_test, y_test, spec.is_classification).items():
+        for name, value in task_scores(model, fast, task, x_test, y_test).items():
             metrics[f"{task}.personalized.{name}"] = value
         metrics[f"examples.{task}"] = len(y_test)
     metrics["examples"] = int(site.test_mask.sum())
