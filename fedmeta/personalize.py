@@ -171,7 +171,8 @@ def check_shots(site: SiteData, task: str, shots: int) -> None:
         raise PersonalizationError(f"site {site.name!r}, task {task!r}: {per} need {need} labelled training rows, the site has {have}; lower --shots")
 
 
-def _support_sets(site: SiteData, tasks: list[str], shots: int, seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def support_sets(site: SiteData, tasks: list[str], shots: int, seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The K-shot support rows ``(x, y, w)`` per task that :func:`personalize` draws for this seed."""
     rng = np.random.default_rng(seed)
     return {t: site.sampler(t, shots, query_size=1, seed=rng).support_set() for t in tasks}
 
@@ -246,7 +247,7 @@ def personalize(
         rate = base.state["inner_lrs"]
     heads = [k for k in base.params if any(k.startswith(head_prefix(t)) for t in tasks)]
     names = heads if mode == "head" else [k for k in base.params if is_body_param(k)] + heads
-    supports = _support_sets(site, tasks, shots, seed)
+    supports = support_sets(site, tasks, shots, seed)
     params = _fine_tune(base, supports, names, steps, rate)
     _check_converged(base, params, supports, lr if mode != "metasgd" else None)
     personalized = TrainedModel(base.schema, base.hidden, {**base.state, "params": params}, dict(base.info))

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small hospital federation on disk and base models in run-folder format."""
+
+from pathlib import Path
+
+import pytest
+
+from fedmeta.data import write_hospital_federation
+from fedmeta.fl.app import initial_state
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.run_dir import RunDir
+
+
+def write_base(run: Path, algorithm: str = "fomaml", hidden=(16, 16), seed: int = 0) -> Path:
+    """A run folder holding a base model in the format training writes (round-0 weights)."""
+    config = RunConfig.from_dict({"name": run.name, "seed": seed, "model": {"hidden": list(hidden)}, "algorithm": {"name": algorithm}})
+    run_dir = RunDir(run)
+    run_dir.create(config)
+    run_dir.save_base_model(initial_state(config), config, round_=1)
+    return run
+
+
+@pytest.fixture(scope="session")
+def hospitals(tmp_path_factory) -> Path:
+    """Three hospital sites as CSV files plus schema.json."""
+    out = tmp_path_factory.mktemp("hospitals")
+    write_hospital_federation(out, n_sites=3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    return write_base(tmp_path_factory.mktemp("runs") / "base")

@@ -1,0 +1,135 @@
+"""The model registry and manifests: lineage, promotion, audit, tampering, concurrent writers."""
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fedmeta.manifest import Manifest, ManifestError
+from fedmeta.registry import RegistryError, SiteHome
+
+
+def _store(home, payload: bytes, site="st-marys", kind="personalized", parent=None):
+    manifest = Manifest(kind=kind, site=site, model_file="model.onnx", sha256="", files={})
+    return home.store({"model.onnx": payload, "state.pt": b"weights"}, manifest, parent=parent, actor="ana")
+
+
+def test_register_promote_and_rollback_walk_back_through_history(tmp_path):
+    home = SiteHome(tmp_path)
+    v1, _ = _store(home, b"one")
+    v2, _ = _store(home, b"two", parent=v1.version)
+    v3, _ = _store(home, b"three", parent=v2.version)
+    reg = home.registry
+    for v in (v1, v2, v3):
+        reg.promote("st-marys", v.version, actor="ana")
+    assert reg.current("st-marys") == v3
+    assert reg.rollback("st-marys", actor="bo") == v2
+    assert reg.rollback("st-marys", actor="bo") == v1
+    with pytest.raises(RegistryError, match="no earlier promoted version"):
+        reg.rollback("st-marys", actor="bo")
+    assert [(e.action, e.version, e.actor) for e in reg.audit() if e.action != "register"] == [
+        ("promote", 1, "ana"), ("promote", 2, "ana"), ("promote", 3, "ana"), ("rollback", 2, "bo"), ("rollback", 1, "bo")
+    ]
+    assert all(e.sha256 for e in reg.audit())
+
+
+def test_identical_model_bytes_are_one_version(tmp_path):
+    home = SiteHome(tmp_path)
+    first, created = _store(home, b"same")
+    again, created_again = _store(home, b"same")
+    assert created and not created_again and again == first
+    assert len(list((tmp_path / "models").iterdir())) == 1
+
+
+def test_promotion_is_per_site_and_never_of_a_base(tmp_path):
+    home = SiteHome(tmp_path)
+    base, _ = _store(home, b"base", site=None, kind="base")
+    mine, _ = _store(home, b"mine", parent=base.version)
+    with pytest.raises(RegistryError, match="global base"):
+        home.registry.promote("st-marys", base.version, actor="ana")
+    with pytest.raises(RegistryError, match="belongs to site 'st-marys'"):
+        home.registry.promote("elsewhere", mine.version, actor="ana")
+    with pytest.raises(RegistryError, match="no model version v9"):
+        home.registry.get(9)
+
+
+def test_audit_log_is_append_only(tmp_path):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"x")
+    home.registry.promote("st-marys", version.version, actor="ana")
+    con = sqlite3.connect(tmp_path / "registry.sqlite")
+    for statement in ("UPDATE audit SET actor = 'mallory'", "DELETE FROM audit", "DELETE FROM promotions"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            con.execute(statement)
+    con.close()
+
+
+def test_loading_a_tampered_model_file_is_refused(tmp_path):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"genuine")
+    assert home.load(version)[1] == b"genuine"
+    (home.folder(version) / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(ManifestError, match="does not match its manifest"):
+        home.load(version)
+
+
+def test_a_manifest_edited_to_match_a_swapped_file_still_disagrees_with_the_registry(tmp_path):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"genuine")
+    folder = home.folder(version)
+    (folder / "model.onnx").write_bytes(b"swapped")
+    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text())
+    from fedmeta.manifest import sha256_bytes
+
+    forged = manifest.model_copy(update={"sha256": sha256_bytes(b"swapped"), "files": {**manifest.files, "model.onnx": sha256_bytes(b"swapped")}})
+    (folder / "manifest.json").write_text(forged.to_json())
+    with pytest.raises(ManifestError, match="differs from the registry"):
+        home.load(version)
+
+
+def test_missing_model_file_is_reported_by_name(tmp_path):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"x")
+    (home.folder(version) / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match="model.onnx is missing"):
+        home.load(version)
+
+
+def test_two_processes_registering_at_once_do_not_corrupt_the_registry(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import pathlib, sys, time
+        from fedmeta.manifest import Manifest
+        from fedmeta.registry import SiteHome
+        home = SiteHome({str(tmp_path)!r})
+        writer = sys.argv[1]
+        while not pathlib.Path({str(tmp_path / "go")!r}).exists():  # start together
+            time.sleep(0.005)
+        for i in range(100):
+            manifest = Manifest(kind="personalized", site="site-" + writer, model_file="model.onnx", sha256="", files={{}})
+            version, created = home.store({{"model.onnx": f"{{writer}}-{{i}}".encode()}}, manifest, actor=writer)
+            assert created
+            home.registry.promote("site-" + writer, version.version, actor=writer)
+        """
+    )
+    SiteHome(tmp_path)  # create the schema first, as a site's first command would
+    procs = [subprocess.Popen([sys.executable, "-c", script, w], stderr=subprocess.PIPE, text=True) for w in ("a", "b")]
+    time.sleep(1.0)
+    (tmp_path / "go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    home = SiteHome(tmp_path)
+    versions = home.registry.versions()
+    assert len(versions) == 200 and len({v.version for v in versions}) == 200
+    assert {v.site for v in versions} == {"site-a", "site-b"}
+    assert sum(e.action == "register" for e in home.registry.audit()) == 200
+    assert sum(e.action == "promote" for e in home.registry.audit()) == 200
+    for v in versions:
+        home.load(v)  # every registered folder is complete and verifies
+    con = sqlite3.connect(tmp_path / "registry.sqlite")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
