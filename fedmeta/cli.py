@@ -398,5 +398,99 @@ def models_audit(
     console.print(table)
 
 
+# --------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------
+
+def default_site_home() -> Path:
+    from fedmeta.registry import default_site_home as default
+
+    return default()
+
+
+keys_app = typer.Typer(help="API keys of the site's prediction server (stored hashed).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    site_home: Path = SITE_HOME_OPTION,
+    site: str = typer.Option(None, "--site", help="Site to serve (default: the only site in the site home)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 keeps it on this machine)."),
+    port: int = typer.Option(8080, "--port"),
+    max_rows: int = typer.Option(1024, "--max-rows", help="Rows per prediction request."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log one JSON line per request."),
+) -> None:
+    """Serve the site's promoted model: predictions, Open Inference Protocol v2, head requests, metrics."""
+    import uvicorn
+
+    from serving import ServingSettings, create_app
+    from serving.app import configure_logging
+
+    home = site_home or default_site_home()
+    configure_logging(access_log)
+    try:
+        app_ = create_app(ServingSettings(site_home=home, site=site, max_rows=max_rows))
+    except _user_errors() as e:
+        raise _fail(e) from None
+    except _integrity_errors() as e:
+        raise _fail(f"refusing to start: {e}", 1) from None
+    from serving.auth import KeyStore
+
+    if not [k for k in KeyStore(home).keys() if not k.revoked_at]:
+        console.print("[yellow]no API keys yet: every request will get 401. Create one with `fedmeta keys create --role predict --name APP`.[/]")
+    current = app_.state.fedmeta.store.current
+    console.print(f"serving {current.site} {current.label} (sha256 {current.version.sha256[:16]}...) on http://{host}:{port}  docs: /docs")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: str = typer.Option(..., "--role", help="predict, department or admin."),
+    name: str = typer.Option(..., "--name", help="Who or what uses the key (shown in the audit log)."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """Create an API key; its secret is printed once and only its hash is stored."""
+    from serving.auth import KeyManagementError, KeyStore
+
+    try:
+        key, secret = KeyStore(site_home or default_site_home()).create(name, role)
+    except KeyManagementError as e:
+        raise _fail(e) from None
+    console.print(f"key {key.id} ({key.role}) for {key.name}; keep this secret, it is not shown again:")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(site_home: Path = SITE_HOME_OPTION) -> None:
+    """List keys (ids, names, roles; never secrets)."""
+    from rich.table import Table
+
+    from serving.auth import KeyManagementError, KeyStore
+
+    try:
+        keys = KeyStore(site_home or default_site_home()).keys()
+    except KeyManagementError as e:
+        raise _fail(e) from None
+    table = Table(title="API keys")
+    for column in ("id", "name", "role", "created", "revoked"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k.id, k.name, k.role, k.created_at, k.revoked_at or "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (from `fedmeta keys list`)."), site_home: Path = SITE_HOME_OPTION) -> None:
+    """Revoke a key; a running server stops accepting it within a second."""
+    from serving.auth import KeyManagementError, KeyStore
+
+    try:
+        key = KeyStore(site_home or default_site_home()).revoke(key_id)
+    except KeyManagementError as e:
+        raise _fail(e) from None
+    console.print(f"revoked key {key.id} ({key.name}, {key.role})")
+
+
 if __name__ == "__main__":
     app()

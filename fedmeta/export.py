@@ -47,28 +47,52 @@ class ExportError(RuntimeError):
 
 
 class ServedModel(nn.Module):
-    """The model as served: raw features in schema order -> one output per task."""
+    """The model as served: raw features in schema order -> one output per task.
+
+    Written for a small graph, because onnxruntime spends ~0.7 us per node on
+    a single row: the numeric features are concatenated, reshaped and
+    standardized as one block that feeds the first layer's numeric columns;
+    each categorical feature's code selects (``Gather``) its column of the
+    first layer's weights instead of building a one-hot vector (an unknown
+    code, -1, selects an appended zero row). Mathematically this is the
+    first ``Linear`` on the schema's encoding. Measured per single-row call
+    (hospital schema, 64-64 body): 30 us for a per-feature one-hot graph, 22 us
+    for this one.
+    """
 
     def __init__(self, trained: TrainedModel):
         super().__init__()
         self.model = trained.module()
         self.schema = trained.schema
         self.features = list(self.schema.features)
+        numeric = [f for f in self.features if f.type == "numeric"]
+        self.register_buffer("mean", torch.tensor([f.mean for f in numeric], dtype=torch.float32).unsqueeze(1))
+        self.register_buffer("std", torch.tensor([f.std for f in numeric], dtype=torch.float32).unsqueeze(1))
+        first = self.model.body.net[0]
+        weight = first.weight.detach()
+        columns, start = [], 0
+        for f in self.features:
+            columns.append(range(start, start + f.width))
+            start += f.width
+        numeric_columns = [columns[i][0] for i, f in enumerate(self.features) if f.type == "numeric"]
+        self.first_numeric = nn.Parameter(weight[:, numeric_columns].clone(), requires_grad=False)
+        self.first_bias = nn.Parameter(first.bias.detach().clone(), requires_grad=False)
         for i, f in enumerate(self.features):
-            if f.type == "numeric":
-                self.register_buffer(f"mean_{i}", torch.tensor(f.mean, dtype=torch.float32))
-                self.register_buffer(f"std_{i}", torch.tensor(f.std, dtype=torch.float32))
-            else:
-                self.register_buffer(f"codes_{i}", torch.arange(len(f.categories)))
+            if f.type == "categorical":
+                rows = torch.cat([weight[:, list(columns[i])].T, torch.zeros(1, weight.shape[0])])  # last row: unknown code -1
+                self.register_buffer(f"embedding_{i}", rows)
+        self.rest = self.model.body.net[1:]
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        columns = []
+        numeric = [x for f, x in zip(self.features, features) if f.type == "numeric"]
+        hidden = self.first_bias
+        if numeric:
+            block = (torch.cat(numeric).reshape(len(numeric), -1) - self.mean) / self.std
+            hidden = torch.matmul(block.T, self.first_numeric.T) + hidden
         for i, (f, x) in enumerate(zip(self.features, features)):
-            if f.type == "numeric":
-                columns.append(((x - getattr(self, f"mean_{i}")) / getattr(self, f"std_{i}")).unsqueeze(-1))
-            else:
-                columns.append((x.unsqueeze(-1) == getattr(self, f"codes_{i}")).to(torch.float32))
-        z = self.model.body(torch.cat(columns, dim=-1))
+            if f.type == "categorical":
+                hidden = hidden + getattr(self, f"embedding_{i}")[x]
+        z = self.rest(hidden)
         outputs = []
         for task in self.schema.tasks:
             out = self.model.heads[task.name](z)

@@ -1,0 +1,124 @@
+"""API keys: created and revoked with the CLI, stored hashed at rest, checked on every route but liveness.
+
+Keys are 256-bit random tokens (``fm_...``), so a plain SHA-256 is a safe
+at-rest form: nothing about a key can be recovered from the file, and there
+is no password to brute-force. The file (``SITE_HOME/api_keys.json``) is
+written atomically and re-read when it changes, so a revocation takes effect
+on a running server within a second.
+
+Roles are ordered: ``predict`` (predictions, model listing, v2 inference),
+``department`` (also head requests), ``admin`` (also promote and rollback).
+Send the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedmeta.files import atomic_write_json
+from fedmeta.manifest import utc_now
+from serving.errors import ApiError
+
+KEYS_FILE = "api_keys.json"
+ROLES = ("predict", "department", "admin")
+RANK = {role: i for i, role in enumerate(ROLES)}
+
+
+class KeyManagementError(ValueError):
+    """A key-management request that cannot be carried out."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    role: str
+    sha256: str
+    created_at: str
+    revoked_at: str | None = None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """The site's API keys (hashed), with a cached lookup that follows changes to the file."""
+
+    def __init__(self, site_home: str | Path):
+        self.path = Path(site_home) / KEYS_FILE
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._by_hash: dict[str, ApiKey] = {}
+
+    # --- management (CLI) ------------------------------------------------------
+    def keys(self) -> list[ApiKey]:
+        if not self.path.exists():
+            return []
+        try:
+            return [ApiKey(**k) for k in json.loads(self.path.read_text())["keys"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise KeyManagementError(f"unreadable key file {self.path}: {e}") from None
+
+    def create(self, name: str, role: str) -> tuple[ApiKey, str]:
+        """A new key; the secret is returned once and only its hash is stored."""
+        if role not in RANK:
+            raise KeyManagementError(f"role must be one of {list(ROLES)}, got {role!r}")
+        if not name.strip():
+            raise KeyManagementError("a key needs a name (who or what uses it)")
+        secret = "fm_" + secrets.token_urlsafe(32)
+        with self._lock:
+            keys = self.keys()
+            key = ApiKey(id=secrets.token_hex(4), name=name, role=role, sha256=_digest(secret), created_at=utc_now())
+            atomic_write_json(self.path, {"keys": [asdict(k) for k in keys + [key]]})
+        return key, secret
+
+    def revoke(self, key_id: str) -> ApiKey:
+        with self._lock:
+            keys = self.keys()
+            match = [k for k in keys if k.id == key_id]
+            if not match:
+                raise KeyManagementError(f"no key with id {key_id!r}; `fedmeta keys list` shows them")
+            if match[0].revoked_at:
+                raise KeyManagementError(f"key {key_id!r} was already revoked at {match[0].revoked_at}")
+            revoked = ApiKey(**{**asdict(match[0]), "revoked_at": utc_now()})
+            atomic_write_json(self.path, {"keys": [asdict(revoked if k.id == key_id else k) for k in keys]})
+        return revoked
+
+    # --- checking (server) -------------------------------------------------------
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._mtime:
+            self._by_hash = {k.sha256: k for k in self.keys() if not k.revoked_at}
+            self._mtime = mtime
+
+    def authorize(self, headers, role: str) -> ApiKey:
+        """The caller's key if it may act as ``role``; 401 without a valid key, 403 with too small a role."""
+        secret = headers.get("x-api-key")
+        if secret is None:
+            auth = headers.get("authorization")
+            if auth is not None and auth[:7].lower() == "bearer ":
+                secret = auth[7:].strip()
+        if not secret:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
+        self._refresh()
+        key = self._by_hash.get(_digest(secret))
+        if key is None:
+            raise ApiError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        if RANK[key.role] < RANK[role]:
+            raise ApiError(403, f"this route needs the {role!r} role; key {key.name!r} has {key.role!r}")
+        return key

@@ -1,0 +1,121 @@
+"""``POST /v1/predict``: named raw features in, per-task predictions out.
+
+The body is parsed with orjson and checked by the model's compiled row
+validator rather than by pydantic: over large nested lists pydantic costs
+~2.5x throughput here. Normalization and one-hot encoding happen inside the
+ONNX graph, so the rows carry raw values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from serving.deps import SECURITY_OPENAPI, authorize, read_json, state
+from serving.errors import ApiError, json_response
+from serving.store import LoadedModel
+
+router = APIRouter(tags=["predict"])
+
+EXAMPLE_ROW = {
+    "age": 71,
+    "sex": "F",
+    "admission_type": "emergency",
+    "ward": "cardiology",
+    "prior_admissions": 2,
+    "charlson_index": 4,
+    "heart_rate": 96,
+    "systolic_bp": 118,
+    "creatinine": 1.4,
+    "hemoglobin": 11.2,
+    "sodium": 136,
+    "wbc": 9.8,
+}
+
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "rows": {"type": "array", "items": {"type": "object"}, "description": "rows of raw feature values, by feature name"},
+                        "row": {"type": "object", "description": "a single row (instead of rows)"},
+                        "tasks": {"type": "array", "items": {"type": "string"}, "description": "tasks to predict (default: all)"},
+                    },
+                },
+                "examples": {
+                    "one row": {"value": {"row": EXAMPLE_ROW}},
+                    "many rows, some tasks": {"value": {"rows": [EXAMPLE_ROW, {**EXAMPLE_ROW, "age": 45, "ward": "surgical"}], "tasks": ["mortality"]}},
+                },
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "per-task predictions, with the model version and hash that made them",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "model": {"site": "hospital_003", "version": "v3", "sha256": "0df3393c8bca82fd..."},
+                        "rows": 1,
+                        "predictions": {
+                            "mortality": {"classes": ["0", "1"], "labels": ["0"], "probabilities": [[0.83, 0.17]]},
+                            "length_of_stay": {"values": [6.4]},
+                        },
+                    }
+                }
+            },
+        },
+        "413": {"description": "too many rows or too large a body"},
+        "422": {"description": "a row that does not fit the schema; the message names the row, the feature and the problem"},
+    },
+}
+
+
+def select_tasks(model: LoadedModel, requested: object) -> list[str]:
+    if requested is None:
+        return model.tasks
+    if not isinstance(requested, list) or not all(isinstance(t, str) for t in requested) or not requested:
+        raise ApiError(422, "tasks: expected a non-empty list of task names")
+    unknown = [t for t in requested if t not in model.tasks]
+    if unknown:
+        raise ApiError(422, f"tasks: unknown task(s) {unknown}; this model predicts {model.tasks}")
+    return requested
+
+
+def render(model: LoadedModel, tasks: list[str], outputs: list[np.ndarray]) -> dict:
+    """Class probabilities and labels for classification tasks, values in label units for regression."""
+    described = model.task_outputs()
+    predictions = {}
+    for task, out in zip(tasks, outputs):
+        spec = described[task]
+        if spec.kind == "regression":
+            predictions[task] = {"values": out}
+        else:
+            classes = spec.classes or [str(i) for i in range(out.shape[1])]
+            predictions[task] = {"classes": classes, "labels": [classes[i] for i in out.argmax(1).tolist()], "probabilities": out}
+    return predictions
+
+
+@router.post("/v1/predict", openapi_extra={**PREDICT_OPENAPI, **SECURITY_OPENAPI}, summary="Predict every (or the chosen) task for one or many rows")
+async def predict(request: Request) -> Response:
+    authorize(request, "predict")
+    server = state(request)
+    payload = await read_json(request, server.settings.max_body_bytes)
+    if not isinstance(payload, dict):
+        raise ApiError(422, "body: expected an object with 'rows' (a list of rows) or 'row' (one row)")
+    model = server.store.current  # this request's model, whatever a swap does meanwhile
+    if "rows" in payload:
+        feed, n = model.validator.columns(payload["rows"], "rows")
+    elif "row" in payload:
+        feed, n = model.validator.columns([payload["row"]], "row")
+    else:
+        raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
+    tasks = select_tasks(model, payload.get("tasks"))
+    outputs = model.session.run(tasks, feed)
+    request.state.predicted = (tasks, n)
+    content = {"model": {"site": model.site, "version": model.label, "sha256": model.version.sha256}, "rows": n, "predictions": render(model, tasks, outputs)}
+    return json_response(content)

@@ -1,0 +1,175 @@
+"""The Open Inference Protocol (v2), as KServe and Triton define it, for their clients.
+
+The model name is the site's name. Inputs are the schema's features, one
+tensor each (``FP32`` for numeric features, ``BYTES`` for categorical ones,
+shape ``[batch]`` or ``[batch, 1]``); outputs are the tasks (``FP32``: class
+probabilities ``[batch, C]`` or values ``[batch]``), data flattened in
+row-major order as the protocol specifies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from serving.deps import SECURITY_OPENAPI, authorize, read_json, role, state
+from serving.errors import ApiError, json_response
+from serving.store import LoadedModel
+
+router = APIRouter(tags=["open inference protocol v2"])
+
+_NUMERIC_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
+
+INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"id": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}}},
+                "example": {
+                    "id": "42",
+                    "inputs": [
+                        {"name": "age", "shape": [2], "datatype": "FP32", "data": [71, 45]},
+                        {"name": "ward", "shape": [2], "datatype": "BYTES", "data": ["cardiology", "surgical"]},
+                        {"name": "...", "shape": [2], "datatype": "FP32", "data": [0, 0]},
+                    ],
+                    "outputs": [{"name": "mortality"}],
+                },
+            }
+        },
+    }
+}
+
+
+def _model(request: Request, name: str) -> LoadedModel:
+    model = state(request).store.current
+    if name != model.site:
+        raise ApiError(404, f"no model named {name!r}; this server serves {model.site!r}")
+    return model
+
+
+def _tensor_meta(model: LoadedModel) -> tuple[list[dict], list[dict]]:
+    schema = model.manifest.schema_
+    inputs = [
+        {"name": f["name"], "datatype": "BYTES" if f.get("type") == "categorical" else "FP32", "shape": [-1]} for f in schema["features"]
+    ]
+    outputs = [
+        {"name": t.name, "datatype": "FP32", "shape": [-1] if t.kind == "regression" else [-1, len(t.classes or [])]} for t in model.manifest.tasks
+    ]
+    return inputs, outputs
+
+
+@router.get("/v2/health/live", summary="Liveness (no key needed)")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness: a verified model is loaded")
+async def ready(request: Request, _=Depends(role("predict"))) -> Response:
+    return json_response({"ready": state(request).store.current is not None})
+
+
+@router.get("/v2/models/{name}", summary="Model metadata: versions, inputs and outputs")
+async def metadata(name: str, request: Request, _=Depends(role("predict"))) -> Response:
+    model = _model(request, name)
+    inputs, outputs = _tensor_meta(model)
+    return json_response({"name": model.site, "versions": [model.label], "platform": "onnxruntime_onnx", "inputs": inputs, "outputs": outputs})
+
+
+@router.get("/v2/models/{name}/ready", summary="Model readiness")
+async def model_ready(name: str, request: Request, _=Depends(role("predict"))) -> Response:
+    model = _model(request, name)
+    return json_response({"name": model.site, "ready": True})
+
+
+def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(400, "inputs: expected a non-empty list of tensors")
+    by_name = {}
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise ApiError(400, f"inputs[{i}]: expected an object with name, shape, datatype and data")
+        by_name[tensor["name"]] = tensor
+    validator = model.validator
+    unknown = sorted(set(by_name) - validator.known)
+    if unknown:
+        raise ApiError(400, f"inputs: unknown tensor(s) {unknown}; inputs are {validator.features}")
+    feed, batch = {}, None
+    for name in validator.features:
+        tensor = by_name.get(name)
+        if tensor is None:
+            raise ApiError(400, f"inputs: missing tensor {name!r}")
+        shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(isinstance(d, int) and d >= 0 for d in shape) or (len(shape) == 2 and shape[1] != 1):
+            raise ApiError(400, f"inputs.{name}: shape must be [batch] or [batch, 1], got {shape!r}")
+        if not isinstance(data, list):
+            raise ApiError(400, f"inputs.{name}: data must be a list")
+        if data and isinstance(data[0], list):
+            data = [v for row in data for v in (row if isinstance(row, list) else [row])]
+        if len(data) != math.prod(shape):
+            raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
+        if batch is None:
+            batch = shape[0]
+            if batch > max_rows:
+                raise ApiError(413, f"inputs: batch of {batch} rows exceeds the limit of {max_rows}")
+        elif shape[0] != batch:
+            raise ApiError(400, f"inputs.{name}: batch size {shape[0]} differs from {batch} of the other inputs")
+        if name in validator.categorical:
+            if datatype != "BYTES":
+                raise ApiError(400, f"inputs.{name}: a categorical feature takes datatype BYTES, got {datatype!r}")
+            unknown_values = [v for v in data if not isinstance(v, str) or v not in validator.categorical[name]]
+            if unknown_values:
+                raise ApiError(400, f"inputs.{name}: unknown category {unknown_values[0]!r}; known: {sorted(validator.categorical[name])}")
+            feed[name] = np.array(data, dtype=object)
+        else:
+            if datatype not in _NUMERIC_TYPES:
+                raise ApiError(400, f"inputs.{name}: a numeric feature takes a numeric datatype such as FP32, got {datatype!r}")
+            if not all(type(v) in (int, float) for v in data):
+                bad = next(v for v in data if type(v) not in (int, float))
+                raise ApiError(400, f"inputs.{name}: expected numbers, got {bad!r}")
+            values = np.asarray(data, dtype=np.float32)
+            if not np.isfinite(values).all():
+                raise ApiError(400, f"inputs.{name}: values must be finite numbers")
+            feed[name] = values
+    if not batch:
+        raise ApiError(400, "inputs: the batch is empty")
+    return feed, batch
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra={**INFER_OPENAPI, **SECURITY_OPENAPI}, summary="Inference with v2 tensors")
+async def infer(name: str, request: Request) -> Response:
+    authorize(request, "predict")
+    server = state(request)
+    payload = await read_json(request, server.settings.max_body_bytes)
+    model = _model(request, name)
+    if not isinstance(payload, dict):
+        raise ApiError(400, "body: expected an inference request object with 'inputs'")
+    feed, batch = _feed(model, payload.get("inputs"), server.settings.max_rows)
+    requested = payload.get("outputs")
+    if requested is None:
+        tasks = model.tasks
+    else:
+        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+            raise ApiError(400, "outputs: expected a list of objects with a name")
+        tasks = [o["name"] for o in requested]
+        unknown = [t for t in tasks if t not in model.tasks]
+        if unknown:
+            raise ApiError(400, f"outputs: unknown output(s) {unknown}; outputs are {model.tasks}")
+    results = model.session.run(tasks, feed)
+    request.state.predicted = (tasks, batch)
+    response = {
+        "model_name": model.site,
+        "model_version": model.label,
+        "outputs": [{"name": t, "datatype": "FP32", "shape": list(r.shape), "data": r.ravel()} for t, r in zip(tasks, results)],
+    }
+    if "id" in payload:
+        response["id"] = payload["id"]
+    return json_response(response)
+
+
+async def infer_endpoint(request: Request) -> Response:
+    """``infer`` as a plain Starlette endpoint (see ``serving.app.FastRoute``)."""
+    return await infer(request.path_params["name"], request)
