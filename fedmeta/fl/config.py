@@ -49,9 +49,13 @@ class ModelConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """The meta-learner: ``maml``, ``fomaml``, ``metasgd``, ``anil`` or ``reptile``."""
+    """The meta-learner: ``maml``, ``fomaml``, ``metasgd``, ``anil`` or ``reptile``.
 
-    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile"] = "fomaml"
+    ``fedavg`` is the non-meta baseline (McMahan et al. 2017): sites run plain
+    minibatch SGD on their rows and the server averages the resulting models.
+    """
+
+    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "fedavg"] = "fomaml"
     lr: float = Field(0.05, gt=0, description="inner-loop learning rate")
     adaptation_steps: int = Field(3, ge=1)
     first_order: bool | None = None

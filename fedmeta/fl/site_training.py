@@ -3,8 +3,9 @@
 :func:`local_update` runs ``local.steps`` meta-updates on the site's own
 episodes (tasks in turn) and returns an update the server treats as a
 gradient: the mean meta-gradient along the local path for the MAML family,
-the negated parameter change for Reptile. With one local step the MAML-family
-update is exactly the meta-gradient.
+the negated parameter change for Reptile and for the FedAvg baseline (plain
+minibatch SGD). With one local step the MAML-family update is exactly the
+meta-gradient.
 
 :func:`evaluate_site` scores the global model on the site's held-out rows as
 is and after K-shot adaptation on support rows from its training split.
@@ -22,7 +23,8 @@ from fedmeta.data import SiteData
 from fedmeta.fl.aggregation import FlatState, flatten_state, unflatten_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.meta import MetaAlgorithm, make_algorithm
-from fedmeta.models import MultiTaskModel
+from fedmeta.meta.inner import make_loss, sgd_update
+from fedmeta.models import MultiTaskModel, task_params
 from fedmeta.scoring import task_scores
 
 
@@ -31,11 +33,30 @@ def build_model(config: RunConfig, site: SiteData) -> MultiTaskModel:
 
 
 def build_algorithm(config: RunConfig) -> MetaAlgorithm:
+    """The run's meta-learner; for FedAvg, first-order MAML supplies the same SGD fine-tuning for evaluation."""
     a = config.algorithm
     kwargs = {"lr": a.lr, "adaptation_steps": a.adaptation_steps}
-    if a.first_order is not None:
+    if a.first_order is not None and a.name != "fedavg":
         kwargs["first_order"] = a.first_order
-    return make_algorithm(a.name, **kwargs)
+    return make_algorithm("fomaml" if a.name == "fedavg" else a.name, **kwargs)
+
+
+def _fedavg_steps(config: RunConfig, site: SiteData, model: MultiTaskModel, state, tasks: list[str], rng: np.random.Generator) -> list[float]:
+    """FedAvg's local work: minibatch SGD on the site's training rows, tasks in turn."""
+    batch = config.local.meta_batch * (config.local.shots * 2 + config.local.query_size)
+    data = {t: site.split(t, train=True) for t in tasks}
+    losses = []
+    for step in range(config.local.steps):
+        task = tasks[step % len(tasks)]
+        x, y = data[task]
+        rows = rng.choice(len(y), min(batch, len(y)), replace=False)
+        names = list(task_params(state["params"], task))
+        leaves = {n: state["params"][n].detach().requires_grad_(True) for n in names}
+        loss = make_loss(model, task)(leaves, torch.from_numpy(x[rows]), torch.from_numpy(y[rows]), torch.ones(len(rows)))
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+        state["params"].update({n: v.detach() for n, v in sgd_update(leaves, dict(zip(names, grads)), config.local.lr).items()})
+        losses.append(float(loss))
+    return losses
 
 
 def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, torch.Tensor], round_seed: int) -> tuple[FlatState, dict[str, float]]:
@@ -51,8 +72,8 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
     samplers = {t: site.sampler(t, config.local.shots, config.local.query_size, seed=rng) for t in tasks}
     state = unflatten_state({k: v.clone() for k, v in global_flat.items()})
     lr = config.local.lr
-    losses = []
-    for step in range(config.local.steps):
+    losses = _fedavg_steps(config, site, model, state, tasks, rng) if config.algorithm.name == "fedavg" else []
+    for step in range(config.local.steps if config.algorithm.name != "fedavg" else 0):
         batch = samplers[tasks[step % len(tasks)]].sample(config.local.meta_batch)
         if algo.name == "reptile":
             delta, loss = algo.delta(model, state, batch)
@@ -65,7 +86,7 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
                     state[group][k] = state[group][k] - lr * g
         losses.append(float(loss))
     local_flat = flatten_state(state)
-    scale = 1.0 if algo.name == "reptile" else 1.0 / (lr * config.local.steps)
+    scale = 1.0 if config.algorithm.name in ("reptile", "fedavg") else 1.0 / (lr * config.local.steps)
     update = {k: (global_flat[k] - local_flat[k]) * scale for k in global_flat}
     metrics = {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
     for t in tasks:

@@ -1,0 +1,347 @@
+"""The evaluation harness: FedMeta against the alternatives, on the same sites, splits and seeds.
+
+Methods (every one scored on each site's held-out rows):
+
+- ``local_only``: each site trains the same network alone on all its training rows;
+- ``local_only_k``: each site fits a scikit-learn model on only its K-shot support rows;
+- ``pooled``: one network on all training sites' rows, centralized (what regulation forbids: the reference);
+- ``fedavg``: FedAvg over Flower, the global model as is;
+- ``fedavg_ft``: FedAvg's model fine-tuned on K shots at each site;
+- ``fedmeta_<algorithm>``: meta-trained over Flower, then K-shot personalized at each site.
+
+About 20% of the sites never take part in training (``unseen``): the
+methods that produce one model for everybody are scored on them as they are,
+the personalizing ones after K-shot adaptation, which is meta-learning's
+real promise. Accuracy is the mean over a site's classification tasks;
+``worst10`` is the mean of the worst tenth of sites; the gap closed is
+``(method - local_only) / (pooled - local_only)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmeta.data import SiteData, load_site, write_hospital_federation
+from fedmeta.fl.config import RunConfig
+from fedmeta.models import MultiTaskModel
+from fedmeta.personalize import load_base, personalize, support_sets
+from fedmeta.scoring import output_scores, task_scores
+from fedmeta.trained import TrainedModel
+
+ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Federation:
+    """Sites written as CSV files: the training sites (as Flower's csv federation reads them) and the unseen ones."""
+
+    train_dir: Path
+    unseen_dir: Path
+    seen: list[SiteData]
+    unseen: list[SiteData]
+    seed: int
+    test_fraction: float = 0.25
+
+
+def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:
+    """Write ``n_sites`` hospitals; every fifth one (about ``unseen_fraction``) goes to the unseen folder."""
+    all_dir = out / "all"
+    schema_path, paths = write_hospital_federation(all_dir, n_sites=n_sites, seed=seed)
+    step = max(2, round(1 / unseen_fraction)) if unseen_fraction > 0 else n_sites + 1
+    train_dir, unseen_dir = out / "train", out / "unseen"
+    for d in (train_dir, unseen_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(schema_path, d / "schema.json")
+    for i, path in enumerate(paths):
+        shutil.move(str(path), (unseen_dir if i % step == step - 1 else train_dir) / path.name)
+    shutil.rmtree(all_dir)
+    train_files = sorted(train_dir.glob("*.csv"))
+    # The same splits as the simulation: partition i of a csv federation splits with seed + i.
+    seen = [load_site(f, train_dir / "schema.json", test_fraction=test_fraction, seed=seed + i) for i, f in enumerate(train_files)]
+    unseen = [load_site(f, unseen_dir / "schema.json", test_fraction=test_fraction, seed=seed + 10_000 + i) for i, f in enumerate(sorted(unseen_dir.glob("*.csv")))]
+    return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
+
+
+# --------------------------------------------------------------------------
+# Per-site scores
+# --------------------------------------------------------------------------
+
+
+def site_summary(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One site's accuracy and AUC (means over its classification tasks) and regression MSE."""
+    accs = [s["acc"] for s in scores.values() if "acc" in s]
+    aucs = [s["auc"] for s in scores.values() if "auc" in s]
+    mses = [s["mse"] for s in scores.values() if "mse" in s]
+    out = {}
+    if accs:
+        out["acc"] = float(np.mean(accs))
+    if aucs:
+        out["auc"] = float(np.mean(aucs))
+    if mses:
+        out["mse"] = float(np.mean(mses))
+    return out
+
+
+def model_scores(trained: TrainedModel, params, site: SiteData) -> dict[str, dict[str, float]]:
+    model = trained.module()
+    return {t: task_scores(model, params, t, *site.split(t, train=False)) for t in site.tasks if t in trained.tasks}
+
+
+def aggregate(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean over sites, and the mean of the worst tenth of sites by accuracy."""
+    out = {}
+    for metric in ("acc", "auc", "mse"):
+        values = [s[metric] for s in per_site.values() if metric in s]
+        if values:
+            out[metric] = float(np.mean(values))
+    accs = sorted(s["acc"] for s in per_site.values() if "acc" in s)
+    if accs:
+        out["worst10_acc"] = float(np.mean(accs[: max(1, math.ceil(len(accs) / 10))]))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Baselines trained here
+# --------------------------------------------------------------------------
+
+
+def _fit(trained: TrainedModel, batches: list[tuple[str, np.ndarray, np.ndarray]], steps: int, lr: float, seed: int, batch_rows: int = 256) -> dict[str, torch.Tensor]:
+    """Adam on minibatches of every task in turn; returns the trained parameters."""
+    from fedmeta.meta.inner import make_loss
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = trained.module().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    losses = {t: make_loss(model, t) for t, _, _ in batches}
+    params = dict(model.named_parameters())
+    for step in range(steps):
+        task, x, y = batches[step % len(batches)]
+        rows = rng.choice(len(y), min(batch_rows, len(y)), replace=False)
+        optimizer.zero_grad()
+        losses[task](params, torch.from_numpy(x[rows]), torch.from_numpy(y[rows]), torch.ones(len(rows))).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def local_only(site: SiteData, hidden: tuple[int, ...], steps: int = 300, lr: float = 3e-3, seed: int = 0) -> dict[str, dict[str, float]]:
+    trained = TrainedModel.initial(site.schema, hidden, seed)
+    params = _fit(trained, [(t, *site.split(t, train=True)) for t in site.tasks], steps, lr, seed)
+    return model_scores(trained, params, site)
+
+
+def local_only_k(site: SiteData, shots: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Logistic (or ridge) regression on the very support rows K-shot personalization uses."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    scores = {}
+    supports = support_sets(site, site.tasks, shots, seed)
+    for task, (x, y, w) in supports.items():
+        keep = w.numpy() > 0
+        x, y, w = x.numpy()[keep], y.numpy()[keep], w.numpy()[keep]
+        x_test, y_test = site.split(task, train=False)
+        spec = site.schema.task(task)
+        if not spec.is_classification:
+            scores[task] = output_scores(Ridge(alpha=1.0).fit(x, y, sample_weight=w).predict(x_test).astype(np.float32)[:, None], y_test, False)
+            continue
+        if len(np.unique(y)) < 2:
+            logits = np.full((len(x_test), spec.n_classes), -30.0, np.float32)
+            logits[:, int(y[0])] = 0.0
+        else:
+            clf = LogisticRegression(max_iter=1000).fit(x, y, sample_weight=w)
+            logits = np.full((len(x_test), spec.n_classes), -30.0, np.float32)
+            logits[:, clf.classes_] = clf.predict_log_proba(x_test)
+        scores[task] = output_scores(logits, y_test, True)
+    return scores
+
+
+def pooled(sites: list[SiteData], hidden: tuple[int, ...], steps: int = 1500, lr: float = 3e-3, seed: int = 0) -> TrainedModel:
+    """The centralized oracle: one network on every training site's rows."""
+    schema = sites[0].schema
+    batches = []
+    for task in [t.name for t in schema.tasks]:
+        parts = [s.split(task, train=True) for s in sites if task in s.tasks]
+        if parts:
+            batches.append((task, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+    trained = TrainedModel.initial(schema, hidden, seed)
+    return TrainedModel(schema, hidden, {"params": _fit(trained, batches, steps, lr, seed)})
+
+
+# --------------------------------------------------------------------------
+# Federated methods
+# --------------------------------------------------------------------------
+
+
+def run_config(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], seed: int) -> RunConfig:
+    """The training run of one method: the same federation, model, rounds and local work for all."""
+    return RunConfig.from_dict(
+        {
+            "name": algorithm,
+            "rounds": rounds,
+            "seed": seed,
+            "federation": {"kind": "csv", "data_dir": str(fed.train_dir), "n_sites": len(fed.seen), "seed": fed.seed, "test_fraction": fed.test_fraction},
+            "model": {"hidden": list(hidden)},
+            "algorithm": {"name": algorithm, "lr": 0.05, "adaptation_steps": 3},
+            "local": {"steps": 10, "lr": 0.05, "meta_batch": 8, "shots": 5, "query_size": 16},
+            "server": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "min_sites": min(2, len(fed.seen)), "fraction_evaluate": 0.01},
+            "evaluation": {"every": rounds, "shots": 5, "steps": 5},
+            "simulation": {"cpus_per_site": 0.5},
+        }
+    )
+
+
+def upload_bytes(state: dict, rounds: int, sites: int) -> int:
+    """Bytes a run moves: every site downloads and uploads the float32 state every round (an upper bound: sites send only their tasks' heads)."""
+    n = sum(t.numel() for group in state.values() for t in group.values())
+    return int(n * 4 * 2 * rounds * sites)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    unseen: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes: int | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"seen": aggregate(self.seen), "unseen": aggregate(self.unseen), "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+
+
+def federated(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], shots: int, runs_dir: Path, seed: int, progress: Progress) -> list[MethodResult]:
+    """Train over Flower, then score: FedAvg as is and fine-tuned; a meta-learner personalized."""
+    from fedmeta.fl.simulation import run_simulation
+
+    started = time.perf_counter()
+    config = run_config(fed, algorithm, rounds, hidden, seed)
+    run_dir = runs_dir / algorithm
+    if not (run_dir / "base_model.pt").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        progress(f"training {algorithm} over Flower: {len(fed.seen)} sites, {rounds} rounds")
+        run_simulation(config, run_dir)
+    base = load_base(run_dir)
+    adaptation = base.adaptation
+    trained_seconds = time.perf_counter() - started
+    name = "fedmeta_" + algorithm if algorithm != "fedavg" else "fedavg_ft"
+    tuned = MethodResult(name, bytes=upload_bytes(base.state, rounds, len(fed.seen)))
+    plain = MethodResult("fedavg", bytes=tuned.bytes) if algorithm == "fedavg" else None
+    progress(f"personalizing every site with K={shots} ({name})")
+    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+        for site in sites:
+            trained = base.for_schema(site.schema)
+            result = personalize(trained, site, shots=shots, steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.personalized.")} for t in result.tasks}
+            getattr(tuned, group)[site.name] = site_summary(per_task)
+            if plain is not None:
+                base_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.base.")} for t in result.tasks}
+                getattr(plain, group)[site.name] = site_summary(base_task)
+    tuned.seconds = time.perf_counter() - started
+    if plain is not None:
+        plain.seconds = trained_seconds
+    return [r for r in (plain, tuned) if r is not None]
+
+
+def evaluate(
+    fed: Federation,
+    out: Path,
+    algorithms: tuple[str, ...] = ALGORITHMS,
+    rounds: int = 20,
+    hidden: tuple[int, ...] = (64, 64),
+    shots: int = 10,
+    seed: int = 0,
+    progress: Progress = lambda message: None,
+) -> dict[str, MethodResult]:
+    """Every method on ``fed``; writes ``results.json`` to ``out`` and returns the results by method."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, MethodResult] = {}
+    started = time.perf_counter()
+    progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone")
+    local = MethodResult("local_only")
+    local_k = MethodResult("local_only_k")
+    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+        for i, site in enumerate(sites):
+            getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
+            getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots, seed=seed))
+    local.seconds = time.perf_counter() - started
+    results.update({"local_only": local, "local_only_k": local_k})
+    progress("pooled oracle: all training rows in one place")
+    started = time.perf_counter()
+    oracle = pooled(fed.seen, hidden, seed=seed)
+    pool = MethodResult("pooled")
+    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+        for site in sites:
+            getattr(pool, group)[site.name] = site_summary(model_scores(oracle, oracle.params, site))
+    pool.seconds = time.perf_counter() - started
+    results["pooled"] = pool
+    for algorithm in ("fedavg", *algorithms):
+        for r in federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress):
+            results[r.name] = r
+    payload = {"shots": shots, "rounds": rounds, "sites": {"seen": len(fed.seen), "unseen": len(fed.unseen)}, "methods": {}}
+    for name, r in results.items():
+        payload["methods"][name] = {**r.summary(), "per_site": {"seen": r.seen, "unseen": r.unseen}}
+    from fedmeta.files import atomic_write_json
+
+    atomic_write_json(out / "results.json", payload)
+    return results
+
+
+def gap_closed(results: dict[str, MethodResult], name: str, group: str = "seen") -> float | None:
+    local = aggregate(getattr(results["local_only"], group)).get("acc")
+    oracle = aggregate(getattr(results["pooled"], group)).get("acc")
+    value = aggregate(getattr(results[name], group)).get("acc")
+    if None in (local, oracle, value) or abs(oracle - local) < 1e-9:
+        return None
+    return (value - local) / (oracle - local)
+
+
+LABELS = {
+    "local_only": "local only (all own rows)",
+    "local_only_k": "local only (K shots, scikit-learn)",
+    "pooled": "pooled oracle (centralized)",
+    "fedavg": "FedAvg",
+    "fedavg_ft": "FedAvg + K-shot fine-tuning",
+}
+
+
+def results_table(results: dict[str, MethodResult]) -> str:
+    """A markdown table: mean and worst-10% accuracy on training sites, unseen sites, AUC, MSE, bytes, gap closed."""
+    lines = [
+        "| method | accuracy | worst 10% | AUC | LOS MSE | unseen sites: accuracy | unseen: worst 10% | gap closed | MB moved |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        seen, unseen = aggregate(r.seen), aggregate(r.unseen)
+        gap = gap_closed(results, name)
+        label = LABELS.get(name, "FedMeta " + name.removeprefix("fedmeta_") + " + K-shot")
+
+        def cell(d, k):
+            return f"{d[k]:.3f}" if k in d else "—"
+
+        lines.append(
+            f"| {label} | {cell(seen, 'acc')} | {cell(seen, 'worst10_acc')} | {cell(seen, 'auc')} | {cell(seen, 'mse')} | "
+            f"{cell(unseen, 'acc')} | {cell(unseen, 'worst10_acc')} | {'—' if gap is None else f'{gap:.0%}'} | "
+            f"{'—' if r.bytes is None else f'{r.bytes / 1e6:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(results: dict[str, MethodResult], out: Path, header: str) -> Path:
+    from fedmeta.files import atomic_write_text
+
+    path = out / "report.md"
+    atomic_write_text(path, f"{header}\n\n{results_table(results)}\n")
+    return path
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
