@@ -1,0 +1,80 @@
+"""The main job end to end, on one machine: ``fedmeta demo``.
+
+1. Synthesize a hospital network (per-site CSV files plus the schema); about
+   a fifth of the hospitals are held out of training entirely.
+2. Meta-train over a Flower simulation, and train the alternatives on the
+   same splits (:mod:`fedmeta.evaluate`): local-only, the pooled oracle,
+   FedAvg and FedAvg with fine-tuning.
+3. Personalize every hospital, seen and unseen, with K shots; export each
+   model to ONNX and register and promote it in one site home.
+4. Print the results table and write ``report.md`` and ``results.json``.
+
+``fedmeta demo --serve SITE`` then serves that hospital's model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmeta.evaluate import MethodResult, Progress, evaluate, hospital_federation_on_disk, results_table
+from fedmeta.files import atomic_write_text
+from fedmeta.personalize import data_lineage, load_base, personalize, publish, register_base
+from fedmeta.registry import SiteHome
+
+
+@dataclass
+class DemoResult:
+    results: dict[str, MethodResult]
+    site_home: Path
+    report: Path
+    data_dir: Path
+    sites: list[str]
+    seconds: float
+
+
+def run_demo(
+    out: Path,
+    n_sites: int = 47,
+    rounds: int = 20,
+    algorithm: str = "fomaml",
+    shots: int = 10,
+    seed: int = 0,
+    hidden: tuple[int, ...] = (64, 64),
+    progress: Progress = lambda message: None,
+    observer=None,
+) -> DemoResult:
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"synthesizing {n_sites} hospitals (uneven sizes, case mix and base rates) in {out / 'data'}")
+    fed = hospital_federation_on_disk(out / "data", n_sites=n_sites, seed=seed)
+    results = evaluate(fed, out, algorithms=(algorithm,), rounds=rounds, hidden=hidden, shots=shots, seed=seed, progress=progress, observer=observer)
+
+    progress(f"exporting and registering a personalized model for each of {len(fed.seen) + len(fed.unseen)} hospitals")
+    home = SiteHome(out / "site-home")
+    base = load_base(out / "runs" / algorithm)
+    base_version = register_base(home, base, actor="fedmeta-demo")
+    adaptation = base.adaptation
+    names = []
+    for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)):
+        for site in sites:
+            result = personalize(base.for_schema(site.schema), site, shots=shots, steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            publish(
+                home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
+                data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
+                training={"mode": "all", "steps": result.steps, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
+                shots=shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo",
+            )
+            names.append(site.name)
+    seconds = time.perf_counter() - started
+    header = (
+        f"# fedmeta demo\n\n{len(fed.seen)} hospitals train, {len(fed.unseen)} never take part (unseen); {rounds} rounds; "
+        f"FedMeta = {algorithm}; K = {shots} shots per class; held-out rows of every hospital; {seconds:.0f} s end to end.\n\n"
+        "Accuracy is the mean over a hospital's classification tasks (readmission, mortality), then over hospitals; "
+        "worst 10% is the mean of the worst tenth of hospitals; LOS MSE is length-of-stay error in target standard deviations. "
+        "Gap closed: (method − local only) / (pooled − local only)."
+    )
+    report = out / "report.md"
+    atomic_write_text(report, f"{header}\n\n{results_table(results)}\n\nModels: `{home.path}` (`fedmeta models list --site-home {home.path}`).\n")
+    return DemoResult(results, home.path, report, fed.train_dir, names, seconds)
