@@ -417,7 +417,7 @@ def _timed_progress():
 def _print_results(results) -> None:
     from rich.table import Table
 
-    from fedmeta.evaluate import LABELS, aggregate, gap_closed
+    from fedmeta.evaluate import aggregate, gap_closed, method_label
 
     table = Table(title="held-out rows of every hospital (accuracy: mean over sites and classification tasks)")
     for column in ("method", "accuracy", "worst 10%", "AUC", "LOS MSE", "unseen: accuracy", "gap closed", "MB moved"):
@@ -425,7 +425,7 @@ def _print_results(results) -> None:
     for name, r in results.items():
         seen, unseen = aggregate(r.seen), aggregate(r.unseen)
         gap = gap_closed(results, name)
-        label = LABELS.get(name, "FedMeta " + name.removeprefix("fedmeta_") + " + K-shot")
+        label = method_label(name)
         fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "—"  # noqa: E731
         table.add_row(label, fmt(seen, "acc"), fmt(seen, "worst10_acc"), fmt(seen, "auc"), fmt(seen, "mse"), fmt(unseen, "acc"),
                       "—" if gap is None else f"{gap:.0%}", "—" if r.bytes is None else f"{r.bytes / 1e6:.1f}")
@@ -505,7 +505,8 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Compare local-only, pooled, FedAvg, FedAvg+FT and FedMeta algorithms on the same hospitals, splits and seeds."""
-    from fedmeta.evaluate import evaluate, hospital_federation_on_disk, write_summary
+    from fedmeta.evaluate import evaluate, hospital_federation_on_disk
+    from fedmeta.report import write_report
 
     chosen = tuple(a.strip() for a in algorithms.split(",") if a.strip())
     unknown = [a for a in chosen if a not in ("reptile", "fomaml", "maml", "metasgd", "anil")]
@@ -517,8 +518,20 @@ def evaluate_command(
         raise _fail(f"{out} already holds an evaluation; choose another --out or remove it")
     results = evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=_ProgressObserver)
     _print_results(results)
-    path = write_summary(results, out, f"# fedmeta evaluate\n\n{len(fed.seen)} training hospitals, {len(fed.unseen)} unseen; {rounds} rounds; K = {shots}.")
+    path = write_report(out)
     console.print(f"report: {path}  results: {out / 'results.json'}")
+
+
+@app.command("report")
+def report_command(folder: Path = typer.Argument(..., help="An evaluation or demo folder (holding results.json).")) -> None:
+    """Regenerate report.md and its PNG plots from a finished evaluation or demo."""
+    from fedmeta.report import write_report
+
+    try:
+        path = write_report(folder)
+    except FileNotFoundError as e:
+        raise _fail(e) from None
+    console.print(f"report: {path}")
 
 
 # --------------------------------------------------------------------------

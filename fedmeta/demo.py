@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmeta.evaluate import MethodResult, Progress, evaluate, hospital_federation_on_disk, results_table
-from fedmeta.files import atomic_write_text
+from fedmeta.evaluate import MethodResult, Progress, evaluate, hospital_federation_on_disk, shots_for
 from fedmeta.personalize import data_lineage, load_base, personalize, publish, register_base
 from fedmeta.registry import SiteHome
+from fedmeta.report import write_report
 
 
 @dataclass
@@ -59,22 +59,19 @@ def run_demo(
     names = []
     for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)):
         for site in sites:
-            result = personalize(base.for_schema(site.schema), site, shots=shots, steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, shots), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
             publish(
                 home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
                 data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
                 training={"mode": "all", "steps": result.steps, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
-                shots=shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo",
+                shots=result.shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo",
             )
             names.append(site.name)
     seconds = time.perf_counter() - started
     header = (
         f"# fedmeta demo\n\n{len(fed.seen)} hospitals train, {len(fed.unseen)} never take part (unseen); {rounds} rounds; "
-        f"FedMeta = {algorithm}; K = {shots} shots per class; held-out rows of every hospital; {seconds:.0f} s end to end.\n\n"
-        "Accuracy is the mean over a hospital's classification tasks (readmission, mortality), then over hospitals; "
-        "worst 10% is the mean of the worst tenth of hospitals; LOS MSE is length-of-stay error in target standard deviations. "
-        "Gap closed: (method − local only) / (pooled − local only)."
+        f"FedMeta = {algorithm}; K = {shots} shots per class; held-out rows of every hospital; {seconds:.0f} s end to end. "
+        "Classification tasks: readmission and mortality; LOS MSE is length-of-stay error in target standard deviations."
     )
-    report = out / "report.md"
-    atomic_write_text(report, f"{header}\n\n{results_table(results)}\n\nModels: `{home.path}` (`fedmeta models list --site-home {home.path}`).\n")
+    report = write_report(out, title=f"{header}\n\nModels: `{home.path}` (`fedmeta models list --site-home {home.path}`).")
     return DemoResult(results, home.path, report, fed.train_dir, names, seconds)

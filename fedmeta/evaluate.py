@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.data import SiteData, load_site, write_hospital_federation
+import pandas as pd
+
+from fedmeta.data import SiteData, hospital_federation_frames, load_site
+from fedmeta.data.schema import Schema, TaskColumn, feature_sums, numeric_schema
+from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
+from fedmeta.files import atomic_write_bytes
 from fedmeta.fl.config import RunConfig
 from fedmeta.models import MultiTaskModel
 from fedmeta.personalize import load_base, personalize, support_sets
@@ -38,6 +43,7 @@ from fedmeta.scoring import output_scores, task_scores
 from fedmeta.trained import TrainedModel
 
 ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd")
+SHOTS_CURVE = (1, 2, 5, 10, 20)
 Progress = Callable[[str], None]
 
 
@@ -53,28 +59,88 @@ class Federation:
     test_fraction: float = 0.25
 
 
-def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:
-    """Write ``n_sites`` hospitals; every fifth one (about ``unseen_fraction``) goes to the unseen folder."""
-    all_dir = out / "all"
-    schema_path, paths = write_hospital_federation(all_dir, n_sites=n_sites, seed=seed)
-    step = max(2, round(1 / unseen_fraction)) if unseen_fraction > 0 else n_sites + 1
+def federation_on_disk(
+    out: Path, schema: Schema, frames: dict[str, pd.DataFrame], seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25
+) -> Federation:
+    """Write one CSV per site plus the schema; every fifth site (about ``unseen_fraction``) goes to the unseen folder.
+
+    The training sites are split exactly as the simulation splits a csv federation (seed + partition).
+    """
+    step = max(2, round(1 / unseen_fraction)) if unseen_fraction > 0 else len(frames) + 1
     train_dir, unseen_dir = out / "train", out / "unseen"
-    for d in (train_dir, unseen_dir):
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(schema_path, d / "schema.json")
-    for i, path in enumerate(paths):
-        shutil.move(str(path), (unseen_dir if i % step == step - 1 else train_dir) / path.name)
-    shutil.rmtree(all_dir)
-    train_files = sorted(train_dir.glob("*.csv"))
-    # The same splits as the simulation: partition i of a csv federation splits with seed + i.
-    seen = [load_site(f, train_dir / "schema.json", test_fraction=test_fraction, seed=seed + i) for i, f in enumerate(train_files)]
-    unseen = [load_site(f, unseen_dir / "schema.json", test_fraction=test_fraction, seed=seed + 10_000 + i) for i, f in enumerate(sorted(unseen_dir.glob("*.csv")))]
+    for i, (name, frame) in enumerate(frames.items()):
+        folder = unseen_dir if i % step == step - 1 else train_dir
+        atomic_write_bytes(folder / f"{name}.csv", frame.to_csv(index=False).encode())
+    for folder in (train_dir, unseen_dir):
+        schema.save(folder / "schema.json")
+    seen = [load_site(f, schema, test_fraction=test_fraction, seed=seed + i) for i, f in enumerate(sorted(train_dir.glob("*.csv")))]
+    unseen = [load_site(f, schema, test_fraction=test_fraction, seed=seed + 10_000 + i) for i, f in enumerate(sorted(unseen_dir.glob("*.csv")))]
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
+
+
+def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:
+    """The hospital network (:func:`fedmeta.data.hospital_federation_frames`) as a :class:`Federation`."""
+    schema, frames = hospital_federation_frames(n_sites, seed)
+    return federation_on_disk(out, schema, frames, seed, unseen_fraction, test_fraction)
+
+
+def fedprox_federation_on_disk(out: Path, alpha: float, beta: float, n_sites: int = 30, seed: int = 0) -> Federation:
+    """FedProx Synthetic(α, β) as CSV sites (features x0..x59, label y), normalized federatedly."""
+    sites = fedprox_synthetic(alpha, beta, n_sites, seed)
+    schema = fedprox_schema()
+    frames = {}
+    for site in sites:
+        frame = pd.DataFrame(site.x, columns=[f.name for f in schema.features])
+        frame["y"] = site.labels["label"].astype(int)
+        frames[site.name] = frame
+    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
+    return federation_on_disk(out, schema, frames, seed)
+
+
+def digits_federation_on_disk(out: Path, alpha: float, n_sites: int = 20, seed: int = 0, min_rows: int = 30) -> Federation:
+    """scikit-learn's bundled digits split over sites by Dirichlet(α) label skew (PFLlib's recipe).
+
+    For each class, its rows are dealt to the sites in Dirichlet(α) proportions; a small α gives each
+    site few classes. Drawn again until every site has ``min_rows`` rows.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        assignment = np.empty(len(y), int)
+        for c in range(10):
+            rows = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_sites)) * len(rows)).astype(int)[:-1]
+            for site, part in enumerate(np.split(rows, cuts)):
+                assignment[part] = site
+        if np.bincount(assignment, minlength=n_sites).min() >= min_rows:
+            break
+    else:
+        raise ValueError(f"no Dirichlet({alpha}) split of digits gives every one of {n_sites} sites {min_rows} rows")
+    task = TaskColumn(name="digit", kind="multiclass", n_classes=10, label="digit")
+    schema = numeric_schema(64, [task], name=f"digits-dirichlet-{alpha}")
+    schema = schema.model_copy(update={"features": [f.model_copy(update={"name": f"px{j}"}) for j, f in enumerate(schema.features)]})
+    frames = {}
+    for site in range(n_sites):
+        rows = np.flatnonzero(assignment == site)
+        frame = pd.DataFrame(x[rows], columns=[f.name for f in schema.features])
+        frame["digit"] = y[rows]
+        frames[f"site_{site:03d}"] = frame
+    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
+    return federation_on_disk(out, schema, frames, seed)
 
 
 # --------------------------------------------------------------------------
 # Per-site scores
 # --------------------------------------------------------------------------
+
+
+def shots_for(site: SiteData, shots: int) -> int:
+    """K, lowered for a site whose training rows cannot supply K per class (small sites of a label-skewed split)."""
+    fits = [site.n_labelled(t, train=True) // (site.schema.task(t).n_classes or 1) for t in site.tasks]
+    return max(1, min([shots, *fits]))
 
 
 def site_summary(scores: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -217,7 +283,7 @@ def run_config(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, 
             "algorithm": {"name": algorithm, "lr": 0.05, "adaptation_steps": 3},
             "local": {"steps": 10, "lr": 0.05, "meta_batch": 8, "shots": 5, "query_size": 16},
             "server": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "min_sites": min(2, len(fed.seen)), "fraction_evaluate": 0.01},
-            "evaluation": {"every": rounds, "shots": 5, "steps": 5},
+            "evaluation": {"every": max(1, rounds // 4), "shots": 5, "steps": 5},
             "simulation": {"cpus_per_site": 0.5},
         }
     )
@@ -236,9 +302,13 @@ class MethodResult:
     unseen: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes: int | None = None
     seconds: float = 0.0
+    shots_curve: dict[int, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"seen": aggregate(self.seen), "unseen": aggregate(self.unseen), "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+        out = {"seen": aggregate(self.seen), "unseen": aggregate(self.unseen), "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+        if self.shots_curve:
+            out["shots_curve"] = {str(k): v for k, v in self.shots_curve.items()}
+        return out
 
 
 def federated(
@@ -259,21 +329,24 @@ def federated(
     trained_seconds = time.perf_counter() - started
     name = "fedmeta_" + algorithm if algorithm != "fedavg" else "fedavg_ft"
     tuned = MethodResult(name, bytes=upload_bytes(base.state, rounds, len(fed.seen)))
-    plain = MethodResult("fedavg", bytes=tuned.bytes) if algorithm == "fedavg" else None
+    plain = MethodResult("fedavg" if algorithm == "fedavg" else name + "_global", bytes=tuned.bytes)
     progress(f"personalizing every site with K={shots} ({name})")
     for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
         for site in sites:
             trained = base.for_schema(site.schema)
-            result = personalize(trained, site, shots=shots, steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
-            per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.personalized.")} for t in result.tasks}
-            getattr(tuned, group)[site.name] = site_summary(per_task)
-            if plain is not None:
-                base_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.base.")} for t in result.tasks}
-                getattr(plain, group)[site.name] = site_summary(base_task)
+            result = personalize(trained, site, shots=shots_for(site, shots), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            for target, label in ((tuned, "personalized"), (plain, "base")):
+                per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
+                getattr(target, group)[site.name] = site_summary(per_task)
+    for k in SHOTS_CURVE:
+        accs = []
+        for site in fed.seen:
+            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, k), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            accs.append(site_summary({t: {"acc": v} for t in result.tasks for m, v in result.metrics.items() if m == f"{t}.personalized.acc"}).get("acc"))
+        tuned.shots_curve[k] = float(np.mean([a for a in accs if a is not None]))
     tuned.seconds = time.perf_counter() - started
-    if plain is not None:
-        plain.seconds = trained_seconds
-    return [r for r in (plain, tuned) if r is not None]
+    plain.seconds = trained_seconds
+    return [plain, tuned]
 
 
 def evaluate(
@@ -297,9 +370,11 @@ def evaluate(
     for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
         for i, site in enumerate(sites):
             getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
-            getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots, seed=seed))
+            getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
     local.seconds = time.perf_counter() - started
     results.update({"local_only": local, "local_only_k": local_k})
+    for k in SHOTS_CURVE:
+        local_k.shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
     progress("pooled oracle: all training rows in one place")
     started = time.perf_counter()
     oracle = pooled(fed.seen, hidden, seed=seed)
@@ -321,13 +396,32 @@ def evaluate(
     return results
 
 
-def gap_closed(results: dict[str, MethodResult], name: str, group: str = "seen") -> float | None:
-    local = aggregate(getattr(results["local_only"], group)).get("acc")
-    oracle = aggregate(getattr(results["pooled"], group)).get("acc")
-    value = aggregate(getattr(results[name], group)).get("acc")
+def _gap(methods: dict, name: str) -> float | None:
+    local = methods.get("local_only", {}).get("seen", {}).get("acc")
+    oracle = methods.get("pooled", {}).get("seen", {}).get("acc")
+    value = methods[name]["seen"].get("acc")
     if None in (local, oracle, value) or oracle - local < 1e-9:
         return None  # no gap to close: local-only already matches or beats the pooled oracle
     return (value - local) / (oracle - local)
+
+
+def gap_closed(results: dict[str, MethodResult], name: str) -> float | None:
+    return _gap({n: r.summary() for n, r in results.items()}, name)
+
+
+def method_order(name: str) -> tuple[int, str]:
+    """Baselines first, then FedAvg, then each FedMeta algorithm adapted and, after it, unadapted."""
+    fixed = ["local_only", "local_only_k", "pooled", "fedavg", "fedavg_ft"]
+    return (fixed.index(name), "") if name in fixed else (len(fixed), name.removesuffix("_global") + ("~" if name.endswith("_global") else ""))
+
+
+def method_label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    algorithm = name.removeprefix("fedmeta_")
+    if algorithm.endswith("_global"):
+        return f"FedMeta {algorithm.removesuffix('_global')}, no adaptation"
+    return f"FedMeta {algorithm} + K-shot"
 
 
 LABELS = {
@@ -339,34 +433,32 @@ LABELS = {
 }
 
 
-def results_table(results: dict[str, MethodResult]) -> str:
-    """A markdown table: mean and worst-10% accuracy on training sites, unseen sites, AUC, MSE, bytes, gap closed."""
+def results_table_from_json(results: dict) -> str:
+    """A markdown table from ``results.json``: accuracy (mean, worst 10%), AUC, MSE, unseen sites, gap closed, MB moved."""
     lines = [
-        "| method | accuracy | worst 10% | AUC | LOS MSE | unseen sites: accuracy | unseen: worst 10% | gap closed | MB moved |",
+        "| method | accuracy | worst 10% | AUC | LOS/regression MSE | unseen sites: accuracy | unseen: worst 10% | gap closed | MB moved |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
-        seen, unseen = aggregate(r.seen), aggregate(r.unseen)
-        gap = gap_closed(results, name)
-        label = LABELS.get(name, "FedMeta " + name.removeprefix("fedmeta_") + " + K-shot")
+    methods = results["methods"]
+    for name in sorted(methods, key=method_order):
+        r = methods[name]
+        seen, unseen = r["seen"], r["unseen"]
+        gap = _gap(methods, name)
 
         def cell(d, k):
             return f"{d[k]:.3f}" if k in d else "—"
 
+        moved = "—" if r.get("bytes") is None else f"{r['bytes'] / 1e6:.1f}"
+        closed = "—" if gap is None else f"{gap:.0%}"
         lines.append(
-            f"| {label} | {cell(seen, 'acc')} | {cell(seen, 'worst10_acc')} | {cell(seen, 'auc')} | {cell(seen, 'mse')} | "
-            f"{cell(unseen, 'acc')} | {cell(unseen, 'worst10_acc')} | {'—' if gap is None else f'{gap:.0%}'} | "
-            f"{'—' if r.bytes is None else f'{r.bytes / 1e6:.1f}'} |"
+            f"| {method_label(name)} | {cell(seen, 'acc')} | {cell(seen, 'worst10_acc')} | {cell(seen, 'auc')} | {cell(seen, 'mse')} | "
+            f"{cell(unseen, 'acc')} | {cell(unseen, 'worst10_acc')} | {closed} | {moved} |"
         )
     return "\n".join(lines)
 
 
-def write_summary(results: dict[str, MethodResult], out: Path, header: str) -> Path:
-    from fedmeta.files import atomic_write_text
-
-    path = out / "report.md"
-    atomic_write_text(path, f"{header}\n\n{results_table(results)}\n")
-    return path
+def results_table(results: dict[str, MethodResult]) -> str:
+    return results_table_from_json({"methods": {n: r.summary() for n, r in results.items()}})
 
 
 def load_results(path: Path) -> dict:
