@@ -34,6 +34,19 @@ def synth_hospitals(
     console.print(f"wrote {len(paths)} site files and {schema_path}")
 
 
+@synth_app.command("fraud")
+def synth_fraud(
+    out: Path = typer.Argument(..., help="Folder to write one CSV per bank and schema.json into."),
+    banks: int = typer.Option(12, min=1, help="Number of banks."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write a fraud federation: banks with different fraud base rates and patterns."""
+    from fedmeta.data.synthetic import write_fraud_federation
+
+    schema_path, paths = write_fraud_federation(out, n_banks=banks, seed=seed)
+    console.print(f"wrote {len(paths)} bank files and {schema_path}")
+
+
 class _ProgressObserver:
     """A rich progress bar with round, loss and personalized metrics."""
 

@@ -25,7 +25,9 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
         assert f"| {method}" in report
     results = json.loads((out / "results.json").read_text())
     assert results["sites"] == {"seen": 5, "unseen": 1}
-    assert set(results["methods"]) == {"local_only", "local_only_k", "pooled", "fedavg", "fedavg_ft", "fedmeta_fomaml"}
+    assert set(results["methods"]) == {"local_only", "local_only_k", "pooled", "fedavg", "fedavg_ft", "fedmeta_fomaml", "fedmeta_fomaml_global"}
+    for plot in ("rounds.png", "gains.png", "shots.png", "communication.png"):
+        assert (out / plot).stat().st_size > 1000 and f"]({plot})" in report
     home = SiteHome(out / "site-home")
     sites = home.registry.sites()
     assert len(sites) == 6 and all(home.registry.current(s) is not None for s in sites)

@@ -206,3 +206,86 @@ def write_hospital_federation(out_dir: str | Path, n_sites: int = 20, seed: int 
     schema_path = out / "schema.json"
     schema.save(schema_path)
     return schema_path, paths
+
+
+# --------------------------------------------------------------------------
+# (d) A fraud federation: banks with different fraud base rates
+# --------------------------------------------------------------------------
+
+_MERCHANTS = ["grocery", "fuel", "restaurant", "travel", "online", "electronics"]
+
+
+def fraud_schema() -> Schema:
+    """Card transactions: amount, hour, merchant category, card presence, country mismatch, account age, recent activity."""
+    features = [
+        Feature(name="amount"),
+        Feature(name="hour"),
+        Feature(name="merchant_category", type="categorical", categories=_MERCHANTS),
+        Feature(name="card_present", type="categorical", categories=["no", "yes"]),
+        Feature(name="country_mismatch"),
+        Feature(name="account_age_days"),
+        Feature(name="transactions_24h"),
+    ]
+    return Schema(name="fraud", features=features, tasks=[TaskColumn(name="fraud", kind="binary", label="is_fraud", classes=["0", "1"])])
+
+
+def fraud_federation_frames(n_banks: int = 12, seed: int = 0) -> tuple[Schema, dict[str, pd.DataFrame]]:
+    """A seeded network of banks: each a table of card transactions labelled ``is_fraud``.
+
+    Banks differ in size, customer mix, fraud base rate (about 1% to 15%: a logit intercept with
+    standard deviation 0.9) and in which patterns their fraudsters use (online, night-time, foreign
+    transactions weigh differently at each bank).
+    """
+    if n_banks < 1:
+        raise ValueError(f"n_banks must be >= 1, got {n_banks}")
+    rng = np.random.default_rng(seed)
+    frames: dict[str, pd.DataFrame] = {}
+    for k in range(n_banks):
+        n = int(np.clip(rng.lognormal(6.3, 0.6), 200, 6000))
+        online_share = rng.uniform(0.1, 0.5)
+        mix = np.array([0.3, 0.12, 0.15, 0.08, online_share, 0.08])
+        merchant = rng.choice(_MERCHANTS, n, p=mix / mix.sum())
+        amount = np.exp(rng.normal(3.4 + 0.6 * (merchant == "electronics") + 0.8 * (merchant == "travel"), 0.9, n))
+        hour = rng.integers(0, 24, n)
+        card_present = np.where((merchant == "online") | (rng.random(n) < 0.1), "no", "yes")
+        mismatch = (rng.random(n) < rng.uniform(0.02, 0.12)).astype(float)
+        age = np.round(rng.exponential(rng.uniform(400, 1500), n))
+        recent = rng.poisson(rng.uniform(1.5, 4.0), n)
+        w_online, w_night, w_foreign = rng.normal(1.0, 0.8), rng.normal(0.8, 0.6), rng.normal(1.4, 0.6)
+        night = ((hour < 6) | (hour >= 23)).astype(float)
+        logit = (
+            -3.6 + rng.normal(0, 0.9)
+            + 0.6 * np.log(amount / 30)
+            + w_online * (merchant == "online") + 0.5 * (merchant == "electronics")
+            - 1.0 * (card_present == "yes")
+            + w_night * night + w_foreign * mismatch
+            - 0.6 * np.log1p(age / 100) + 0.25 * recent
+        )
+        frames[f"bank_{k:03d}"] = pd.DataFrame(
+            {
+                "amount": amount.round(2),
+                "hour": hour,
+                "merchant_category": merchant,
+                "card_present": card_present,
+                "country_mismatch": mismatch,
+                "account_age_days": age,
+                "transactions_24h": recent,
+                "is_fraud": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int),
+            }
+        )
+    schema = fraud_schema().with_normalization(feature_sums(df, fraud_schema()) for df in frames.values())
+    return schema, frames
+
+
+def write_fraud_federation(out_dir: str | Path, n_banks: int = 12, seed: int = 0) -> tuple[Path, list[Path]]:
+    """Write one CSV per bank plus ``schema.json``."""
+    out = Path(out_dir)
+    schema, frames = fraud_federation_frames(n_banks, seed)
+    paths = []
+    for name, df in frames.items():
+        path = out / f"{name}.csv"
+        atomic_write_bytes(path, df.to_csv(index=False).encode())
+        paths.append(path)
+    schema_path = out / "schema.json"
+    schema.save(schema_path)
+    return schema_path, paths

@@ -41,6 +41,9 @@ class FederationConfig(_Section):
     def _check(self) -> "FederationConfig":
         if self.kind == "csv" and not self.data_dir:
             raise ValueError("federation.kind = 'csv' needs federation.data_dir (a folder of site files and schema.json)")
+        if self.data_dir:
+            # Sites may run in other processes with another working directory (Ray workers): pin the folder.
+            self.data_dir = str(Path(self.data_dir).resolve())
         return self
 
 
