@@ -525,10 +525,10 @@ def evaluate_command(
     unknown = [a for a in chosen if a not in ("reptile", "fomaml", "maml", "metasgd", "anil")]
     if unknown:
         raise _fail(f"--algorithms: unknown {unknown}")
+    if (out / "data").exists():
+        raise _fail(f"{out} already holds an evaluation; choose another --out or remove it (`fedmeta report {out}` redraws its report)")
     progress = _timed_progress()
-    fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed) if not (out / "data" / "train").exists() else None
-    if fed is None:
-        raise _fail(f"{out} already holds an evaluation; choose another --out or remove it")
+    fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed)
     results = evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=_ProgressObserver)
     _print_results(results)
     path = write_report(out)
