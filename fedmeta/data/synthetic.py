@@ -196,8 +196,12 @@ def hospital_federation(n_sites: int = 20, seed: int = 0, test_fraction: float =
 
 def write_hospital_federation(out_dir: str | Path, n_sites: int = 20, seed: int = 0) -> tuple[Path, list[Path]]:
     """Write one CSV per site plus ``schema.json``, the way real sites bring data."""
+    return write_federation(out_dir, *hospital_federation_frames(n_sites, seed))
+
+
+def write_federation(out_dir: str | Path, schema: Schema, frames: dict[str, pd.DataFrame]) -> tuple[Path, list[Path]]:
+    """One CSV per site (each written atomically) plus ``schema.json``."""
     out = Path(out_dir)
-    schema, frames = hospital_federation_frames(n_sites, seed)
     paths = []
     for name, df in frames.items():
         path = out / f"{name}.csv"
@@ -279,13 +283,4 @@ def fraud_federation_frames(n_banks: int = 12, seed: int = 0) -> tuple[Schema, d
 
 def write_fraud_federation(out_dir: str | Path, n_banks: int = 12, seed: int = 0) -> tuple[Path, list[Path]]:
     """Write one CSV per bank plus ``schema.json``."""
-    out = Path(out_dir)
-    schema, frames = fraud_federation_frames(n_banks, seed)
-    paths = []
-    for name, df in frames.items():
-        path = out / f"{name}.csv"
-        atomic_write_bytes(path, df.to_csv(index=False).encode())
-        paths.append(path)
-    schema_path = out / "schema.json"
-    schema.save(schema_path)
-    return schema_path, paths
+    return write_federation(out_dir, *fraud_federation_frames(n_banks, seed))
