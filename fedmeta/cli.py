@@ -181,6 +181,14 @@ def _published_line(published) -> str:
     return f"{state} {v.label} (site {v.site}{promoted}), sha256 {v.sha256[:16]}..., folder {v.path}"
 
 
+def _steps_number(text: str) -> int:
+    from fedmeta.personalize import PersonalizationError
+
+    if not text.isdigit():
+        raise PersonalizationError(f"--steps must be a number or 'auto', got {text!r}")
+    return int(text)
+
+
 @app.command()
 def personalize(
     data: Path = typer.Option(..., "--data", help="The site's rows (CSV or Parquet)."),
@@ -189,7 +197,9 @@ def personalize(
     site: str = typer.Option(None, "--site", help="Site name (default: the data file's name)."),
     site_home: Path = SITE_HOME_OPTION,
     shots: int = typer.Option(None, "--shots", "-k", help="K: shots per class (rows for regression) per task. Default: the run's evaluation.shots."),
-    steps: int = typer.Option(None, "--steps", help="Fine-tuning steps. Default: the run's evaluation.steps."),
+    steps: str = typer.Option(
+        "auto", "--steps", help="Fine-tuning steps, or 'auto': 5, 10, 20 or 40, chosen by the loss on the site's training rows outside the K shots."
+    ),
     lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
     mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
@@ -214,7 +224,7 @@ def personalize(
             global_base.for_schema(site_data.schema),
             site_data,
             shots=shots or defaults["shots"],
-            steps=defaults["steps"] if steps is None else steps,
+            steps=steps if steps == "auto" else _steps_number(steps),
             lr=lr or defaults["lr"],
             mode=mode,
             seed=seed,
@@ -229,7 +239,7 @@ def personalize(
             base=base_version,
             metrics=result.metrics,
             data=data_lineage(data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction),
-            training={"mode": result.mode, "steps": result.steps, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
+            training={"mode": result.mode, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
             shots=result.shots,
             personalized_tasks=result.tasks,
             promote=promote,
@@ -238,7 +248,8 @@ def personalize(
         raise _fail(e) from None
     except _integrity_errors() as e:
         raise _fail(e, 1) from None
-    title = f"{site_data.name}: K={result.shots}, {result.steps} steps, mode {result.mode}, held-out rows"
+    chosen = " (auto)" if steps == "auto" else ""
+    title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}, held-out rows"
     console.print(_metrics_table(result.metrics, "base", "personalized", title))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")

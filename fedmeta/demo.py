@@ -59,11 +59,11 @@ def run_demo(
     names = []
     for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)):
         for site in sites:
-            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, shots), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, shots), steps="auto", lr=adaptation["lr"], seed=seed)
             publish(
                 home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
                 data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
-                training={"mode": "all", "steps": result.steps, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
+                training={"mode": "all", "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
                 shots=result.shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo",
             )
             names.append(site.name)

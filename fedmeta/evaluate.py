@@ -334,14 +334,14 @@ def federated(
     for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
         for site in sites:
             trained = base.for_schema(site.schema)
-            result = personalize(trained, site, shots=shots_for(site, shots), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            result = personalize(trained, site, shots=shots_for(site, shots), steps="auto", lr=adaptation["lr"], seed=seed)
             for target, label in ((tuned, "personalized"), (plain, "base")):
                 per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
                 getattr(target, group)[site.name] = site_summary(per_task)
     for k in SHOTS_CURVE:
         accs = []
         for site in fed.seen:
-            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, k), steps=adaptation["steps"], lr=adaptation["lr"], seed=seed)
+            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, k), steps="auto", lr=adaptation["lr"], seed=seed)
             accs.append(site_summary({t: {"acc": v} for t in result.tasks for m, v in result.metrics.items() if m == f"{t}.personalized.acc"}).get("acc"))
         tuned.shots_curve[k] = float(np.mean([a for a in accs if a is not None]))
     tuned.seconds = time.perf_counter() - started

@@ -159,6 +159,7 @@ class Personalization:
     mode: str
     seed: int
     seconds: float
+    steps_selection: dict | None = None
 
 
 def check_shots(site: SiteData, task: str, shots: int) -> None:
@@ -173,23 +174,50 @@ def check_shots(site: SiteData, task: str, shots: int) -> None:
 
 def support_sets(site: SiteData, tasks: list[str], shots: int, seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
     """The K-shot support rows ``(x, y, w)`` per task that :func:`personalize` draws for this seed."""
+    return {t: pair[0] for t, pair in _support_and_rest(site, tasks, shots, seed).items()}
+
+
+def _support_and_rest(site: SiteData, tasks: list[str], shots: int, seed: int) -> dict[str, tuple[tuple, tuple]]:
     rng = np.random.default_rng(seed)
-    return {t: site.sampler(t, shots, query_size=1, seed=rng).support_set() for t in tasks}
+    return {t: site.sampler(t, shots, query_size=1, seed=rng).support_and_rest() for t in tasks}
 
 
-def _fine_tune(trained: TrainedModel, supports: dict[str, tuple[torch.Tensor, ...]], names: list[str], steps: int, lr) -> dict[str, torch.Tensor]:
-    """``steps`` full-batch SGD steps on the summed support losses; the body's gradient is averaged over tasks."""
+def _fine_tune(
+    trained: TrainedModel, supports: dict[str, tuple[torch.Tensor, ...]], names: list[str], steps: int, lr, checkpoints: tuple[int, ...] = ()
+) -> dict[str, torch.Tensor] | dict[int, dict[str, torch.Tensor]]:
+    """``steps`` full-batch SGD steps on the summed support losses; the body's gradient is averaged over tasks.
+
+    With ``checkpoints``, returns the parameters after each of those step counts instead.
+    """
     model = trained.module()
     losses = {t: make_loss(model, t) for t in supports}
     params = {k: v.detach().clone() for k, v in trained.params.items()}
-    for _ in range(steps):
+    saved = {0: params} if 0 in checkpoints else {}
+    for step in range(1, steps + 1):
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         current = {**params, **leaves}
         total = sum(losses[t](current, *support) for t, support in supports.items())
         grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
-        step = {n: (g if g is not None else torch.zeros_like(leaves[n])) / (len(supports) if is_body_param(n) else 1) for n, g in zip(names, grads)}
-        params = {k: v.detach() for k, v in sgd_update(params, step, lr).items()}
-    return params
+        update = {n: (g if g is not None else torch.zeros_like(leaves[n])) / (len(supports) if is_body_param(n) else 1) for n, g in zip(names, grads)}
+        params = {k: v.detach() for k, v in sgd_update(params, update, lr).items()}
+        if step in checkpoints:
+            saved[step] = params
+    return saved if checkpoints else params
+
+
+AUTO_STEPS = (5, 10, 20, 40)
+
+
+def _choose_steps(trained: TrainedModel, checkpoints: dict[int, dict[str, torch.Tensor]], rest: dict[str, tuple]) -> tuple[int, dict]:
+    """The step count whose parameters have the lowest loss on the site's training rows outside the support."""
+    model = trained.module()
+    with torch.no_grad():
+        scored = {
+            steps: sum(float(make_loss(model, t)(params, *rows)) for t, rows in rest.items() if len(rows[1]))
+            for steps, params in checkpoints.items()
+        }
+    best = min(scored, key=scored.get)
+    return best, {"candidates": {str(k): round(v, 5) for k, v in scored.items()}, "rows": int(sum(len(r[1]) for r in rest.values()))}
 
 
 def _support_loss(trained: TrainedModel, params: dict[str, torch.Tensor], supports: dict[str, tuple[torch.Tensor, ...]]) -> float:
@@ -210,7 +238,7 @@ def personalize(
     base: TrainedModel,
     site: SiteData,
     shots: int = 5,
-    steps: int = 5,
+    steps: int | str = 5,
     lr: float = 0.05,
     mode: Mode = "all",
     seed: int = 0,
@@ -221,6 +249,10 @@ def personalize(
     ``"metasgd"`` every layer with the per-parameter rates a Meta-SGD base
     learned (``lr`` is then unused).
 
+    ``steps="auto"`` fine-tunes on the same K shots but chooses how long
+    (5, 10, 20 or 40 steps) by the loss on the site's other labelled training
+    rows, never its held-out rows; with no other rows it uses 5.
+
     >>> from fedmeta.data import hospital_federation
     >>> site = hospital_federation(n_sites=1)[0]
     >>> result = personalize(TrainedModel.initial(site.schema, hidden=(16,)), site, shots=5, steps=3)
@@ -230,8 +262,11 @@ def personalize(
     start = time.perf_counter()
     if mode not in MODES:
         raise PersonalizationError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if shots < 1 or steps < 0 or not lr > 0:
-        raise PersonalizationError(f"need shots >= 1, steps >= 0 and lr > 0; got shots={shots}, steps={steps}, lr={lr}")
+    auto = steps == "auto"
+    if not auto and (not isinstance(steps, int) or steps < 0):
+        raise PersonalizationError(f"steps must be a number >= 0 or 'auto', got {steps!r}")
+    if shots < 1 or not lr > 0:
+        raise PersonalizationError(f"need shots >= 1 and lr > 0; got shots={shots}, lr={lr}")
     tasks = [t for t in site.tasks if t in base.tasks]
     if not tasks:
         raise PersonalizationError(
@@ -247,8 +282,20 @@ def personalize(
         rate = base.state["inner_lrs"]
     heads = [k for k in base.params if any(k.startswith(head_prefix(t)) for t in tasks)]
     names = heads if mode == "head" else [k for k in base.params if is_body_param(k)] + heads
-    supports = support_sets(site, tasks, shots, seed)
-    params = _fine_tune(base, supports, names, steps, rate)
+    drawn = _support_and_rest(site, tasks, shots, seed)
+    supports = {t: pair[0] for t, pair in drawn.items()}
+    selection = None
+    if auto:
+        rest = {t: pair[1] for t, pair in drawn.items()}
+        if any(len(rows[1]) for rows in rest.values()):
+            checkpoints = _fine_tune(base, supports, names, max(AUTO_STEPS), rate, checkpoints=AUTO_STEPS)
+            steps, selection = _choose_steps(base, checkpoints, rest)
+            params = checkpoints[steps]
+        else:
+            steps, selection = AUTO_STEPS[0], {"note": "no training rows outside the support: default steps"}
+            params = _fine_tune(base, supports, names, steps, rate)
+    else:
+        params = _fine_tune(base, supports, names, steps, rate)
     _check_converged(base, params, supports, lr if mode != "metasgd" else None)
     personalized = TrainedModel(base.schema, base.hidden, {**base.state, "params": params}, dict(base.info))
     model = base.module()
@@ -258,7 +305,9 @@ def personalize(
         for label, p in (("base", base.params), ("personalized", params)):
             for name, value in task_scores(model, p, t, x_test, y_test).items():
                 metrics[f"{t}.{label}.{name}"] = value
-    return Personalization(personalized, metrics, tasks, shots, steps, float(lr), mode, seed, time.perf_counter() - start)
+    result = Personalization(personalized, metrics, tasks, shots, steps, float(lr), mode, seed, time.perf_counter() - start)
+    result.steps_selection = selection
+    return result
 
 
 # --------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_new_head_on_the_frozen_body_is_scored_on_held_out_rows_and_registered(t
     manifest, _ = home.load(head)
     sepsis = next(t for t in manifest.tasks if t.name == "sepsis")
     assert sepsis.classes == ["no", "yes"] and sepsis.personalized
-    assert manifest.metrics["sepsis.head.acc"] > 0.7  # wbc is a model input: the body's features carry it
+    assert manifest.metrics["sepsis.head.auc"] > 0.7  # wbc is a model input: the body's features rank by it
     from fedmeta.personalize import load_trained
 
     before, after = load_trained(home, home.registry.get(2)), load_trained(home, head)
@@ -185,3 +185,17 @@ def test_models_cli_lists_promotes_rolls_back_and_refuses_tampered_files(tmp_pat
     assert refused.exit_code == 1 and "does not match its manifest" in " ".join(refused.output.split())
     audit = runner.invoke(app, ["models", "audit", *home])
     assert audit.exit_code == 0 and "rollback" in audit.output
+
+
+def test_auto_steps_choose_by_rows_outside_the_support_never_the_held_out_ones(hospitals, base_run, site):
+    base = load_base(base_run).for_schema(site.schema)
+    result = personalize(base, site, shots=5, steps="auto", lr=0.05, seed=0)
+    assert result.steps in (5, 10, 20, 40)
+    selection = result.steps_selection
+    assert set(selection["candidates"]) == {"5", "10", "20", "40"}
+    assert int(min(selection["candidates"], key=selection["candidates"].get)) == result.steps
+    support_rows = sum(5 * (site.schema.task(t).n_classes or 1) for t in result.tasks)
+    training_rows = sum(site.n_labelled(t, train=True) for t in result.tasks)
+    assert selection["rows"] <= training_rows - support_rows + 3  # padding aside, only non-support training rows
+    with pytest.raises(PersonalizationError, match="steps must be a number >= 0 or 'auto'"):
+        personalize(base, site, steps="many")

@@ -151,8 +151,14 @@ class EpisodeSampler:
 
     def support_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One support set ``(x, y, w)`` alone, as site personalization draws it (no query rows needed)."""
+        return self.support_and_rest()[0]
+
+    def support_and_rest(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One support set, and every other row as ``(x, y, w)`` (for choosing how long to fine-tune)."""
         idx, w = self._support_indices()
-        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx]), torch.from_numpy(w)
+        rest = np.setdiff1d(np.arange(len(self.x)), idx[w > 0])
+        support = (torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx]), torch.from_numpy(w))
+        return support, (torch.from_numpy(self.x[rest]), torch.from_numpy(self.y[rest]), torch.ones(len(rest)))
 
     def sample(self, batch_size: int) -> EpisodeBatch:
         """``batch_size`` independent episodes, stacked."""
