@@ -121,6 +121,12 @@ def train(
         for key, value in sorted(final[-1].items()):
             if key.count(".") == 2:
                 console.print(f"  {key:45s} {value:.4f}")
+    trained = [r for r in rd.read_metrics() if r["site"] == "*" and r["phase"] == "train"]
+    if trained and "epsilon" in trained[-1]:
+        last = trained[-1]
+        console.print(f"privacy: client-level (site) DP, epsilon = {last['epsilon']:.3f} at delta = {last['delta']:g} after {last['round']} round(s)")
+        if last["round"] < rd.load_config().rounds:
+            console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
     console.print(f"base model: {rd.base_model_path}")
 
 

@@ -86,6 +86,7 @@ class Manifest(BaseModel):
     shots: int | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    privacy: dict[str, Any] | None = Field(None, description="client-level DP of the federated training: epsilon, delta, noise, clip")
     export: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=utc_now)
     libraries: dict[str, str] = Field(default_factory=library_versions)

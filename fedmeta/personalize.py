@@ -66,6 +66,7 @@ class GlobalBase:
     data: bytes = field(repr=False)
     source: str
     version: int | None = None
+    privacy: dict | None = None
 
     @property
     def sha256(self) -> str:
@@ -97,7 +98,7 @@ def _read_base(data: bytes, source: str, version: int | None = None) -> GlobalBa
     try:
         raw = torch.load(io.BytesIO(data), weights_only=True)
         config = RunConfig.from_dict(raw["config"], source=source)
-        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version)
+        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"))
     except Exception as e:
         raise PersonalizationError(f"{source} is not a fedmeta base model: {e}") from None
 
@@ -135,6 +136,7 @@ def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None) ->
         files={},
         run_id=base.run_id,
         training={"algorithm": base.config.algorithm.model_dump(mode="json"), "round": base.round, "hidden": list(base.hidden), "source": base.source},
+        privacy=base.privacy,
     )
     version, _ = home.store({BASE_FILE: base.data}, manifest, actor=actor)
     base.version = version.version
@@ -538,6 +540,7 @@ def publish(
         base_version=base.version,
         base_sha256=base.sha256,
         run_id=base.lineage.get("run_id"),
+        privacy=base.lineage.get("privacy"),
         data=data,
         shots=shots,
         training=training,

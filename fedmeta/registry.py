@@ -396,6 +396,7 @@ class SiteHome:
                 "data": written.data or None,
                 "shots": written.shots,
                 "tasks": [t.name for t in written.tasks] or None,
+                "privacy": written.privacy,
             }.items()
             if v is not None
         }

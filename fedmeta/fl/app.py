@@ -29,9 +29,11 @@ from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospi
 from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
+from fedmeta.fl.compression import make_codec
 from fedmeta.fl.config import FederationConfig, RunConfig
+from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
-from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update
+from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
@@ -96,7 +98,28 @@ def train(message: Message, context: Context) -> Message:
         evaluation = evaluate_site(config, site, received, seed=config.seed + round_ - 1)
         metrics.update({EVALUATION_PREFIX + k: v for k, v in evaluation.items()})
     update, train_metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
-    return _reply(message, site, update, {**train_metrics, **metrics})
+    update = outgoing_update(config, update, partition)
+    reply = _reply(message, site, compress(config, update, context), {**train_metrics, **metrics})
+    if config.compression.upload != "none":
+        reply.content["site"]["keys"] = sorted(update)  # packed arrays name no keys; the decoder needs their order
+    return reply
+
+
+#: Where a site keeps what top-k compression has not sent yet (its error-feedback residual).
+RESIDUAL_KEY = "compression-residual"
+
+
+def compress(config: RunConfig, update: dict[str, torch.Tensor], context: Context) -> dict[str, torch.Tensor]:
+    """The arrays that carry ``update``; the residual stays in the node's state for the next round."""
+    c = config.compression
+    codec = make_codec(c.upload, c.topk_ratio, c.error_feedback)
+    if codec is None:
+        return update
+    residual = context.state[RESIDUAL_KEY].to_torch_state_dict() if RESIDUAL_KEY in context.state else {}
+    arrays, residual = codec.encode(update, residual)
+    if residual:
+        context.state[RESIDUAL_KEY] = ArrayRecord(residual)
+    return arrays
 
 
 @client_app.evaluate()
@@ -191,6 +214,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer = observer or RoundObserver()
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
     strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed))
+    account = privacy_account(config, strategy)
     ckpt = run_dir.load_checkpoint()
     if ckpt is None:
         state, first = initial_state(config), 1
@@ -203,12 +227,21 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         strategy.rng.setstate(ckpt.rng_state)
         strategy.node_tasks = dict(ckpt.node_tasks)
         torch.set_rng_state(ckpt.torch_rng)
+        if account is not None and ckpt.privacy:
+            account.load_state_dict(ckpt.privacy)
         run_dir.truncate_metrics(ckpt.round)
         log.info("resuming %s after round %d", run_dir.path, ckpt.round)
     strategy.summary()
     s = config.server
     observer.start(first, config.rounds)
+    last_round = first - 1
     for round_ in range(first, config.rounds + 1):
+        if account is not None:
+            try:
+                account.check_budget()
+            except PrivacyBudgetExceeded as e:
+                log.warning("training stops before round %d: %s", round_, e)
+                break
         started = time.perf_counter()
         rows: list[dict] = []
         prior = round_ - 1
@@ -235,22 +268,47 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         summary = {"round": round_, "phase": "train", "site": "*", "seconds": time.perf_counter() - started, "skipped": train_metrics is None}
         if train_metrics is not None:
             summary.update(dict(train_metrics))
+            if account is not None:
+                account.spend()
+        if account is not None:
+            summary.update({"epsilon": account.epsilon, "delta": account.delta})
+            log.info("round %d: privacy spent epsilon = %.3f at delta = %g", round_, account.epsilon, account.delta)
         run_dir.append_metrics(rows + [summary])
         run_dir.save_checkpoint(
-            Checkpoint(round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks)
+            Checkpoint(
+                round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,
+                account.state_dict() if account is not None else None,
+            )
         )
+        last_round = round_
         observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None)
     # The last model is evaluated on its own; its rows count as written after the last round.
     started = time.perf_counter()
-    evaluate = list(strategy.configure_evaluate(config.rounds, ArrayRecord(state), ConfigRecord(), grid))
+    evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
     replies = exchange(grid, {"evaluate": evaluate}, s.round_timeout)
-    rows, evaluation = _evaluation_rows(strategy.evaluate_replies(config.rounds, replies["evaluate"]), config.rounds, config.rounds + 1, time.perf_counter() - started)
+    rows, evaluation = _evaluation_rows(strategy.evaluate_replies(last_round, replies["evaluate"]), last_round, last_round + 1, time.perf_counter() - started)
     run_dir.append_metrics(rows)
     if evaluation is not None:
-        observer.evaluated(config.rounds, evaluation)
+        observer.evaluated(last_round, evaluation)
     observer.stop()
-    run_dir.save_base_model(state, config, config.rounds)
+    privacy = account.summary() if account is not None else privacy_note(config)
+    run_dir.save_base_model(state, config, last_round, privacy)
     return state
+
+
+def privacy_account(config: RunConfig, strategy: MetaStrategy) -> PrivacyAccount | None:
+    """The run's (epsilon, delta) account when DP noise is on; sites are sampled from ``federation.n_sites``."""
+    p = config.privacy
+    if not p.accounted:
+        return None
+    n = config.federation.n_sites
+    return PrivacyAccount(p.noise_multiplier, p.delta, strategy.sample_size(n), n, p.max_epsilon)
+
+
+def privacy_note(config: RunConfig) -> dict | None:
+    """What the base model's manifest says about privacy when no epsilon was accounted."""
+    p = config.privacy
+    return {"clip_norm": p.clip_norm, "noise_multiplier": 0.0, "epsilon": None, "note": "clipping only: no DP guarantee"} if p.enabled else None
 
 
 def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None = None, observer: RoundObserver | None = None) -> ServerApp:

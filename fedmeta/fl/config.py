@@ -2,8 +2,10 @@
 
 One section per concern: ``[federation]`` (which sites), ``[model]``,
 ``[algorithm]`` (the meta-learner), ``[local]`` (site-side training),
-``[server]`` (optimizer and sampling), ``[evaluation]``. CLI overrides use
-dotted keys, e.g. ``--set server.lr=0.5``.
+``[server]`` (optimizer and sampling), ``[evaluation]``, and the protections:
+``[privacy]`` (client-level DP), ``[aggregation]`` (robust rules),
+``[compression]`` (upload codecs) and ``[secure]`` (SecAgg+). CLI overrides
+use dotted keys, e.g. ``--set server.lr=0.5``.
 """
 
 from __future__ import annotations
@@ -96,11 +98,76 @@ class EvaluationConfig(_Section):
     lr: float | None = Field(None, description="adaptation rate (defaults to algorithm.lr)")
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy: the protected unit is a whole site, not a row.
+
+    Each site clips its update to L2 norm ``clip_norm``; the server averages
+    with equal site weights and adds Gaussian noise of std
+    ``noise_multiplier * clip_norm`` to each sum. The (epsilon, delta) spent
+    is accounted with Renyi DP over the rounds, with amplification by the
+    sampling of ``server.fraction_train``. Off while ``clip_norm`` is unset.
+    """
+
+    clip_norm: float | None = Field(None, gt=0, description="L2 bound of one site's update; unset = DP off")
+    noise_multiplier: float = Field(0.0, ge=0, description="noise std relative to clip_norm (0 = clipping only, no guarantee)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(None, gt=0, description="stop training before the next round would spend more")
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+    @property
+    def accounted(self) -> bool:
+        return self.enabled and self.noise_multiplier > 0
+
+
+class AggregationConfig(_Section):
+    """How the server combines the sites' updates before its optimizer step.
+
+    ``mean`` is the example-weighted mean. The robust rules treat sites
+    equally and bound what a minority of malicious sites can do:
+    ``median`` (coordinate-wise), ``trimmed_mean`` (drop ``trim_fraction`` of
+    the values at each end, per coordinate), ``krum`` and ``multikrum``
+    (Blanchard et al. 2017), which assume at most ``byzantine_sites`` attackers.
+    """
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    byzantine_sites: int = Field(1, ge=0, description="f, the attackers Krum guards against")
+    multikrum_select: int | None = Field(None, ge=1, description="m, updates Multi-Krum averages (default n - f)")
+
+
+class CompressionConfig(_Section):
+    """Upload compression of the sites' updates.
+
+    ``int8``: per-tensor symmetric 8-bit quantization (4x smaller).
+    ``topk``: only the ``topk_ratio`` largest-magnitude entries of each tensor,
+    sent as int32 indices and int8 values; what is not sent is kept at the
+    site (error feedback) and added to its next update.
+    """
+
+    upload: Literal["none", "int8", "topk"] = "none"
+    topk_ratio: float = Field(0.05, gt=0, le=1)
+    error_feedback: bool = True
+
+
+class SecureConfig(_Section):
+    """Secure aggregation with Flower's SecAgg+: the server learns only the sum of the updates."""
+
+    secagg: bool = False
+    clipping_range: float = Field(8.0, gt=0, description="update entries are clipped to +-this before quantization")
+    quantization_range: int = Field(4_194_304, ge=2, description="quantization levels per entry")
+    reconstruction_threshold: float = Field(0.6, gt=0, le=1, description="share of sampled sites whose key shares must survive")
+
+
 class SimulationConfig(_Section):
     """Options of the embedded simulation only."""
 
     cpus_per_site: float = Field(1.0, gt=0)
     failing_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions raise in training")
+    byzantine_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions send a malicious update")
+    attack: Literal["sign_flip", "noise"] = Field("sign_flip", description="sign_flip: -10 x the honest update; noise: N(0, 1) entries")
 
 
 class RunConfig(_Section):
@@ -115,12 +182,25 @@ class RunConfig(_Section):
     local: LocalConfig = Field(default_factory=LocalConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    secure: SecureConfig = Field(default_factory=SecureConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.server.min_sites > self.federation.n_sites:
             raise ValueError(f"server.min_sites = {self.server.min_sites} exceeds federation.n_sites = {self.federation.n_sites}")
+        robust = self.aggregation.rule != "mean"
+        if self.secure.secagg and robust:
+            raise ValueError(f"aggregation.rule = {self.aggregation.rule!r} needs each site's update, which secure.secagg hides; use rule 'mean' with SecAgg+")
+        if self.secure.secagg and self.compression.upload != "none":
+            raise ValueError(f"compression.upload = {self.compression.upload!r} cannot combine with secure.secagg (SecAgg+ quantizes and masks dense vectors itself)")
+        if self.privacy.accounted and robust:
+            raise ValueError(f"privacy.noise_multiplier > 0 is accounted for the mean only; aggregation.rule = {self.aggregation.rule!r} has another sensitivity")
+        if self.privacy.max_epsilon is not None and not self.privacy.accounted:
+            raise ValueError("privacy.max_epsilon needs privacy.clip_norm and privacy.noise_multiplier > 0")
         return self
 
     @classmethod

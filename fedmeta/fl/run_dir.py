@@ -33,6 +33,7 @@ class Checkpoint:
     torch_rng: torch.Tensor
     config_digest: str
     node_tasks: dict
+    privacy: dict | None = None  # the privacy accountant's state, when DP noise is on
 
 
 class RunDir:
@@ -81,9 +82,10 @@ class RunDir:
             raise ConfigError(f"cannot read checkpoint {self.checkpoint_path}: {e}") from None
         return Checkpoint(**data)
 
-    def save_base_model(self, state: dict[str, torch.Tensor], config: RunConfig, round_: int) -> None:
+    def save_base_model(self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None) -> None:
+        """The global base model; ``privacy`` records the (epsilon, delta) spent to make it."""
         buf = io.BytesIO()
-        torch.save({"state": state, "config": config.model_dump(mode="json"), "round": round_}, buf)
+        torch.save({"state": state, "config": config.model_dump(mode="json"), "round": round_, "privacy": privacy}, buf)
         atomic_write_bytes(self.base_model_path, buf.getvalue())
 
     # --- metrics --------------------------------------------------------------

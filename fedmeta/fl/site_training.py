@@ -22,6 +22,7 @@ import torch
 from fedmeta.data import SiteData
 from fedmeta.fl.aggregation import FlatState, flatten_state, unflatten_state
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.privacy import clip_update
 from fedmeta.meta import MetaAlgorithm, make_algorithm
 from fedmeta.meta.inner import make_loss, sgd_update
 from fedmeta.models import MultiTaskModel, task_params
@@ -93,6 +94,24 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
         metrics[f"examples.{t}"] = site.n_labelled(t, train=True)
     metrics["examples"] = site.n_rows - int(site.test_mask.sum())
     return update, metrics
+
+
+def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> FlatState:
+    """The update as the site releases it: clipped to ``privacy.clip_norm`` under DP.
+
+    Partitions listed in ``simulation.byzantine_sites`` play attackers here
+    (chaos testing): they skip clipping and send ``-10 x`` their update
+    (``sign_flip``) or standard normal noise of the same shapes (``noise``).
+    """
+    sim = config.simulation
+    if partition in sim.byzantine_sites:
+        if sim.attack == "sign_flip":
+            return {k: -10.0 * t for k, t in update.items()}
+        generator = torch.Generator().manual_seed(config.seed * 7919 + partition)
+        return {k: torch.randn(t.shape, generator=generator) for k, t in update.items()}
+    if config.privacy.enabled:
+        update, _ = clip_update(update, config.privacy.clip_norm)
+    return update
 
 
 def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:

@@ -7,6 +7,13 @@ Replies carry an update the server treats as a gradient; the strategy
 averages it with :func:`~fedmeta.fl.aggregation.weighted_mean` and applies
 the server optimizer. Failed replies are dropped; a round with fewer than
 ``min_sites`` good replies aggregates nothing.
+
+Between decoding and the optimizer step sit the protections, each a small
+piece of its own module: compressed uploads are decoded
+(:mod:`~fedmeta.fl.compression`), updates of the wrong keys or shapes are
+refused, and the combination is the weighted mean, a robust rule
+(:mod:`~fedmeta.fl.robust`) or, under differential privacy, the clipped
+equal-weight mean with Gaussian noise (:mod:`~fedmeta.fl.privacy`).
 """
 
 from __future__ import annotations
@@ -15,15 +22,20 @@ import json
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, select_for_tasks, weighted_mean
+from fedmeta.fl.compression import dense_bytes, make_codec
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.privacy import clip_update, noisy_mean
+from fedmeta.fl.robust import robust_mean
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -84,16 +96,29 @@ class MetaStrategy(Strategy):
         # When set, training messages also ask sites to evaluate the model they receive.
         self.evaluate_received = False
         self.evaluation_rows: list[dict] = []
+        c = config.compression
+        self.codec = make_codec(c.upload, c.topk_ratio, c.error_feedback)
+        # DP noise must be unpredictable: a seeded generator would let anyone who knows the seed remove it.
+        self.noise = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def sample_size(self, nodes: int) -> int:
+        """How many of ``nodes`` connected sites a training round samples."""
+        s = self.config.server
+        return min(nodes, max(s.min_sites, math.ceil(s.fraction_train * nodes)))
 
     def summary(self) -> None:
-        s = self.config.server
-        log.info("MetaStrategy: algorithm=%s server=%s(lr=%s) min_sites=%d", self.config.algorithm.name, s.optimizer, s.lr, s.min_sites)
+        c = self.config
+        log.info(
+            "MetaStrategy: algorithm=%s server=%s(lr=%s) min_sites=%d aggregation=%s dp=%s compression=%s",
+            c.algorithm.name, c.server.optimizer, c.server.lr, c.server.min_sites, c.aggregation.rule,
+            f"clip {c.privacy.clip_norm}, noise {c.privacy.noise_multiplier}" if c.privacy.enabled else "off", c.compression.upload,
+        )
 
     # --- messages -------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float) -> list[int]:
         s = self.config.server
         nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout)
-        size = min(len(nodes), max(s.min_sites, math.ceil(fraction * len(nodes))))
+        size = self.sample_size(len(nodes)) if fraction == s.fraction_train else min(len(nodes), max(s.min_sites, math.ceil(fraction * len(nodes))))
         return sorted(self.rng.sample(nodes, size))
 
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
@@ -145,9 +170,11 @@ class MetaStrategy(Strategy):
                 server_round, len(good), "y" if len(good) == 1 else "ies", self.config.server.min_sites,
             )
             return None, None
-        updates = [SiteUpdate(str(r.content["site"]["name"]), r.content["arrays"].to_torch_state_dict(), site_examples(r.content["metrics"])) for r in good]
-        mean_update = weighted_mean(updates)
-        new_state = self.optimizer.step(self.current, mean_update)
+        updates = self._site_updates(server_round, good)
+        if len(updates) < self.config.server.min_sites:
+            log.warning("round %d: %d well-formed update(s), fewer than server.min_sites = %d; nothing aggregated", server_round, len(updates), self.config.server.min_sites)
+            return None, None
+        new_state = self.optimizer.step(self.current, self.combine(updates))
         examples = [sum(u.examples.values()) for u in updates]
         losses = [float(r.content["metrics"]["loss"]) for r in good]
         metrics = MetricRecord(
@@ -156,9 +183,40 @@ class MetaStrategy(Strategy):
                 "sites": len(good),
                 "failed_sites": len(self.failures),
                 "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
+                "upload_dense_bytes": sum(dense_bytes(u.update) for u in updates),
             }
         )
         return ArrayRecord(new_state), metrics
+
+    def _site_updates(self, server_round: int, replies: list[Message]) -> list[SiteUpdate]:
+        """Decoded updates; a reply whose keys or shapes do not fit the model it was sent is dropped."""
+        shapes = {k: tuple(v.shape) for k, v in self.current.items()}
+        updates = []
+        for r in replies:
+            site = str(r.content["site"]["name"])
+            arrays = r.content["arrays"].to_torch_state_dict()
+            try:
+                update = self.codec.decode(arrays, list(r.content["site"].get("keys", [])), shapes) if self.codec else arrays
+                wrong = [k for k, t in update.items() if shapes.get(k) != tuple(t.shape) or not torch.isfinite(t).all()]
+                if wrong:
+                    raise ValueError(f"unexpected, misshapen or non-finite entries {wrong[:3]}")
+            except (ValueError, RuntimeError) as e:
+                self.failures.append(f"site {site}: {e}")
+                log.warning("round %d: update of site %s dropped: %s", server_round, site, e)
+                continue
+            updates.append(SiteUpdate(site, update, site_examples(r.content["metrics"])))
+        return updates
+
+    def combine(self, updates: list[SiteUpdate]) -> FlatState:
+        """The update the server optimizer applies: DP noisy mean, robust rule or weighted mean."""
+        privacy, agg = self.config.privacy, self.config.aggregation
+        if privacy.enabled:
+            # Sites clip their own updates; clipping again here costs nothing and binds sites that did not.
+            clipped = [clip_update(u.update, privacy.clip_norm)[0] for u in updates]
+            return noisy_mean(clipped, privacy.noise_multiplier * privacy.clip_norm, self.noise)
+        if agg.rule != "mean":
+            return robust_mean(updates, agg.rule, agg.trim_fraction, agg.byzantine_sites, agg.multikrum_select)
+        return weighted_mean(updates)
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
         """Per-site metric rows of the good evaluation replies."""
