@@ -1,0 +1,114 @@
+"""Privacy, robustness and compression in real Flower simulations; what a site's messages contain."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from test_fl_simulation import fedmeta, train_rows, write_config
+
+from fedmeta.fl.config import RunConfig
+from fedmeta.personalize import load_base, register_base
+from fedmeta.registry import SiteHome
+
+
+def final_accuracy(run_dir, task="readmission_30d"):
+    return train_rows(run_dir, phase="evaluate")[-1][f"{task}.global.acc"]
+
+
+def test_dp_reports_epsilon_every_round_stops_at_the_budget_and_records_it(tmp_path):
+    config = write_config(tmp_path, rounds=6, sites=4, min_sites=2)
+    result = fedmeta(
+        "train", "--config", config, "--run-dir", tmp_path / "run",
+        "--set", "privacy.clip_norm=1.0", "--set", "privacy.noise_multiplier=1.5", "--set", "privacy.max_epsilon=5.0",
+    )
+    rows = train_rows(tmp_path / "run")
+    epsilons = [r["epsilon"] for r in rows]
+    assert 1 <= len(rows) < 6, "the budget ends training early"
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:])) and epsilons[-1] <= 5.0
+    printed = " ".join(result.stdout.split())  # rich wraps long lines
+    assert f"after {len(rows)} round(s)" in printed and "would exceed privacy.max_epsilon" in printed
+    base = load_base(tmp_path / "run")
+    assert base.round == len(rows) and base.privacy["epsilon"] == epsilons[-1] and base.privacy["delta"] == 1e-5
+    version = register_base(SiteHome(tmp_path / "home"), base)
+    assert version.lineage["privacy"]["epsilon"] == epsilons[-1], "the registry's manifest records the epsilon spent"
+
+
+def test_a_robust_rule_survives_a_sign_flipping_site_that_wrecks_the_mean(tmp_path):
+    config = write_config(tmp_path, rounds=4, sites=5, min_sites=2, every=4)
+    attack = ["--set", "simulation.byzantine_sites=[2]", "--set", 'simulation.attack="sign_flip"']
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "mean", *attack)
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "median", *attack, "--set", 'aggregation.rule="median"')
+    attacked, robust = final_accuracy(tmp_path / "mean"), final_accuracy(tmp_path / "median")
+    assert robust > 0.7, robust
+    assert attacked < robust - 0.2, (attacked, robust)
+
+
+def test_topk_uploads_are_several_times_smaller_and_still_train(tmp_path):
+    config = write_config(tmp_path, rounds=3, sites=3, min_sites=2, every=3)
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "plain")
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "topk", "--set", 'compression.upload="topk"', "--set", "compression.topk_ratio=0.05")
+    plain, topk = train_rows(tmp_path / "plain"), train_rows(tmp_path / "topk")
+    for p, t in zip(plain, topk):
+        assert p["upload_bytes"] / t["upload_bytes"] > 5, (p["upload_bytes"], t["upload_bytes"])
+    assert final_accuracy(tmp_path / "topk") > 0.7
+
+
+INSPECT = textwrap.dedent(
+    """
+    import json, sys
+    import fedmeta.fl.app as app
+    from fedmeta.fl.config import RunConfig
+    from fedmeta.fl.simulation import run_simulation
+
+    seen = []
+    exchange = app.exchange
+
+    def recording_exchange(grid, groups, timeout, poll=0.1):
+        replies = exchange(grid, groups, timeout, poll)
+        for phase, messages in replies.items():
+            for m in messages:
+                content = m.content
+                seen.append({
+                    "phase": phase,
+                    "records": sorted(content.keys()),
+                    "arrays": {k: [list(v.shape), v.dtype] for k, v in (content["arrays"].items() if "arrays" in content else [])},
+                    "metrics": {k: type(v).__name__ for k, v in content["metrics"].items()},
+                    "site": {k: type(v).__name__ for k, v in content["site"].items()},
+                })
+        return replies
+
+    app.exchange = recording_exchange
+    config = RunConfig.load(sys.argv[1], sys.argv[3:])
+    run_simulation(config, sys.argv[2])
+    print("SEEN " + json.dumps(seen))
+    """
+)
+
+
+def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path):
+    config_path = write_config(tmp_path, rounds=2, sites=3, min_sites=2, every=1)
+    out = subprocess.run([sys.executable, "-c", INSPECT, config_path, tmp_path / "run"], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.split("SEEN ", 1)[1])
+    model = torch.load(tmp_path / "run" / "base_model.pt", weights_only=True)["state"]
+    shapes = {k: list(v.shape) for k, v in model.items()}
+    assert {m["phase"] for m in seen} == {"train", "evaluate"} and len(seen) == 3 * 2 + 3
+    allowed = re.compile(r"^(evaluation\.)?(loss|seconds|examples|examples\.\w+|\w+\.(global|personalized)\.(acc|auc|mse))$")
+    for message in seen:
+        assert set(message["records"]) <= {"arrays", "metrics", "site"}
+        assert message["site"] == {"name": "str"}
+        # Every number a site reports is one scalar about the site, never a list of per-row values.
+        assert all(kind in ("int", "float") for kind in message["metrics"].values()), message["metrics"]
+        assert all(allowed.match(key) for key in message["metrics"]), sorted(message["metrics"])
+        if message["phase"] == "train":
+            assert message["arrays"], "a training reply carries its update"
+            for key, (shape, dtype) in message["arrays"].items():
+                assert shapes.get(key) == shape, f"{key}: {shape} is not a parameter of the model"
+                assert dtype == "float32"
+        else:
+            assert message["arrays"] == {}, "evaluation replies carry metrics only"
+    config = RunConfig.load(config_path)
+    assert config.federation.kind == "hospitals"
