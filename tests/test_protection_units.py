@@ -140,7 +140,7 @@ def test_topk_error_feedback_delivers_everything_eventually():
         arrays, residual = codec.encode(update, residual)
         delivered += codec.decode(arrays, ["params.w"], shapes)["params.w"]
     sent = sum(t.numel() * t.element_size() for t in arrays.values())
-    assert dense_bytes(update) / sent > 7
+    assert dense_bytes(update) / sent > 10  # 3 bytes per kept entry (int16 position, int8 value)
     # What was sent plus what the site still holds is exactly what it produced.
     assert torch.allclose(delivered + residual["params.w"], rounds * update["params.w"], atol=1e-3)
     assert float(residual["params.w"].norm()) < 0.1 * rounds * float(update["params.w"].norm())

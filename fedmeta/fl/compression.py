@@ -8,7 +8,8 @@ server decodes with the shapes of the global model it sent.
 - :class:`Int8Codec`: per tensor, ``round(x / s)`` as int8 with ``s = max|x| / 127``
   (one float32 scale per tensor); 4x smaller, error at most s / 2 per entry.
 - :class:`TopKCodec`: per tensor, the ``ratio`` largest-magnitude entries as
-  int32 positions plus int8 values (5 bytes per kept entry). The site keeps
+  positions plus int8 values: 3 bytes per kept entry with int16 positions
+  when every tensor has fewer than 32768 entries, else 5 with int32. The site keeps
   what it did not send as a residual and adds it to its next update (error
   feedback, Seide et al. 2014; Stich et al. 2018): nothing is lost, only delayed.
 
@@ -71,7 +72,7 @@ class Int8Codec:
 
 
 class TopKCodec:
-    """The ``ratio`` largest entries of each tensor (int32 position, int8 value); the rest stays at the site."""
+    """The ``ratio`` largest entries of each tensor (int16/int32 position, int8 value); the rest stays at the site."""
 
     name = "topk"
 
@@ -86,13 +87,14 @@ class TopKCodec:
     def encode(self, update: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor]) -> tuple[FlatState, FlatState]:
         positions, values, scales = [], [], []
         left: FlatState = {}
+        small = all(t.numel() <= torch.iinfo(torch.int16).max for t in update.values())
         for key in sorted(update):
             flat = update[key].float().reshape(-1)
             if self.error_feedback and key in residual and residual[key].numel() == flat.numel():
                 flat = flat + residual[key].reshape(-1)
             index = flat.abs().topk(self.kept(flat.numel()), sorted=False).indices.sort().values
             q, scale = _quantize(flat[index])
-            positions.append(index.to(torch.int32))
+            positions.append(index.to(torch.int16 if small else torch.int32))
             values.append(q)
             scales.append(scale)
             if self.error_feedback:
