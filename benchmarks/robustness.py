@@ -110,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer sites and rounds: a smoke test, not the figures")
+    parser.add_argument("--sections", default="dp,byzantine,compression", help="comma-separated subset to run")
     args = parser.parse_args()
     rounds = 5 if args.quick else 20
     dp_sites, dp_sampled = (60, 12) if args.quick else (500, 50)
@@ -127,10 +128,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fedmeta-robustness-") as tmp:
         work = Path(tmp)
+        sections = set(args.sections.split(","))
         # --- differential privacy -------------------------------------------------------------
         fraction = dp_sampled / dp_sites
-        dp_clean = record("dp", "no DP", run(work, "dp_clean", dp_sites, rounds, fraction, []), None)
-        for epsilon in (8, 4, 1):
+        dp_clean = record("dp", "no DP", run(work, "dp_clean", dp_sites, rounds, fraction, []), None) if "dp" in sections else None
+        for epsilon in (8, 4, 1) if "dp" in sections else ():
             sigma = noise_multiplier_for(epsilon, DELTA, rounds, dp_sampled, dp_sites)
             row = run(work, f"dp_eps{epsilon}", dp_sites, rounds, fraction, [f"privacy.clip_norm={CLIP}", f"privacy.noise_multiplier={sigma}", f"privacy.delta={DELTA}"])
             row["noise_multiplier"] = sigma
@@ -139,14 +141,15 @@ def main() -> None:
         clean = record("byzantine", "no attack, mean", run(work, "clean", sites, rounds, 1.0, []), None)
         rules = {"mean": [], "median": ['aggregation.rule="median"'], "trimmed_mean": ['aggregation.rule="trimmed_mean"', "aggregation.trim_fraction=0.2"],
                  "multikrum": ['aggregation.rule="multikrum"', f"aggregation.byzantine_sites={attackers}"]}
-        for attack in ("sign_flip", "noise"):
+        for attack in ("sign_flip", "noise") if "byzantine" in sections else ():
             for rule, options in rules.items():
                 chaos = [f"simulation.byzantine_sites={attacker_ids}", f'simulation.attack="{attack}"', *options]
                 row = run(work, f"{attack}_{rule}", sites, rounds, 1.0, chaos)
                 row.update(rule=rule, attack=attack)
                 record("byzantine", f"{attackers}/{sites} {attack}, {rule}", row, clean)
         # --- compression ----------------------------------------------------------------------------
-        for codec, options in {"int8": ['compression.upload="int8"'], "topk": ['compression.upload="topk"', "compression.topk_ratio=0.05"]}.items():
+        codecs = {"int8": ['compression.upload="int8"'], "topk": ['compression.upload="topk"', "compression.topk_ratio=0.05"]}
+        for codec, options in codecs.items() if "compression" in sections else ():
             row = run(work, f"compress_{codec}", sites, rounds, 1.0, options)
             row["ratio"] = clean["upload_bytes"] / row["upload_bytes"]
             record("compression", f"{codec} ({row['ratio']:.1f}x fewer bytes)", row, clean)
@@ -158,19 +161,18 @@ def main() -> None:
     if args.json:
         byzantine = [r for r in results if r["section"] == "byzantine" and "rule" in r]
         robust = [r for r in byzantine if r["rule"] != "mean"]
-        summary = {
-            "dp_eps8_acc_drop": next(r["acc_drop"] for r in results if r["name"] == "dp_eps8"),
-            "dp_eps4_acc_drop": next(r["acc_drop"] for r in results if r["name"] == "dp_eps4"),
-            "dp_eps1_acc_drop": next(r["acc_drop"] for r in results if r["name"] == "dp_eps1"),
+        by_name = {r["name"]: r for r in results}
+        summary = {f"dp_eps{e}_acc_drop": by_name[f"dp_eps{e}"]["acc_drop"] for e in (8, 4, 1) if f"dp_eps{e}" in by_name}
+        if robust:
             # The robust figure is the worst attack for the best rule; the mean's is its worst attack.
-            "byzantine_robust_acc_drop": min(max(r["acc_drop"] for r in robust if r["rule"] == rule) for rule in {r["rule"] for r in robust}),
-            "byzantine_robust_rule": min({r["rule"] for r in robust}, key=lambda rule: max(r["acc_drop"] for r in robust if r["rule"] == rule)),
-            "byzantine_mean_acc_drop": max(r["acc_drop"] for r in byzantine if r["rule"] == "mean"),
-            "compression_ratio": next(r["ratio"] for r in results if r["name"] == "compress_topk"),
-            "compression_acc_drop": next(r["acc_drop"] for r in results if r["name"] == "compress_topk"),
-            "int8_ratio": next(r["ratio"] for r in results if r["name"] == "compress_int8"),
-            "int8_acc_drop": next(r["acc_drop"] for r in results if r["name"] == "compress_int8"),
-        }
+            worst = {rule: max(r["acc_drop"] for r in robust if r["rule"] == rule) for rule in {r["rule"] for r in robust}}
+            summary["byzantine_robust_rule"] = min(worst, key=worst.get)
+            summary["byzantine_robust_acc_drop"] = min(worst.values())
+            summary["byzantine_mean_acc_drop"] = max(r["acc_drop"] for r in byzantine if r["rule"] == "mean")
+        for codec, prefix in (("topk", "compression"), ("int8", "int8")):
+            if f"compress_{codec}" in by_name:
+                summary[f"{prefix}_ratio"] = by_name[f"compress_{codec}"]["ratio"]
+                summary[f"{prefix}_acc_drop"] = by_name[f"compress_{codec}"]["acc_drop"]
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
 
 
