@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -69,3 +70,30 @@ def test_every_process_started_is_stopped(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _wait_until(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_with_tls_and_site_keys_registered_sites_train_and_an_unregistered_site_is_refused(tmp_path):
+    schema, paths = write_hospital_federation(tmp_path / "data", n_sites=2, seed=3)
+    with LoopbackDeployment([(p, schema) for p in paths], log_dir=tmp_path, secure=True, intruders=1) as dep:
+        intruder = dep.supernodes["intruder0"]
+        assert _wait_until(lambda: intruder.poll() is not None), "the unregistered SuperNode is turned away and exits"
+        assert intruder.returncode != 0
+        assert "Failed to activate SuperNode" in dep.log("intruder0")
+        assert "No SuperNode found with the given public key" in dep.log("superlink")
+        assert _wait_until(lambda: len(dep.online_nodes()) == 2), dep.online_nodes()
+        path = tmp_path / "run.toml"
+        path.write_text(CONFIG.format(data=tmp_path / "data", n_sites=2, min_sites=2, sampling_timeout=60).replace("rounds = 2", "rounds = 1"))
+        result = dep.run(path, tmp_path / "run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["round"], r["sites"]) for r in train if r["site"] == "*" and r["phase"] == "train"] == [(1, 2)]
+        assert "--insecure" not in " ".join(dep.procs[0].args), "the SuperLink serves TLS only"

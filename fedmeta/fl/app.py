@@ -32,6 +32,8 @@ from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.compression import make_codec
 from fedmeta.fl.config import FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
+from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
+from fedmeta.fl.secagg import received_state, run_secure_round, secure_aggregation_mod, secure_reply, secure_vector
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics
@@ -73,7 +75,7 @@ def site_for(context: Context, config: RunConfig) -> SiteData:
     return _synthetic_federation(fed.model_dump_json())[partition]
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _reply(message: Message, site: SiteData, arrays: dict | None, metrics: dict) -> Message:
@@ -83,26 +85,41 @@ def _reply(message: Message, site: SiteData, arrays: dict | None, metrics: dict)
     return Message(content=content, reply_to=message)
 
 
-@client_app.train()
-def train(message: Message, context: Context) -> Message:
-    config = RunConfig.model_validate_json(message.content["config"]["run-config"])
-    round_ = int(message.content["config"]["round"])
+def _site_round(config: RunConfig, round_: int, received: dict[str, torch.Tensor], evaluate_received: bool, context: Context) -> tuple[SiteData, dict, dict]:
+    """A site's work in a training round: score the model it received (if asked), train, release the update."""
     partition = int(context.node_config.get("partition-id", -1))
     if partition in config.simulation.failing_sites:
         raise RuntimeError(f"simulated failure of partition {partition} (simulation.failing_sites)")
     site = site_for(context, config)
-    received = message.content["arrays"].to_torch_state_dict()
     metrics = {}
-    if message.content["config"].get("evaluate-received", False):
+    if evaluate_received:
         # The previous round's model, scored in this same process: one exchange per evaluated round.
         evaluation = evaluate_site(config, site, received, seed=config.seed + round_ - 1)
         metrics.update({EVALUATION_PREFIX + k: v for k, v in evaluation.items()})
     update, train_metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
-    update = outgoing_update(config, update, partition)
-    reply = _reply(message, site, compress(config, update, context), {**train_metrics, **metrics})
+    return site, outgoing_update(config, update, partition), {**train_metrics, **metrics}
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    if SECURE_PARAMETERS in message.content.array_records:
+        return _secure_train(message, context)
+    config = RunConfig.model_validate_json(message.content["config"]["run-config"])
+    round_ = int(message.content["config"]["round"])
+    received = message.content["arrays"].to_torch_state_dict()
+    site, update, metrics = _site_round(config, round_, received, bool(message.content["config"].get("evaluate-received", False)), context)
+    reply = _reply(message, site, compress(config, update, context), metrics)
     if config.compression.upload != "none":
         reply.content["site"]["keys"] = sorted(update)  # packed arrays name no keys; the decoder needs their order
     return reply
+
+
+def _secure_train(message: Message, context: Context) -> Message:
+    """A SecAgg+ training round: the update leaves the site masked, inside one fixed-layout vector."""
+    config, round_, evaluate_received, received, keys = received_state(message)
+    site, update, metrics = _site_round(config, round_, received, evaluate_received, context)
+    examples = {k.split(".", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("examples.")}
+    return secure_reply(message, secure_vector(config, keys, update, examples), {**metrics, "site-name": site.name})
 
 
 #: Where a site keeps what top-k compression has not sent yet (its error-feedback residual).
@@ -202,7 +219,7 @@ def _evaluation_rows(site_rows: list[dict], model_round: int, logged_in: int, se
     return rows, evaluation
 
 
-def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None) -> dict[str, torch.Tensor]:
+def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None, context: Context | None = None) -> dict[str, torch.Tensor]:
     """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state.
 
     The model after round r is evaluated by the sites of round r+1, in the
@@ -212,6 +229,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     ``logged_in_round``, the round that wrote them.
     """
     observer = observer or RoundObserver()
+    if config.secure.secagg and context is None:
+        raise ValueError("secure.secagg needs the ServerApp's context")
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
     strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed))
     account = privacy_account(config, strategy)
@@ -248,9 +267,15 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         strategy.evaluate_received = evaluation_due(config, prior)
         train_metrics = None
         for attempt in range(s.retries + 1):
-            train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
-            replies = exchange(grid, {"train": train}, s.round_timeout)
-            new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
+            if config.secure.secagg:
+                strategy.current = state
+                nodes = strategy._sample(grid, s.fraction_train)
+                secure = run_secure_round(grid, context, config, round_, state, nodes, strategy.evaluate_received)
+                new_arrays, train_metrics = strategy.aggregate_secure(round_, secure)
+            else:
+                train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
+                replies = exchange(grid, {"train": train}, s.round_timeout)
+                new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
             rows += strategy.site_rows
             if strategy.evaluate_received:
                 eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
@@ -335,9 +360,9 @@ def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None 
             else:
                 cfg = RunConfig.load(str(rc["config-path"]))
                 rd.create(cfg)
-            run_rounds(grid, cfg, rd, observer)
+            run_rounds(grid, cfg, rd, observer, context)
         else:
-            run_rounds(grid, config, RunDir(run_dir), observer)
+            run_rounds(grid, config, RunDir(run_dir), observer, context)
 
     return app
 

@@ -159,6 +159,7 @@ class SecureConfig(_Section):
     clipping_range: float = Field(8.0, gt=0, description="update entries are clipped to +-this before quantization")
     quantization_range: int = Field(4_194_304, ge=2, description="quantization levels per entry")
     reconstruction_threshold: float = Field(0.6, gt=0, le=1, description="share of sampled sites whose key shares must survive")
+    max_examples: int = Field(10_000, ge=1, description="public bound W on a site's example count; larger sites weigh as W")
 
 
 class SimulationConfig(_Section):

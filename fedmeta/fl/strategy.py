@@ -36,6 +36,7 @@ from fedmeta.fl.compression import dense_bytes, make_codec
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.privacy import clip_update, noisy_mean
 from fedmeta.fl.robust import robust_mean
+from fedmeta.fl.secagg import SecureRound, weighted_sums
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -149,18 +150,47 @@ class MetaStrategy(Strategy):
                 self.failures.append(f"node {reply.metadata.src_node_id}: {err.reason}")
                 log.warning("round %d %s: site on node %s failed: %s", server_round, phase, reply.metadata.src_node_id, err.reason)
                 continue
-            node = reply.metadata.src_node_id
-            site = str(reply.content["site"]["name"])
-            metrics = dict(reply.content["metrics"])
-            received = {k.removeprefix(EVALUATION_PREFIX): v for k, v in metrics.items() if k.startswith(EVALUATION_PREFIX)}
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(EVALUATION_PREFIX)}
-            self.node_sites[node] = site
-            self.node_tasks[node] = sorted(site_examples(metrics))
-            self.site_rows.append({"round": server_round, "phase": phase, "site": site, **metrics})
-            if received:
-                self.evaluation_rows.append({"round": server_round - 1, "phase": "evaluate", "site": site, **received})
+            self._record(server_round, reply.metadata.src_node_id, str(reply.content["site"]["name"]), dict(reply.content["metrics"]), phase)
             good.append(reply)
         return good
+
+    def _record(self, server_round: int, node: int, site: str, metrics: dict, phase: str) -> None:
+        """Remember a site's tasks and keep its metric rows (and its score of the model it received)."""
+        received = {k.removeprefix(EVALUATION_PREFIX): v for k, v in metrics.items() if k.startswith(EVALUATION_PREFIX)}
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(EVALUATION_PREFIX)}
+        self.node_sites[node] = site
+        self.node_tasks[node] = sorted(site_examples(metrics))
+        self.site_rows.append({"round": server_round, "phase": phase, "site": site, **metrics})
+        if received:
+            self.evaluation_rows.append({"round": server_round - 1, "phase": "evaluate", "site": site, **received})
+
+    def aggregate_secure(self, server_round: int, secure: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The server step from a SecAgg+ round: only the sums of the updates and of their weights are known."""
+        self.site_rows, self.evaluation_rows = [], []
+        dropped = len(secure.nodes) - len(secure.replies)
+        self.failures = [f"{dropped} site(s) dropped out of the SecAgg+ protocol"] if dropped else []
+        for node, metrics in secure.replies:
+            site = str(metrics.pop("site-name"))
+            self._record(server_round, node, site, metrics, "train")
+        s = self.config.server
+        if secure.aggregate is None or len(secure.replies) < s.min_sites:
+            log.warning("round %d: SecAgg+ ended with %d site(s), fewer than server.min_sites = %d; nothing aggregated", server_round, len(secure.replies), s.min_sites)
+            return None, None
+        sums, weights = weighted_sums(secure.aggregate, self.current)
+        privacy = self.config.privacy
+        # Weights are multiples of 1 (DP) or of 1 / W: anything below half of that is quantization noise on a zero.
+        floor = 0.5 if privacy.enabled else 0.5 / self.config.secure.max_examples
+        std = privacy.noise_multiplier * privacy.clip_norm if privacy.enabled else 0.0
+        mean = {}
+        for key, total in sums.items():
+            if weights[key] < floor:
+                continue
+            noise = torch.randn(total.shape, generator=self.noise, dtype=torch.float64) * std if std else 0.0
+            mean[key] = ((total + noise) / weights[key]).float()
+        examples = [float(m.get("examples", 1)) for _, m in secure.replies]
+        loss = sum(float(m["loss"]) * n for (_, m), n in zip(secure.replies, examples)) / max(sum(examples), 1.0)
+        metrics = {"loss": loss, "sites": len(secure.replies), "failed_sites": dropped}
+        return ArrayRecord(self.optimizer.step(self.current, mean)), MetricRecord(metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._good_replies(server_round, replies, "train")
