@@ -21,10 +21,11 @@ def final_accuracy(run_dir, task="readmission_30d"):
 
 
 def test_dp_reports_epsilon_every_round_stops_at_the_budget_and_records_it(tmp_path):
+    # epsilon depends on the noise multiplier and the sampling only; a small clip keeps the noisy model finite.
     config = write_config(tmp_path, rounds=6, sites=4, min_sites=2)
     result = fedmeta(
         "train", "--config", config, "--run-dir", tmp_path / "run",
-        "--set", "privacy.clip_norm=1.0", "--set", "privacy.noise_multiplier=1.5", "--set", "privacy.max_epsilon=5.0",
+        "--set", "privacy.clip_norm=0.01", "--set", "privacy.noise_multiplier=1.5", "--set", "privacy.max_epsilon=5.0",
     )
     rows = train_rows(tmp_path / "run")
     epsilons = [r["epsilon"] for r in rows]
