@@ -14,6 +14,8 @@ mortality), of the global model and after K-shot personalization.
   mean (20%) and Multi-Krum (f = 4). Compared with the clean mean.
 - **Compression**: the same 20 hospitals with int8 and top-k (5%, int8
   values, error feedback) uploads; bytes are what Flower counted.
+- **SecAgg+**: the same 20 hospitals with secure aggregation, for its
+  accuracy (quantization) and time.
 
     python benchmarks/robustness.py [--json] [--quick]
 
@@ -99,7 +101,7 @@ def run(work: Path, name: str, sites: int, rounds: int, fraction: float, overrid
         "name": name,
         "global_acc": acc("global"),
         "personalized_acc": acc("personalized"),
-        "upload_bytes": sum(r["upload_bytes"] for r in trained),
+        "upload_bytes": sum(r.get("upload_bytes", 0) for r in trained),  # none under SecAgg+: the server never sees one site's update
         "rounds": len(trained),
         "epsilon": trained[-1].get("epsilon") if trained else None,
         "seconds": time.perf_counter() - started,
@@ -110,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer sites and rounds: a smoke test, not the figures")
-    parser.add_argument("--sections", default="dp,byzantine,compression", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="dp,byzantine,compression,secagg", help="comma-separated subset to run")
     args = parser.parse_args()
     rounds = 5 if args.quick else 20
     dp_sites, dp_sampled = (60, 12) if args.quick else (500, 50)
@@ -148,6 +150,9 @@ def main() -> None:
                 row.update(rule=rule, attack=attack)
                 record("byzantine", f"{attackers}/{sites} {attack}, {rule}", row, clean)
         # --- compression ----------------------------------------------------------------------------
+        if "secagg" in sections:
+            row = run(work, "secagg", sites, rounds, 1.0, ["secure.secagg=true"])
+            record("secagg", "SecAgg+ (server sees only the sum)", row, clean)
         codecs = {"int8": ['compression.upload="int8"'], "topk": ['compression.upload="topk"', "compression.topk_ratio=0.05"]}
         for codec, options in codecs.items() if "compression" in sections else ():
             row = run(work, f"compress_{codec}", sites, rounds, 1.0, options)
@@ -169,6 +174,10 @@ def main() -> None:
             summary["byzantine_robust_rule"] = min(worst, key=worst.get)
             summary["byzantine_robust_acc_drop"] = min(worst.values())
             summary["byzantine_mean_acc_drop"] = max(r["acc_drop"] for r in byzantine if r["rule"] == "mean")
+        if "secagg" in by_name:
+            summary["secagg_acc_drop"] = by_name["secagg"]["acc_drop"]
+            summary["secagg_seconds"] = by_name["secagg"]["seconds"]
+            summary["plain_seconds"] = by_name["clean"]["seconds"]
         for codec, prefix in (("topk", "compression"), ("int8", "int8")):
             if f"compress_{codec}" in by_name:
                 summary[f"{prefix}_ratio"] = by_name[f"compress_{codec}"]["ratio"]
