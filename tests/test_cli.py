@@ -39,5 +39,6 @@ def test_certs_make_a_ca_a_server_certificate_it_signed_and_site_keys_flower_can
     for private in (ca / "ca.key", tls / "server.key", keys / "st-marys.key"):
         assert private.stat().st_mode & 0o777 == 0o600
     again = runner.invoke(app, ["certs", "site", "st-marys", "--out", str(keys)])
-    printed = again.output.replace("\n", "")  # rich folds long lines
-    assert again.exit_code == 1 and "refusing to overwrite" in printed and "st-marys.key" in printed
+    # rich folds long lines, at spaces or inside a long path
+    assert again.exit_code == 1 and "refusing to overwrite" in " ".join(again.output.split())
+    assert "st-marys.key" in again.output.replace("\n", "")
