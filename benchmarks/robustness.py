@@ -162,7 +162,8 @@ def main() -> None:
     print(f"{'section':12s} {'setting':40s} {'pers acc':>8s} {'global acc':>10s} {'drop (pts)':>10s} {'upload MB':>9s} {'s':>5s}")
     for r in results:
         drop = f"{r['acc_drop']:+.1f}" if "acc_drop" in r else "—"
-        print(f"{r['section']:12s} {r['label']:40s} {r['personalized_acc']:8.3f} {r['global_acc']:10.3f} {drop:>10s} {r['upload_bytes'] / 1e6:9.2f} {r['seconds']:5.0f}")
+        upload = f"{r['upload_bytes'] / 1e6:.2f}" if r["upload_bytes"] else "—"  # SecAgg+: no single site's bytes to count
+        print(f"{r['section']:12s} {r['label']:40s} {r['personalized_acc']:8.3f} {r['global_acc']:10.3f} {drop:>10s} {upload:>9s} {r['seconds']:5.0f}")
     if args.json:
         byzantine = [r for r in results if r["section"] == "byzantine" and "rule" in r]
         robust = [r for r in byzantine if r["rule"] != "mean"]
