@@ -33,7 +33,7 @@ from fedmeta.fl.compression import make_codec
 from fedmeta.fl.config import FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
-from fedmeta.fl.secagg import received_state, run_secure_round, secure_aggregation_mod, secure_reply, secure_vector
+from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics
@@ -268,10 +268,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         train_metrics = None
         for attempt in range(s.retries + 1):
             if config.secure.secagg:
-                strategy.current = state
-                nodes = strategy._sample(grid, s.fraction_train)
-                secure = run_secure_round(grid, context, config, round_, state, nodes, strategy.evaluate_received)
-                new_arrays, train_metrics = strategy.aggregate_secure(round_, secure)
+                new_arrays, train_metrics = strategy.train_secure(round_, state, grid, context)
             else:
                 train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
                 replies = exchange(grid, {"train": train}, s.round_timeout)

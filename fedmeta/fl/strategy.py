@@ -13,7 +13,9 @@ piece of its own module: compressed uploads are decoded
 (:mod:`~fedmeta.fl.compression`), updates of the wrong keys or shapes are
 refused, and the combination is the weighted mean, a robust rule
 (:mod:`~fedmeta.fl.robust`) or, under differential privacy, the clipped
-equal-weight mean with Gaussian noise (:mod:`~fedmeta.fl.privacy`).
+equal-weight mean with Gaussian noise (:mod:`~fedmeta.fl.privacy`). With
+SecAgg+ (:meth:`MetaStrategy.train_secure`) the strategy only ever holds the
+sums of the updates and of their weights (:mod:`~fedmeta.fl.secagg`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from fedmeta.fl.compression import dense_bytes, make_codec
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.privacy import clip_update, noisy_mean
 from fedmeta.fl.robust import robust_mean
-from fedmeta.fl.secagg import SecureRound, weighted_sums
+from fedmeta.fl.secagg import SecureRound, run_secure_round, weighted_sums
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -163,6 +165,13 @@ class MetaStrategy(Strategy):
         self.site_rows.append({"round": server_round, "phase": phase, "site": site, **metrics})
         if received:
             self.evaluation_rows.append({"round": server_round - 1, "phase": "evaluate", "site": site, **received})
+
+    def train_secure(self, server_round: int, state: FlatState, grid: Grid, context) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A SecAgg+ training round: sample sites, run the protocol, step from the unmasked sums."""
+        self.current = dict(state)
+        nodes = self._sample(grid, self.config.server.fraction_train)
+        secure = run_secure_round(grid, context, self.config, server_round, self.current, nodes, self.evaluate_received)
+        return self.aggregate_secure(server_round, secure)
 
     def aggregate_secure(self, server_round: int, secure: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The server step from a SecAgg+ round: only the sums of the updates and of their weights are known."""
