@@ -1,11 +1,13 @@
 """Aggregation rules, server optimizers and bounded node waits, without a federation."""
 
+import random
+
 import pytest
 import torch
 
 from fedmeta.fl.aggregation import ServerAdam, ServerSGD, SiteUpdate, select_for_tasks, weighted_mean
 from fedmeta.fl.config import ConfigError, RunConfig
-from fedmeta.fl.strategy import TooFewSitesError, wait_for_nodes
+from fedmeta.fl.strategy import MetaStrategy, TooFewSitesError, wait_for_nodes
 
 
 def test_body_averages_over_all_sites_and_heads_over_sites_with_the_task():
@@ -82,3 +84,36 @@ def test_binary_auc_matches_scikit_learn_with_ties():
     y = rng.integers(0, 2, 300)
     score = np.round(rng.random(300) + 0.3 * y, 1)  # rounding makes many ties
     assert binary_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+
+
+class _Reply:
+    """What the strategy reads from a Flower reply message: content records and the sender."""
+
+    def __init__(self, node, site, update, examples, loss):
+        from types import SimpleNamespace
+
+        from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+        metrics = {"loss": loss, "examples": sum(examples.values()), **{f"examples.{t}": n for t, n in examples.items()}}
+        self.content = {"site": ConfigRecord({"name": site}), "arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}
+        self.metadata = SimpleNamespace(src_node_id=node)
+
+    def has_error(self):
+        return False
+
+
+def test_a_malformed_update_is_dropped_and_the_rest_aggregate():
+    strategy = MetaStrategy(RunConfig(), ServerSGD(lr=1.0), random.Random(0))
+    strategy.current = {"params.body.w": torch.zeros(3), "params.heads.a.w": torch.zeros(2)}
+    good = {"params.body.w": torch.ones(3), "params.heads.a.w": torch.ones(2)}
+    replies = [
+        _Reply(1, "x", good, {"a": 10}, loss=1.0),
+        _Reply(2, "y", {k: 3 * v for k, v in good.items()}, {"a": 10}, loss=3.0),
+        _Reply(3, "z", {"params.body.w": torch.ones(4), "params.heads.a.w": torch.ones(2)}, {"a": 10}, loss=100.0),
+        _Reply(4, "n", {"params.body.w": torch.full((3,), float("nan")), "params.heads.a.w": torch.ones(2)}, {"a": 10}, loss=100.0),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    state = arrays.to_torch_state_dict()
+    assert torch.allclose(state["params.body.w"], torch.full((3,), -2.0)), "the mean of x and y only, applied with lr 1"
+    assert (metrics["sites"], metrics["failed_sites"], metrics["loss"]) == (2, 2, 2.0)
+    assert any("site z" in f for f in strategy.failures) and any("non-finite" in f for f in strategy.failures)

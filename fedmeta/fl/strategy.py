@@ -209,17 +209,18 @@ class MetaStrategy(Strategy):
                 server_round, len(good), "y" if len(good) == 1 else "ies", self.config.server.min_sites,
             )
             return None, None
-        updates = self._site_updates(server_round, good)
-        if len(updates) < self.config.server.min_sites:
-            log.warning("round %d: %d well-formed update(s), fewer than server.min_sites = %d; nothing aggregated", server_round, len(updates), self.config.server.min_sites)
+        accepted = self._site_updates(server_round, good)
+        if len(accepted) < self.config.server.min_sites:
+            log.warning("round %d: %d well-formed update(s), fewer than server.min_sites = %d; nothing aggregated", server_round, len(accepted), self.config.server.min_sites)
             return None, None
+        updates = [u for _, u in accepted]
         new_state = self.optimizer.step(self.current, self.combine(updates))
         examples = [sum(u.examples.values()) for u in updates]
-        losses = [float(r.content["metrics"]["loss"]) for r in good]
+        losses = [float(r.content["metrics"]["loss"]) for r, _ in accepted]
         metrics = MetricRecord(
             {
                 "loss": sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1),
-                "sites": len(good),
+                "sites": len(accepted),
                 "failed_sites": len(self.failures),
                 "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
                 "upload_dense_bytes": sum(dense_bytes(u.update) for u in updates),
@@ -227,8 +228,8 @@ class MetaStrategy(Strategy):
         )
         return ArrayRecord(new_state), metrics
 
-    def _site_updates(self, server_round: int, replies: list[Message]) -> list[SiteUpdate]:
-        """Decoded updates; a reply whose keys or shapes do not fit the model it was sent is dropped."""
+    def _site_updates(self, server_round: int, replies: list[Message]) -> list[tuple[Message, SiteUpdate]]:
+        """Each reply with its decoded update; a reply whose keys or shapes do not fit the model it was sent is dropped."""
         shapes = {k: tuple(v.shape) for k, v in self.current.items()}
         updates = []
         for r in replies:
@@ -243,7 +244,7 @@ class MetaStrategy(Strategy):
                 self.failures.append(f"site {site}: {e}")
                 log.warning("round %d: update of site %s dropped: %s", server_round, site, e)
                 continue
-            updates.append(SiteUpdate(site, update, site_examples(r.content["metrics"])))
+            updates.append((r, SiteUpdate(site, update, site_examples(r.content["metrics"]))))
         return updates
 
     def combine(self, updates: list[SiteUpdate]) -> FlatState:
