@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -97,3 +98,21 @@ def test_with_tls_and_site_keys_registered_sites_train_and_an_unregistered_site_
         train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [(r["round"], r["sites"]) for r in train if r["site"] == "*" and r["phase"] == "train"] == [(1, 2)]
         assert "--insecure" not in " ".join(dep.procs[0].args), "the SuperLink serves TLS only"
+
+
+def test_a_site_that_vanishes_costs_one_timeout_and_the_survivors_aggregate(tmp_path):
+    schema, paths = write_hospital_federation(tmp_path / "data", n_sites=3, seed=3)
+    with LoopbackDeployment([(p, schema) for p in paths], log_dir=tmp_path) as dep:
+        assert _wait_until(lambda: len(dep.online_nodes()) == 3)
+        gone = dep.supernodes["supernode2"]
+        os.killpg(gone.pid, signal.SIGKILL)  # no goodbye: the SuperLink still lists it for a while
+        gone.wait()
+        path = tmp_path / "run.toml"
+        text = CONFIG.format(data=tmp_path / "data", n_sites=3, min_sites=2, sampling_timeout=60)
+        path.write_text(text.replace("rounds = 2", "rounds = 1").replace("[evaluation]", "round_timeout = 15\n[evaluation]"))
+        result = dep.run(path, tmp_path / "run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if r["site"] == "*" and r["phase"] == "train"]
+        assert [(r["round"], r["sites"], r["skipped"]) for r in train] == [(1, 2, False)]
+        assert {r["site"] for r in rows if r["site"] != "*"} == {"hospital_000", "hospital_001"}
