@@ -82,7 +82,7 @@ def _wait_until(predicate, timeout=60.0):
     return False
 
 
-def test_with_tls_and_site_keys_registered_sites_train_and_an_unregistered_site_is_refused(tmp_path):
+def test_with_tls_and_site_keys_registered_sites_train_under_secagg_and_an_unregistered_site_is_refused(tmp_path):
     schema, paths = write_hospital_federation(tmp_path / "data", n_sites=2, seed=3)
     with LoopbackDeployment([(p, schema) for p in paths], log_dir=tmp_path, secure=True, intruders=1) as dep:
         intruder = dep.supernodes["intruder0"]
@@ -92,9 +92,11 @@ def test_with_tls_and_site_keys_registered_sites_train_and_an_unregistered_site_
         assert "No SuperNode found with the given public key" in dep.log("superlink")
         assert _wait_until(lambda: len(dep.online_nodes()) == 2), dep.online_nodes()
         path = tmp_path / "run.toml"
-        path.write_text(CONFIG.format(data=tmp_path / "data", n_sites=2, min_sites=2, sampling_timeout=60).replace("rounds = 2", "rounds = 1"))
+        text = CONFIG.format(data=tmp_path / "data", n_sites=2, min_sites=2, sampling_timeout=60)
+        path.write_text(text.replace("rounds = 2", "rounds = 1").replace("[evaluation]", "[secure]\nsecagg = true\n[evaluation]"))
         result = dep.run(path, tmp_path / "run")
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "Secure aggregation completed." in result.stdout + result.stderr, "the round ran SecAgg+ over the TLS link"
         train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [(r["round"], r["sites"]) for r in train if r["site"] == "*" and r["phase"] == "train"] == [(1, 2)]
         assert "--insecure" not in " ".join(dep.procs[0].args), "the SuperLink serves TLS only"
