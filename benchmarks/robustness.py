@@ -13,7 +13,8 @@ mortality), of the global model and after K-shot personalization.
   update (``sign_flip``) or N(0, 1) noise; plain mean vs median, trimmed
   mean (20%) and Multi-Krum (f = 4). Compared with the clean mean.
 - **Compression**: the same 20 hospitals with int8 and top-k (5%, int8
-  values, error feedback) uploads; bytes are what Flower counted.
+  values, error feedback) uploads, an int8 broadcast, and top-k uploads
+  with an int8 broadcast; bytes are what Flower counted.
 - **SecAgg+**: the same 20 hospitals with secure aggregation, for its
   accuracy (quantization) and time.
 
@@ -102,6 +103,7 @@ def run(work: Path, name: str, sites: int, rounds: int, fraction: float, overrid
         "global_acc": acc("global"),
         "personalized_acc": acc("personalized"),
         "upload_bytes": sum(r.get("upload_bytes", 0) for r in trained),  # none under SecAgg+: the server never sees one site's update
+        "broadcast_bytes": sum(r.get("broadcast_bytes", 0) for r in trained),
         "rounds": len(trained),
         "epsilon": trained[-1].get("epsilon") if trained else None,
         "seconds": time.perf_counter() - started,
@@ -153,17 +155,21 @@ def main() -> None:
         if "secagg" in sections:
             row = run(work, "secagg", sites, rounds, 1.0, ["secure.secagg=true"])
             record("secagg", "SecAgg+ (server sees only the sum)", row, clean)
-        codecs = {"int8": ['compression.upload="int8"'], "topk": ['compression.upload="topk"', "compression.topk_ratio=0.05"]}
+        topk, int8_down = ['compression.upload="topk"', "compression.topk_ratio=0.05"], ['compression.broadcast="int8"']
+        codecs = {"int8": ['compression.upload="int8"'], "topk": topk, "broadcast_int8": int8_down, "topk_broadcast_int8": topk + int8_down}
         for codec, options in codecs.items() if "compression" in sections else ():
             row = run(work, f"compress_{codec}", sites, rounds, 1.0, options)
             row["ratio"] = clean["upload_bytes"] / row["upload_bytes"]
-            record("compression", f"{codec} ({row['ratio']:.1f}x fewer bytes)", row, clean)
+            row["broadcast_ratio"] = clean["broadcast_bytes"] / row["broadcast_bytes"]
+            row["total_ratio"] = (clean["upload_bytes"] + clean["broadcast_bytes"]) / (row["upload_bytes"] + row["broadcast_bytes"])
+            record("compression", f"{codec} (up {row['ratio']:.1f}x, down {row['broadcast_ratio']:.1f}x fewer bytes)", row, clean)
 
-    print(f"{'section':12s} {'setting':40s} {'pers acc':>8s} {'global acc':>10s} {'drop (pts)':>10s} {'upload MB':>9s} {'s':>5s}")
+    print(f"{'section':12s} {'setting':48s} {'pers acc':>8s} {'global acc':>10s} {'drop (pts)':>10s} {'upload MB':>9s} {'bcast MB':>8s} {'s':>5s}")
     for r in results:
         drop = f"{r['acc_drop']:+.1f}" if "acc_drop" in r else "—"
         upload = f"{r['upload_bytes'] / 1e6:.2f}" if r["upload_bytes"] else "—"  # SecAgg+: no single site's bytes to count
-        print(f"{r['section']:12s} {r['label']:40s} {r['personalized_acc']:8.3f} {r['global_acc']:10.3f} {drop:>10s} {upload:>9s} {r['seconds']:5.0f}")
+        print(f"{r['section']:12s} {r['label']:48s} {r['personalized_acc']:8.3f} {r['global_acc']:10.3f} {drop:>10s} {upload:>9s} "
+              f"{r['broadcast_bytes'] / 1e6:8.2f} {r['seconds']:5.0f}")
     if args.json:
         byzantine = [r for r in results if r["section"] == "byzantine" and "rule" in r]
         robust = [r for r in byzantine if r["rule"] != "mean"]
@@ -183,6 +189,10 @@ def main() -> None:
             if f"compress_{codec}" in by_name:
                 summary[f"{prefix}_ratio"] = by_name[f"compress_{codec}"]["ratio"]
                 summary[f"{prefix}_acc_drop"] = by_name[f"compress_{codec}"]["acc_drop"]
+        for codec in ("broadcast_int8", "topk_broadcast_int8"):
+            if f"compress_{codec}" in by_name:
+                row = by_name[f"compress_{codec}"]
+                summary.update({f"{codec}_ratio": row["broadcast_ratio"], f"{codec}_total_ratio": row["total_ratio"], f"{codec}_acc_drop": row["acc_drop"]})
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
 
 

@@ -49,12 +49,14 @@ def test_a_robust_rule_survives_a_sign_flipping_site_that_wrecks_the_mean(tmp_pa
     assert attacked < robust - 0.2, (attacked, robust)
 
 
-def test_topk_uploads_are_several_times_smaller_and_still_train(tmp_path):
+def test_topk_uploads_and_int8_broadcasts_are_several_times_smaller_and_still_train(tmp_path):
     config = write_config(tmp_path, rounds=3, sites=3, min_sites=2, every=3)
-    fedmeta("train", "--config", config, "--run-dir", tmp_path / "topk", "--set", 'compression.upload="topk"', "--set", "compression.topk_ratio=0.05")
+    options = ["--set", 'compression.upload="topk"', "--set", "compression.topk_ratio=0.05", "--set", 'compression.broadcast="int8"']
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "topk", *options)
     for row in train_rows(tmp_path / "topk"):
         # Bytes as Flower counted them (with framing) against the float32 payload alone.
         assert row["upload_dense_bytes"] / row["upload_bytes"] > 5, row
+        assert row["broadcast_dense_bytes"] / row["broadcast_bytes"] > 3, row
     assert final_accuracy(tmp_path / "topk") > 0.7
 
 

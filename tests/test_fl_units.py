@@ -117,3 +117,32 @@ def test_a_malformed_update_is_dropped_and_the_rest_aggregate():
     assert torch.allclose(state["params.body.w"], torch.full((3,), -2.0)), "the mean of x and y only, applied with lr 1"
     assert (metrics["sites"], metrics["failed_sites"], metrics["loss"]) == (2, 2, 2.0)
     assert any("site z" in f for f in strategy.failures) and any("non-finite" in f for f in strategy.failures)
+
+
+def test_secagg_sums_give_the_same_step_and_loss_as_the_plain_weighted_mean():
+    from types import SimpleNamespace
+
+    from fedmeta.fl.secagg import secure_vector
+
+    config = RunConfig()
+    current = {"params.body.w": torch.zeros(3), "params.heads.a.w": torch.zeros(2), "params.heads.b.w": torch.zeros(2)}
+    sites = [  # (node, site, update, examples per task, loss, rows): y has no head b; z labels few rows for b
+        (1, "x", {k: torch.full(v.shape, 1.0) for k, v in current.items()}, {"a": 10, "b": 10}, 1.0, 10),
+        (2, "y", {"params.body.w": torch.full((3,), 4.0), "params.heads.a.w": torch.full((2,), 4.0)}, {"a": 40}, 3.0, 40),
+        (3, "z", {k: torch.full(v.shape, -2.0) for k, v in current.items()}, {"a": 20, "b": 5}, 2.0, 20),
+    ]
+    plain = MetaStrategy(config, ServerSGD(lr=1.0), random.Random(0))
+    plain.current = dict(current)
+    arrays, expected = plain.aggregate_train(1, [_Reply(n, s, u, e, loss=l) for n, s, u, e, l, _ in sites])
+
+    keys = sorted(current)
+    vectors = [secure_vector(config, keys, {k: u.get(k, torch.zeros_like(current[k])) for k in keys}, e) for _, _, u, e, _, _ in sites]
+    replies = [(n, {"site-name": s, "loss": l, "examples": rows, **{f"examples.{t}": c for t, c in e.items()}}) for n, s, _, e, l, rows in sites]
+    secure = SimpleNamespace(nodes=[1, 2, 3], replies=replies, aggregate=[sum(parts) for parts in zip(*vectors)], broadcast_bytes=0, broadcast_dense_bytes=0)
+    strategy = MetaStrategy(config, ServerSGD(lr=1.0), random.Random(0))
+    strategy.current = dict(current)
+    secure_arrays, metrics = strategy.aggregate_secure(1, secure)
+    for key, value in arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(secure_arrays.to_torch_state_dict()[key], value, atol=1e-6, rtol=0)
+    assert metrics["loss"] == pytest.approx(expected["loss"]), "the round's loss is weighted alike on both paths"
+    assert metrics["sites"] == 3

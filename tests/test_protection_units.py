@@ -1,15 +1,22 @@
-"""The protection pieces on their own: DP clipping, noise and accounting; robust rules; upload codecs."""
+"""The protection pieces on their own: DP clipping, noise and accounting; robust rules; upload and broadcast codecs."""
 
 import math
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, RecordDict
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
 from fedmeta.fl.aggregation import SiteUpdate, weighted_mean
-from fedmeta.fl.compression import Int8Codec, TopKCodec, dense_bytes
+from fedmeta.fl.app import received_model
+from fedmeta.fl.compression import Int8Codec, TopKCodec, decode_broadcast, dense_bytes, encode_broadcast
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded, clip_update, noise_multiplier_for, noisy_mean, update_norm
 from fedmeta.fl.robust import coordinate_median, krum, robust_mean, trimmed_mean
+from fedmeta.fl.secagg import received_state, secure_fit_ins
+from fedmeta.fl.strategy import MetaStrategy
 
 
 def _update(seed, scale=1.0, heads=("a",), spread=1.0):
@@ -155,3 +162,32 @@ def test_a_malformed_compressed_update_is_refused_with_its_reason():
     with pytest.raises(ValueError, match="does not have"):
         codec.decode(arrays, ["params.v"], {"params.w": (4,)})
     assert math.isfinite(dense_bytes({"a": torch.ones(3)}))
+
+
+def _received(config, state, secure):
+    """The model a site unpacks from what the server builds for it (plain or SecAgg+), and the bytes sent.
+
+    Only a message's content matters to the sites' unpacking, so a namespace stands in for the message.
+    """
+    if secure:
+        fit_ins, sent = secure_fit_ins(config, 1, state, evaluate_received=False)
+        return received_state(SimpleNamespace(content=fitins_to_recorddict(fit_ins, keep_input=True)))[3], sent
+    strategy = MetaStrategy(config, optimizer=None, rng=random.Random(0))
+    arrays, node_config = strategy._broadcast(state, ConfigRecord({"round": 1}))
+    return received_model(SimpleNamespace(content=RecordDict({"arrays": arrays, "config": node_config}))), arrays.count_bytes()
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_an_int8_broadcast_is_smaller_and_sites_unpack_the_model(secure):
+    state = {k: torch.cat([v] * 200) for k, v in _update(3, heads=("a", "b")).items()}  # big enough that framing is small
+    sent = {}
+    for option, tolerance in (("none", 0.0), ("int8", 1 / 254)):
+        config = RunConfig.model_validate({"compression": {"broadcast": option}})
+        received, sent[option] = _received(config, state, secure)
+        assert sorted(received) == sorted(state)
+        for k, v in state.items():
+            assert received[k].shape == v.shape and received[k].dtype == torch.float32
+            assert (received[k] - v).abs().max() <= tolerance * v.abs().max() + 1e-7, (option, k)
+    assert sent["none"] / sent["int8"] > 3.5, sent
+    packed, layout = encode_broadcast(state)
+    assert torch.equal(decode_broadcast(packed, layout)["params.body.w"], received["params.body.w"])

@@ -29,7 +29,7 @@ from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospi
 from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
-from fedmeta.fl.compression import make_codec
+from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, make_codec
 from fedmeta.fl.config import FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
@@ -100,13 +100,20 @@ def _site_round(config: RunConfig, round_: int, received: dict[str, torch.Tensor
     return site, outgoing_update(config, update, partition), {**train_metrics, **metrics}
 
 
+def received_model(message: Message) -> dict[str, torch.Tensor]:
+    """The global model a message carries, unpacked when the broadcast was int8-compressed."""
+    arrays = message.content["arrays"].to_torch_state_dict()
+    layout = message.content["config"].get(BROADCAST_LAYOUT)
+    return decode_broadcast(arrays, str(layout)) if layout else arrays
+
+
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     if SECURE_PARAMETERS in message.content.array_records:
         return _secure_train(message, context)
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     round_ = int(message.content["config"]["round"])
-    received = message.content["arrays"].to_torch_state_dict()
+    received = received_model(message)
     site, update, metrics = _site_round(config, round_, received, bool(message.content["config"].get("evaluate-received", False)), context)
     reply = _reply(message, site, compress(config, update, context), metrics)
     if config.compression.upload != "none":
@@ -144,7 +151,7 @@ def evaluate(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     round_ = int(message.content["config"]["round"])
     site = site_for(context, config)
-    received = message.content["arrays"].to_torch_state_dict()
+    received = received_model(message)
     metrics = evaluate_site(config, site, received, seed=config.seed + round_)
     return _reply(message, site, None, metrics)
 

@@ -1,4 +1,4 @@
-"""Upload compression of site updates: int8 quantization and top-k with error feedback.
+"""Compression of site updates (int8, top-k with error feedback) and of the broadcast model (int8).
 
 A codec packs a flat update ``{key: float32 tensor}`` (keys in sorted order)
 into two or three arrays, so per-array framing does not eat the savings and
@@ -12,6 +12,10 @@ server decodes with the shapes of the global model it sent.
   when every tensor has fewer than 32768 entries, else 5 with int32. The site keeps
   what it did not send as a residual and adds it to its next update (error
   feedback, Seide et al. 2014; Stich et al. 2018): nothing is lost, only delayed.
+- :func:`encode_broadcast` / :func:`decode_broadcast`: the global model a site
+  receives, int8-quantized like an update, with its keys and shapes in a
+  short JSON string. The server keeps full precision; sites start from the
+  rounded model, and their updates are taken relative to what they received.
 
 Example::
 
@@ -27,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -128,6 +133,26 @@ def make_codec(kind: str, topk_ratio: float = 0.05, error_feedback: bool = True)
     if kind == "topk":
         return TopKCodec(topk_ratio, error_feedback)
     raise ValueError(f"unknown compression {kind!r}; choose none, int8 or topk")
+
+
+#: The config entry that carries an int8 broadcast's keys and shapes.
+BROADCAST_LAYOUT = "broadcast-layout"
+#: The arrays of an int8 broadcast, in the order that lists of arrays (SecAgg+'s legacy messages) carry them.
+BROADCAST_ARRAYS = ("q", "scale")
+
+
+def encode_broadcast(state: Mapping[str, torch.Tensor]) -> tuple[FlatState, str]:
+    """The int8 arrays that carry ``state`` and the JSON (keys and shapes) that :func:`decode_broadcast` needs."""
+    arrays, _ = Int8Codec().encode(state, {})
+    keys = sorted(state)
+    return arrays, json.dumps({"keys": keys, "shapes": [list(state[k].shape) for k in keys]})
+
+
+def decode_broadcast(arrays: Mapping[str, torch.Tensor], layout: str) -> FlatState:
+    """The model :func:`encode_broadcast` packed, as float32 tensors."""
+    meta = json.loads(layout)
+    keys = meta["keys"]
+    return Int8Codec().decode(arrays, keys, {k: tuple(shape) for k, shape in zip(keys, meta["shapes"])})
 
 
 def dense_bytes(update: Mapping[str, torch.Tensor]) -> int:

@@ -139,17 +139,18 @@ class AggregationConfig(_Section):
 
 
 class CompressionConfig(_Section):
-    """Upload compression of the sites' updates.
+    """Compression of the sites' updates (upload) and of the model sent to them (broadcast).
 
     ``int8``: per-tensor symmetric 8-bit quantization (4x smaller).
     ``topk``: only the ``topk_ratio`` largest-magnitude entries of each tensor,
-    sent as int32 indices and int8 values; what is not sent is kept at the
-    site (error feedback) and added to its next update.
+    sent as int16 (int32 for large tensors) positions and int8 values; what is
+    not sent is kept at the site (error feedback) and added to its next update.
     """
 
     upload: Literal["none", "int8", "topk"] = "none"
     topk_ratio: float = Field(0.05, gt=0, le=1)
     error_feedback: bool = True
+    broadcast: Literal["none", "int8"] = Field("none", description="int8: sites receive the global model quantized; the server keeps full precision")
 
 
 class SecureConfig(_Section):

@@ -41,6 +41,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedmeta.fl.aggregation import FlatState, head_task
+from fedmeta.fl.compression import BROADCAST_ARRAYS, BROADCAST_LAYOUT, decode_broadcast, dense_bytes, encode_broadcast
 from fedmeta.fl.config import RunConfig
 
 log = logging.getLogger("flwr.fedmeta")
@@ -96,8 +97,11 @@ def received_state(message: Message) -> tuple[RunConfig, int, bool, dict[str, to
     """Run config, round, whether to evaluate, the global model and its key order, from a SecAgg+ message."""
     cfg = message.content["fitins.config"]
     keys = json.loads(str(cfg["keys"]))
-    arrays = [a.numpy() for a in message.content[PARAMETERS].values()]
-    state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays)}
+    arrays = [torch.from_numpy(np.array(a.numpy())) for a in message.content[PARAMETERS].values()]
+    if BROADCAST_LAYOUT in cfg:
+        state = decode_broadcast(dict(zip(BROADCAST_ARRAYS, arrays)), str(cfg[BROADCAST_LAYOUT]))
+    else:
+        state = dict(zip(keys, arrays))
     return RunConfig.model_validate_json(str(cfg["run-config"])), int(cfg["round"]), bool(cfg.get("evaluate-received", False)), state, keys
 
 
@@ -111,6 +115,7 @@ class SecureRound(LegacyStrategy):
         self.aggregate: list[np.ndarray] | None = None
         self.replies: list[tuple[int, dict]] = []
         self.failures = 0
+        self.broadcast_bytes = self.broadcast_dense_bytes = 0
 
     def configure_fit(self, server_round, parameters, client_manager):
         return [(GridClientProxy(node, self.grid, self.run_id), self.fit_ins) for node in self.nodes]
@@ -135,13 +140,25 @@ class SecureRound(LegacyStrategy):
         return None
 
 
+def secure_fit_ins(config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], evaluate_received: bool) -> tuple[FitIns, int]:
+    """What each site of a SecAgg+ round receives (the model, int8-packed if so configured), and its bytes."""
+    keys = sorted(state)
+    fit_config = {"run-config": config.model_dump_json(), "round": server_round, "keys": json.dumps(keys), "evaluate-received": evaluate_received}
+    if config.compression.broadcast == "int8":
+        packed, fit_config[BROADCAST_LAYOUT] = encode_broadcast(state)
+        arrays = [packed[name].numpy() for name in BROADCAST_ARRAYS]
+    else:
+        arrays = [state[k].numpy() for k in keys]
+    return FitIns(ndarrays_to_parameters(arrays), fit_config), ArrayRecord(arrays).count_bytes()
+
+
 def run_secure_round(grid, context: Context, config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], nodes: list[int], evaluate_received: bool) -> SecureRound:
     """One SecAgg+ training round over ``nodes``; ``.aggregate`` stays None if the protocol halted."""
-    keys = sorted(state)
     secure = SecureRound(grid, context.run_id)
     secure.nodes = nodes
-    fit_config = {"run-config": config.model_dump_json(), "round": server_round, "keys": json.dumps(keys), "evaluate-received": evaluate_received}
-    secure.fit_ins = FitIns(ndarrays_to_parameters([state[k].numpy() for k in keys]), fit_config)
+    secure.fit_ins, sent = secure_fit_ins(config, server_round, state, evaluate_received)
+    secure.broadcast_bytes = len(nodes) * sent
+    secure.broadcast_dense_bytes = len(nodes) * dense_bytes(state)
     s = config.secure
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,

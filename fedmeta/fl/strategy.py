@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, select_for_tasks, weighted_mean
-from fedmeta.fl.compression import dense_bytes, make_codec
+from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, make_codec
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.privacy import clip_update, noisy_mean
 from fedmeta.fl.robust import robust_mean
@@ -99,6 +99,7 @@ class MetaStrategy(Strategy):
         # When set, training messages also ask sites to evaluate the model they receive.
         self.evaluate_received = False
         self.evaluation_rows: list[dict] = []
+        self.broadcast_bytes = self.broadcast_dense_bytes = 0  # of the last round's messages, as Flower counts them
         c = config.compression
         self.codec = make_codec(c.upload, c.topk_ratio, c.error_feedback)
         # DP noise must be unpredictable: a seeded generator would let anyone who knows the seed remove it.
@@ -112,9 +113,9 @@ class MetaStrategy(Strategy):
     def summary(self) -> None:
         c = self.config
         log.info(
-            "MetaStrategy: algorithm=%s server=%s(lr=%s) min_sites=%d aggregation=%s dp=%s compression=%s",
+            "MetaStrategy: algorithm=%s server=%s(lr=%s) min_sites=%d aggregation=%s dp=%s compression=%s broadcast=%s",
             c.algorithm.name, c.server.optimizer, c.server.lr, c.server.min_sites, c.aggregation.rule,
-            f"clip {c.privacy.clip_norm}, noise {c.privacy.noise_multiplier}" if c.privacy.enabled else "off", c.compression.upload,
+            f"clip {c.privacy.clip_norm}, noise {c.privacy.noise_multiplier}" if c.privacy.enabled else "off", c.compression.upload, c.compression.broadcast,
         )
 
     # --- messages -------------------------------------------------------------
@@ -130,11 +131,22 @@ class MetaStrategy(Strategy):
         if phase == "train" and self.evaluate_received:
             config["evaluate-received"] = True
         messages = []
+        self.broadcast_bytes = self.broadcast_dense_bytes = 0
         for node in self._sample(grid, fraction):
             flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
-            content = RecordDict({"arrays": ArrayRecord(flat), "config": config})
+            arrays, node_config = self._broadcast(flat, config)
+            content = RecordDict({"arrays": arrays, "config": node_config})
+            self.broadcast_bytes += arrays.count_bytes()
+            self.broadcast_dense_bytes += dense_bytes(flat)
             messages.append(Message(content=content, message_type=phase, dst_node_id=node))
         return messages
+
+    def _broadcast(self, flat: FlatState, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """What a site receives: the model as it is, or int8-packed with its layout in the config."""
+        if self.config.compression.broadcast == "none":
+            return ArrayRecord(flat), config
+        arrays, layout = encode_broadcast(flat)
+        return ArrayRecord(arrays), ConfigRecord({**config, BROADCAST_LAYOUT: layout})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self._messages(server_round, arrays, grid, "train", self.config.server.fraction_train)
@@ -196,9 +208,10 @@ class MetaStrategy(Strategy):
                 continue
             noise = torch.randn(total.shape, generator=self.noise, dtype=torch.float64) * std if std else 0.0
             mean[key] = ((total + noise) / weights[key]).float()
-        examples = [float(m.get("examples", 1)) for _, m in secure.replies]
+        examples = [float(sum(site_examples(m).values())) for _, m in secure.replies]
         loss = sum(float(m["loss"]) * n for (_, m), n in zip(secure.replies, examples)) / max(sum(examples), 1.0)
-        metrics = {"loss": loss, "sites": len(secure.replies), "failed_sites": dropped}
+        metrics = {"loss": loss, "sites": len(secure.replies), "failed_sites": dropped,
+                   "broadcast_bytes": secure.broadcast_bytes, "broadcast_dense_bytes": secure.broadcast_dense_bytes}
         return ArrayRecord(self.optimizer.step(self.current, mean)), MetricRecord(metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -224,6 +237,8 @@ class MetaStrategy(Strategy):
                 "failed_sites": len(self.failures),
                 "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
                 "upload_dense_bytes": sum(dense_bytes(u.update) for u in updates),
+                "broadcast_bytes": self.broadcast_bytes,
+                "broadcast_dense_bytes": self.broadcast_dense_bytes,
             }
         )
         return ArrayRecord(new_state), metrics
