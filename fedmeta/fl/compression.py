@@ -142,7 +142,16 @@ BROADCAST_ARRAYS = ("q", "scale")
 
 
 def encode_broadcast(state: Mapping[str, torch.Tensor]) -> tuple[FlatState, str]:
-    """The int8 arrays that carry ``state`` and the JSON (keys and shapes) that :func:`decode_broadcast` needs."""
+    """The int8 arrays that carry ``state`` and the JSON (keys and shapes) that :func:`decode_broadcast` needs.
+
+    >>> import torch
+    >>> arrays, layout = encode_broadcast({"params.w": torch.tensor([[0.5, -1.27], [0.01, 0.0]])})
+    >>> arrays["q"]
+    tensor([  50, -127,    1,    0], dtype=torch.int8)
+    >>> decode_broadcast(arrays, layout)["params.w"]
+    tensor([[ 0.5000, -1.2700],
+            [ 0.0100,  0.0000]])
+    """
     arrays, _ = Int8Codec().encode(state, {})
     keys = sorted(state)
     return arrays, json.dumps({"keys": keys, "shapes": [list(state[k].shape) for k in keys]})
