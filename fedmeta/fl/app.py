@@ -36,7 +36,7 @@ from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
-from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics
+from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -125,8 +125,7 @@ def _secure_train(message: Message, context: Context) -> Message:
     """A SecAgg+ training round: the update leaves the site masked, inside one fixed-layout vector."""
     config, round_, evaluate_received, received, keys = received_state(message)
     site, update, metrics = _site_round(config, round_, received, evaluate_received, context)
-    examples = {k.split(".", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("examples.")}
-    return secure_reply(message, secure_vector(config, keys, update, examples), {**metrics, "site-name": site.name})
+    return secure_reply(message, secure_vector(config, keys, update, site_examples(metrics)), {**metrics, "site-name": site.name})
 
 
 #: Where a site keeps what top-k compression has not sent yet (its error-feedback residual).

@@ -26,7 +26,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -69,9 +69,15 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) 
 EVALUATION_PREFIX = "evaluation."
 
 
-def site_examples(metrics: MetricRecord) -> dict[str, int]:
+def site_examples(metrics: Mapping) -> dict[str, int]:
     """``{task: examples}`` from a reply's ``examples.<task>`` metrics."""
     return {k.split(".", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("examples.")}
+
+
+def round_loss(site_metrics: Sequence[Mapping]) -> float:
+    """The round's loss: the sites' losses weighted by their labelled examples over all tasks."""
+    examples = [sum(site_examples(m).values()) for m in site_metrics]
+    return sum(float(m["loss"]) * n for m, n in zip(site_metrics, examples)) / max(sum(examples), 1)
 
 
 class MetaStrategy(Strategy):
@@ -208,9 +214,7 @@ class MetaStrategy(Strategy):
                 continue
             noise = torch.randn(total.shape, generator=self.noise, dtype=torch.float64) * std if std else 0.0
             mean[key] = ((total + noise) / weights[key]).float()
-        examples = [float(sum(site_examples(m).values())) for _, m in secure.replies]
-        loss = sum(float(m["loss"]) * n for (_, m), n in zip(secure.replies, examples)) / max(sum(examples), 1.0)
-        metrics = {"loss": loss, "sites": len(secure.replies), "failed_sites": dropped,
+        metrics = {"loss": round_loss([m for _, m in secure.replies]), "sites": len(secure.replies), "failed_sites": dropped,
                    "broadcast_bytes": secure.broadcast_bytes, "broadcast_dense_bytes": secure.broadcast_dense_bytes}
         return ArrayRecord(self.optimizer.step(self.current, mean)), MetricRecord(metrics)
 
@@ -228,11 +232,9 @@ class MetaStrategy(Strategy):
             return None, None
         updates = [u for _, u in accepted]
         new_state = self.optimizer.step(self.current, self.combine(updates))
-        examples = [sum(u.examples.values()) for u in updates]
-        losses = [float(r.content["metrics"]["loss"]) for r, _ in accepted]
         metrics = MetricRecord(
             {
-                "loss": sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1),
+                "loss": round_loss([r.content["metrics"] for r, _ in accepted]),
                 "sites": len(accepted),
                 "failed_sites": len(self.failures),
                 "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
