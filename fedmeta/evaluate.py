@@ -64,7 +64,7 @@ def federation_on_disk(
 ) -> Federation:
     """Write one CSV per site plus the schema; every fifth site (about ``unseen_fraction``) goes to the unseen folder.
 
-    The training sites are split exactly as the simulation splits a csv federation (seed + partition).
+    The sites are split by the one rule training and personalization use (:func:`~fedmeta.data.site.held_out_mask`).
     """
     step = max(2, round(1 / unseen_fraction)) if unseen_fraction > 0 else len(frames) + 1
     train_dir, unseen_dir = out / "train", out / "unseen"
@@ -73,8 +73,8 @@ def federation_on_disk(
         atomic_write_bytes(folder / f"{name}.csv", frame.to_csv(index=False).encode())
     for folder in (train_dir, unseen_dir):
         schema.save(folder / "schema.json")
-    seen = [load_site(f, schema, test_fraction=test_fraction, seed=seed + i) for i, f in enumerate(sorted(train_dir.glob("*.csv")))]
-    unseen = [load_site(f, schema, test_fraction=test_fraction, seed=seed + 10_000 + i) for i, f in enumerate(sorted(unseen_dir.glob("*.csv")))]
+    seen = [load_site(f, schema, test_fraction=test_fraction, seed=seed) for f in sorted(train_dir.glob("*.csv"))]
+    unseen = [load_site(f, schema, test_fraction=test_fraction, seed=seed) for f in sorted(unseen_dir.glob("*.csv"))]
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
 
 

@@ -56,6 +56,11 @@ def train_rows(run_dir: Path, phase="train"):
     return [r for r in rows if r["site"] == "*" and r["phase"] == phase]
 
 
+def site_rows(run_dir: Path):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["site"] != "*"]
+
+
 def base_state(run_dir: Path):
     return torch.load(run_dir / "base_model.pt", weights_only=False)["state"]
 
@@ -76,13 +81,15 @@ def test_personalized_model_beats_the_global_model(tmp_path):
     assert len(per_site) == 3 * 6, "one evaluation row per site and evaluated round"
 
 
-def test_a_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    config = write_config(tmp_path, rounds=4, sites=3, every=2)
-    fedmeta("train", "--config", config, "--run-dir", tmp_path / "straight")
+def test_a_killed_sampled_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    # Half the sites per round: sampling must follow the seed, not Flower's random node ids, for the runs to agree.
+    config = write_config(tmp_path, rounds=4, sites=4, every=2)
+    sampled = ["--set", "server.fraction_train=0.5"]
+    fedmeta("train", "--config", config, "--run-dir", tmp_path / "straight", *sampled)
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(config), "--run-dir", str(run)],
+        [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(config), "--run-dir", str(run), *sampled],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -103,6 +110,9 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     fedmeta("train", "--resume", run)
     assert [r["round"] for r in train_rows(run)] == [1, 2, 3, 4], "every round completes exactly once"
     assert [r["round"] for r in train_rows(run, phase="evaluate")] == [2, 4], "and is evaluated exactly once"
+    trained = [sorted((r["round"], r["site"]) for r in site_rows(d) if r["phase"] == "train") for d in (tmp_path / "straight", run)]
+    assert trained[0] == trained[1], "the resumed run trained the same sites in every round"
+    assert len({site for _, site in trained[0]}) > 2, "and sampling did vary the sites between rounds"
     straight, resumed = base_state(tmp_path / "straight"), base_state(run)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=1e-4)

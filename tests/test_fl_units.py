@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from fedmeta.fl.aggregation import ServerAdam, ServerSGD, SiteUpdate, select_for_tasks, weighted_mean
+from fedmeta.fl.aggregation import ServerAdam, ServerSGD, SiteUpdate, group_updates, select_for_tasks, weighted_mean
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.strategy import MetaStrategy, TooFewSitesError, wait_for_nodes
 
@@ -13,7 +13,7 @@ from fedmeta.fl.strategy import MetaStrategy, TooFewSitesError, wait_for_nodes
 def test_body_averages_over_all_sites_and_heads_over_sites_with_the_task():
     a = SiteUpdate("a", {"params.body.w": torch.tensor([1.0]), "params.heads.x.w": torch.tensor([1.0])}, {"x": 30})
     b = SiteUpdate("b", {"params.body.w": torch.tensor([4.0]), "params.heads.y.w": torch.tensor([7.0])}, {"y": 10, "z": 50})
-    mean = weighted_mean([a, b])
+    mean = weighted_mean(group_updates([a, b]))
     assert mean["params.body.w"].item() == pytest.approx((30 * 1 + 60 * 4) / 90)
     assert mean["params.heads.x.w"].item() == pytest.approx(1.0)
     assert mean["params.heads.y.w"].item() == pytest.approx(7.0)
@@ -146,3 +146,22 @@ def test_secagg_sums_give_the_same_step_and_loss_as_the_plain_weighted_mean():
         torch.testing.assert_close(secure_arrays.to_torch_state_dict()[key], value, atol=1e-6, rtol=0)
     assert metrics["loss"] == pytest.approx(expected["loss"]), "the round's loss is weighted alike on both paths"
     assert metrics["sites"] == 3
+
+
+def test_upload_bytes_count_the_key_list_a_compressed_reply_carries():
+    from fedmeta.fl.compression import TopKCodec
+
+    config = RunConfig.from_dict({"compression": {"upload": "topk", "topk_ratio": 0.5}})
+    strategy = MetaStrategy(config, ServerSGD(lr=1.0), random.Random(0))
+    strategy.current = {"params.body.w": torch.zeros(8), "params.heads.a.w": torch.zeros(2)}
+    replies = []
+    for node in (1, 2):
+        update = {"params.body.w": torch.arange(8.0), "params.heads.a.w": torch.ones(2)}
+        packed, _ = TopKCodec(0.5).encode(update, {})
+        reply = _Reply(node, f"s{node}", packed, {"a": 10}, loss=1.0)
+        reply.content["site"]["keys"] = sorted(update)
+        replies.append(reply)
+    _, metrics = strategy.aggregate_train(1, replies)
+    sent = sum(r.content["arrays"].count_bytes() + r.content["site"].count_bytes() + r.content["metrics"].count_bytes() for r in replies)
+    assert metrics["upload_bytes"] == sent
+    assert sent > sum(r.content["arrays"].count_bytes() for r in replies) + 2 * len("params.heads.a.w")

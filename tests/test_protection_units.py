@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
-from fedmeta.fl.aggregation import SiteUpdate, weighted_mean
+from fedmeta.fl.aggregation import SiteUpdate, group_updates, weighted_mean
 from fedmeta.fl.app import received_model
 from fedmeta.fl.compression import Int8Codec, TopKCodec, decode_broadcast, dense_bytes, encode_broadcast
 from fedmeta.fl.config import ConfigError, RunConfig
@@ -41,12 +41,12 @@ def test_clipping_bounds_the_whole_update_and_leaves_small_ones_alone():
 
 
 def test_noise_has_the_calibrated_spread_and_sites_weigh_equally():
-    updates = [{"x": torch.full((20000,), float(i))} for i in range(4)]
-    exact = noisy_mean(updates, std=0.0, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(exact["x"], torch.full((20000,), 1.5))
-    noisy = noisy_mean(updates, std=2.0, generator=torch.Generator().manual_seed(0))
+    updates = [SiteUpdate(f"s{i}", {"params.body.x": torch.full((20000,), float(i))}, {"a": 1 + 100 * i}) for i in range(4)]
+    exact = noisy_mean(group_updates(updates), std=0.0)
+    assert torch.allclose(exact["params.body.x"], torch.full((20000,), 1.5)), "equal site weights, whatever the example counts"
+    noisy = noisy_mean(group_updates(updates), std=2.0)
     # Noise N(0, 2^2) on the sum of 4 sites: std 0.5 on the mean.
-    assert float((noisy["x"] - 1.5).std()) == pytest.approx(0.5, rel=0.03)
+    assert float((noisy["params.body.x"] - 1.5).std()) == pytest.approx(0.5, rel=0.03)
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
@@ -62,7 +62,7 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
 
 
 def test_the_budget_refuses_the_round_that_would_exceed_it_and_survives_a_checkpoint():
-    account = PrivacyAccount(1.0, 1e-5, 5, 50, max_epsilon=3.0)
+    account = PrivacyAccount(2.0, 1e-5, 5, 50, max_epsilon=3.0)
     spent = 0
     with pytest.raises(PrivacyBudgetExceeded, match="max_epsilon = 3"):
         while True:
@@ -70,7 +70,7 @@ def test_the_budget_refuses_the_round_that_would_exceed_it_and_survives_a_checkp
             account.spend()
             spent += 1
     assert spent >= 1 and account.epsilon <= 3.0 < account.epsilon_after(1)
-    restored = PrivacyAccount(1.0, 1e-5, 5, 50, max_epsilon=3.0)
+    restored = PrivacyAccount(2.0, 1e-5, 5, 50, max_epsilon=3.0)
     restored.load_state_dict(account.state_dict())
     assert restored.epsilon == account.epsilon and restored.rounds == spent
 
@@ -98,18 +98,23 @@ def test_config_refuses_combinations_that_break_a_guarantee():
 def test_robust_rules_ignore_a_sign_flipped_minority():
     honest = [SiteUpdate(f"s{i}", _update(i, heads=("a", "b") if i < 3 else ("a",), spread=0.3), {"a": 10, "b": 10}) for i in range(8)]
     attacker = SiteUpdate("evil", {k: -10 * v for k, v in _update(99, heads=("a", "b")).items()}, {"a": 10_000, "b": 10_000})
-    clean = weighted_mean(honest)
-    attacked = weighted_mean(honest + [attacker])
+    clean = weighted_mean(group_updates(honest))
+    attacked = weighted_mean(group_updates(honest + [attacker]))
     assert update_norm({k: attacked[k] - clean[k] for k in clean}) > 3
     for rule in ("median", "trimmed_mean", "krum", "multikrum"):
-        robust = robust_mean(honest + [attacker], rule, trim_fraction=0.2, byzantine=1)
-        assert set(robust) == set(clean), rule
-        assert update_norm({k: robust[k] - clean[k] for k in clean}) < 1.0, rule
+        # Head b is held by 3 honest sites + the attacker: too few for Krum's n > 2f + 2, so Krum refuses it by name.
+        robust, refused = robust_mean(group_updates(honest + [attacker]), rule, trim_fraction=0.2, byzantine=1)
+        if rule in ("krum", "multikrum"):
+            assert refused == [f"head 'b': 4 site(s) hold it; {rule} with aggregation.byzantine_sites = 1 needs at least 5 (n > 2f + 2)"]
+            assert set(robust) == set(clean) - {"params.heads.b.w"}, rule
+        else:
+            assert refused == [] and set(robust) == set(clean), rule
+        assert update_norm({k: robust[k] - clean[k] for k in robust}) < 1.0, rule
 
 
 def test_head_groups_only_compare_sites_that_have_the_head():
     updates = [SiteUpdate("x", {"params.heads.a.w": torch.tensor([1.0])}, {"a": 1}), SiteUpdate("y", {"params.heads.b.w": torch.tensor([5.0])}, {"b": 1})]
-    out = robust_mean(updates, "median")
+    out, _ = robust_mean(group_updates(updates), "median")
     assert out["params.heads.a.w"].item() == 1.0 and out["params.heads.b.w"].item() == 5.0
 
 

@@ -1,12 +1,15 @@
 """A site's own rows: encoded features, per-task labels, and a fixed held-out split.
 
 Not every site has every task; a row whose label for a task is missing is
-simply not used for that task. The held-out split is drawn once, from the
-site's seed, and is never trained on.
+simply not used for that task. The held-out split is drawn by one rule,
+:func:`held_out_mask`, from the federation's seed and the site's name, so
+training, evaluation and personalization all hold out the same rows of a
+site, whichever process or machine loads it. Held-out rows are never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,26 @@ import pandas as pd
 
 from fedmeta.data.episodes import EpisodeSampler
 from fedmeta.data.schema import Schema, SchemaError
+
+
+def held_out_mask(site: str, n_rows: int, test_fraction: float, seed: int) -> np.ndarray:
+    """Which of a site's ``n_rows`` rows are held out: the one split rule every part of fedmeta uses.
+
+    The draw depends only on the federation ``seed`` and the site's name (not
+    on a partition number or load order), so a site's held-out rows are the
+    same in simulation, on the Deployment Engine and in ``fedmeta personalize``.
+
+    >>> a = held_out_mask("st-marys", 8, 0.25, seed=0)
+    >>> int(a.sum()), bool((a == held_out_mask("st-marys", 8, 0.25, seed=0)).all())
+    (2, True)
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"site {site!r}: test_fraction must be in (0, 1), got {test_fraction}")
+    digest = hashlib.sha256(f"fedmeta-split/{seed}/{site}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    mask = np.zeros(n_rows, bool)
+    mask[rng.permutation(n_rows)[: int(round(n_rows * test_fraction))]] = True
+    return mask
 
 
 @dataclass
@@ -33,12 +56,9 @@ class SiteData:
 
     @classmethod
     def from_arrays(cls, name: str, schema: Schema, x: np.ndarray, labels: dict[str, np.ndarray], test_fraction: float = 0.25, seed: int = 0) -> "SiteData":
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"site {name!r}: test_fraction must be in (0, 1), got {test_fraction}")
+        """``seed`` is the federation's seed; the held-out rows follow from it and ``name`` (:func:`held_out_mask`)."""
         n = len(x)
-        rng = np.random.default_rng(seed)
-        test_mask = np.zeros(n, bool)
-        test_mask[rng.permutation(n)[: int(round(n * test_fraction))]] = True
+        test_mask = held_out_mask(name, n, test_fraction, seed)
         full = {t.name: np.asarray(labels.get(t.name, np.full(n, np.nan)), np.float32) for t in schema.tasks}
         return cls(name, schema, np.asarray(x, np.float32), full, test_mask)
 

@@ -90,7 +90,7 @@ def fedprox_synthetic(alpha: float, beta: float, n_sites: int = 30, seed: int = 
         v = rng.normal(big_b, 1, d)
         x = rng.normal(v, np.sqrt(sigma), (sizes[k], d)).astype(np.float32)
         y = np.argmax(x @ w + b, axis=1).astype(np.float32)
-        sites.append(SiteData.from_arrays(f"site_{k:03d}", schema, x, {"label": y}, test_fraction, seed=seed * 1000 + k))
+        sites.append(SiteData.from_arrays(f"site_{k:03d}", schema, x, {"label": y}, test_fraction, seed=seed))
     return sites
 
 
@@ -191,7 +191,7 @@ def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema
 def hospital_federation(n_sites: int = 20, seed: int = 0, test_fraction: float = 0.25) -> list[SiteData]:
     """The hospital federation, encoded, as in-memory sites."""
     schema, frames = hospital_federation_frames(n_sites, seed)
-    return [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed * 1000 + i) for i, (name, df) in enumerate(frames.items())]
+    return [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed) for name, df in frames.items()]
 
 
 def write_hospital_federation(out_dir: str | Path, n_sites: int = 20, seed: int = 0) -> tuple[Path, list[Path]]:

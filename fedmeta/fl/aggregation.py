@@ -5,9 +5,14 @@ The global model travels as a flat dict ``{"params.body.net.0.weight": tensor,
 the server treats as a gradient: a meta-gradient (MAML, FOMAML, Meta-SGD,
 ANIL) or the negated Reptile delta.
 
-- :func:`weighted_mean` averages each key over the sites that sent it: the
-  body over every replying site, a head only over the sites that have its
-  task, each weighted by that site's example count for it.
+- :func:`group_updates` decides, once per round, which sites count for
+  which parameters: the body over every replying site, a head only over the
+  sites that have its task (a positive example count for it). Every combiner
+  (the weighted mean here, the DP mean in :mod:`~fedmeta.fl.privacy`, the
+  robust rules in :mod:`~fedmeta.fl.robust`) works on these groups, so a
+  site that lacks a task can never dilute that task's head.
+- :func:`weighted_mean` averages each group over its holders, each weighted
+  by its example count for that group.
 - :class:`ServerSGD` and :class:`ServerAdam` apply the mean with server
   learning rate β; their state is a plain dict so checkpoints can hold it.
 """
@@ -62,18 +67,60 @@ class SiteUpdate:
         return float(sum(self.examples.values()) if task is None else self.examples.get(task, 0))
 
 
-def weighted_mean(updates: Sequence[SiteUpdate]) -> FlatState:
-    """Per key, the example-weighted mean over the sites that sent that key."""
-    sums: dict[str, torch.Tensor] = {}
-    weights: dict[str, float] = {}
+@dataclass(frozen=True)
+class Group:
+    """Parameters combined together (the body, or one task's head) and the sites that count for them."""
+
+    task: str | None
+    keys: tuple[str, ...]
+    holders: tuple[SiteUpdate, ...]
+
+    @property
+    def name(self) -> str:
+        return "body" if self.task is None else f"head {self.task!r}"
+
+
+def group_updates(updates: Sequence[SiteUpdate]) -> list[Group]:
+    """The round's groups: the body over every site, each head over the sites that have its task.
+
+    A site holds a group when it sent every key of it and, for a head, has a
+    positive example count for the task. A site without the task may still
+    send that head (as zeros, or as an attacker's numbers); it is never counted.
+
+    >>> import torch
+    >>> a = SiteUpdate("a", {"params.body.w": torch.ones(1), "params.heads.t.w": torch.ones(1)}, {"t": 5})
+    >>> b = SiteUpdate("b", {"params.body.w": torch.ones(1), "params.heads.t.w": torch.zeros(1)}, {"u": 5})
+    >>> [(g.name, [h.site for h in g.holders]) for g in group_updates([a, b])]
+    [('body', ['a', 'b']), ("head 't'", ['a'])]
+    """
+    keys_of: dict[str | None, list[str]] = {}
     for u in updates:
-        for key, t in u.update.items():
-            w = u.weight(key)
-            if w <= 0:
-                continue
-            sums[key] = sums[key] + w * t if key in sums else w * t.double()
-            weights[key] = weights.get(key, 0.0) + w
-    return {k: (sums[k] / weights[k]).float() for k in sums}
+        for key in u.update:
+            keys = keys_of.setdefault(head_task(key), [])
+            if key not in keys:
+                keys.append(key)
+    groups = []
+    for task in sorted(keys_of, key=lambda t: (t is not None, t or "")):
+        keys = tuple(keys_of[task])
+        holders = tuple(
+            u for u in updates if all(k in u.update for k in keys) and (task is None or u.examples.get(task, 0) > 0)
+        )
+        if holders:
+            groups.append(Group(task, keys, holders))
+    return groups
+
+
+def weighted_mean(groups: Sequence[Group]) -> FlatState:
+    """Per group, the mean over its holders weighted by their example counts for it."""
+    out: FlatState = {}
+    for group in groups:
+        weights = [u.weight(group.keys[0]) for u in group.holders]
+        total = sum(weights)
+        if total <= 0:
+            continue
+        for key in group.keys:
+            out[key] = (sum(w * u.update[key].double() for w, u in zip(weights, group.holders)) / total).float()
+    return out
 
 
 class ServerSGD:

@@ -16,6 +16,7 @@ round here ends with an atomic checkpoint of everything needed to continue.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
 from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.schema import Schema
+from fedmeta.fl import exchange as wire
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, make_codec
 from fedmeta.fl.config import FederationConfig, RunConfig
@@ -71,7 +73,7 @@ def site_for(context: Context, config: RunConfig) -> SiteData:
         files = sorted(p for p in Path(fed.data_dir).iterdir() if p.suffix.lower() in (".csv", ".parquet", ".pq"))
         if partition >= len(files):
             raise ValueError(f"partition {partition} has no site file in {fed.data_dir} ({len(files)} files)")
-        return _site_from_files(str(files[partition]), str(Path(fed.data_dir) / "schema.json"), None, fed.test_fraction, fed.seed + partition)
+        return _site_from_files(str(files[partition]), str(Path(fed.data_dir) / "schema.json"), None, fed.test_fraction, fed.seed)
     return _synthetic_federation(fed.model_dump_json())[partition]
 
 
@@ -145,6 +147,14 @@ def compress(config: RunConfig, update: dict[str, torch.Tensor], context: Contex
     return arrays
 
 
+@client_app.query()
+def roll_call(message: Message, context: Context) -> Message:
+    """The server asks who this site is: its name and labelled training rows per task (no rows, no model)."""
+    config = RunConfig.model_validate_json(message.content["config"]["run-config"])
+    site = site_for(context, config)
+    return _reply(message, site, None, {f"examples.{t}": site.n_labelled(t, train=True) for t in site.tasks})
+
+
 @client_app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
@@ -185,30 +195,6 @@ class RoundObserver:
     def stop(self) -> None: ...
 
 
-def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll: float = 0.1) -> dict[str, list[Message]]:
-    """Push every group of messages at once and collect replies, per group, until all arrive or ``timeout`` passes.
-
-    ``Grid.send_and_receive`` sleeps 3 s between pulls on the Deployment Engine;
-    polling every ``poll`` seconds instead cuts that wait from each round.
-    """
-    group_of = {mid: name for name, messages in groups.items() if messages for mid in grid.push_messages(messages)}
-    pending = set(group_of)
-    replies: dict[str, list[Message]] = {name: [] for name in groups}
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(pending):
-            mid = reply.metadata.reply_to_message_id
-            replies[group_of[mid]].append(reply)
-            pending.discard(mid)
-        if not pending:
-            break
-        if time.monotonic() >= deadline:
-            log.warning("%d site(s) did not reply within %.0f s (server.round_timeout)", len(pending), timeout)
-            break
-        time.sleep(poll)
-    return replies
-
-
 def evaluation_due(config: RunConfig, model_round: int) -> bool:
     return model_round >= 1 and (model_round % config.evaluation.every == 0 or model_round == config.rounds)
 
@@ -238,8 +224,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     if config.secure.secagg and context is None:
         raise ValueError("secure.secagg needs the ServerApp's context")
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
-    strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed))
-    account = privacy_account(config, strategy)
+    account = privacy_account(config)
+    strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed), account)
     ckpt = run_dir.load_checkpoint()
     if ckpt is None:
         state, first = initial_state(config), 1
@@ -261,24 +247,18 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer.start(first, config.rounds)
     last_round = first - 1
     for round_ in range(first, config.rounds + 1):
-        if account is not None:
-            try:
-                account.check_budget()
-            except PrivacyBudgetExceeded as e:
-                log.warning("training stops before round %d: %s", round_, e)
-                break
         started = time.perf_counter()
         rows: list[dict] = []
         prior = round_ - 1
         strategy.evaluate_received = evaluation_due(config, prior)
         train_metrics = None
+        budget_reached = None
         for attempt in range(s.retries + 1):
-            if config.secure.secagg:
-                new_arrays, train_metrics = strategy.train_secure(round_, state, grid, context)
-            else:
-                train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
-                replies = exchange(grid, {"train": train}, s.round_timeout)
-                new_arrays, train_metrics = strategy.aggregate_train(round_, replies["train"])
+            try:
+                new_arrays, train_metrics = _train_round(strategy, round_, state, grid, context)
+            except PrivacyBudgetExceeded as e:
+                budget_reached = e  # checked on the round's real sample, before anything is sent
+                break
             rows += strategy.site_rows
             if strategy.evaluate_received:
                 eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
@@ -293,11 +273,14 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
                 log.warning("round %d: retrying (%d of %d)", round_, attempt + 1, s.retries)
         else:
             log.warning("round %d skipped: fewer than %d sites replied after %d attempt(s); the model is unchanged", round_, s.min_sites, s.retries + 1)
+        if budget_reached is not None:
+            log.warning("training stops before round %d: %s", round_, budget_reached)
+            break
         summary = {"round": round_, "phase": "train", "site": "*", "seconds": time.perf_counter() - started, "skipped": train_metrics is None}
         if train_metrics is not None:
             summary.update(dict(train_metrics))
             if account is not None:
-                account.spend()
+                account.spend(*strategy.last_sample)
         if account is not None:
             summary.update({"epsilon": account.epsilon, "delta": account.delta})
             log.info("round %d: privacy spent epsilon = %.3f at delta = %g", round_, account.epsilon, account.delta)
@@ -313,7 +296,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     # The last model is evaluated on its own; its rows count as written after the last round.
     started = time.perf_counter()
     evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
-    replies = exchange(grid, {"evaluate": evaluate}, s.round_timeout)
+    replies = wire.exchange(grid, {"evaluate": evaluate}, s.round_timeout)
     rows, evaluation = _evaluation_rows(strategy.evaluate_replies(last_round, replies["evaluate"]), last_round, last_round + 1, time.perf_counter() - started)
     run_dir.append_metrics(rows)
     if evaluation is not None:
@@ -324,13 +307,29 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     return state
 
 
-def privacy_account(config: RunConfig, strategy: MetaStrategy) -> PrivacyAccount | None:
-    """The run's (epsilon, delta) account when DP noise is on; sites are sampled from ``federation.n_sites``."""
+def _train_round(strategy: MetaStrategy, round_: int, state: dict[str, torch.Tensor], grid: Grid, context: Context | None):
+    """One attempt at a training round: the new global arrays (None if nothing was aggregated) and its metrics."""
+    if strategy.config.secure.secagg:
+        return strategy.train_secure(round_, state, grid, context)
+    train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
+    replies = wire.exchange(grid, {"train": train}, strategy.config.server.round_timeout)
+    return strategy.aggregate_train(round_, replies["train"])
+
+
+def privacy_account(config: RunConfig) -> PrivacyAccount | None:
+    """The run's (epsilon, delta) account when DP noise is on.
+
+    Each round spends with the sample it really drew from the sites really
+    connected (:meth:`MetaStrategy._sample`); ``federation.n_sites`` is only
+    the default for projections.
+    """
     p = config.privacy
     if not p.accounted:
         return None
     n = config.federation.n_sites
-    return PrivacyAccount(p.noise_multiplier, p.delta, strategy.sample_size(n), n, p.max_epsilon)
+    s = config.server
+    m = min(n, max(s.min_sites, math.ceil(s.fraction_train * n)))
+    return PrivacyAccount(p.noise_multiplier, p.delta, m, n, p.max_epsilon)
 
 
 def privacy_note(config: RunConfig) -> dict | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -203,6 +204,18 @@ class RunConfig(_Section):
             raise ValueError(f"privacy.noise_multiplier > 0 is accounted for the mean only; aggregation.rule = {self.aggregation.rule!r} has another sensitivity")
         if self.privacy.max_epsilon is not None and not self.privacy.accounted:
             raise ValueError("privacy.max_epsilon needs privacy.clip_norm and privacy.noise_multiplier > 0")
+        if self.aggregation.rule in ("krum", "multikrum"):
+            f = self.aggregation.byzantine_sites
+            n = self.federation.n_sites
+            sampled = min(n, max(self.server.min_sites, math.ceil(self.server.fraction_train * n)))
+            if sampled < 2 * f + 3:
+                raise ValueError(
+                    f"aggregation.rule = {self.aggregation.rule!r} with aggregation.byzantine_sites = {f} needs at least {2 * f + 3} sites "
+                    f"per round (n > 2f + 2); a round samples {sampled} of federation.n_sites = {n} (server.fraction_train = {self.server.fraction_train:g})"
+                )
+        unused = _unused_options(self)
+        if unused:
+            raise ValueError("options set that this run would ignore:\n  " + "\n  ".join(unused))
         return self
 
     @classmethod
@@ -224,7 +237,7 @@ class RunConfig(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+            lines = [_error_line(err) for err in e.errors()]
             raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
 
     def digest(self) -> str:
@@ -234,6 +247,36 @@ class RunConfig(_Section):
 
     def to_toml(self) -> str:
         return _to_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+def _unused_options(config: "RunConfig") -> list[str]:
+    """Options given a non-default value that the rest of the configuration would silently ignore."""
+    def changed(section: _Section, name: str) -> bool:
+        return getattr(section, name) != type(section).model_fields[name].get_default(call_default_factory=True)
+
+    rules = [
+        (config.aggregation, "trim_fraction", config.aggregation.rule == "trimmed_mean", "aggregation.rule = 'trimmed_mean'"),
+        (config.aggregation, "byzantine_sites", config.aggregation.rule in ("krum", "multikrum"), "aggregation.rule = 'krum' or 'multikrum'"),
+        (config.aggregation, "multikrum_select", config.aggregation.rule == "multikrum", "aggregation.rule = 'multikrum'"),
+        (config.compression, "topk_ratio", config.compression.upload == "topk", "compression.upload = 'topk'"),
+        (config.compression, "error_feedback", config.compression.upload == "topk", "compression.upload = 'topk'"),
+        (config.privacy, "noise_multiplier", config.privacy.enabled, "privacy.clip_norm"),
+        (config.privacy, "delta", config.privacy.accounted, "privacy.clip_norm and privacy.noise_multiplier > 0"),
+        (config.simulation, "attack", bool(config.simulation.byzantine_sites), "simulation.byzantine_sites"),
+    ]
+    rules += [(config.secure, name, config.secure.secagg, "secure.secagg = true") for name in ("clipping_range", "quantization_range", "reconstruction_threshold", "max_examples")]
+    section_of = {id(getattr(config, name)): name for name in type(config).model_fields}
+    return [
+        f"{section_of[id(section)]}.{name} = {getattr(section, name)!r} has no effect without {needs}"
+        for section, name, used, needs in rules
+        if not used and changed(section, name)
+    ]
+
+
+def _error_line(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 class ConfigError(ValueError):

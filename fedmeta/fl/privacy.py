@@ -7,30 +7,49 @@ not only a row. The mechanism (DP-FedAvg, McMahan et al. 2018):
 1. each site clips its whole update (body and heads together) to L2 norm C
    (:func:`clip_update`); the server clips again whatever it can see, so a
    site that skips it gains nothing;
-2. the server sums the clipped updates with equal site weights and adds
-   N(0, (sigma C)^2) to every coordinate of the sum (:func:`noisy_mean`);
+2. the server sums each group's clipped updates with equal site weights and
+   adds N(0, (sigma C)^2) to every coordinate of the sum (:func:`noisy_mean`),
+   drawing the noise from the operating system's CSPRNG (:func:`secure_normal`);
 3. :class:`PrivacyAccount` composes one sampled Gaussian release per round
-   with Flower's Renyi-DP accountant (backed by Google's ``dp-accounting``)
-   and reports the epsilon spent at the run's delta.
+   with Google's ``dp-accounting`` RDP accountant and reports epsilon at delta.
 
-Example::
+The account, stated once (the README repeats it):
 
-    >>> account = PrivacyAccount(noise_multiplier=1.0, delta=1e-5, sample_size=10, population=100)
-    >>> account.spend()
+- **relation**: replace-one (a neighbouring federation swaps one site's data
+  for another's), the relation under which fixed-size sampling is analysed;
+- **sampling**: ``m`` of ``n`` sites uniformly without replacement, where
+  ``n`` is the population the round actually sampled from (the connected
+  sites) and ``m`` the sample it drew (``server.min_sites`` may raise it);
+  with ``m = n`` there is no amplification;
+- **sensitivity**: swapping one site moves a clipped sum by up to
+  ``2 C`` (its update ``u`` leaves, ``u'`` arrives, ``|u - u'| <= 2C``), so
+  noise of std ``sigma C`` is a Gaussian mechanism with noise multiplier
+  ``z = sigma / 2`` relative to the sensitivity (:data:`SENSITIVITY`).
+
+Example (50 of 500 sites, sigma = 1.36, 20 rounds, delta = 1e-5)::
+
+    >>> account = PrivacyAccount(noise_multiplier=1.36, delta=1e-5, sample_size=50, population=500)
+    >>> for _ in range(20):
+    ...     account.spend()
     >>> round(account.epsilon, 2)
-    2.28
+    13.33
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 
+import dp_accounting
+import numpy as np
 import torch
-from flwr.serverapp import RdpAccountant
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from dp_accounting import rdp
 
-FlatState = dict[str, torch.Tensor]
+from fedmeta.fl.aggregation import FlatState, Group
+
+#: L2 sensitivity of a sum of updates clipped to C, in units of C, under the replace-one relation.
+SENSITIVITY = 2.0
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
@@ -45,22 +64,37 @@ def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[F
     return {k: t * scale for k, t in update.items()}, norm
 
 
-def noisy_mean(updates: Sequence[Mapping[str, torch.Tensor]], std: float, generator: torch.Generator) -> FlatState:
-    """Per key, (sum of the sites that sent it + N(0, std^2)) / their count.
+def secure_normal(shape: Sequence[int], std: float) -> torch.Tensor:
+    """N(0, std^2) entries (float64) from the operating system's CSPRNG, by the Box-Muller transform.
+
+    A seeded pseudo-random generator would let whoever learns or guesses its
+    state subtract the noise; ``secrets`` reads the kernel's CSPRNG.
+    """
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(secrets.token_bytes(16 * pairs), dtype=np.uint64)
+    # 53 random bits per uniform, shifted off zero so the logarithm is finite.
+    uniform = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    radius = np.sqrt(-2.0 * np.log(uniform[:pairs]))
+    angle = 2.0 * math.pi * uniform[pairs:]
+    normal = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+    return torch.from_numpy(normal * std).reshape(tuple(shape))
+
+
+def noisy_mean(groups: Sequence[Group], std: float, noise=secure_normal) -> FlatState:
+    """Per group and key, (sum over the group's holders + N(0, std^2)) / their count.
 
     Sites weigh equally: with example weights, one large site would move the
-    mean by more than C / n and the noise would not cover it.
+    mean by more than C / n and the noise would not cover it. ``noise(shape,
+    std)`` draws the noise (tests pass a seeded one).
     """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for update in updates:
-        for key, t in update.items():
-            sums[key] = sums[key] + t.double() if key in sums else t.double().clone()
-            counts[key] = counts.get(key, 0) + 1
-    out = {}
-    for key, total in sums.items():
-        noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std if std > 0 else 0.0
-        out[key] = ((total + noise) / counts[key]).float()
+    out: FlatState = {}
+    for group in groups:
+        for key in group.keys:
+            total = sum(u.update[key].double() for u in group.holders)
+            if std > 0:
+                total = total + noise(tuple(total.shape), std)
+            out[key] = (total / len(group.holders)).float()
     return out
 
 
@@ -68,66 +102,101 @@ class PrivacyBudgetExceeded(RuntimeError):
     """The next round would spend more epsilon than ``privacy.max_epsilon``."""
 
 
+def _release(noise_multiplier: float, sample_size: int, population: int) -> dp_accounting.DpEvent:
+    """One round's release: the Gaussian mechanism on the sum, sampled ``sample_size`` of ``population``."""
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / SENSITIVITY)
+    if sample_size >= population:
+        return gaussian
+    return dp_accounting.SampledWithoutReplacementDpEvent(population, sample_size, gaussian)
+
+
 class PrivacyAccount:
     """The (epsilon, delta) a run has spent: one sampled Gaussian release per aggregated round.
 
-    Sites are sampled uniformly without replacement (``sample_size`` of
-    ``population``), the "replace one site" neighbouring relation, RDP
-    composition converted to (epsilon, delta) at ``delta``.
+    ``sample_size`` and ``population`` are the defaults for :meth:`spend` and
+    :meth:`check_budget`; a round passes the sample it actually drew. The
+    state is the list of releases, so a checkpoint restores it exactly.
     """
 
     def __init__(self, noise_multiplier: float, delta: float, sample_size: int, population: int, max_epsilon: float | None = None):
         if noise_multiplier <= 0:
             raise ValueError("privacy accounting needs noise_multiplier > 0")
+        if not 1 <= sample_size <= population:
+            raise ValueError(f"privacy accounting needs 1 <= sample_size <= population, got {sample_size} of {population}")
         self.noise_multiplier, self.delta, self.max_epsilon = noise_multiplier, delta, max_epsilon
-        self.event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sample_size, population_size=population)
-        sampling = SamplingMethod.WITHOUT_REPLACEMENT if sample_size < population else SamplingMethod.NO_AMPLIFICATION
-        relation = NeighboringRelation.REPLACE_ONE if sample_size < population else NeighboringRelation.ADD_OR_REMOVE_ONE
-        self._accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population, neighboring_relation=relation, sampling_method=sampling))
-
-    @property
-    def epsilon(self) -> float:
-        return 0.0 if self.rounds == 0 else self._accountant.get_epsilon(self.delta)
+        self.sample_size, self.population = sample_size, population
+        self.releases: list[tuple[int, int]] = []  # (sample_size, population) of each spent round
 
     @property
     def rounds(self) -> int:
-        return self._accountant.num_releases
+        return len(self.releases)
 
-    def epsilon_after(self, rounds: int) -> float:
-        """Epsilon after ``rounds`` more releases, without spending them."""
-        if rounds <= 0:
-            return self.epsilon
-        projected = PrivacyAccount(self.noise_multiplier, self.delta, self.event.sample_size, self.event.population_size)
-        projected._accountant.load_state_dict(self._accountant.state_dict())
-        projected._accountant.compose(self.event, rounds)
-        return projected.epsilon
+    @property
+    def epsilon(self) -> float:
+        return self._epsilon(self.releases)
 
-    def check_budget(self) -> None:
-        """Raise :class:`PrivacyBudgetExceeded` if one more round would pass ``max_epsilon``."""
-        if self.max_epsilon is not None and self.epsilon_after(1) > self.max_epsilon:
+    def _epsilon(self, releases: list[tuple[int, int]]) -> float:
+        if not releases:
+            return 0.0
+        accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        counts: dict[tuple[int, int], int] = {}
+        for release in releases:
+            counts[release] = counts.get(release, 0) + 1
+        for (m, n), count in counts.items():
+            accountant.compose(_release(self.noise_multiplier, m, n), count)
+        return float(accountant.get_epsilon(self.delta))
+
+    def _round(self, sample_size: int | None, population: int | None) -> tuple[int, int]:
+        m = self.sample_size if sample_size is None else sample_size
+        n = self.population if population is None else population
+        if not 1 <= m <= n:
+            raise ValueError(f"a round cannot sample {m} of {n} sites")
+        return m, n
+
+    def epsilon_after(self, rounds: int, sample_size: int | None = None, population: int | None = None) -> float:
+        """Epsilon after ``rounds`` more releases of ``sample_size`` of ``population``, without spending them."""
+        return self._epsilon(self.releases + [self._round(sample_size, population)] * max(rounds, 0))
+
+    def check_budget(self, sample_size: int | None = None, population: int | None = None) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` if one more such round would pass ``max_epsilon``."""
+        if self.max_epsilon is None:
+            return
+        after = self.epsilon_after(1, sample_size, population)
+        if after > self.max_epsilon:
+            m, n = self._round(sample_size, population)
             raise PrivacyBudgetExceeded(
                 f"privacy budget reached: {self.rounds} round(s) spent epsilon = {self.epsilon:.3f} (delta = {self.delta:g}); "
-                f"one more would reach {self.epsilon_after(1):.3f} > privacy.max_epsilon = {self.max_epsilon:g}"
+                f"one more round sampling {m} of {n} sites would reach {after:.3f} > privacy.max_epsilon = {self.max_epsilon:g}"
             )
 
-    def spend(self) -> None:
-        self._accountant.compose(self.event)
+    def spend(self, sample_size: int | None = None, population: int | None = None) -> None:
+        self.releases.append(self._round(sample_size, population))
 
     def state_dict(self) -> dict:
-        return self._accountant.state_dict()
+        return {"releases": [list(r) for r in self.releases]}
 
     def load_state_dict(self, state: dict) -> None:
-        self._accountant.load_state_dict(state)
+        if "releases" not in state:
+            raise ValueError("the checkpoint's privacy account was written by an older fedmeta (before the replace-one sensitivity fix); start a new run")
+        self.releases = [(int(m), int(n)) for m, n in state["releases"]]
 
     def summary(self) -> dict:
-        return {"epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds, "noise_multiplier": self.noise_multiplier, "accountant": "rdp"}
+        return {
+            "epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds, "noise_multiplier": self.noise_multiplier,
+            "accountant": "rdp", "relation": "replace-one", "sensitivity": f"{SENSITIVITY:g} x clip_norm",
+            "sampling": sorted({f"{m} of {n}" for m, n in self.releases}),
+        }
 
 
 def noise_multiplier_for(epsilon: float, delta: float, rounds: int, sample_size: int, population: int) -> float:
-    """The smallest noise multiplier (to 1%) whose ``rounds`` releases spend at most ``epsilon``."""
+    """The smallest noise multiplier (to 1%) whose ``rounds`` releases spend at most ``epsilon``.
+
+    >>> sigma = noise_multiplier_for(4.0, 1e-5, rounds=20, sample_size=50, population=500)
+    >>> PrivacyAccount(sigma, 1e-5, 50, 500).epsilon_after(20) <= 4.0
+    True
+    """
     def spent(sigma: float) -> float:
-        account = PrivacyAccount(sigma, delta, sample_size, population)
-        return account.epsilon_after(rounds)
+        return PrivacyAccount(sigma, delta, sample_size, population).epsilon_after(rounds)
 
     low, high = 0.05, 1.0
     while spent(high) > epsilon:

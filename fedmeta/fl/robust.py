@@ -11,8 +11,9 @@ parameters. Sites weigh equally: an attacker could inflate its example count.
   ``select = m > 1`` gives Multi-Krum, the mean of the m best (Blanchard et
   al. 2017). It assumes at most ``f`` attackers.
 
-:func:`robust_mean` applies one of them to a list of
-:class:`~fedmeta.fl.aggregation.SiteUpdate`.
+:func:`robust_mean` applies one of them to the round's groups
+(:func:`~fedmeta.fl.aggregation.group_updates`). Krum's guarantee needs
+n > 2f + 2 sites in a group; a group with fewer is refused, by name.
 
 Example::
 
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedmeta.fl.aggregation import FlatState, SiteUpdate, head_task
+from fedmeta.fl.aggregation import FlatState, Group
 
 RULES = ("median", "trimmed_mean", "krum", "multikrum")
 
@@ -69,24 +70,33 @@ def krum(stack: torch.Tensor, byzantine: int, select: int = 1) -> torch.Tensor:
     return stack[best].mean(dim=0)
 
 
-def _groups(updates: Sequence[SiteUpdate]) -> dict[str | None, list[str]]:
-    groups: dict[str | None, list[str]] = {}
-    for u in updates:
-        for key in u.update:
-            keys = groups.setdefault(head_task(key), [])
-            if key not in keys:
-                keys.append(key)
-    return groups
+class TooFewHoldersError(ValueError):
+    """A group with too few sites for Krum's guarantee (n > 2f + 2)."""
 
 
-def robust_mean(updates: Sequence[SiteUpdate], rule: str, trim_fraction: float = 0.2, byzantine: int = 1, select: int | None = None) -> FlatState:
-    """Combine ``updates`` with ``rule`` (one of :data:`RULES`), group by group."""
+def krum_holders_needed(byzantine: int) -> int:
+    """The fewest sites Krum and Multi-Krum need to tolerate ``byzantine`` attackers: 2f + 3."""
+    return 2 * byzantine + 3
+
+
+def robust_mean(groups: Sequence[Group], rule: str, trim_fraction: float = 0.2, byzantine: int = 1, select: int | None = None) -> tuple[FlatState, list[str]]:
+    """Combine each group's holders with ``rule`` (one of :data:`RULES`).
+
+    Returns the combined update and the groups left out: under Krum a group
+    held by ``n <= 2f + 2`` sites has no guarantee, so it is not updated this
+    round (and said so) rather than silently combined.
+    """
     if rule not in RULES:
         raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(RULES)}")
     out: FlatState = {}
-    for keys in _groups(updates).values():
-        holders = [u for u in updates if all(k in u.update for k in keys)]
-        if not holders:
+    refused: list[str] = []
+    for group in groups:
+        holders, keys = group.holders, group.keys
+        if rule in ("krum", "multikrum") and len(holders) < krum_holders_needed(byzantine):
+            refused.append(
+                f"{group.name}: {len(holders)} site(s) hold it; {rule} with aggregation.byzantine_sites = {byzantine} needs "
+                f"at least {krum_holders_needed(byzantine)} (n > 2f + 2)"
+            )
             continue
         shapes = [holders[0].update[k].shape for k in keys]
         stack = torch.stack([torch.cat([u.update[k].reshape(-1).float() for k in keys]) for u in holders])
@@ -100,4 +110,4 @@ def robust_mean(updates: Sequence[SiteUpdate], rule: str, trim_fraction: float =
             combined = krum(stack, byzantine, select or max(1, len(holders) - byzantine))
         for key, piece, shape in zip(keys, combined.split([math.prod(s) for s in shapes]), shapes):
             out[key] = piece.reshape(shape)
-    return out
+    return out, refused

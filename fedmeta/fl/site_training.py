@@ -56,7 +56,7 @@ def _fedavg_steps(config: RunConfig, site: SiteData, model: MultiTaskModel, stat
         loss = make_loss(model, task)(leaves, torch.from_numpy(x[rows]), torch.from_numpy(y[rows]), torch.ones(len(rows)))
         grads = torch.autograd.grad(loss, [leaves[n] for n in names])
         state["params"].update({n: v.detach() for n, v in sgd_update(leaves, dict(zip(names, grads)), config.local.lr).items()})
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

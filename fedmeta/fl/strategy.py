@@ -24,45 +24,23 @@ import json
 import logging
 import math
 import random
-import secrets
-import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmeta.fl.aggregation import FlatState, SiteUpdate, select_for_tasks, weighted_mean
+from fedmeta.fl.aggregation import FlatState, SiteUpdate, group_updates, head_task, select_for_tasks, weighted_mean
 from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, make_codec
+from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
-from fedmeta.fl.privacy import clip_update, noisy_mean
+from fedmeta.fl.exchange import TooFewSitesError, wait_for_nodes
+from fedmeta.fl.privacy import PrivacyAccount, clip_update, noisy_mean, secure_normal
 from fedmeta.fl.robust import robust_mean
 from fedmeta.fl.secagg import SecureRound, run_secure_round, weighted_sums
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
-
-
-class TooFewSitesError(RuntimeError):
-    """Fewer sites connected than the run needs, after waiting ``sampling_timeout``."""
-
-
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Connected node ids once at least ``minimum`` are there; raise after ``timeout`` seconds.
-
-    Flower's own sampling waits forever, and the strategy timeout does not cover it.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
-        if time.monotonic() >= deadline:
-            raise TooFewSitesError(
-                f"only {len(nodes)} site(s) connected after waiting {timeout:.0f} s; the run needs at least {minimum} "
-                "(server.min_sites). Start more SuperNodes or lower server.min_sites."
-            )
-        time.sleep(poll)
 
 
 #: Metrics a training reply carries about the model it received (evaluated before training).
@@ -90,13 +68,17 @@ class MetaStrategy(Strategy):
     optimizer : ServerSGD or ServerAdam
         Applied to the weighted mean update with the server learning rate.
     rng : random.Random
-        Site sampling; its state is checkpointed.
+        Site sampling (over sorted site names); its state is checkpointed.
+    account : PrivacyAccount or None
+        Under DP noise, each training sample is checked against its budget.
     """
 
-    def __init__(self, config: RunConfig, optimizer, rng: random.Random):
+    def __init__(self, config: RunConfig, optimizer, rng: random.Random, account: PrivacyAccount | None = None):
         self.config = config
         self.optimizer = optimizer
         self.rng = rng
+        self.account = account
+        self.last_sample: tuple[int, int] | None = None  # (sampled, population) of the last training round
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.current: FlatState = {}
@@ -108,13 +90,7 @@ class MetaStrategy(Strategy):
         self.broadcast_bytes = self.broadcast_dense_bytes = 0  # of the last round's messages, as Flower counts them
         c = config.compression
         self.codec = make_codec(c.upload, c.topk_ratio, c.error_feedback)
-        # DP noise must be unpredictable: a seeded generator would let anyone who knows the seed remove it.
-        self.noise = torch.Generator().manual_seed(secrets.randbits(63))
-
-    def sample_size(self, nodes: int) -> int:
-        """How many of ``nodes`` connected sites a training round samples."""
-        s = self.config.server
-        return min(nodes, max(s.min_sites, math.ceil(s.fraction_train * nodes)))
+        self.refused_groups: list[str] = []  # groups a robust rule could not combine in the last round
 
     def summary(self) -> None:
         c = self.config
@@ -125,11 +101,52 @@ class MetaStrategy(Strategy):
         )
 
     # --- messages -------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+    def _sample(self, grid: Grid, fraction: float, phase: str = "train") -> list[int]:
+        """Sample sites by name (node ids are random at every start), so the same seed trains the same sites.
+
+        Connected nodes not yet known answer a roll call first (their site name
+        and tasks). A training sample is checked against the privacy budget with
+        the population and sample size it really has.
+        """
         s = self.config.server
         nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout)
-        size = self.sample_size(len(nodes)) if fraction == s.fraction_train else min(len(nodes), max(s.min_sites, math.ceil(fraction * len(nodes))))
-        return sorted(self.rng.sample(nodes, size))
+        self.roll_call(grid, [n for n in nodes if n not in self.node_sites])
+        by_site: dict[str, int] = {}
+        for node in sorted(n for n in nodes if n in self.node_sites):
+            site = self.node_sites[node]
+            if site in by_site:
+                log.warning("site %s is connected as two nodes (%s and %s); sampling node %s", site, by_site[site], node, by_site[site])
+                continue
+            by_site[site] = node
+        if len(by_site) < s.min_sites:
+            raise TooFewSitesError(
+                f"only {len(by_site)} of {len(nodes)} connected site(s) answered the roll call; the run needs at least {s.min_sites} (server.min_sites)"
+            )
+        size = min(len(by_site), max(s.min_sites, math.ceil(fraction * len(by_site))))
+        if phase == "train":
+            self.last_sample = (size, len(by_site))
+            if self.account is not None:
+                self.account.check_budget(size, len(by_site))
+        chosen = self.rng.sample(sorted(by_site), size)
+        return sorted(by_site[site] for site in chosen)
+
+    def roll_call(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask ``nodes`` for their site name and tasks (no rows, no model): a small query exchange."""
+        if not nodes:
+            return
+        config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": 0, "phase": "roll-call"})
+        messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        replies = wire.exchange(grid, {"roll-call": messages}, self.config.server.round_timeout)["roll-call"]
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("roll call: node %s failed: %s", node, reply.error.reason)
+                continue
+            self.node_sites[node] = str(reply.content["site"]["name"])
+            self.node_tasks[node] = sorted(site_examples(reply.content["metrics"]))
+        missing = len(nodes) - len(replies)
+        if missing:
+            log.warning("roll call: %d node(s) did not answer within %.0f s (server.round_timeout)", missing, self.config.server.round_timeout)
 
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
         self.current = arrays.to_torch_state_dict()
@@ -138,7 +155,7 @@ class MetaStrategy(Strategy):
             config["evaluate-received"] = True
         messages = []
         self.broadcast_bytes = self.broadcast_dense_bytes = 0
-        for node in self._sample(grid, fraction):
+        for node in self._sample(grid, fraction, phase):
             flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
             arrays, node_config = self._broadcast(flat, config)
             content = RecordDict({"arrays": arrays, "config": node_config})
@@ -212,7 +229,7 @@ class MetaStrategy(Strategy):
         for key, total in sums.items():
             if weights[key] < floor:
                 continue
-            noise = torch.randn(total.shape, generator=self.noise, dtype=torch.float64) * std if std else 0.0
+            noise = secure_normal(tuple(total.shape), std) if std else 0.0
             mean[key] = ((total + noise) / weights[key]).float()
         metrics = {"loss": round_loss([m for _, m in secure.replies]), "sites": len(secure.replies), "failed_sites": dropped,
                    "broadcast_bytes": secure.broadcast_bytes, "broadcast_dense_bytes": secure.broadcast_dense_bytes}
@@ -231,13 +248,17 @@ class MetaStrategy(Strategy):
             log.warning("round %d: %d well-formed update(s), fewer than server.min_sites = %d; nothing aggregated", server_round, len(accepted), self.config.server.min_sites)
             return None, None
         updates = [u for _, u in accepted]
-        new_state = self.optimizer.step(self.current, self.combine(updates))
+        combined = self.combine(updates)
+        if combined is None:
+            log.warning("round %d: the body could not be combined (%s); nothing aggregated", server_round, "; ".join(self.refused_groups))
+            return None, None
+        new_state = self.optimizer.step(self.current, combined)
         metrics = MetricRecord(
             {
                 "loss": round_loss([r.content["metrics"] for r, _ in accepted]),
                 "sites": len(accepted),
                 "failed_sites": len(self.failures),
-                "upload_bytes": sum(r.content["arrays"].count_bytes() for r in good),
+                "upload_bytes": sum(reply_bytes(r) for r in good),
                 "upload_dense_bytes": sum(dense_bytes(u.update) for u in updates),
                 "broadcast_bytes": self.broadcast_bytes,
                 "broadcast_dense_bytes": self.broadcast_dense_bytes,
@@ -264,16 +285,30 @@ class MetaStrategy(Strategy):
             updates.append((r, SiteUpdate(site, update, site_examples(r.content["metrics"]))))
         return updates
 
-    def combine(self, updates: list[SiteUpdate]) -> FlatState:
-        """The update the server optimizer applies: DP noisy mean, robust rule or weighted mean."""
+    def combine(self, updates: list[SiteUpdate]) -> FlatState | None:
+        """The update the server optimizer applies, or None when the body cannot be combined.
+
+        Under DP every update is clipped first (sites clip their own; clipping
+        again binds sites that did not). Then, over the round's groups: the
+        robust rule if one is set, else the equal-weight mean with Gaussian
+        noise under DP (no noise when ``noise_multiplier`` is 0), else the
+        example-weighted mean.
+        """
         privacy, agg = self.config.privacy, self.config.aggregation
         if privacy.enabled:
-            # Sites clip their own updates; clipping again here costs nothing and binds sites that did not.
-            clipped = [clip_update(u.update, privacy.clip_norm)[0] for u in updates]
-            return noisy_mean(clipped, privacy.noise_multiplier * privacy.clip_norm, self.noise)
+            updates = [SiteUpdate(u.site, clip_update(u.update, privacy.clip_norm)[0], u.examples) for u in updates]
+        groups = group_updates(updates)
+        self.refused_groups = []
         if agg.rule != "mean":
-            return robust_mean(updates, agg.rule, agg.trim_fraction, agg.byzantine_sites, agg.multikrum_select)
-        return weighted_mean(updates)
+            combined, self.refused_groups = robust_mean(groups, agg.rule, agg.trim_fraction, agg.byzantine_sites, agg.multikrum_select)
+            for reason in self.refused_groups:
+                log.warning("%s rule: not updated this round: %s", agg.rule, reason)
+            if any(g.task is None for g in groups) and not any(head_task(k) is None for k in combined):
+                return None
+            return combined
+        if privacy.enabled:
+            return noisy_mean(groups, privacy.noise_multiplier * privacy.clip_norm)
+        return weighted_mean(groups)
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
         """Per-site metric rows of the good evaluation replies."""
@@ -283,6 +318,12 @@ class MetaStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = self.evaluate_replies(server_round, replies)
         return MetricRecord(mean_site_metrics(rows)) if rows else None
+
+
+def reply_bytes(reply: Message) -> int:
+    """What a training reply carries, as Flower counts it: the update's arrays, the site record (a compressed
+    update's key list travels there) and the metrics."""
+    return sum(reply.content[name].count_bytes() for name in ("arrays", "site", "metrics") if name in reply.content)
 
 
 def mean_site_metrics(rows: list[dict]) -> dict[str, float]:

@@ -1,0 +1,64 @@
+"""Messages on the wire: waiting (bounded) for sites to connect, and push/pull exchanges with a deadline.
+
+Flower's own ``Grid.send_and_receive`` sleeps 3 s between pulls on the
+Deployment Engine, and its node sampling waits forever; these two functions
+bound every wait and poll every 0.1 s. The strategy and the round loop reach
+them through this module (``wire.exchange``), so one place sees every reply
+a site sends (the data-leak test records them here).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger("flwr.fedmeta")
+
+
+class TooFewSitesError(RuntimeError):
+    """Fewer sites connected than the run needs, after waiting ``sampling_timeout``."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Connected node ids once at least ``minimum`` are there; raise after ``timeout`` seconds.
+
+    Flower's own sampling waits forever, and the strategy timeout does not cover it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TooFewSitesError(
+                f"only {len(nodes)} site(s) connected after waiting {timeout:.0f} s; the run needs at least {minimum} "
+                "(server.min_sites). Start more SuperNodes or lower server.min_sites."
+            )
+        time.sleep(poll)
+
+
+def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll: float = 0.1) -> dict[str, list[Message]]:
+    """Push every group of messages at once and collect replies, per group, until all arrive or ``timeout`` passes.
+
+    ``Grid.send_and_receive`` sleeps 3 s between pulls on the Deployment Engine;
+    polling every ``poll`` seconds instead cuts that wait from each round.
+    """
+    group_of = {mid: name for name, messages in groups.items() if messages for mid in grid.push_messages(messages)}
+    pending = set(group_of)
+    replies: dict[str, list[Message]] = {name: [] for name in groups}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(pending):
+            mid = reply.metadata.reply_to_message_id
+            replies[group_of[mid]].append(reply)
+            pending.discard(mid)
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            log.warning("%d site(s) did not reply within %.0f s (server.round_timeout)", len(pending), timeout)
+            break
+        time.sleep(poll)
+    return replies

@@ -1,0 +1,191 @@
+"""The privacy account against independent sources, and every combiner over the right sites.
+
+The epsilon checks never go through fedmeta's own calibration: they build the
+mechanism from ``dp_accounting``'s primitives, or bound it with the closed
+form of the Gaussian mechanism (Balle & Wang 2018), from the stated
+relation (replace-one), sampling and sensitivity (2 C for a sum of updates
+clipped to C).
+"""
+
+import math
+import random
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from dp_accounting import rdp
+from scipy import stats
+
+from fedmeta.fl.aggregation import ServerSGD, SiteUpdate, group_updates, weighted_mean
+from fedmeta.fl.config import ConfigError, RunConfig
+from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded, noisy_mean, secure_normal
+from fedmeta.fl.robust import robust_mean
+from fedmeta.fl.strategy import MetaStrategy
+
+
+def _independent_epsilon(sigma: float, sample: int, population: int, rounds: int, delta: float) -> float:
+    """Epsilon straight from dp_accounting: a sum clipped to C, noise std sigma C, replace-one => z = sigma / 2."""
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    gaussian = dp_accounting.GaussianDpEvent(sigma / 2)
+    event = gaussian if sample == population else dp_accounting.SampledWithoutReplacementDpEvent(population, sample, gaussian)
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(delta)
+
+
+def _spent(sigma, sample, population, rounds, delta=1e-5) -> float:
+    account = PrivacyAccount(sigma, delta, sample, population)
+    for _ in range(rounds):
+        account.spend()
+    return account.epsilon
+
+
+def test_a_sampled_run_spends_what_dp_accounting_says():
+    # The issue's measurement: 50 of 500 sites, sigma 1.36, 20 rounds, delta 1e-5 -> 13.33 (fedmeta used to say 3.98).
+    ours = _spent(1.36, 50, 500, 20)
+    assert ours == pytest.approx(_independent_epsilon(1.36, 50, 500, 20, 1e-5), rel=1e-9)
+    assert ours == pytest.approx(13.33, abs=0.01)
+
+
+def test_a_full_participation_run_lies_between_the_exact_gaussian_epsilon_and_the_classic_rdp_bound():
+    sigma, rounds, delta = 3.0, 20, 1e-5
+    ours = _spent(sigma, 10, 10, rounds, delta)
+    assert ours == pytest.approx(_independent_epsilon(sigma, 10, 10, rounds, delta), rel=1e-9)
+    # 20 Gaussian releases of sensitivity 2C and std sigma C are one Gaussian mechanism with mu = sqrt(T) * 2 / sigma.
+    mu = math.sqrt(rounds) * 2 / sigma
+
+    def delta_at(eps):  # the exact (eps, delta) curve of mu-GDP (Dong, Roth & Su 2019, Corollary 2.13)
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+    exact = next(e / 1000 for e in range(1, 200_000) if delta_at(e / 1000) <= delta)
+    classic = min(rounds * a * (2 / sigma) ** 2 / 2 + math.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 200, 20_000))
+    assert exact <= ours <= classic, (exact, ours, classic)
+
+
+def test_the_budget_is_checked_against_the_sample_a_round_really_draws():
+    account = PrivacyAccount(1.36, 1e-5, sample_size=50, population=500, max_epsilon=5.0)
+    account.check_budget(50, 500)  # a default-sized round fits
+    with pytest.raises(PrivacyBudgetExceeded, match="sampling 500 of 500 sites"):
+        account.check_budget(500, 500)  # min_sites forcing everyone in is a far larger release
+    account.spend(60, 300)
+    account.spend(60, 300)
+    assert account.epsilon == pytest.approx(_independent_epsilon(1.36, 60, 300, 2, 1e-5), rel=1e-9)
+    restored = PrivacyAccount(1.36, 1e-5, 50, 500)
+    restored.load_state_dict(account.state_dict())
+    assert restored.epsilon == account.epsilon and restored.rounds == 2
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _strategy(config: RunConfig, nodes: list[int], account=None) -> MetaStrategy:
+    strategy = MetaStrategy(config, ServerSGD(1.0), random.Random(0), account)
+    # The roll call's outcome: each connected node told its site name.
+    strategy.roll_call = lambda grid, unknown: strategy.node_sites.update({n: f"site_{n:03d}" for n in unknown})
+    return strategy
+
+
+def test_rounds_account_the_connected_sites_and_the_sample_min_sites_forces():
+    config = RunConfig.from_dict(
+        {"federation": {"n_sites": 10}, "server": {"fraction_train": 0.5, "min_sites": 5}, "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+    )
+    strategy = _strategy(config, nodes=list(range(7)))
+    chosen = strategy._sample(_Grid(list(range(7))), config.server.fraction_train)
+    # 7 of the 10 configured sites are connected; half of 7 rounds up to 4, and min_sites raises it to 5.
+    assert len(chosen) == 5 and strategy.last_sample == (5, 7)
+
+
+def test_sampling_follows_site_names_not_node_ids():
+    config = RunConfig.from_dict({"federation": {"n_sites": 8}, "server": {"fraction_train": 0.5}})
+    picks = []
+    for node_ids in ([11, 22, 33, 44, 55, 66, 77, 88], [901, 45, 3, 7000, 62, 18, 5, 777]):
+        strategy = MetaStrategy(config, ServerSGD(1.0), random.Random(0))
+        # The same eight sites connect under different random node ids.
+        names = dict(zip(node_ids, [f"site_{i}" for i in range(8)]))
+        strategy.roll_call = lambda grid, unknown, s=strategy, names=names: s.node_sites.update({n: names[n] for n in unknown})
+        picks.append([sorted(strategy.node_sites[n] for n in strategy._sample(_Grid(node_ids), 0.5)) for _ in range(3)])
+    assert picks[0] == picks[1]
+
+
+def test_noise_comes_from_the_operating_system_not_torchs_seeded_generator():
+    torch.manual_seed(0)
+    first = secure_normal((50_000,), 1.0)
+    torch.manual_seed(0)
+    second = secure_normal((50_000,), 1.0)
+    assert not torch.equal(first, second), "reseeding torch must not reproduce the noise"
+    assert stats.kstest(first.numpy(), "norm").pvalue > 1e-4
+    assert float(secure_normal((3, 7), 2.5).std()) > 0 and secure_normal((3, 7), 2.5).shape == (3, 7)
+
+
+# --- heads are combined over the sites that have the task, on every path -------------
+
+
+def _sites_with_one_lacking_task_b():
+    """Three sites hold tasks a and b; a fourth lacks b and (as sites did) returns zeros for head b."""
+    updates = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        updates.append(SiteUpdate(f"s{i}", {"params.body.w": torch.randn(3, generator=g), "params.heads.a.w": torch.randn(2, generator=g),
+                                             "params.heads.b.w": 1.0 + 0.1 * torch.randn(2, generator=g)}, {"a": 20, "b": 20}))
+    updates.append(SiteUpdate("no_b", {"params.body.w": torch.ones(3), "params.heads.a.w": torch.ones(2), "params.heads.b.w": torch.zeros(2)}, {"a": 20}))
+    return updates
+
+
+@pytest.mark.parametrize("settings", [
+    {"privacy": {"clip_norm": 100.0}},  # the DP path (clipping loose enough to change nothing), no noise
+    {"aggregation": {"rule": "median"}},
+    {"aggregation": {"rule": "trimmed_mean"}},
+    {},  # the weighted mean, the control that was always right
+], ids=["dp", "median", "trimmed_mean", "mean"])
+def test_a_site_without_a_task_never_dilutes_that_head(settings):
+    updates = _sites_with_one_lacking_task_b()
+    strategy = MetaStrategy(RunConfig.from_dict(settings), ServerSGD(1.0), random.Random(0))
+    head_b = strategy.combine(updates)["params.heads.b.w"]
+    holders_only = strategy.combine(updates[:3])["params.heads.b.w"]
+    torch.testing.assert_close(head_b, holders_only)
+    assert float(head_b.mean()) > 0.8, "the zeros of the site without task b would pull the head toward 0"
+
+
+def test_groups_are_decided_once_for_every_combiner():
+    groups = group_updates(_sites_with_one_lacking_task_b())
+    assert {g.name: [u.site for u in g.holders] for g in groups} == {
+        "body": ["s0", "s1", "s2", "no_b"], "head 'a'": ["s0", "s1", "s2", "no_b"], "head 'b'": ["s0", "s1", "s2"]}
+    assert set(weighted_mean(groups)) == set(noisy_mean(groups, 0.0)) == set(robust_mean(groups, "median")[0])
+
+
+# --- a robust rule is applied after clipping, never dropped ---------------------------
+
+
+def test_clipping_without_noise_keeps_the_robust_rule():
+    honest = [SiteUpdate(f"s{i}", {"params.body.w": torch.full((4,), 0.5) + 0.05 * i}, {"a": 10}) for i in range(6)]
+    attacker = SiteUpdate("evil", {"params.body.w": torch.full((4,), -50.0)}, {"a": 10})
+    moved = {}
+    for rule in ("mean", "median"):
+        strategy = MetaStrategy(RunConfig.from_dict({"privacy": {"clip_norm": 1.0}, "aggregation": {"rule": rule}}), ServerSGD(1.0), random.Random(0))
+        clean = strategy.combine(honest)["params.body.w"]
+        moved[rule] = float((strategy.combine(honest + [attacker])["params.body.w"] - clean).norm())
+    # Clipped to norm 1, the attacker still drags the mean by ~1/7 of its whole norm; the median barely moves.
+    assert moved["mean"] > 0.15 and moved["median"] < 0.05, moved
+
+
+def test_krum_refuses_a_federation_too_small_for_its_guarantee():
+    with pytest.raises(ConfigError, match=r"needs at least 5 sites per round \(n > 2f \+ 2\); a round samples 4"):
+        RunConfig.from_dict({"federation": {"n_sites": 4}, "aggregation": {"rule": "krum"}})
+    RunConfig.from_dict({"federation": {"n_sites": 5}, "aggregation": {"rule": "krum"}})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"aggregation": {"trim_fraction": 0.3}}, "aggregation.trim_fraction = 0.3 has no effect without aggregation.rule = 'trimmed_mean'"),
+    ({"aggregation": {"rule": "median", "byzantine_sites": 2}}, "aggregation.byzantine_sites = 2 has no effect without"),
+    ({"compression": {"topk_ratio": 0.1}}, "compression.topk_ratio = 0.1 has no effect without compression.upload = 'topk'"),
+    ({"privacy": {"noise_multiplier": 1.0}}, "privacy.noise_multiplier = 1.0 has no effect without privacy.clip_norm"),
+    ({"secure": {"clipping_range": 4.0}}, "secure.clipping_range = 4.0 has no effect without secure.secagg = true"),
+])
+def test_an_option_the_run_would_ignore_is_refused(settings, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        RunConfig.from_dict(settings)
