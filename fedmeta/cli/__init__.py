@@ -1,0 +1,39 @@
+"""The ``fedmeta`` command line: the Typer app, with one module per command group.
+
+- ``synth``: seeded synthetic federations on disk
+- ``train``: meta-training in an embedded Flower simulation
+- ``personalize`` and ``heads``: adaptation at a site, new task heads
+- ``models``: the site's registry (versions, promotion, rollback, audit)
+- ``demo``, ``evaluate``, ``report``: the main job and the comparison of methods
+- ``serve`` and ``keys``: the prediction server and its API keys
+- ``certs``: credentials for Flower's Deployment Engine
+"""
+
+from __future__ import annotations
+
+import typer
+
+import fedmeta
+from fedmeta.cli import certs, demo, keys, models, personalize, serve, synth, train
+from fedmeta.cli.output import console
+
+app = typer.Typer(help="fedmeta: federated meta-learning with per-site personalization.", no_args_is_help=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the fedmeta version."""
+    console.print(f"fedmeta {fedmeta.__version__}")
+
+
+app.add_typer(synth.app, name="synth")
+app.command()(train.train)
+app.add_typer(personalize.heads_app, name="heads")
+app.add_typer(models.app, name="models")
+app.command()(personalize.personalize)
+app.command()(demo.demo)
+app.command("evaluate")(demo.evaluate_command)
+app.command("report")(demo.report_command)
+app.add_typer(keys.app, name="keys")
+app.command()(serve.serve)
+app.add_typer(certs.app, name="certs")

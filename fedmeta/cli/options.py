@@ -1,0 +1,21 @@
+"""Options and defaults shared by the commands that read a site home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+SITE_HOME_OPTION = typer.Option(None, "--site-home", envvar="FEDMETA_SITE_HOME", help="The site's home folder (registry + models). Default ./site-home.")
+
+
+def default_site_home() -> Path:
+    from fedmeta.registry import default_site_home as default
+
+    return default()
+
+
+def open_home(site_home: Path | None):
+    from fedmeta.registry import SiteHome
+
+    return SiteHome(site_home)
