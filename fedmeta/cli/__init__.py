@@ -15,9 +15,28 @@ import typer
 
 import fedmeta
 from fedmeta.cli import certs, demo, keys, models, personalize, serve, synth, train
+from fedmeta.cli.errors import FedmetaGroup
 from fedmeta.cli.output import console
 
-app = typer.Typer(help="fedmeta: federated meta-learning with per-site personalization.", no_args_is_help=True)
+app = typer.Typer(
+    cls=FedmetaGroup,  # the error boundary: one line per error, never a traceback with local variables
+    help="fedmeta: federated meta-learning with per-site personalization.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"fedmeta {fedmeta.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(None, "--version", callback=_print_version, is_eager=True, help="Print the fedmeta version and exit."),
+) -> None:
+    """fedmeta: federated meta-learning with per-site personalization."""
 
 
 @app.command()

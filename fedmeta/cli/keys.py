@@ -15,7 +15,7 @@ app = typer.Typer(help="API keys of the site's prediction server (stored hashed)
 
 @app.command("create")
 def keys_create(
-    role: str = typer.Option(..., "--role", help="predict, department or admin."),
+    role: str = typer.Option(..., "--role", help="What the key may do: predict; department (also head requests); or admin."),
     name: str = typer.Option(..., "--name", help="Who or what uses the key (shown in the audit log)."),
     site_home: Path = SITE_HOME_OPTION,
 ) -> None:
@@ -23,7 +23,7 @@ def keys_create(
     from serving.auth import KeyManagementError, KeyStore
 
     try:
-        key, secret = KeyStore(site_home or default_site_home()).create(name, role)
+        key, secret = KeyStore(_key_folder(site_home)).create(name, role)
     except KeyManagementError as e:
         raise fail(e) from None
     console.print(f"key {key.id} ({key.role}) for {key.name}; keep this secret, it is not shown again:")
@@ -38,7 +38,7 @@ def keys_list(site_home: Path = SITE_HOME_OPTION) -> None:
     from serving.auth import KeyManagementError, KeyStore
 
     try:
-        keys = KeyStore(site_home or default_site_home()).keys()
+        keys = KeyStore(_key_folder(site_home)).keys()
     except KeyManagementError as e:
         raise fail(e) from None
     table = Table(title="API keys")
@@ -55,8 +55,17 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (from `fedm
     from serving.auth import KeyManagementError, KeyStore
 
     try:
-        key = KeyStore(site_home or default_site_home()).revoke(key_id)
+        key = KeyStore(_key_folder(site_home)).revoke(key_id)
     except KeyManagementError as e:
         raise fail(e) from None
     console.print(f"revoked key {key.id} ({key.name}, {key.role})")
 
+
+def _key_folder(site_home: Path | None) -> Path:
+    """The site home holding api_keys.json: it may have no models yet, but a mistyped folder is refused, never created."""
+    from fedmeta.registry import RegistryError
+
+    folder = site_home or default_site_home()
+    if not folder.is_dir():
+        raise RegistryError(f"no site home at {folder}: the folder does not exist (check --site-home or $FEDMETA_SITE_HOME)")
+    return folder

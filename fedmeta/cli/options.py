@@ -16,6 +16,7 @@ def default_site_home() -> Path:
 
 
 def open_home(site_home: Path | None):
+    """An existing site home: commands that only read one refuse a missing folder instead of creating an empty registry."""
     from fedmeta.registry import SiteHome
 
-    return SiteHome(site_home)
+    return SiteHome.existing(site_home)

@@ -6,27 +6,46 @@ from pathlib import Path
 
 import typer
 
-from fedmeta.cli.errors import fail, integrity_errors, user_errors
+from fedmeta.cli.errors import UsageProblem, fail, integrity_errors, user_errors
 from fedmeta.cli.options import SITE_HOME_OPTION
 from fedmeta.cli.output import console
 
 heads_app = typer.Typer(help="Train task heads for departments on the meta-learned body.", no_args_is_help=True)
 
 
-def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str):
+def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str, held_out: dict[str, int]):
+    """Scores before and after, beside what ignoring the features scores (``<task>.baseline.<metric>``) and the rows they are measured on."""
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("task", "metric", before, after, "change"):
+    for column in ("task", "metric", "baseline", before, after, "change", "held-out rows"):
         table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
     keys = sorted({(k.split(".")[0], k.split(".")[2]) for k in metrics if k.count(".") == 2})
     for task, metric in keys:
         b, a = metrics.get(f"{task}.{before}.{metric}"), metrics.get(f"{task}.{after}.{metric}")
         if a is None:
             continue
+        baseline = metrics.get(f"{task}.baseline.{metric}", 0.5 if metric == "auc" else None)
         change = "" if b is None else f"{a - b:+.4f}"
-        table.add_row(task, metric, "" if b is None else f"{b:.4f}", f"{a:.4f}", change)
+        rows = held_out.get(task)
+        table.add_row(task, metric, "" if baseline is None else f"{baseline:.4f}", "" if b is None else f"{b:.4f}", f"{a:.4f}", change,
+                      "" if rows is None else str(rows))
     return table
+
+
+def _site_baselines(site_data, tasks: list[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each task's baseline scores (``<task>.baseline.<metric>``) on the site's held-out rows, and how many rows those are."""
+    from fedmeta.scoring import baseline_scores
+
+    kinds = {t.name: t for t in site_data.schema.tasks}
+    scores, rows = {}, {}
+    for task in tasks:
+        _, y_fit = site_data.split(task, train=True)
+        _, y_held_out = site_data.split(task, train=False)
+        rows[task] = len(y_held_out)
+        for metric, value in baseline_scores(y_fit, y_held_out, kinds[task].is_classification).items():
+            scores[f"{task}.baseline.{metric}"] = value
+    return scores, rows
 
 
 def _published_line(published) -> str:
@@ -57,7 +76,7 @@ def personalize(
     lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
     mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
-    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of the site's rows held out for scoring."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive)."),
     promote: bool = typer.Option(None, "--promote/--no-promote", help="Promote the new version (default: only if the site has none)."),
 ) -> None:
     """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
@@ -69,6 +88,8 @@ def personalize(
     from fedmeta.registry import SiteHome
 
     start = time.perf_counter()
+    if not 0 < test_fraction < 1:
+        raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive): the site needs both training and held-out rows; got {test_fraction:g}")
     try:
         home = SiteHome(site_home)
         global_base = load_base(base, home)
@@ -83,6 +104,7 @@ def personalize(
             mode=mode,
             seed=seed,
         )
+        baselines, held_out = _site_baselines(site_data, result.tasks)
         base_version = register_base(home, global_base)
         published = publish(
             home,
@@ -91,7 +113,7 @@ def personalize(
             site_data.name,
             parent=base_version,
             base=base_version,
-            metrics=result.metrics,
+            metrics={**result.metrics, **baselines},
             data=data_lineage(data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction),
             training={"mode": result.mode, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
             shots=result.shots,
@@ -104,10 +126,9 @@ def personalize(
         raise fail(e, 1) from None
     chosen = " (auto)" if steps == "auto" else ""
     title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}, held-out rows"
-    console.print(_metrics_table(result.metrics, "base", "personalized", title))
+    console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
-
 
 
 @heads_app.command("add")
@@ -123,7 +144,7 @@ def heads_add(
     steps: int = typer.Option(300, "--steps", help="Training steps (full batch, Adam)."),
     lr: float = typer.Option(0.05, "--lr", help="Head learning rate (the body, if tuned, moves at a tenth of it)."),
     tune_body: bool = typer.Option(False, "--tune-body", help="Lightly tune the body too (default: frozen, ANIL-style)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training: the same seed gives the same head."),
     promote: bool = typer.Option(False, "--promote/--no-promote", help="Promote the new version."),
 ) -> None:
     """Train a head for a department's task on a few examples and register it as a new model version."""
@@ -132,7 +153,7 @@ def heads_add(
     from fedmeta.registry import RegistryError, SiteHome, parse_version
 
     try:
-        home = SiteHome(site_home)
+        home = SiteHome.existing(site_home)
         if start_from is not None:
             parent = home.registry.get(parse_version(start_from))
         else:
@@ -164,5 +185,5 @@ def heads_add(
         raise fail(e, 1) from None
     console.print(f"head {task!r} ({column.kind}{', classes ' + ', '.join(column.classes) if column.classes else ''}) on {parent.label}: {result.note}")
     if result.metrics:
-        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head, held-out rows"))
+        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head, held-out rows", {task: result.holdout_rows}))
     console.print(_published_line(published))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fedmeta.cli.errors import fail, integrity_errors, user_errors
-from fedmeta.cli.options import SITE_HOME_OPTION, default_site_home
+from fedmeta.cli.options import SITE_HOME_OPTION, open_home
 from fedmeta.cli.output import console
 
 
@@ -15,7 +15,7 @@ def serve(
     site_home: Path = SITE_HOME_OPTION,
     site: str = typer.Option(None, "--site", help="Site to serve (default: the only site in the site home)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 keeps it on this machine)."),
-    port: int = typer.Option(8080, "--port"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on."),
     max_rows: int = typer.Option(1024, "--max-rows", help="Rows per prediction request."),
     access_log: bool = typer.Option(False, "--access-log", help="Log one JSON line per request."),
 ) -> None:
@@ -25,7 +25,7 @@ def serve(
     from serving import ServingSettings, create_app
     from serving.app import configure_logging
 
-    home = site_home or default_site_home()
+    home = open_home(site_home).path  # a typo must not start a server on a new, empty registry
     configure_logging(access_log)
     try:
         app_ = create_app(ServingSettings(site_home=home, site=site, max_rows=max_rows))
