@@ -308,6 +308,12 @@ class SQLiteRegistry(Registry):
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"{self.path} is not a readable fedmeta registry ({e})") from None
+
+    def _create(self) -> None:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
@@ -440,7 +446,7 @@ class SQLiteRegistry(Registry):
         with self._transaction() as con:
             target = self._get(con, int(version))
             if target.kind == "base":
-                raise RegistryError(f"{target.label} is a global base model; promote one of site {site!r}'s personalized or head versions")
+                raise RegistryError(f"{target.label} is a global base model; only a site's personalized or head versions can be promoted")
             if target.site != site:
                 raise RegistryError(f"{target.label} belongs to site {target.site!r}, not {site!r}")
             current = self._current_row(con, site)

@@ -6,6 +6,7 @@
 - ``models``: the site's registry (versions, promotion, rollback, audit)
 - ``demo``, ``evaluate``, ``report``: the main job and the comparison of methods
 - ``serve`` and ``keys``: the prediction server and its API keys
+- ``predict``: offline batch scoring with the promoted model
 - ``certs``: credentials for Flower's Deployment Engine
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import typer
 
 import fedmeta
-from fedmeta.cli import certs, demo, keys, models, personalize, serve, synth, train
+from fedmeta.cli import certs, demo, keys, models, personalize, predict, serve, synth, train
 from fedmeta.cli.errors import FedmetaGroup
 from fedmeta.cli.output import console
 
@@ -55,4 +56,5 @@ app.command("evaluate")(demo.evaluate_command)
 app.command("report")(demo.report_command)
 app.add_typer(keys.app, name="keys")
 app.command()(serve.serve)
+app.command()(predict.predict)
 app.add_typer(certs.app, name="certs")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fedmeta.cli.errors import fail
 from fedmeta.cli.output import console
 
 app = typer.Typer(help="TLS and site credentials for a federation on Flower's Deployment Engine.", no_args_is_help=True)
@@ -17,8 +18,7 @@ def _certs(action):
     try:
         return action()
     except CertificateError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
+        raise fail(e, 1) from None
 
 
 @app.command("ca")

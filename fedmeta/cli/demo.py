@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedmeta.cli.errors import fail
+from fedmeta.cli.options import Algorithm
 from fedmeta.cli.output import ProgressObserver, console, timed_progress
 
 
@@ -59,13 +60,13 @@ def _serve_demo_site(out: Path, site: str, port: int) -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, runs, models and the report."),
     sites: int = typer.Option(47, "--sites", min=3, help="Hospitals to synthesize (a fifth never take part in training)."),
-    rounds: int = typer.Option(20, "--rounds", min=1),
-    algorithm: str = typer.Option("fomaml", "--algorithm", help="reptile, fomaml, maml, metasgd or anil."),
+    rounds: int = typer.Option(20, "--rounds", min=1, help="Federated meta-training rounds."),
+    algorithm: Algorithm = typer.Option(Algorithm.fomaml, "--algorithm", help="Meta-learning algorithm of the federated training."),
     shots: int = typer.Option(10, "--shots", "-k", min=1, help="K: shots per class for personalization."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic hospitals, the splits and training: the same seed gives the same table."),
     quick: bool = typer.Option(False, "--quick", help="A small run (6 hospitals, 3 rounds, small model) to check the pipeline."),
     serve_site: str = typer.Option(None, "--serve", help="After the demo (or on a finished one), serve this hospital's model."),
-    port: int = typer.Option(8080, "--port", help="Port for --serve (127.0.0.1 only)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port for --serve (127.0.0.1 only)."),
 ) -> None:
     """The whole story on one machine: synthesize hospitals, meta-train over Flower, personalize, export, register, compare."""
     from fedmeta.demo import run_demo
@@ -73,8 +74,7 @@ def demo(
     if serve_site and (out / "site-home" / "registry.sqlite").exists():
         _serve_demo_site(out, serve_site, port)
         return
-    if algorithm not in ("reptile", "fomaml", "maml", "metasgd", "anil"):
-        raise fail(f"--algorithm must be reptile, fomaml, maml, metasgd or anil, got {algorithm!r}")
+    algorithm = algorithm.value
     if quick:
         sites, rounds, shots, hidden = 6, 3, 5, (16, 16)
     else:
@@ -93,11 +93,11 @@ def demo(
 
 def evaluate_command(
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for data, runs and results."),
-    sites: int = typer.Option(47, "--sites", min=3),
-    rounds: int = typer.Option(20, "--rounds", min=1),
-    shots: int = typer.Option(10, "--shots", "-k", min=1),
-    algorithms: str = typer.Option("reptile,fomaml,maml,metasgd", "--algorithms", help="FedMeta algorithms to compare (comma-separated)."),
-    seed: int = typer.Option(0, "--seed"),
+    sites: int = typer.Option(47, "--sites", min=3, help="Hospitals to synthesize (a fifth never take part in training)."),
+    rounds: int = typer.Option(20, "--rounds", min=1, help="Federated rounds of every federated method."),
+    shots: int = typer.Option(10, "--shots", "-k", min=1, help="K: shots per class for personalization and fine-tuning."),
+    algorithms: str = typer.Option("reptile,fomaml,maml,metasgd", "--algorithms", help="FedMeta algorithms to compare, comma-separated: reptile, fomaml, maml, metasgd, anil."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic hospitals, the splits and training."),
 ) -> None:
     """Compare local-only, pooled, FedAvg, FedAvg+FT and FedMeta algorithms on the same hospitals, splits and seeds."""
     from fedmeta.evaluate import evaluate, hospital_federation_on_disk
@@ -125,5 +125,7 @@ def report_command(folder: Path = typer.Argument(..., help="An evaluation or dem
         path = write_report(folder)
     except FileNotFoundError as e:
         raise fail(e) from None
+    except ValueError:  # a results.json that is not JSON, or not ours
+        raise fail(f"{folder / 'results.json'} is not a results file written by `fedmeta evaluate` or `fedmeta demo`") from None
     console.print(f"report: {path}")
 

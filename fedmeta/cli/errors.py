@@ -36,9 +36,28 @@ class UsageProblem(click.ClickException):
     exit_code = 2
 
 
+_CELL_VALUE = re.compile(r"(, got|unknown category|unknown class) (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^;]*?)(?=;|$)")
+_INPUT_VALUE = re.compile(r",? ?input_value=.*?(?=, input_type=|\]|$)")
+
+
+def without_values(message: str) -> str:
+    """The first line of an error message, with any cell value it quotes from a user's file left out.
+
+    Errors name the file, column and row; the value itself may be a patient's.
+
+    >>> without_values("site.csv: column 'age' row 7: expected a number, got 'Jane Doe'")
+    "site.csv: column 'age' row 7: expected a number, got (value not shown)"
+    >>> without_values("x.csv: column 'ward' row 3: unknown category 'ICU-2'; known: ['a', 'b']")
+    "x.csv: column 'ward' row 3: unknown category (value not shown); known: ['a', 'b']"
+    """
+    first = (message.strip().splitlines() or [""])[0]
+    first = _INPUT_VALUE.sub("", first)
+    return _CELL_VALUE.sub(r"\1 (value not shown)", first) if " row " in first else first
+
+
 def fail(error: Exception | str, code: int = 2) -> typer.Exit:
-    """Print ``error`` as one red line; returns the exit to raise."""
-    console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
+    """Print ``error`` as one red line (file, column and row, never a cell's value); returns the exit to raise."""
+    console.print(f"[red]error:[/] {escape(without_values(str(error)))}", soft_wrap=True)
     return typer.Exit(code)
 
 

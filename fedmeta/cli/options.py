@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 
 SITE_HOME_OPTION = typer.Option(None, "--site-home", envvar="FEDMETA_SITE_HOME", help="The site's home folder (registry + models). Default ./site-home.")
+
+
+class Algorithm(str, Enum):
+    """The meta-learning algorithms fedmeta trains with (``--algorithm``)."""
+
+    reptile = "reptile"
+    fomaml = "fomaml"
+    maml = "maml"
+    metasgd = "metasgd"
+    anil = "anil"
 
 
 def default_site_home() -> Path:
