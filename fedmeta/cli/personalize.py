@@ -15,10 +15,11 @@ heads_app = typer.Typer(help="Train task heads for departments on the meta-learn
 
 def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str, held_out: dict[str, int]):
     """Scores before and after, beside what ignoring the features scores (``<task>.baseline.<metric>``) and the rows they are measured on."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("task", "metric", "baseline", before, after, "change", "held-out rows"):
+    table = Table(title=title, box=box.SIMPLE_HEAD)  # fits 80 columns
+    for column in ("task", "metric", "baseline", before, after, "change", "rows"):
         table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
     keys = sorted({(k.split(".")[0], k.split(".")[2]) for k in metrics if k.count(".") == 2})
     for task, metric in keys:
@@ -125,7 +126,7 @@ def personalize(
     except integrity_errors() as e:
         raise fail(e, 1) from None
     chosen = " (auto)" if steps == "auto" else ""
-    title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}, held-out rows"
+    title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}; scores on held-out rows; baseline: majority class (acc) or mean (mse), ignoring the features"
     console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
@@ -185,5 +186,5 @@ def heads_add(
         raise fail(e, 1) from None
     console.print(f"head {task!r} ({column.kind}{', classes ' + ', '.join(column.classes) if column.classes else ''}) on {parent.label}: {result.note}")
     if result.metrics:
-        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head, held-out rows", {task: result.holdout_rows}))
+        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head; scores on held-out rows; baseline: majority class (acc) or mean (mse)", {task: result.holdout_rows}))
     console.print(_published_line(published))
