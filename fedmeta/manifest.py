@@ -5,7 +5,10 @@ site model, ``base_model.pt`` for a global base) and ``manifest.json``: the
 SHA-256 of each file, the schema, the tasks with their kinds and classes,
 lineage (base version, training run, data hash), shots, metrics, creation
 time and library versions. :func:`read_manifest` recomputes every hash and
-refuses a mismatch, so a tampered or corrupted file is never loaded.
+refuses a mismatch: that catches corruption, not tampering, since whoever
+replaces a file can edit the manifest too. Loading a registered version goes
+through :meth:`fedmeta.registry.SiteHome.load`, which checks the bytes
+against the hashes the registry recorded at registration instead.
 
 This module needs no torch: the prediction server imports it.
 """
@@ -108,6 +111,14 @@ def write_version(folder: str | Path, files: dict[str, bytes], manifest: Manifes
         atomic_write_bytes(folder / name, data)
     atomic_write_text(folder / MANIFEST, manifest.to_json())
     return manifest
+
+
+def parse_manifest(data: bytes, path: str | Path) -> Manifest:
+    """A manifest from its bytes (already checked by the caller); ``path`` names it in errors."""
+    try:
+        return Manifest.model_validate_json(data)
+    except (ValidationError, ValueError):
+        raise ManifestError(f"unreadable manifest {path}: not a fedmeta manifest") from None
 
 
 def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:

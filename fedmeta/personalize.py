@@ -39,7 +39,7 @@ from fedmeta.manifest import Manifest, TaskOutput, sha256_bytes, sha256_file
 from fedmeta.meta.inner import make_loss, per_row_loss, sgd_update
 from fedmeta.models import TaskSpec, head_prefix, is_body_param
 from fedmeta.registry import ModelVersion, RegistryError, SiteHome, current_user, parse_version
-from fedmeta.scoring import task_scores
+from fedmeta.scoring import baseline_scores, task_scores
 from fedmeta.trained import ModelMismatchError, TrainedModel
 
 Mode = Literal["all", "head", "metasgd"]
@@ -471,6 +471,8 @@ def train_head(
         if had_head:
             for name, value in task_scores(model, old_params, task.name, xs, ys).items():
                 metrics[f"{task.name}.previous.{name}"] = value
+        for name, value in baseline_scores(y[train_idx], ys, task.is_classification).items():
+            metrics[f"{task.name}.baseline.{name}"] = value
         note = f"scored on {len(test_idx)} held-out rows of {len(y)} (stratified quarter)"
     else:
         note = (

@@ -19,11 +19,34 @@ A global base has no site. Promotion is per site; rollback returns a site
 to the version promoted before the current one, and repeated rollbacks keep
 walking back. Every change is written to the audit log in the same
 transaction as the change itself.
+
+Integrity. At registration the registry records the SHA-256 of every file of
+the version, ``manifest.json`` included (column ``files``).
+:meth:`SiteHome.load` reads a file's bytes once and checks them against that
+record, never against the manifest's own list: a replaced ``model.onnx``
+with a matching edit of ``manifest.json`` is refused. Versions registered
+before ``files`` existed (legacy rows, ``files`` NULL) are checked against
+the one hash they do have, the model file's ``sha256``; their other files
+(``state.pt``) cannot be checked against the registry, so loading them is
+refused with a message saying so.
+
+Tamper evidence. Every audit row carries ``prev_hash`` and ``row_hash =
+sha256(prev_hash + canonical JSON of the row)``, a hash chain;
+``register`` rows also hold the hash of the ``versions`` row they wrote and
+``promote``/``rollback`` rows the hash of their ``promotions`` row.
+:meth:`SQLiteRegistry.verify` walks the chain and cross-checks both tables.
+Triggers refuse UPDATE and DELETE on all three tables and any INSERT over an
+existing id (which is what ``INSERT OR REPLACE`` / ``REPLACE INTO`` would do;
+their implicit deletes do not fire delete triggers). None of this stops
+someone who can write the file from dropping the triggers and rewriting the
+whole chain consistently: only the chain head, recorded somewhere they cannot
+write (printed by ``fedmeta models audit``), detects that.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -35,9 +58,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmeta.manifest import Manifest, ManifestError, load_verified, sha256_bytes, utc_now, write_version
+from fedmeta.manifest import MANIFEST, Manifest, ManifestError, parse_manifest, sha256_bytes, utc_now, write_version
 
 REGISTRY_FILE = "registry.sqlite"
+GENESIS = "0" * 64  # prev_hash of the first audit row
 SITE_HOME_ENV = "FEDMETA_SITE_HOME"
 
 
@@ -77,6 +101,7 @@ class ModelVersion:
     created_by: str
     metrics: dict = field(default_factory=dict)
     lineage: dict = field(default_factory=dict)
+    files: dict[str, str] | None = None  # name -> SHA-256 recorded at registration; None for legacy rows
 
     @property
     def label(self) -> str:
@@ -93,6 +118,22 @@ class AuditEntry:
     version: int | None
     sha256: str | None
     detail: dict
+    row_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The result of walking the audit chain: its head, and every break found (empty when intact)."""
+
+    entries: int
+    versions: int
+    promotions: int
+    head: str
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class Registry(ABC):
@@ -100,9 +141,18 @@ class Registry(ABC):
 
     @abstractmethod
     def register(
-        self, kind: str, site: str | None, path: str, sha256: str, parent: int | None, metrics: dict, lineage: dict, actor: str
+        self,
+        kind: str,
+        site: str | None,
+        path: str,
+        sha256: str,
+        parent: int | None,
+        metrics: dict,
+        lineage: dict,
+        actor: str,
+        files: dict[str, str] | None = None,
     ) -> tuple[ModelVersion, bool]:
-        """Record a new version; returns it and True, or the existing version with this hash and False."""
+        """Record a new version (with the SHA-256 of each of its files); returns it and True, or the existing version with this hash and False."""
 
     @abstractmethod
     def get(self, version: int) -> ModelVersion: ...
@@ -134,6 +184,10 @@ class Registry(ABC):
     @abstractmethod
     def audit(self, site: str | None = None, limit: int | None = None) -> list[AuditEntry]: ...
 
+    @abstractmethod
+    def verify(self) -> AuditVerification:
+        """Walk the audit chain and cross-check the versions and promotions against it."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -146,7 +200,8 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at TEXT NOT NULL,
     created_by TEXT NOT NULL,
     metrics    TEXT NOT NULL,
-    lineage    TEXT NOT NULL
+    lineage    TEXT NOT NULL,
+    files      TEXT
 );
 CREATE TABLE IF NOT EXISTS promotions (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -165,7 +220,9 @@ CREATE TABLE IF NOT EXISTS audit (
     site    TEXT,
     version INTEGER,
     sha256  TEXT,
-    detail  TEXT NOT NULL
+    detail  TEXT NOT NULL,
+    prev_hash TEXT,
+    row_hash  TEXT
 );
 CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -176,6 +233,47 @@ CREATE TRIGGER IF NOT EXISTS promotions_append_only_update BEFORE UPDATE ON prom
 CREATE TRIGGER IF NOT EXISTS promotions_append_only_delete BEFORE DELETE ON promotions
     BEGIN SELECT RAISE(ABORT, 'promotion history is append-only'); END;
 """
+
+# Added after the first release: triggers that only mention ids and hashes,
+# created on new and old databases alike (after the migration's ALTER TABLE).
+_IMMUTABLE = """
+CREATE TRIGGER IF NOT EXISTS versions_immutable_update BEFORE UPDATE ON versions
+    BEGIN SELECT RAISE(ABORT, 'registered versions are immutable'); END;
+CREATE TRIGGER IF NOT EXISTS versions_immutable_delete BEFORE DELETE ON versions
+    BEGIN SELECT RAISE(ABORT, 'registered versions are immutable'); END;
+CREATE TRIGGER IF NOT EXISTS versions_no_overwrite BEFORE INSERT ON versions
+    WHEN EXISTS (SELECT 1 FROM versions WHERE version = NEW.version OR sha256 = NEW.sha256)
+    BEGIN SELECT RAISE(ABORT, 'registered versions are immutable: a version with this id or hash exists'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_overwrite BEFORE INSERT ON audit
+    WHEN EXISTS (SELECT 1 FROM audit WHERE id = NEW.id)
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: an entry with this id exists'); END;
+CREATE TRIGGER IF NOT EXISTS promotions_no_overwrite BEFORE INSERT ON promotions
+    WHEN EXISTS (SELECT 1 FROM promotions WHERE id = NEW.id)
+    BEGIN SELECT RAISE(ABORT, 'promotion history is append-only: a promotion with this id exists'); END;
+"""
+
+_MIGRATIONS = {"versions": [("files", "TEXT")], "audit": [("prev_hash", "TEXT"), ("row_hash", "TEXT")]}
+
+
+def _canonical(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _chain(prev_hash: str, row: dict) -> str:
+    return _digest(prev_hash + _canonical(row))
+
+
+_AUDIT_FIELDS = ("id", "at", "actor", "action", "site", "version", "sha256", "detail")
+_VERSION_FIELDS = ("version", "kind", "site", "path", "sha256", "parent", "created_at", "created_by", "metrics", "lineage", "files")
+_PROMOTION_FIELDS = ("id", "site", "version", "previous", "at", "actor")
+
+
+def _fields(row: sqlite3.Row, names: tuple[str, ...]) -> dict:
+    return {name: row[name] for name in names}
 
 
 def _version(row: sqlite3.Row) -> ModelVersion:
@@ -190,6 +288,7 @@ def _version(row: sqlite3.Row) -> ModelVersion:
         created_by=row["created_by"],
         metrics=json.loads(row["metrics"]),
         lineage=json.loads(row["lineage"]),
+        files=None if row["files"] is None else json.loads(row["files"]),
     )
 
 
@@ -209,9 +308,29 @@ class SQLiteRegistry(Registry):
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"{self.path} is not a readable fedmeta registry ({e})") from None
+
+    def _create(self) -> None:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for table, columns in _MIGRATIONS.items():
+                    have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
+                    for name, kind in columns:
+                        if name not in have:
+                            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                for statement in _IMMUTABLE.split("END;"):
+                    if statement.strip():
+                        con.execute(statement + "END;")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -238,10 +357,27 @@ class SQLiteRegistry(Registry):
             con.execute("COMMIT")
 
     @staticmethod
-    def _audit(con: sqlite3.Connection, actor: str, action: str, site: str | None, version: int | None, sha256: str | None, detail: dict) -> None:
+    def _chain_head(con: sqlite3.Connection) -> tuple[int, str]:
+        """The last audit id and the chain's head hash (legacy rows without hashes are chained as they are read)."""
+        last = con.execute("SELECT id, row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if last is None:
+            return 0, GENESIS
+        if last["row_hash"] is not None:
+            return last["id"], last["row_hash"]
+        head = GENESIS
+        for row in con.execute("SELECT * FROM audit ORDER BY id"):
+            head = row["row_hash"] or _chain(head, _fields(row, _AUDIT_FIELDS))
+        return last["id"], head
+
+    @classmethod
+    def _audit(cls, con: sqlite3.Connection, actor: str, action: str, site: str | None, version: int | None, sha256: str | None, detail: dict) -> None:
+        """Append one chained entry (inside the caller's write transaction, so the head cannot move under it)."""
+        last_id, prev_hash = cls._chain_head(con)
+        row = {"id": last_id + 1, "at": utc_now(), "actor": actor, "action": action, "site": site, "version": version, "sha256": sha256,
+               "detail": json.dumps(detail, sort_keys=True)}
         con.execute(
-            "INSERT INTO audit (at, actor, action, site, version, sha256, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (utc_now(), actor, action, site, version, sha256, json.dumps(detail, sort_keys=True)),
+            "INSERT INTO audit (id, at, actor, action, site, version, sha256, detail, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*[row[k] for k in _AUDIT_FIELDS], prev_hash, _chain(prev_hash, row)),
         )
 
     @staticmethod
@@ -253,20 +389,25 @@ class SQLiteRegistry(Registry):
             raise RegistryError(f"no model version v{version} in the registry ({known})")
         return _version(row)
 
-    def register(self, kind, site, path, sha256, parent, metrics, lineage, actor):
+    def register(self, kind, site, path, sha256, parent, metrics, lineage, actor, files=None):
         with self._transaction() as con:
             row = con.execute("SELECT * FROM versions WHERE sha256 = ?", (sha256,)).fetchone()
             if row is not None:
                 return _version(row), False
             if parent is not None:
                 self._get(con, parent)
+            if files is not None and sha256 not in files.values():
+                raise RegistryError(f"the model hash {sha256} is not among the version's file hashes")
             cur = con.execute(
-                "INSERT INTO versions (kind, site, path, sha256, parent, created_at, created_by, metrics, lineage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, site, path, sha256, parent, utc_now(), actor, json.dumps(metrics, sort_keys=True), json.dumps(lineage, sort_keys=True)),
+                "INSERT INTO versions (kind, site, path, sha256, parent, created_at, created_by, metrics, lineage, files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, site, path, sha256, parent, utc_now(), actor, json.dumps(metrics, sort_keys=True), json.dumps(lineage, sort_keys=True),
+                 None if files is None else json.dumps(files, sort_keys=True)),
             )
             version = cur.lastrowid
-            self._audit(con, actor, "register", site, version, sha256, {"kind": kind, "parent": parent, "path": path})
-            return self._get(con, version), True
+            written = con.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+            detail = {"kind": kind, "parent": parent, "path": path, "files": files, "row": _digest(_canonical(_fields(written, _VERSION_FIELDS)))}
+            self._audit(con, actor, "register", site, version, sha256, detail)
+            return _version(written), True
 
     def get(self, version: int) -> ModelVersion:
         with self._transaction(write=False) as con:
@@ -305,17 +446,14 @@ class SQLiteRegistry(Registry):
         with self._transaction() as con:
             target = self._get(con, int(version))
             if target.kind == "base":
-                raise RegistryError(f"{target.label} is a global base model; promote one of site {site!r}'s personalized or head versions")
+                raise RegistryError(f"{target.label} is a global base model; only a site's personalized or head versions can be promoted")
             if target.site != site:
                 raise RegistryError(f"{target.label} belongs to site {target.site!r}, not {site!r}")
             current = self._current_row(con, site)
             if current is not None and current["version"] == target.version:
                 return target
-            con.execute(
-                "INSERT INTO promotions (site, version, previous, at, actor) VALUES (?, ?, ?, ?, ?)",
-                (site, target.version, None if current is None else current["id"], utc_now(), actor),
-            )
-            self._audit(con, actor, "promote", site, target.version, target.sha256, {"from": None if current is None else current["version"]})
+            promotion = self._insert_promotion(con, site, target.version, None if current is None else current["id"], actor)
+            self._audit(con, actor, "promote", site, target.version, target.sha256, {"from": None if current is None else current["version"], **promotion})
             return target
 
     def rollback(self, site: str, actor: str) -> ModelVersion:
@@ -327,12 +465,16 @@ class SQLiteRegistry(Registry):
                 raise RegistryError(f"site {site!r} has no earlier promoted version than v{current['version']} to roll back to")
             previous = con.execute("SELECT * FROM promotions WHERE id = ?", (current["previous"],)).fetchone()
             target = self._get(con, previous["version"])
-            con.execute(
-                "INSERT INTO promotions (site, version, previous, at, actor) VALUES (?, ?, ?, ?, ?)",
-                (site, target.version, previous["previous"], utc_now(), actor),
-            )
-            self._audit(con, actor, "rollback", site, target.version, target.sha256, {"from": current["version"]})
+            promotion = self._insert_promotion(con, site, target.version, previous["previous"], actor)
+            self._audit(con, actor, "rollback", site, target.version, target.sha256, {"from": current["version"], **promotion})
             return target
+
+    @staticmethod
+    def _insert_promotion(con: sqlite3.Connection, site: str, version: int, previous: int | None, actor: str) -> dict:
+        """Append a promotions row; returns what its audit entry records about it (its id and the hash of the row)."""
+        cur = con.execute("INSERT INTO promotions (site, version, previous, at, actor) VALUES (?, ?, ?, ?, ?)", (site, version, previous, utc_now(), actor))
+        row = con.execute("SELECT * FROM promotions WHERE id = ?", (cur.lastrowid,)).fetchone()
+        return {"promotion": row["id"], "row": _digest(_canonical(_fields(row, _PROMOTION_FIELDS)))}
 
     def record(self, actor: str, action: str, site: str | None = None, version: int | None = None, detail: dict | None = None) -> None:
         with self._transaction() as con:
@@ -347,10 +489,78 @@ class SQLiteRegistry(Registry):
         query += " ORDER BY id"
         with self._transaction(write=False) as con:
             rows = [
-                AuditEntry(r["id"], r["at"], r["actor"], r["action"], r["site"], r["version"], r["sha256"], json.loads(r["detail"]))
+                AuditEntry(r["id"], r["at"], r["actor"], r["action"], r["site"], r["version"], r["sha256"], json.loads(r["detail"]), r["row_hash"])
                 for r in con.execute(query, args)
             ]
         return rows[-limit:] if limit else rows
+
+    def chain_head(self) -> str:
+        """The hash of the last audit entry: record it elsewhere to detect a rewrite of the whole log."""
+        with self._transaction(write=False) as con:
+            return self._chain_head(con)[1]
+
+    def verify(self) -> AuditVerification:
+        with self._transaction(write=False) as con:
+            audit = con.execute("SELECT * FROM audit ORDER BY id").fetchall()
+            versions = con.execute("SELECT * FROM versions ORDER BY version").fetchall()
+            promotions = con.execute("SELECT * FROM promotions ORDER BY id").fetchall()
+        problems: list[str] = []
+        head, chained = GENESIS, False
+        for row in audit:
+            fields = _fields(row, _AUDIT_FIELDS)
+            what = f"audit entry #{row['id']} ({row['action']}{'' if row['version'] is None else ' v' + str(row['version'])})"
+            if row["row_hash"] is None:
+                if chained:
+                    problems.append(f"{what} has no hash: it was written outside fedmeta")
+                head = _chain(head, fields)  # a legacy row, from before the chain: chained as read
+                continue
+            chained = True
+            if row["prev_hash"] != head:
+                problems.append(f"{what}: the chain breaks before it (an entry was removed, inserted or rewritten)")
+            if row["row_hash"] != _chain(row["prev_hash"] or "", fields):
+                problems.append(f"{what} was rewritten: its contents do not match its hash")
+            head = row["row_hash"]
+        details = [(row, _json_or_none(row["detail"])) for row in audit]
+        registered = {row["version"]: (row, d) for row, d in details if row["action"] == "register" and row["version"] is not None}
+        for v in versions:
+            entry = registered.pop(v["version"], None)
+            if entry is None:
+                problems.append(f"version v{v['version']} has no register entry in the audit log")
+                continue
+            row, detail = entry
+            if detail is None or row["sha256"] != v["sha256"] or detail.get("path") != v["path"] or detail.get("kind") != v["kind"] or detail.get("parent") != v["parent"]:
+                problems.append(f"version v{v['version']} differs from its register entry #{row['id']} (sha256, path, kind or parent rewritten)")
+            elif "row" in detail and detail["row"] != _digest(_canonical(_fields(v, _VERSION_FIELDS))):
+                problems.append(f"version v{v['version']} was rewritten after registration (its row no longer matches entry #{row['id']})")
+        for number, (row, _) in sorted(registered.items()):
+            problems.append(f"audit entry #{row['id']} registered v{number}, which is missing from the versions table")
+        moves = [(row, d) for row, d in details if row["action"] in ("promote", "rollback")]
+        by_id = {d["promotion"]: (row, d) for row, d in moves if d and "promotion" in d}
+        legacy = [(row, d) for row, d in moves if not d or "promotion" not in d]
+        for index, p in enumerate(promotions):
+            entry = by_id.pop(p["id"], None)
+            if entry is None and index < len(legacy):
+                row, _ = legacy[index]  # before the chain, promotions and their entries were written one for one, in order
+                if row["site"] != p["site"] or row["version"] != p["version"]:
+                    problems.append(f"promotion #{p['id']} (site {p['site']!r}, v{p['version']}) differs from its audit entry #{row['id']}")
+                continue
+            if entry is None:
+                problems.append(f"promotion #{p['id']} (site {p['site']!r}, v{p['version']}) has no audit entry: it was written outside fedmeta")
+                continue
+            row, detail = entry
+            if row["site"] != p["site"] or row["version"] != p["version"] or detail.get("row") != _digest(_canonical(_fields(p, _PROMOTION_FIELDS))):
+                problems.append(f"promotion #{p['id']} (site {p['site']!r}, v{p['version']}) was rewritten: it no longer matches audit entry #{row['id']}")
+        for number, (row, _) in sorted(by_id.items()):
+            problems.append(f"audit entry #{row['id']} recorded promotion #{number}, which is missing from the promotions table")
+        return AuditVerification(len(audit), len(versions), len(promotions), head, problems)
+
+
+def _json_or_none(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def default_site_home() -> Path:
@@ -359,11 +569,25 @@ def default_site_home() -> Path:
 
 
 class SiteHome:
-    """A site's home folder: the registry plus one folder of files per model version."""
+    """A site's home folder: the registry plus one folder of files per model version.
+
+    ``SiteHome(path)`` creates the home if it is missing (the first
+    ``fedmeta personalize`` at a site); :meth:`existing` refuses a missing
+    one, for everything that only reads.
+    """
 
     def __init__(self, path: str | Path | None = None, registry: Registry | None = None):
         self.path = Path(path) if path is not None else default_site_home()
         self.registry = registry if registry is not None else SQLiteRegistry(self.path / REGISTRY_FILE)
+
+    @classmethod
+    def existing(cls, path: str | Path | None = None) -> SiteHome:
+        """The site home at ``path`` (default ``$FEDMETA_SITE_HOME`` or ``./site-home``); a missing one is an error, never created."""
+        path = Path(path) if path is not None else default_site_home()
+        if not (path / REGISTRY_FILE).is_file():
+            what = "does not exist" if not path.exists() else f"has no {REGISTRY_FILE}"
+            raise RegistryError(f"no site home at {path}: the folder {what} (check --site-home or ${SITE_HOME_ENV}; `fedmeta personalize` creates one)")
+        return cls(path)
 
     @property
     def models_dir(self) -> Path:
@@ -375,7 +599,7 @@ class SiteHome:
     def store(
         self, files: dict[str, bytes], manifest: Manifest, parent: int | None = None, actor: str | None = None
     ) -> tuple[ModelVersion, bool]:
-        """Write a version's files and manifest, then register it.
+        """Write a version's files and manifest, then register it with the SHA-256 of every file, the manifest's included.
 
         The folder is complete before the registry knows it. If a version
         with the same model hash exists, the new folder is removed and the
@@ -400,20 +624,74 @@ class SiteHome:
             }.items()
             if v is not None
         }
+        hashes = {**written.files, MANIFEST: sha256_bytes(written.to_json().encode())}
         version, created = self.registry.register(
-            written.kind, written.site, relative, sha, parent, written.metrics, lineage, actor or current_user()
+            written.kind, written.site, relative, sha, parent, written.metrics, lineage, actor or current_user(), files=hashes
         )
         if not created:
             shutil.rmtree(self.path / relative, ignore_errors=True)  # lost a race to an identical model
         return version, created
 
     def load(self, version: ModelVersion | int, name: str | None = None) -> tuple[Manifest, bytes]:
-        """A version's manifest and one file's bytes (the model file by default), hash-verified."""
+        """A version's manifest and one file's bytes (the model file by default), each checked against the registry's record.
+
+        The bytes returned are the bytes hashed: nothing can change between
+        the check and the use.
+        """
         v = version if isinstance(version, ModelVersion) else self.registry.get(version)
-        manifest, data = load_verified(self.folder(v), name)
-        if name is None and manifest.sha256 != v.sha256:
-            raise ManifestError(f"{self.folder(v)}: manifest hash {manifest.sha256} differs from the registry's {v.sha256} for {v.label}")
-        return manifest, data
+        folder = self.folder(v)
+        if v.files is None:  # a legacy row: only the model file's hash was recorded
+            manifest = parse_manifest(self._read(v, MANIFEST), folder / MANIFEST)
+            name = manifest.model_file if name is None else name
+            if name != manifest.model_file:
+                raise ManifestError(
+                    f"{folder / name}: {v.label} was registered before the registry recorded a hash per file, so {name} cannot be "
+                    "checked against it; refusing to load it (register a new version, e.g. with `fedmeta personalize`)"
+                )
+            data = self._read(v, name)
+            self._check(v, name, data, v.sha256)
+            return manifest, data
+        if name is None:
+            name = next((n for n, h in sorted(v.files.items()) if h == v.sha256 and n != MANIFEST), None)
+            if name is None:
+                raise ManifestError(f"{v.label}: the registry lists no file with the model hash {v.sha256[:16]}...")
+        if name not in v.files:
+            raise ManifestError(f"{folder / name}: not a file of {v.label} in the registry (its files: {', '.join(sorted(v.files))})")
+        data = self._read(v, name)
+        self._check(v, name, data, v.files[name])
+        manifest_bytes = self._read(v, MANIFEST)
+        if MANIFEST not in v.files:
+            raise ManifestError(f"{folder / MANIFEST}: the registry recorded no hash for the manifest of {v.label}; refusing to trust it")
+        self._check(v, MANIFEST, manifest_bytes, v.files[MANIFEST])
+        return parse_manifest(manifest_bytes, folder / MANIFEST), data
+
+    def verify_files(self, version: ModelVersion) -> list[str]:
+        """Every file of a version checked against the registry; returns one problem per file that fails (empty when all match)."""
+        names = [MANIFEST] + sorted(n for n in (version.files or {}) if n != MANIFEST)
+        problems = []
+        for name in names:
+            try:
+                self.load(version, None if name == MANIFEST else name)
+            except ManifestError as e:
+                problems.append(str(e))
+        return list(dict.fromkeys(problems))
+
+    def _read(self, v: ModelVersion, name: str) -> bytes:
+        path = self.folder(v) / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"{path} is missing ({v.label} was registered with it)") from None
+        except OSError as e:
+            raise ManifestError(f"cannot read {path}: {e.strerror}") from None
+
+    def _check(self, v: ModelVersion, name: str, data: bytes, expected: str) -> None:
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise ManifestError(
+                f"{self.folder(v) / name} does not match the hash the registry recorded for {v.label} at registration: "
+                f"SHA-256 is {actual[:16]}..., the registry says {expected[:16]}... The file was modified or replaced; refusing to load it."
+            )
 
     def current(self, site: str | None = None) -> ModelVersion:
         """The promoted version of ``site`` (or of the only site in this home)."""

@@ -45,3 +45,23 @@ def task_scores(model: MultiTaskModel, params: Mapping[str, torch.Tensor], task:
     with torch.no_grad():
         out = functional_call(model, dict(params), (torch.as_tensor(x),), {"task": task})
     return output_scores(out, y, model.tasks[task].is_classification)
+
+
+def baseline_scores(y_fit: np.ndarray, y_held_out: np.ndarray, classification: bool) -> dict[str, float]:
+    """What a model that ignores the features scores on the held-out rows: the majority class of ``y_fit`` (accuracy), or its mean (MSE).
+
+    A head or personalization score means something only beside this.
+
+    >>> baseline_scores(np.array([0, 1, 1, 1]), np.array([1, 0]), classification=True)
+    {'acc': 0.5}
+    >>> baseline_scores(np.array([1.0, 3.0]), np.array([2.0, 4.0]), classification=False)
+    {'mse': 2.0}
+    """
+    y_fit, y_held_out = np.asarray(y_fit), np.asarray(y_held_out)
+    if not len(y_held_out):
+        return {}
+    if classification:
+        values, counts = np.unique(y_fit if len(y_fit) else y_held_out, return_counts=True)
+        return {"acc": float((y_held_out == values[counts.argmax()]).mean())}
+    centre = float(y_fit.mean()) if len(y_fit) else float(y_held_out.mean())
+    return {"mse": float(((y_held_out - centre) ** 2).mean())}

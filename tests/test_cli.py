@@ -42,3 +42,72 @@ def test_certs_make_a_ca_a_server_certificate_it_signed_and_site_keys_flower_can
     # rich folds long lines, at spaces or inside a long path
     assert again.exit_code == 1 and "refusing to overwrite" in " ".join(again.output.split())
     assert "st-marys.key" in again.output.replace("\n", "")
+
+
+def test_version_option_prints_the_installed_version():
+    import fedmeta
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fedmeta {fedmeta.__version__}"
+
+
+def test_the_license_file_is_the_apache_2_text_pyproject_declares():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"] == {"text": "Apache-2.0"}
+
+
+def _commands():
+    import click
+    import typer
+
+    def walk(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_command_and_every_option_has_help_text():
+    missing = [f"{path} {param.name}" for path, command in _commands() for param in command.params if not getattr(param, "help", None)]
+    missing += [f"{path} (no docstring)" for path, command in _commands() if not command.help]
+    assert missing == []
+
+
+def test_the_algorithm_option_is_a_choice():
+    import click
+
+    algorithm = next(p for path, command in _commands() if path == "demo" for p in command.params if p.name == "algorithm")
+    assert isinstance(algorithm.type, click.Choice)
+    assert [getattr(c, "value", c) for c in algorithm.type.choices] == ["reptile", "fomaml", "maml", "metasgd", "anil"]
+
+
+def test_scores_are_shown_beside_the_feature_blind_baseline_and_the_held_out_rows(tmp_path, hospitals, base_run, monkeypatch):
+    from fedmeta.cli.output import console
+
+    monkeypatch.setattr(console, "_width", 400)  # tables on one line each
+    runner = CliRunner()
+    home = ["--site-home", str(tmp_path)]
+    personalized = runner.invoke(app, ["personalize", "--data", str(hospitals / "hospital_002.csv"), "--schema", str(hospitals / "schema.json"),
+                                       "--base", str(base_run), *home])
+    assert personalized.exit_code == 0, personalized.output
+    header = next(line for line in personalized.output.splitlines() if "personalized" in line and "task" in line)
+    assert header.split() == ["task", "metric", "baseline", "base", "personalized", "change", "rows"]
+    mortality = next(line for line in personalized.output.splitlines() if line.split()[:2] == ["mortality", "acc"])
+    assert len(mortality.split()) == 7  # a baseline value and the row count in their columns
+    head = runner.invoke(app, ["heads", "add", "--task", "mortality", "--data", str(hospitals / "hospital_002.csv"), "--steps", "20", *home])
+    assert head.exit_code == 0, head.output
+    assert "baseline" in head.output and "rows" in head.output
+    listing = runner.invoke(app, ["models", "list", *home])
+    assert listing.exit_code == 0, listing.output
+    for column in ("tasks", "held-out scores", "held-out rows"):
+        assert column in listing.output
+    v2 = next(line for line in listing.output.splitlines() if line.startswith("│ v2"))
+    assert "mortality" in v2 and "length_of_stay" in v2 and "(baseline 0." in v2

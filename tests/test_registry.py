@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fedmeta.manifest import Manifest, ManifestError
+from fedmeta.manifest import Manifest, ManifestError, sha256_bytes
 from fedmeta.registry import RegistryError, SiteHome
 
 
@@ -72,22 +72,66 @@ def test_loading_a_tampered_model_file_is_refused(tmp_path):
     version, _ = _store(home, b"genuine")
     assert home.load(version)[1] == b"genuine"
     (home.folder(version) / "model.onnx").write_bytes(b"tampered")
-    with pytest.raises(ManifestError, match="does not match its manifest"):
+    with pytest.raises(ManifestError, match="model.onnx does not match the hash the registry recorded"):
         home.load(version)
 
 
-def test_a_manifest_edited_to_match_a_swapped_file_still_disagrees_with_the_registry(tmp_path):
+def _forge(folder, name: str, payload: bytes, top_level: bool) -> None:
+    """Replace a file and rewrite the manifest to agree with it, as an attacker with write access to the folder would."""
+    (folder / name).write_bytes(payload)
+    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text())
+    update = {"files": {**manifest.files, name: sha256_bytes(payload)}}
+    if top_level:
+        update["sha256"] = sha256_bytes(payload)
+    (folder / "manifest.json").write_text(manifest.model_copy(update=update).to_json())
+
+
+@pytest.mark.parametrize("top_level", [False, True], ids=["files-entry", "files-entry-and-top-level-hash"])
+def test_a_swapped_model_file_with_a_matching_manifest_edit_is_refused(tmp_path, top_level):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"genuine")
+    _forge(home.folder(version), "model.onnx", b"swapped", top_level)
+    with pytest.raises(ManifestError, match=r"model\.onnx does not match the hash the registry recorded for v1"):
+        home.load(version)
+
+
+def test_a_swapped_state_file_with_a_matching_manifest_edit_is_refused_by_load_trained(tmp_path):
+    from fedmeta.personalize import load_trained
+
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"genuine")
+    _forge(home.folder(version), "state.pt", b"other weights", top_level=False)
+    with pytest.raises(ManifestError, match=r"state\.pt does not match the hash the registry recorded for v1"):
+        load_trained(home, version)
+
+
+def test_a_swapped_base_model_with_a_matching_manifest_edit_is_refused_by_load_base(tmp_path):
+    from fedmeta.personalize import BASE_FILE, load_base
+
+    home = SiteHome(tmp_path)
+    manifest = Manifest(kind="base", model_file=BASE_FILE, sha256="", files={})
+    version, _ = home.store({BASE_FILE: b"genuine base"}, manifest, actor="ana")
+    _forge(home.folder(version), BASE_FILE, b"other base", top_level=True)
+    with pytest.raises(ManifestError, match=r"base_model\.pt does not match the hash the registry recorded for v1"):
+        load_base("v1", home)
+
+
+def test_an_edited_manifest_is_refused_even_when_every_file_is_intact(tmp_path):
+    home = SiteHome(tmp_path)
+    version, _ = _store(home, b"genuine")
+    path = home.folder(version) / "manifest.json"
+    manifest = Manifest.model_validate_json(path.read_text())
+    path.write_text(manifest.model_copy(update={"site": "elsewhere"}).to_json())  # e.g. relabelled classes or schema
+    with pytest.raises(ManifestError, match=r"manifest\.json does not match the hash the registry recorded"):
+        home.load(version)
+
+
+def test_the_registry_records_the_hash_of_every_file_at_registration(tmp_path):
     home = SiteHome(tmp_path)
     version, _ = _store(home, b"genuine")
     folder = home.folder(version)
-    (folder / "model.onnx").write_bytes(b"swapped")
-    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text())
-    from fedmeta.manifest import sha256_bytes
-
-    forged = manifest.model_copy(update={"sha256": sha256_bytes(b"swapped"), "files": {**manifest.files, "model.onnx": sha256_bytes(b"swapped")}})
-    (folder / "manifest.json").write_text(forged.to_json())
-    with pytest.raises(ManifestError, match="differs from the registry"):
-        home.load(version)
+    assert version.files == {name: sha256_bytes((folder / name).read_bytes()) for name in ("model.onnx", "state.pt", "manifest.json")}
+    assert home.registry.get(version.version).files == version.files
 
 
 def test_missing_model_file_is_reported_by_name(tmp_path):

@@ -1,0 +1,6 @@
+"""``python -m fedmeta``: the same as the ``fedmeta`` console script."""
+
+from fedmeta.cli import app
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,60 @@
+"""The ``fedmeta`` command line: the Typer app, with one module per command group.
+
+- ``synth``: seeded synthetic federations on disk
+- ``train``: meta-training in an embedded Flower simulation
+- ``personalize`` and ``heads``: adaptation at a site, new task heads
+- ``models``: the site's registry (versions, promotion, rollback, audit)
+- ``demo``, ``evaluate``, ``report``: the main job and the comparison of methods
+- ``serve`` and ``keys``: the prediction server and its API keys
+- ``predict``: offline batch scoring with the promoted model
+- ``certs``: credentials for Flower's Deployment Engine
+"""
+
+from __future__ import annotations
+
+import typer
+
+import fedmeta
+from fedmeta.cli import certs, demo, keys, models, personalize, predict, serve, synth, train
+from fedmeta.cli.errors import FedmetaGroup
+from fedmeta.cli.output import console
+
+app = typer.Typer(
+    cls=FedmetaGroup,  # the error boundary: one line per error, never a traceback with local variables
+    help="fedmeta: federated meta-learning with per-site personalization.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"fedmeta {fedmeta.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(None, "--version", callback=_print_version, is_eager=True, help="Print the fedmeta version and exit."),
+) -> None:
+    """fedmeta: federated meta-learning with per-site personalization."""
+
+
+@app.command()
+def version() -> None:
+    """Print the fedmeta version."""
+    console.print(f"fedmeta {fedmeta.__version__}")
+
+
+app.add_typer(synth.app, name="synth")
+app.command()(train.train)
+app.add_typer(personalize.heads_app, name="heads")
+app.add_typer(models.app, name="models")
+app.command()(personalize.personalize)
+app.command()(demo.demo)
+app.command("evaluate")(demo.evaluate_command)
+app.command("report")(demo.report_command)
+app.add_typer(keys.app, name="keys")
+app.command()(serve.serve)
+app.command()(predict.predict)
+app.add_typer(certs.app, name="certs")

@@ -1,0 +1,143 @@
+"""``fedmeta models``: the site's registry: versions, promotion, rollback, audit log."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from fedmeta.cli.errors import fail
+from fedmeta.cli.options import SITE_HOME_OPTION
+from fedmeta.cli.options import open_home as _home
+from fedmeta.cli.output import console
+
+app = typer.Typer(help="The site's model registry: versions, promotion, rollback, audit log.", no_args_is_help=True)
+
+
+class Kind(str, Enum):
+    base = "base"
+    personalized = "personalized"
+    head = "head"
+
+
+def scores_summary(v) -> str:
+    """A version's held-out scores, each beside its feature-blind baseline: ``mortality acc 0.812 (baseline 0.650)``."""
+    parts = []
+    for key, value in sorted(v.metrics.items()):
+        if key.count(".") != 2 or not isinstance(value, (int, float)):
+            continue
+        task, label, metric = key.split(".")
+        if label not in ("personalized", "head"):
+            continue
+        baseline = v.metrics.get(f"{task}.baseline.{metric}", 0.5 if metric == "auc" else None)
+        parts.append(f"{task} {metric} {value:.3f}" + ("" if baseline is None else f" (baseline {baseline:.3f})"))
+    return "; ".join(parts)
+
+
+@app.command("list")
+def models_list(
+    site: str = typer.Option(None, "--site", help="Only this site's versions (and the bases)."),
+    kind: Kind = typer.Option(None, "--kind", help="Only versions of this kind."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """List model versions with their tasks and held-out scores, marking each site's promoted one."""
+    from rich.table import Table
+
+    home = _home(site_home)
+    versions = home.registry.versions(kind=None if kind is None else kind.value)
+    current = {s: home.registry.current(s) for s in home.registry.sites()}
+    table = Table(title=f"models in {home.path}")
+    for column in ("version", "kind", "site", "parent", "created", "by", "sha256", "promoted", "tasks", "held-out scores", "held-out rows"):
+        table.add_column(column)
+    for v in versions:
+        if site is not None and v.site not in (site, None):
+            continue
+        promoted = "*" if v.site and current.get(v.site) and current[v.site].version == v.version else ""
+        parent = f"v{v.parent}" if v.parent else ""
+        rows = (v.lineage.get("data") or {}).get("held_out")
+        table.add_row(v.label, v.kind, v.site or "(global)", parent, v.created_at[:16].replace("T", " "), v.created_by, v.sha256[:12], promoted,
+                      ", ".join(v.lineage.get("tasks") or []), scores_summary(v), "" if rows is None else str(rows))
+    console.print(table)
+
+
+@app.command("show")
+def models_show(version: str = typer.Argument(..., help="Version, e.g. v3."), site_home: Path = SITE_HOME_OPTION) -> None:
+    """Show a version's manifest (after checking its files' hashes) and lineage."""
+    import json
+
+    from fedmeta.registry import parse_version
+
+    home = _home(site_home)
+    v = home.registry.get(parse_version(version))
+    manifest, _ = home.load(v)
+    data = manifest.model_dump(mode="json", by_alias=True, exclude={"schema_"})
+    data = {"version": v.label, "parent": f"v{v.parent}" if v.parent else None, "folder": str(home.folder(v)), "hashes": "verified", **data}
+    console.print_json(json.dumps(data))
+
+
+@app.command("promote")
+def models_promote(
+    version: str = typer.Argument(..., help="Version to serve, e.g. v5."),
+    site: str = typer.Option(None, "--site", help="The site (default: the version's own)."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """Make a version the site's current (served) model."""
+    from fedmeta.registry import current_user, parse_version
+
+    home = _home(site_home)
+    v = home.registry.get(parse_version(version))
+    broken = home.verify_files(v)  # never promote files that fail their hash check
+    if broken:
+        raise fail(broken[0], 1)
+    promoted = home.registry.promote(site or v.site or "", v.version, current_user())
+    console.print(f"site {promoted.site}: {promoted.label} is now current")
+
+
+@app.command("rollback")
+def models_rollback(site: str = typer.Option(None, "--site", help="The site (default: the only one)."), site_home: Path = SITE_HOME_OPTION) -> None:
+    """Return a site to the version promoted before the current one."""
+    from fedmeta.registry import current_user
+
+    home = _home(site_home)
+    site = site or home.only_site()
+    before = home.registry.current(site)
+    after = home.registry.rollback(site, current_user())
+    console.print(f"site {site}: rolled back from {before.label} to {after.label}")
+
+
+@app.command("audit")
+def models_audit(
+    site: str = typer.Option(None, "--site", help="Only this site's entries."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Most recent entries to show."),
+    verify: bool = typer.Option(False, "--verify", help="Check the hash chain, the versions and promotions against it, and every version's files; exit 1 on any break."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
+    """Show the audit log (who did what, when, to which version, with which hash) and its chain head."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    home = _home(site_home)
+    if verify:
+        result = home.registry.verify()
+        problems = list(result.problems)
+        for v in home.registry.versions():
+            problems += home.verify_files(v)
+        for problem in problems[:20]:
+            console.print(f"[red]broken:[/] {escape(problem)}", soft_wrap=True)
+        if problems:
+            more = f" ({len(problems) - 20} more not shown)" if len(problems) > 20 else ""
+            console.print(f"[red]audit verification failed: {len(problems)} problem(s){more}[/]", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"audit log verified: {result.entries} entries, {result.versions} versions and their files, {result.promotions} promotions", soft_wrap=True)
+        console.print(f"chain head {result.head}", soft_wrap=True)
+        return
+    entries = home.registry.audit(site=site, limit=limit)
+    table = Table(title="audit log")
+    for column in ("#", "at", "actor", "action", "site", "version", "sha256", "detail"):
+        table.add_column(column)
+    for e in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if k not in ("path", "files", "row") and v is not None)
+        table.add_row(str(e.id), e.at[:19].replace("T", " "), e.actor, e.action, e.site or "", f"v{e.version}" if e.version else "", (e.sha256 or "")[:12], detail)
+    console.print(table)
+    console.print(f"chain head {home.registry.chain_head()} (record it outside this machine; `--verify` checks the chain up to it)", soft_wrap=True)

@@ -1,0 +1,190 @@
+"""``fedmeta personalize`` and ``fedmeta heads``: adapt the base model at a site, add task heads, register the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedmeta.cli.errors import UsageProblem, fail, integrity_errors, user_errors
+from fedmeta.cli.options import SITE_HOME_OPTION
+from fedmeta.cli.output import console
+
+heads_app = typer.Typer(help="Train task heads for departments on the meta-learned body.", no_args_is_help=True)
+
+
+def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str, held_out: dict[str, int]):
+    """Scores before and after, beside what ignoring the features scores (``<task>.baseline.<metric>``) and the rows they are measured on."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD)  # fits 80 columns
+    for column in ("task", "metric", "baseline", before, after, "change", "rows"):
+        table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
+    keys = sorted({(k.split(".")[0], k.split(".")[2]) for k in metrics if k.count(".") == 2})
+    for task, metric in keys:
+        b, a = metrics.get(f"{task}.{before}.{metric}"), metrics.get(f"{task}.{after}.{metric}")
+        if a is None:
+            continue
+        baseline = metrics.get(f"{task}.baseline.{metric}", 0.5 if metric == "auc" else None)
+        change = "" if b is None else f"{a - b:+.4f}"
+        rows = held_out.get(task)
+        table.add_row(task, metric, "" if baseline is None else f"{baseline:.4f}", "" if b is None else f"{b:.4f}", f"{a:.4f}", change,
+                      "" if rows is None else str(rows))
+    return table
+
+
+def _site_baselines(site_data, tasks: list[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each task's baseline scores (``<task>.baseline.<metric>``) on the site's held-out rows, and how many rows those are."""
+    from fedmeta.scoring import baseline_scores
+
+    kinds = {t.name: t for t in site_data.schema.tasks}
+    scores, rows = {}, {}
+    for task in tasks:
+        _, y_fit = site_data.split(task, train=True)
+        _, y_held_out = site_data.split(task, train=False)
+        rows[task] = len(y_held_out)
+        for metric, value in baseline_scores(y_fit, y_held_out, kinds[task].is_classification).items():
+            scores[f"{task}.baseline.{metric}"] = value
+    return scores, rows
+
+
+def _published_line(published) -> str:
+    v = published.version
+    state = "registered" if published.created else "identical to an existing version:"
+    promoted = ", promoted" if published.promoted else ""
+    return f"{state} {v.label} (site {v.site}{promoted}), sha256 {v.sha256[:16]}..., folder {v.path}"
+
+
+def _steps_number(text: str) -> int:
+    from fedmeta.personalize import PersonalizationError
+
+    if not text.isdigit():
+        raise PersonalizationError(f"--steps must be a number or 'auto', got {text!r}")
+    return int(text)
+
+
+def personalize(
+    data: Path = typer.Option(..., "--data", help="The site's rows (CSV or Parquet)."),
+    schema: Path = typer.Option(..., "--schema", help="The federation's schema.json."),
+    base: str = typer.Option(..., "--base", help="Global base model: a training run folder, a base_model.pt, or a registry version (v3)."),
+    site: str = typer.Option(None, "--site", help="Site name (default: the data file's name)."),
+    site_home: Path = SITE_HOME_OPTION,
+    shots: int = typer.Option(None, "--shots", "-k", help="K: shots per class (rows for regression) per task. Default: the run's evaluation.shots."),
+    steps: str = typer.Option(
+        "auto", "--steps", help="Fine-tuning steps, or 'auto': 5, 10, 20 or 40, chosen by the loss on the site's training rows outside the K shots."
+    ),
+    lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
+    mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive)."),
+    promote: bool = typer.Option(None, "--promote/--no-promote", help="Promote the new version (default: only if the site has none)."),
+) -> None:
+    """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
+    import time
+
+    from fedmeta.data import load_site
+    from fedmeta.personalize import data_lineage, load_base, publish, register_base
+    from fedmeta.personalize import personalize as run_personalize
+    from fedmeta.registry import SiteHome
+
+    start = time.perf_counter()
+    if not 0 < test_fraction < 1:
+        raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive): the site needs both training and held-out rows; got {test_fraction:g}")
+    try:
+        home = SiteHome(site_home)
+        global_base = load_base(base, home)
+        defaults = global_base.adaptation
+        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=global_base.config.federation.seed)
+        result = run_personalize(
+            global_base.for_schema(site_data.schema),
+            site_data,
+            shots=shots or defaults["shots"],
+            steps=steps if steps == "auto" else _steps_number(steps),
+            lr=lr or defaults["lr"],
+            mode=mode,
+            seed=seed,
+        )
+        baselines, held_out = _site_baselines(site_data, result.tasks)
+        base_version = register_base(home, global_base)
+        published = publish(
+            home,
+            result.model,
+            "personalized",
+            site_data.name,
+            parent=base_version,
+            base=base_version,
+            metrics={**result.metrics, **baselines},
+            data=data_lineage(data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction),
+            training={"mode": result.mode, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
+            shots=result.shots,
+            personalized_tasks=result.tasks,
+            promote=promote,
+        )
+    except user_errors() as e:
+        raise fail(e) from None
+    except integrity_errors() as e:
+        raise fail(e, 1) from None
+    chosen = " (auto)" if steps == "auto" else ""
+    title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}; scores on held-out rows; baseline: majority class (acc) or mean (mse), ignoring the features"
+    console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
+    console.print(_published_line(published))
+    console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
+
+
+@heads_app.command("add")
+def heads_add(
+    task: str = typer.Option(..., "--task", help="Task name: one the federation knows, or a new one."),
+    data: Path = typer.Option(..., "--data", help="A few labelled rows (CSV or Parquet): the schema's features plus the label column."),
+    kind: str = typer.Option(None, "--kind", help="binary, multiclass or regression (required for a new task)."),
+    label: str = typer.Option(None, "--label", help="Label column (default: the task's label in the schema, else the task name)."),
+    classes: str = typer.Option(None, "--classes", help="Comma-separated class values of a new task (default: the values found)."),
+    site: str = typer.Option(None, "--site", help="Site name (default: the only site in the site home)."),
+    site_home: Path = SITE_HOME_OPTION,
+    start_from: str = typer.Option(None, "--from", help="Model version to add the head to (default: the site's promoted version)."),
+    steps: int = typer.Option(300, "--steps", help="Training steps (full batch, Adam)."),
+    lr: float = typer.Option(0.05, "--lr", help="Head learning rate (the body, if tuned, moves at a tenth of it)."),
+    tune_body: bool = typer.Option(False, "--tune-body", help="Lightly tune the body too (default: frozen, ANIL-style)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training: the same seed gives the same head."),
+    promote: bool = typer.Option(False, "--promote/--no-promote", help="Promote the new version."),
+) -> None:
+    """Train a head for a department's task on a few examples and register it as a new model version."""
+    from fedmeta.data import read_table
+    from fedmeta.personalize import base_of, data_lineage, head_task, load_trained, publish, train_head
+    from fedmeta.registry import RegistryError, SiteHome, parse_version
+
+    try:
+        home = SiteHome.existing(site_home)
+        if start_from is not None:
+            parent = home.registry.get(parse_version(start_from))
+        else:
+            parent = home.current(site)
+        site = site or parent.site
+        if parent.site != site:
+            raise RegistryError(f"{parent.label} belongs to site {parent.site!r}, not {site!r}")
+        start = load_trained(home, parent)
+        already = [t.name for t in home.load(parent)[0].tasks if t.personalized and t.name != task]
+        frame = read_table(data)
+        column = head_task(start.schema, task, kind, label, [c.strip() for c in classes.split(",")] if classes else None, frame, str(data))
+        result = train_head(start, column, frame, str(data), steps=steps, lr=lr, tune_body=tune_body, seed=seed)
+        published = publish(
+            home,
+            result.model,
+            "head",
+            site,
+            parent=parent,
+            base=base_of(home, parent),
+            metrics=result.metrics,
+            data=data_lineage(data, rows=result.rows, held_out=result.holdout_rows),
+            training={"task": task, "kind": column.kind, "steps": steps, "lr": lr, "tune_body": tune_body, "seed": seed, "note": result.note},
+            personalized_tasks=already + [task],
+            promote=promote,
+        )
+    except user_errors() as e:
+        raise fail(e) from None
+    except integrity_errors() as e:
+        raise fail(e, 1) from None
+    console.print(f"head {task!r} ({column.kind}{', classes ' + ', '.join(column.classes) if column.classes else ''}) on {parent.label}: {result.note}")
+    if result.metrics:
+        console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head; scores on held-out rows; baseline: majority class (acc) or mean (mse)", {task: result.holdout_rows}))
+    console.print(_published_line(published))

@@ -1,0 +1,62 @@
+"""``fedmeta train``: meta-train a global base model in an embedded Flower simulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedmeta.cli.output import ProgressObserver, console
+
+
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="Run configuration (TOML). See examples/*.toml."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Folder for checkpoints and metrics (default runs/<name>)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder from its last completed round."),
+    rounds: int = typer.Option(None, help="Override the number of rounds."),
+    override: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set server.lr=0.5 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+) -> None:
+    """Meta-train a global base model in an embedded Flower simulation (no server to start)."""
+    from fedmeta.fl.config import ConfigError, RunConfig
+    from fedmeta.fl.run_dir import RunDir
+    from fedmeta.fl.simulation import run_simulation
+
+    try:
+        if resume is not None:
+            if config is not None or override:
+                raise ConfigError("--resume continues a run with its saved configuration; drop --config/--set")
+            cfg = RunDir(resume).load_config()
+            if rounds is not None:
+                cfg = cfg.model_copy(update={"rounds": rounds})
+                from fedmeta.files import atomic_write_text
+
+                atomic_write_text(RunDir(resume).config_path, cfg.to_toml())
+            target = resume
+        else:
+            if config is None:
+                raise ConfigError("give --config RUN.toml (see examples/) or --resume RUN_DIR")
+            extra = list(override) + ([f"rounds={rounds}"] if rounds is not None else [])
+            cfg = RunConfig.load(config, extra)
+            target = run_dir or Path("runs") / cfg.name
+        console.print(f"[bold]fedmeta train[/] {cfg.algorithm.name} on {cfg.federation.kind} ({cfg.federation.n_sites} sites), {cfg.rounds} rounds -> {target}")
+        rd = run_simulation(cfg, target, resume=resume is not None, observer=ProgressObserver(), verbose=verbose)
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    except RuntimeError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    final = [r for r in rd.read_metrics() if r["site"] == "*" and r["phase"] == "evaluate"]
+    if final:
+        console.print(f"final evaluation (round {final[-1]['round']}):")
+        for key, value in sorted(final[-1].items()):
+            if key.count(".") == 2:
+                console.print(f"  {key:45s} {value:.4f}")
+    trained = [r for r in rd.read_metrics() if r["site"] == "*" and r["phase"] == "train"]
+    if trained and "epsilon" in trained[-1]:
+        last = trained[-1]
+        console.print(f"privacy: client-level (site) DP, epsilon = {last['epsilon']:.3f} at delta = {last['delta']:g} after {last['round']} round(s)")
+        if last["round"] < rd.load_config().rounds:
+            console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
+    console.print(f"base model: {rd.base_model_path}")
