@@ -69,3 +69,27 @@ def test_local_training_never_touches_a_held_out_row(algorithm):
     assert all(torch.isfinite(t).all() for t in _update_with_poisoned_rows(algorithm, poison_held_out=True).values())
     # The control: poisoned training rows do reach it.
     assert not all(torch.isfinite(t).all() for t in _update_with_poisoned_rows(algorithm, poison_held_out=False).values())
+
+
+def test_fedmeta_personalize_scores_exactly_the_rows_training_held_out(federation, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+    from fedmeta.fl.app import initial_state
+    from fedmeta.fl.run_dir import RunDir
+    from fedmeta.manifest import read_manifest
+    from fedmeta.registry import SiteHome
+
+    folder, schema, paths = federation
+    config = RunConfig.from_dict({"model": {"hidden": [8]}, "federation": {"kind": "csv", "data_dir": str(folder), "n_sites": 4, "seed": 7, "test_fraction": 0.3}})
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    run.save_base_model(initial_state(config), config, round_=1)
+    (tmp_path / "home").mkdir()
+    path = paths[2]
+    result = CliRunner().invoke(app, ["personalize", "--data", str(path), "--schema", str(schema), "--base", str(run.path), "--site-home", str(tmp_path / "home"), "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    home = SiteHome(tmp_path / "home")
+    lineage = read_manifest(home.folder(home.current(path.stem))).data
+    trained = site_for(_Context({"partition-id": 2}), config)
+    assert lineage["held_out_rows_sha256"] == trained.held_out_digest() and lineage["test_fraction"] == 0.3

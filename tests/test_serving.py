@@ -301,7 +301,7 @@ def test_a_tampered_promoted_model_refuses_to_start(site_home):
     home, _ = site_home
     model = home.folder(home.registry.get(2)) / "model.onnx"
     model.write_bytes(model.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(ManifestError, match="does not match its manifest"):
+    with pytest.raises(ManifestError, match="does not match the hash the registry recorded"):
         create_app(settings(home))
     out = subprocess.run([sys.executable, "-m", "fedmeta.cli", "serve", "--site-home", str(home.path), "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "refusing to start" in out.stdout

@@ -77,7 +77,9 @@ def personalize(
     lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
     mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
-    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive)."),
+    test_fraction: float = typer.Option(
+        None, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive). Default: the base's federation.test_fraction, so the rows held out are the ones training held out."
+    ),
     promote: bool = typer.Option(None, "--promote/--no-promote", help="Promote the new version (default: only if the site has none)."),
 ) -> None:
     """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
@@ -89,13 +91,16 @@ def personalize(
     from fedmeta.registry import SiteHome
 
     start = time.perf_counter()
-    if not 0 < test_fraction < 1:
+    if test_fraction is not None and not 0 < test_fraction < 1:
         raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive): the site needs both training and held-out rows; got {test_fraction:g}")
     try:
         home = SiteHome(site_home)
         global_base = load_base(base, home)
         defaults = global_base.adaptation
-        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=global_base.config.federation.seed)
+        federation = global_base.config.federation
+        test_fraction = federation.test_fraction if test_fraction is None else test_fraction
+        # The federation's seed and the site's name decide the held-out rows, exactly as in training.
+        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=federation.seed)
         result = run_personalize(
             global_base.for_schema(site_data.schema),
             site_data,
@@ -115,7 +120,9 @@ def personalize(
             parent=base_version,
             base=base_version,
             metrics={**result.metrics, **baselines},
-            data=data_lineage(data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction),
+            data=data_lineage(
+                data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction, held_out_rows_sha256=site_data.held_out_digest()
+            ),
             training={"mode": result.mode, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
             shots=result.shots,
             personalized_tasks=result.tasks,

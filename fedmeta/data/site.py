@@ -77,6 +77,10 @@ class SiteData:
         """Tasks with at least a few labelled rows on each side of the split."""
         return [t for t in self.labels if self.n_labelled(t, train=True) >= 4 and self.n_labelled(t, train=False) >= 2]
 
+    def held_out_digest(self) -> str:
+        """SHA-256 of the held-out row numbers: lets a manifest say which rows were scored without holding them."""
+        return hashlib.sha256(",".join(map(str, np.flatnonzero(self.test_mask))).encode()).hexdigest()
+
     def n_labelled(self, task: str, train: bool = True) -> int:
         mask = ~np.isnan(self.labels[task]) & (self.test_mask != train)
         return int(mask.sum())
