@@ -311,6 +311,31 @@ class MethodResult:
         return out
 
 
+class Stages:
+    """Finished stages of an evaluation, one JSON file per method result, so an interrupted run continues where it stopped."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def get(self, *names: str) -> list[MethodResult] | None:
+        """The results named, if every one of them was saved."""
+        paths = [self.folder / f"{name}.json" for name in names]
+        if not all(p.exists() for p in paths):
+            return None
+        results = []
+        for path in paths:
+            raw = json.loads(path.read_text())
+            raw["shots_curve"] = {int(k): v for k, v in raw.get("shots_curve", {}).items()}
+            results.append(MethodResult(**raw))
+        return results
+
+    def put(self, *results: MethodResult) -> None:
+        from fedmeta.files import atomic_write_json
+
+        for r in results:
+            atomic_write_json(self.folder / f"{r.name}.json", {**r.__dict__, "shots_curve": {str(k): v for k, v in r.shots_curve.items()}})
+
+
 def federated(
     fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], shots: int, runs_dir: Path, seed: int, progress: Progress, observer=None
 ) -> list[MethodResult]:
@@ -321,9 +346,11 @@ def federated(
     config = run_config(fed, algorithm, rounds, hidden, seed)
     run_dir = runs_dir / algorithm
     if not (run_dir / "base_model.pt").exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        progress(f"training {algorithm} over Flower: {len(fed.seen)} sites, {rounds} rounds")
-        run_simulation(config, run_dir, observer=observer() if observer else None)
+        resume = (run_dir / "checkpoint.pt").exists()  # an interrupted run continues from its last round
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        progress(f"training {algorithm} over Flower: {len(fed.seen)} sites, {rounds} rounds" + (" (resuming)" if resume else ""))
+        run_simulation(config, run_dir, resume=resume, observer=observer() if observer else None)
     base = load_base(run_dir)
     adaptation = base.adaptation
     trained_seconds = time.perf_counter() - started
@@ -362,31 +389,44 @@ def evaluate(
 ) -> dict[str, MethodResult]:
     """Every method on ``fed``; writes ``results.json`` to ``out`` and returns the results by method."""
     out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out / "stages")
     results: dict[str, MethodResult] = {}
-    started = time.perf_counter()
-    progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone")
-    local = MethodResult("local_only")
-    local_k = MethodResult("local_only_k")
-    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
-        for i, site in enumerate(sites):
-            getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
-            getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
-    local.seconds = time.perf_counter() - started
-    results.update({"local_only": local, "local_only_k": local_k})
-    for k in SHOTS_CURVE:
-        local_k.shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
-    progress("pooled oracle: all training rows in one place")
-    started = time.perf_counter()
-    oracle = pooled(fed.seen, hidden, seed=seed)
-    pool = MethodResult("pooled")
-    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
-        for site in sites:
-            getattr(pool, group)[site.name] = site_summary(model_scores(oracle, oracle.params, site))
-    pool.seconds = time.perf_counter() - started
-    results["pooled"] = pool
+    done = stages.get("local_only", "local_only_k")
+    if done is None:
+        started = time.perf_counter()
+        progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone")
+        local = MethodResult("local_only")
+        local_k = MethodResult("local_only_k")
+        for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+            for i, site in enumerate(sites):
+                getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
+                getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
+        local.seconds = time.perf_counter() - started
+        for k in SHOTS_CURVE:
+            local_k.shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
+        stages.put(local, local_k)
+        done = [local, local_k]
+    results.update({r.name: r for r in done})
+    done = stages.get("pooled")
+    if done is None:
+        progress("pooled oracle: all training rows in one place")
+        started = time.perf_counter()
+        oracle = pooled(fed.seen, hidden, seed=seed)
+        pool = MethodResult("pooled")
+        for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+            for site in sites:
+                getattr(pool, group)[site.name] = site_summary(model_scores(oracle, oracle.params, site))
+        pool.seconds = time.perf_counter() - started
+        stages.put(pool)
+        done = [pool]
+    results["pooled"] = done[0]
     for algorithm in ("fedavg", *algorithms):
-        for r in federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer):
-            results[r.name] = r
+        names = ("fedavg", "fedavg_ft") if algorithm == "fedavg" else (f"fedmeta_{algorithm}_global", f"fedmeta_{algorithm}")
+        done = stages.get(*names)
+        if done is None:
+            done = federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer)
+            stages.put(*done)
+        results.update({r.name: r for r in done})
     payload = {"shots": shots, "rounds": rounds, "sites": {"seen": len(fed.seen), "unseen": len(fed.unseen)}, "methods": {}}
     for name, r in results.items():
         payload["methods"][name] = {**r.summary(), "per_site": {"seen": r.seen, "unseen": r.unseen}}
@@ -433,13 +473,13 @@ LABELS = {
 }
 
 
-def results_table_from_json(results: dict) -> str:
-    """A markdown table from ``results.json``: accuracy (mean, worst 10%), AUC, MSE, unseen sites, gap closed, MB moved."""
-    lines = [
-        "| method | accuracy | worst 10% | AUC | LOS/regression MSE | unseen sites: accuracy | unseen: worst 10% | gap closed | MB moved |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+RESULT_COLUMNS = ("method", "accuracy", "worst 10%", "AUC", "LOS/regression MSE", "unseen sites: accuracy", "unseen: worst 10%", "gap closed", "MB moved")
+
+
+def results_rows(results: dict) -> list[list[str]]:
+    """The rows of the results table (one per method, cells as printed) from ``results.json``: report and CLI print these."""
     methods = results["methods"]
+    rows = []
     for name in sorted(methods, key=method_order):
         r = methods[name]
         seen, unseen = r["seen"], r["unseen"]
@@ -450,15 +490,16 @@ def results_table_from_json(results: dict) -> str:
 
         moved = "—" if r.get("bytes") is None else f"{r['bytes'] / 1e6:.1f}"
         closed = "—" if gap is None else f"{gap:.0%}"
-        lines.append(
-            f"| {method_label(name)} | {cell(seen, 'acc')} | {cell(seen, 'worst10_acc')} | {cell(seen, 'auc')} | {cell(seen, 'mse')} | "
-            f"{cell(unseen, 'acc')} | {cell(unseen, 'worst10_acc')} | {closed} | {moved} |"
-        )
+        rows.append([method_label(name), cell(seen, "acc"), cell(seen, "worst10_acc"), cell(seen, "auc"), cell(seen, "mse"),
+                     cell(unseen, "acc"), cell(unseen, "worst10_acc"), closed, moved])
+    return rows
+
+
+def results_table_from_json(results: dict) -> str:
+    """A markdown table from ``results.json``: accuracy (mean, worst 10%), AUC, MSE, unseen sites, gap closed, MB moved."""
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in results_rows(results)]
     return "\n".join(lines)
-
-
-def results_table(results: dict[str, MethodResult]) -> str:
-    return results_table_from_json({"methods": {n: r.summary() for n, r in results.items()}})
 
 
 def load_results(path: Path) -> dict:

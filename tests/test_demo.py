@@ -1,7 +1,9 @@
 """The main job end to end: `fedmeta demo --quick`, then the served model answers the printed curl command."""
 
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +18,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interrupt_during_training(out) -> str:
+    """Start the quick demo, Ctrl-C it once FedAvg has checkpointed a round; returns what it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedmeta.cli", "demo", "--quick", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "runs" / "fedavg" / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the demo never reached federated training"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in output, output
+    return output
+
+
 def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "fedmeta.cli", "demo", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    stopped = _interrupt_during_training(out)
+    finished_stages = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    assert {"local_only.json", "local_only_k.json", "pooled.json"} <= set(finished_stages)
+    again = next(line for line in stopped.splitlines() if "Continue with: " in line).split("Continue with: ", 1)[1]
+    run = subprocess.run([sys.executable, "-m", "fedmeta.cli", *shlex.split(again)[1:]], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json") if p.name in finished_stages} == finished_stages, "finished stages were reused"
+    fedavg_rounds = [json.loads(line)["round"] for line in (out / "runs" / "fedavg" / "metrics.jsonl").read_text().splitlines()
+                     if '"site": "*"' in line and '"phase": "train"' in line]
+    assert fedavg_rounds == [1, 2, 3], "the interrupted FedAvg run resumed: every round exactly once"
+    # The printed table is the report's table, at 80 columns too.
+    report_rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    printed = " ".join(run.stdout.split())
+    for row in report_rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] in printed and " ".join(f"{c} {v}" for c, v in zip(("accuracy", "worst 10%"), cells[1:3])) in printed, row
+    complete = subprocess.run([sys.executable, "-m", "fedmeta.cli", *shlex.split(again)[1:]], capture_output=True, text=True, timeout=120)
+    assert complete.returncode == 0 and "complete" in complete.stdout and "training" not in complete.stdout
     report = (out / "report.md").read_text()
     for method in ("local only", "pooled oracle", "FedAvg", "FedAvg + K-shot fine-tuning", "FedMeta fomaml + K-shot"):
         assert f"| {method}" in report

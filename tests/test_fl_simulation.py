@@ -132,3 +132,34 @@ def test_a_round_with_too_few_replies_is_skipped_and_logged(tmp_path):
     assert [r["skipped"] for r in rows] == [True, True]
     assert "fewer than server.min_sites = 2" in result.stderr + result.stdout
     assert (tmp_path / "run" / "base_model.pt").exists()
+
+
+def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    config = write_config(tmp_path, rounds=500, sites=3)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(config), "--run-dir", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "training never checkpointed a round"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=False)["round"]
+    assert f"stopped after round {stopped_at} of 500" in " ".join(output.split()), output
+    assert f"fedmeta train --resume {run}" in "".join(output.split("\n")), output
+    assert not (run / "base_model.pt").exists()
+
+    fedmeta("train", "--resume", run, "--rounds", stopped_at + 1)
+    assert [r["round"] for r in train_rows(run)] == list(range(1, stopped_at + 2))
+    again = fedmeta("train", "--resume", run)
+    assert "is complete" in again.stdout and "final evaluation" not in again.stdout

@@ -36,8 +36,15 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(None, "--version", callback=_print_version, is_eager=True, help="Print the fedmeta version and exit."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, envvar="FEDMETA_THREADS",
+        help="CPU threads for this command's own work and for each process it starts (default 1: many one-threaded workers share a busy machine best).",
+    ),
 ) -> None:
     """fedmeta: federated meta-learning with per-site personalization."""
+    from fedmeta.threads import limit_threads
+
+    limit_threads(threads)
 
 
 @app.command()

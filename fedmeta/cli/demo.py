@@ -12,22 +12,27 @@ from fedmeta.cli.output import ProgressObserver, console, timed_progress
 
 
 
-def _print_results(results) -> None:
+def print_results(folder: Path) -> None:
+    """The table of ``report.md``, from ``results.json``: as a table where it fits, else one block per method (80 columns, logs)."""
     from rich.table import Table
 
-    from fedmeta.evaluate import aggregate, gap_closed, method_label
+    from fedmeta.evaluate import RESULT_COLUMNS, load_results, results_rows
 
-    table = Table(title="held-out rows of every hospital (accuracy: mean over sites and classification tasks)")
-    for column in ("method", "accuracy", "worst 10%", "AUC", "LOS MSE", "unseen: accuracy", "gap closed", "MB moved"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for name, r in results.items():
-        seen, unseen = aggregate(r.seen), aggregate(r.unseen)
-        gap = gap_closed(results, name)
-        label = method_label(name)
-        fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "—"  # noqa: E731
-        table.add_row(label, fmt(seen, "acc"), fmt(seen, "worst10_acc"), fmt(seen, "auc"), fmt(seen, "mse"), fmt(unseen, "acc"),
-                      "—" if gap is None else f"{gap:.0%}", "—" if r.bytes is None else f"{r.bytes / 1e6:.1f}")
-    console.print(table)
+    rows = results_rows(load_results(folder / "results.json"))
+    title = "held-out rows of every site (accuracy: mean over sites and classification tasks)"
+    if console.width >= 150:
+        table = Table(title=title)
+        for column in RESULT_COLUMNS:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    console.print(title)
+    for row in rows:
+        console.print(f"[bold]{row[0]}[/]")
+        console.print("  " + "   ".join(f"{c} {v}" for c, v in zip(RESULT_COLUMNS[1:5], row[1:5])))
+        console.print("  " + "   ".join(f"{c} {v}" for c, v in zip(RESULT_COLUMNS[5:], row[5:])))
 
 
 def _serve_demo_site(out: Path, site: str, port: int) -> None:
@@ -57,6 +62,45 @@ def _serve_demo_site(out: Path, site: str, port: int) -> None:
     uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def _continues(out: Path, settings: dict, kind: str, command: str) -> bool:
+    """True if ``out`` holds this finished run; False to start (or continue) it. A folder of other settings is refused."""
+    import json
+
+    from fedmeta.files import atomic_write_json
+
+    saved = out / SETTINGS_FILE
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
+            raise fail(f"{out} holds a {kind} with other settings: {listed}. Repeat its settings to continue it, or choose another --out")
+        return (out / "report.md").exists() and (out / "results.json").exists()
+    if out.exists() and any(out.iterdir()):
+        raise fail(f"{out} is not empty and holds no {kind} settings ({SETTINGS_FILE}); choose another --out for `{command}`")
+    atomic_write_json(saved, settings)
+    return False
+
+
+def _flags(settings: dict, quick: bool) -> str:
+    sizes = " --quick" if quick else f" --sites {settings['sites']} --rounds {settings['rounds']} --shots {settings['shots']}"
+    return f"{sizes} --algorithm {settings['algorithm']} --seed {settings['seed']}"
+
+
+def _interruptible(work, again: str):
+    """Run ``work``; on Ctrl-C say in one line how to continue (finished stages and training checkpoints are kept)."""
+    from fedmeta.fl.simulation import TrainingStopped
+
+    try:
+        return work()
+    except (KeyboardInterrupt, TrainingStopped):
+        console.print(f"[yellow]stopped; finished stages and the last training round are kept. Continue with: {again}[/]")
+        raise typer.Exit(130) from None
+
+
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, runs, models and the report."),
     sites: int = typer.Option(47, "--sites", min=3, help="Hospitals to synthesize (a fifth never take part in training)."),
@@ -79,13 +123,16 @@ def demo(
         sites, rounds, shots, hidden = 6, 3, 5, (16, 16)
     else:
         hidden = (64, 64)
-    if (out / "report.md").exists() or (out / "data").exists():
-        raise fail(f"{out} already holds a demo; choose another --out or remove it")
-    console.print(f"[bold]fedmeta demo[/]: {sites} hospitals, {rounds} rounds of {algorithm}, K={shots} -> {out}")
-    result = run_demo(out, n_sites=sites, rounds=rounds, algorithm=algorithm, shots=shots, seed=seed, hidden=hidden,
-                      progress=timed_progress(), observer=ProgressObserver)
-    _print_results(result.results)
-    console.print(f"report: {result.report}   models: fedmeta models list --site-home {result.site_home}   ({result.seconds:.0f} s)")
+    settings = {"sites": sites, "rounds": rounds, "algorithm": algorithm, "shots": shots, "seed": seed, "hidden": list(hidden)}
+    if _continues(out, settings, "demo", "fedmeta demo"):
+        print_results(out)
+        console.print(f"{out} holds this demo, complete: report {out / 'report.md'}; models: fedmeta models list --site-home {out / 'site-home'}")
+    else:
+        console.print(f"[bold]fedmeta demo[/]: {sites} hospitals, {rounds} rounds of {algorithm}, K={shots} -> {out}")
+        result = _interruptible(lambda: run_demo(out, n_sites=sites, rounds=rounds, algorithm=algorithm, shots=shots, seed=seed, hidden=hidden,
+                                                 progress=timed_progress(), observer=ProgressObserver), f"fedmeta demo --out {out}" + _flags(settings, quick))
+        print_results(out)
+        console.print(f"report: {result.report}   models: fedmeta models list --site-home {result.site_home}   ({result.seconds:.0f} s)")
     console.print(f"serve a hospital: fedmeta demo --out {out} --serve {result.sites[0]}")
     if serve_site:
         _serve_demo_site(out, serve_site, port)
@@ -107,12 +154,19 @@ def evaluate_command(
     unknown = [a for a in chosen if a not in ("reptile", "fomaml", "maml", "metasgd", "anil")]
     if unknown:
         raise fail(f"--algorithms: unknown {unknown}")
-    if (out / "data").exists():
-        raise fail(f"{out} already holds an evaluation; choose another --out or remove it (`fedmeta report {out}` redraws its report)")
+    settings = {"sites": sites, "rounds": rounds, "algorithms": list(chosen), "shots": shots, "seed": seed}
+    if _continues(out, settings, "evaluation", "fedmeta evaluate"):
+        print_results(out)
+        console.print(f"{out} holds this evaluation, complete: report {out / 'report.md'}")
+        return
     progress = timed_progress()
-    fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed)
-    results = evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=ProgressObserver)
-    _print_results(results)
+
+    def run() -> None:
+        fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed)
+        evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=ProgressObserver)
+
+    _interruptible(run, f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}")
+    print_results(out)
     path = write_report(out)
     console.print(f"report: {path}  results: {out / 'results.json'}")
 

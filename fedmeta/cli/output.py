@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-console = Console()
+# soft_wrap: a printed line is never broken by rich (a command to paste, a path, a log line survives a pipe);
+# the terminal wraps it if it must. Tables still fit the console's width.
+console = Console(soft_wrap=True)
 
 
 class ProgressObserver:

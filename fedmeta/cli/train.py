@@ -20,7 +20,7 @@ def train(
     """Meta-train a global base model in an embedded Flower simulation (no server to start)."""
     from fedmeta.fl.config import ConfigError, RunConfig
     from fedmeta.fl.run_dir import RunDir
-    from fedmeta.fl.simulation import run_simulation
+    from fedmeta.fl.simulation import TrainingStopped, is_complete, run_simulation
 
     try:
         if resume is not None:
@@ -33,6 +33,10 @@ def train(
 
                 atomic_write_text(RunDir(resume).config_path, cfg.to_toml())
             target = resume
+            if is_complete(RunDir(resume), cfg):
+                console.print(f"{resume} is complete: all {cfg.rounds} rounds ran and its base model is {RunDir(resume).base_model_path}. "
+                              "To train further, resume with more rounds: --rounds N")
+                return
         else:
             if config is None:
                 raise ConfigError("give --config RUN.toml (see examples/) or --resume RUN_DIR")
@@ -41,6 +45,9 @@ def train(
             target = run_dir or Path("runs") / cfg.name
         console.print(f"[bold]fedmeta train[/] {cfg.algorithm.name} on {cfg.federation.kind} ({cfg.federation.n_sites} sites), {cfg.rounds} rounds -> {target}")
         rd = run_simulation(cfg, target, resume=resume is not None, observer=ProgressObserver(), verbose=verbose)
+    except TrainingStopped as e:
+        console.print(f"[yellow]{e}[/]")
+        raise typer.Exit(130) from None
     except ConfigError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None

@@ -39,6 +39,7 @@ from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_rep
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
+from fedmeta.threads import limit_threads, site_threads
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
 
@@ -61,8 +62,9 @@ def _site_from_files(data_path: str, schema_path: str, name: str | None, test_fr
 
 
 def site_for(context: Context, config: RunConfig) -> SiteData:
-    """The site's own data, found from its node config."""
+    """The site's own data, found from its node config; also sets the threads this worker may use."""
     node = context.node_config
+    limit_threads(site_threads(config.simulation.cpus_per_site if "partition-id" in node else None))
     fed = config.federation
     if "data-path" in node:
         if "schema-path" not in node:
@@ -247,6 +249,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer.start(first, config.rounds)
     last_round = first - 1
     for round_ in range(first, config.rounds + 1):
+        if wire.STOP.is_set():
+            raise wire.StopRequested(f"stop requested before round {round_}")
         started = time.perf_counter()
         rows: list[dict] = []
         prior = round_ - 1
@@ -347,6 +351,9 @@ def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None 
         nonlocal config, run_dir
         try:
             _main(grid, context)
+        except wire.StopRequested as e:
+            log.info("fedmeta: %s; the last completed round is checkpointed", e)
+            raise
         except Exception as e:
             log.error("fedmeta: %s", e)  # the operator sees this in `flwr run --stream`
             raise

@@ -10,12 +10,20 @@ a site sends (the data-leak test records them here).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 log = logging.getLogger("flwr.fedmeta")
+
+#: Set to stop a run at the next safe point (Ctrl-C): between rounds, or while waiting for replies.
+STOP = threading.Event()
+
+
+class StopRequested(RuntimeError):
+    """The operator asked the run to stop (:data:`STOP`); the last completed round is checkpointed."""
 
 
 class TooFewSitesError(RuntimeError):
@@ -29,6 +37,8 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) 
     """
     deadline = time.monotonic() + timeout
     while True:
+        if STOP.is_set():
+            raise StopRequested("stop requested while waiting for sites to connect")
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
@@ -57,6 +67,8 @@ def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll:
             pending.discard(mid)
         if not pending:
             break
+        if STOP.is_set():
+            raise StopRequested(f"stop requested while {len(pending)} site(s) were still working")
         if time.monotonic() >= deadline:
             log.warning("%d site(s) did not reply within %.0f s (server.round_timeout)", len(pending), timeout)
             break

@@ -2,14 +2,26 @@
 
 ``flwr.simulation.run_simulation`` runs the ServerApp in this process and the
 sites' ClientApps on a local Ray cluster. Nothing is installed per run.
+
+Ctrl-C stops a run at the next safe point: the round loop checks a stop flag
+between rounds and while it waits for replies, so the last completed round's
+checkpoint is what remains (:class:`TrainingStopped` says how to resume). A
+second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
+import torch
+
+from fedmeta.fl import exchange as wire
 from fedmeta.fl.app import RoundObserver, client_app, make_server_app
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.run_dir import RunDir
@@ -22,13 +34,51 @@ class _DeprecationNotice(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
+class TrainingStopped(RuntimeError):
+    """The run was stopped on request (Ctrl-C); its last completed round is checkpointed."""
+
+
+@contextlib.contextmanager
+def stop_on_interrupt():
+    """While inside, the first Ctrl-C asks the round loop to stop at its next safe point; a second aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if wire.STOP.is_set():
+            raise KeyboardInterrupt
+        wire.STOP.set()
+        print("stopping after the current step (the last completed round is checkpointed); Ctrl-C again aborts now", file=sys.stderr, flush=True)
+
+    wire.STOP.clear()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def is_complete(rd: RunDir, config: RunConfig) -> bool:
+    """The run wrote its base model after its last round and has nothing left to do."""
+    ckpt = rd.load_checkpoint()
+    if ckpt is None or not rd.base_model_path.exists() or ckpt.round < config.rounds:
+        return False
+    return int(torch.load(rd.base_model_path, weights_only=False)["round"]) == ckpt.round
+
+
 def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False, observer: RoundObserver | None = None, verbose: bool = False) -> RunDir:
-    """Train ``config`` in simulation, writing to ``run_dir``; with ``resume`` continue its last checkpoint."""
+    """Train ``config`` in simulation, writing to ``run_dir``; with ``resume`` continue its last checkpoint.
+
+    Resuming a complete run does nothing (check :func:`is_complete` first to say so).
+    """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     rd = RunDir(run_dir)
     if resume:
         config = rd.load_config()
+        if is_complete(rd, config):
+            return rd
     else:
         rd.create(config)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -42,13 +92,22 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         "client_resources": {"num_cpus": config.simulation.cpus_per_site, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False, "log_to_driver": verbose},
     }
-    flwr_run_simulation(
-        server_app=make_server_app(config, rd.path, observer),
-        client_app=client_app,
-        num_supernodes=config.federation.n_sites,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    with stop_on_interrupt():
+        try:
+            flwr_run_simulation(
+                server_app=make_server_app(config, rd.path, observer),
+                client_app=client_app,
+                num_supernodes=config.federation.n_sites,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+        except Exception:
+            if not wire.STOP.is_set():
+                raise
+    if wire.STOP.is_set():
+        ckpt = rd.load_checkpoint()
+        done = f"after round {ckpt.round} of {config.rounds}" if ckpt else "before its first round"
+        raise TrainingStopped(f"stopped {done}; the checkpoint is kept. Resume with: fedmeta train --resume {rd.path}")
     if not rd.base_model_path.exists():
         raise RuntimeError(f"the simulation stopped before finishing; see the log above. Resume with: fedmeta train --resume {rd.path}")
     return rd
