@@ -282,7 +282,7 @@ def run_config(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, 
             "model": {"hidden": list(hidden)},
             "algorithm": {"name": algorithm, "lr": 0.05, "adaptation_steps": 3},
             "local": {"steps": 10, "lr": 0.05, "meta_batch": 8, "shots": 5, "query_size": 16},
-            "server": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "min_sites": min(2, len(fed.seen)), "fraction_evaluate": 0.01},
+            "server": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "min_sites": min(2, len(fed.seen))},
             "evaluation": {"every": max(1, rounds // 4), "shots": 5, "steps": 5},
             "simulation": {"cpus_per_site": 0.5},
         }

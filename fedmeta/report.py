@@ -3,8 +3,10 @@
 Reads ``results.json`` and the training runs under ``runs/`` and draws
 (matplotlib, headless):
 
-- ``rounds.png``: training loss and evaluated accuracy per round, per run;
-- ``gains.png``: each training site's accuracy gain of the personalized model over the global one, sorted;
+- ``rounds.png``: training loss and evaluated accuracy per round, per run: every run's global
+  model and the same model after the same K-shot adaptation, scored by the same sites;
+- ``gains.png``: each site's accuracy gain of the personalized model over the global one, sorted
+  and named, unseen sites marked;
 - ``shots.png``: mean site accuracy against the number of shots K;
 - ``communication.png``: accuracy against megabytes moved, per run.
 
@@ -49,14 +51,14 @@ def plot_rounds(runs: dict[str, list[dict]], path: Path) -> None:
     for name, rows in runs.items():
         train = [r for r in rows if r["site"] == "*" and r["phase"] == "train"]
         evals = [r for r in rows if r["site"] == "*" and r["phase"] == "evaluate"]
-        loss_ax.plot([r["round"] for r in train], [r["loss"] for r in train], label=name)
-        kind = "global" if name == "fedavg" else "personalized"
-        points = [(r["round"], _site_accuracy(r, kind)) for r in evals]
-        points = [(x, y) for x, y in points if y is not None]
-        if points:
-            acc_ax.plot(*zip(*points), marker="o", label=f"{name} ({kind})")
+        line = loss_ax.plot([r["round"] for r in train], [r["loss"] for r in train], label=name)[0]
+        for kind, style in (("personalized", "-"), ("global", "--")):
+            points = [(r["round"], _site_accuracy(r, kind)) for r in evals]
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                acc_ax.plot(*zip(*points), style, marker="o", color=line.get_color(), label=f"{name}, {'K-shot adapted' if kind == 'personalized' else 'as is'}")
     loss_ax.set(xlabel="round", ylabel="mean local training loss", title="training loss")
-    acc_ax.set(xlabel="round (model evaluated)", ylabel="accuracy", title="held-out accuracy during training")
+    acc_ax.set(xlabel="round (model evaluated)", ylabel="accuracy", title="held-out accuracy of the same sites, every evaluated round")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -68,12 +70,19 @@ def plot_gains(results: dict, path: Path) -> bool:
     tuned = next((m for m in methods if m.startswith("fedmeta_") and not m.endswith("_global")), None)
     if tuned is None or tuned + "_global" not in methods:
         return False
-    after, before = methods[tuned]["per_site"]["seen"], methods[tuned + "_global"]["per_site"]["seen"]
-    gains = sorted((after[s]["acc"] - before[s]["acc"]) * 100 for s in after if "acc" in after[s] and "acc" in before.get(s, {}))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(range(len(gains)), gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains])
+    bars = []
+    for group in ("seen", "unseen"):
+        after, before = methods[tuned]["per_site"][group], methods[tuned + "_global"]["per_site"][group]
+        bars += [((after[s]["acc"] - before[s]["acc"]) * 100, s, group) for s in after if "acc" in after[s] and "acc" in before.get(s, {})]
+    bars.sort()
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(bars)), 4))
+    colors = {("seen", True): "tab:green", ("seen", False): "tab:red", ("unseen", True): "tab:cyan", ("unseen", False): "tab:orange"}
+    ax.bar(range(len(bars)), [g for g, _, _ in bars], color=[colors[(group, g >= 0)] for g, _, group in bars],
+           edgecolor=["black" if group == "unseen" else "none" for _, _, group in bars])
+    ax.set_xticks(range(len(bars)), [f"{s}*" if group == "unseen" else s for _, s, group in bars], rotation=90, fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(xlabel="training sites, sorted", ylabel="accuracy points", title=f"{method_label(tuned)}: gain over the unadapted model, per site")
+    ax.set(xlabel="sites, sorted (* = unseen: never took part in training; outlined)", ylabel="accuracy points",
+           title=f"{method_label(tuned)}: gain over the unadapted model, per site")
     _save(fig, path)
     return True
 
@@ -107,13 +116,12 @@ def plot_communication(runs: dict[str, list[dict]], results: dict, path: Path) -
         rounds = results.get("rounds")
         if not total or not rounds:
             continue
-        kind = "global" if name == "fedavg" else "personalized"
-        points = [(r["round"] * total / rounds / 1e6, _site_accuracy(r, kind)) for r in rows if r["site"] == "*" and r["phase"] == "evaluate"]
+        points = [(r["round"] * total / rounds / 1e6, _site_accuracy(r, "personalized")) for r in rows if r["site"] == "*" and r["phase"] == "evaluate"]
         points = [(x, y) for x, y in points if y is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{name} ({kind})")
+            ax.plot(*zip(*points), marker="o", label=f"{name}, K-shot adapted")
             drawn = True
-    ax.set(xlabel="MB moved (download + upload, all sites)", ylabel="accuracy", title="communication against accuracy")
+    ax.set(xlabel="MB moved (download + upload, all sites)", ylabel="accuracy after K-shot adaptation", title="communication against accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -48,3 +48,5 @@ def timed_progress():
     def progress(message: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:6.1f} s[/]  {message}")
 
+
+    return progress
