@@ -133,7 +133,9 @@ def demo(
                                                  progress=timed_progress(), observer=ProgressObserver), f"fedmeta demo --out {out}" + _flags(settings, quick))
         print_results(out)
         console.print(f"report: {result.report}   models: fedmeta models list --site-home {result.site_home}   ({result.seconds:.0f} s)")
-    console.print(f"serve a hospital: fedmeta demo --out {out} --serve {result.sites[0]}")
+    from fedmeta.registry import SiteHome
+
+    console.print(f"serve a hospital: fedmeta demo --out {out} --serve {SiteHome(out / 'site-home').registry.sites()[0]}")
     if serve_site:
         _serve_demo_site(out, serve_site, port)
 
