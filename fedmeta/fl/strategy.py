@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -79,6 +80,7 @@ class MetaStrategy(Strategy):
         self.rng = rng
         self.account = account
         self.last_sample: tuple[int, int] | None = None  # (sampled, population) of the last training round
+        self.silent_nodes: dict[int, float] = {}  # nodes that missed a roll call -> when to ask them again
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.current: FlatState = {}
@@ -110,7 +112,8 @@ class MetaStrategy(Strategy):
         """
         s = self.config.server
         nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout)
-        self.roll_call(grid, [n for n in nodes if n not in self.node_sites])
+        now = time.monotonic()
+        self.roll_call(grid, [n for n in nodes if n not in self.node_sites and self.silent_nodes.get(n, -math.inf) <= now])
         by_site: dict[str, int] = {}
         for node in sorted(n for n in nodes if n in self.node_sites):
             site = self.node_sites[node]
@@ -144,9 +147,13 @@ class MetaStrategy(Strategy):
                 continue
             self.node_sites[node] = str(reply.content["site"]["name"])
             self.node_tasks[node] = sorted(site_examples(reply.content["metrics"]))
-        missing = len(nodes) - len(replies)
-        if missing:
-            log.warning("roll call: %d node(s) did not answer within %.0f s (server.round_timeout)", missing, self.config.server.round_timeout)
+        silent = set(nodes) - {r.metadata.src_node_id for r in replies}
+        if silent:
+            # A SuperNode killed without notice stays listed for a while: do not wait for it again every round.
+            timeout = self.config.server.round_timeout
+            retry_at = time.monotonic() + 10 * timeout
+            self.silent_nodes.update({n: retry_at for n in silent})
+            log.warning("roll call: %d node(s) did not answer within %.0f s (server.round_timeout); not asked again for %.0f s", len(silent), timeout, 10 * timeout)
 
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
         self.current = arrays.to_torch_state_dict()
