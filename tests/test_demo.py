@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedmeta.registry import SiteHome
+
+pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
 
 
 def _free_port() -> int:

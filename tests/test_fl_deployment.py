@@ -10,6 +10,8 @@ import pytest
 from fedmeta.data import write_hospital_federation
 from fedmeta.fl.loopback import LoopbackDeployment
 
+pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
+
 CONFIG = """
 name = "deployment"
 rounds = 2

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from test_fl_simulation import base_state, fedmeta, train_rows, write_config
@@ -17,6 +18,8 @@ from fedmeta.fl.site_training import evaluate_site
 from fedmeta.fl.strategy import mean_site_metrics
 from fedmeta.personalize import load_base, register_base
 from fedmeta.registry import SiteHome
+
+pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
 
 
 def final_score(run_dir, metric="mortality.global.auc"):

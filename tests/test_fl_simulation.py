@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
 
 SMALL = """
 name = "t"
