@@ -178,3 +178,21 @@ def test_cnn_body_meta_gradient_matches_reference():
     _, grads = alg.meta_loss_and_grad(model, state, batch)
     _, ref = reference_meta_grad(model, state, batch, 1, False, lr=0.05)
     assert_state_close(grads, ref)
+
+
+def test_adapt_takes_one_episode_of_a_batch_as_it_comes():
+    model = sine_model()
+    alg = MAML(lr=0.01)
+    state = alg.init_state(model)
+    episode = SineTasks(seed=7).sample(meta_batch=4, shots=10).episode(2)
+    as_batch_of_one = alg.adapt(model, state, episode.support, "sine", steps=5)
+    unwrapped = alg.adapt(model, state, tuple(t[0] for t in episode.support), "sine", steps=5)
+    assert_state_close({"params": as_batch_of_one}, {"params": unwrapped}, atol=0)
+
+
+def test_adapt_refuses_several_episodes_naming_their_shape():
+    model = sine_model()
+    alg = MAML(lr=0.01)
+    batch = SineTasks(seed=7).sample(meta_batch=4, shots=10)
+    with pytest.raises(ValueError, match=r"one support set.*got weights of shape \(4, 10\).*batch.episode\(i\).support"):
+        alg.adapt(model, alg.init_state(model), batch.support, "sine", steps=1)

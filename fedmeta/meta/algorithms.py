@@ -49,6 +49,23 @@ def model_state(model: MultiTaskModel) -> MetaState:
     return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
 
+def one_support_set(support: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, y, w)`` of one support set; an episode given as a batch of one loses its episode axis.
+
+    Row weights tell the two apart: ``(rows,)`` for one support set,
+    ``(episodes, rows)`` for a batch.
+    """
+    x, y, w = support
+    if w.dim() == 1:
+        return x, y, w
+    if w.dim() == 2 and w.shape[0] == 1:
+        return x[0], y[0], w[0]
+    raise ValueError(
+        f"adapt takes one support set, with row weights of shape (rows,) or (1, rows); got weights of shape {tuple(w.shape)}. "
+        "For one episode of a batch, pass batch.episode(i).support"
+    )
+
+
 @dataclass(frozen=True)
 class MetaAlgorithm:
     """Shared machinery; subclasses choose what adapts and what is learned.
@@ -107,13 +124,28 @@ class MetaAlgorithm:
         steps: int | None = None,
         lr: LearningRate | None = None,
     ) -> Params:
-        """Few-shot fine-tuning of one support set, as this algorithm adapts at meta-training."""
+        """Few-shot fine-tuning of one support set, as this algorithm adapts at meta-training.
+
+        ``support`` is one support set ``(x, y, w)``, or one episode's as a
+        batch of one (``batch.episode(i).support``). The adapted parameters
+        have no episode axis.
+
+        >>> from fedmeta.data.synthetic import SineTasks
+        >>> from fedmeta.models import MultiTaskModel, TaskSpec
+        >>> model = MultiTaskModel.mlp(1, [TaskSpec(name="sine", kind="regression")], hidden=(8,))
+        >>> maml = MAML(lr=0.01)
+        >>> state = maml.init_state(model)
+        >>> batch = SineTasks(seed=0).sample(meta_batch=4, shots=10)
+        >>> fast = maml.adapt(model, state, batch.episode(0).support, "sine", steps=5)
+        >>> {k: tuple(v.shape) for k, v in fast.items()} == {k: tuple(v.shape) for k, v in state["params"].items()}
+        True
+        """
         sliced = self._task_state(state, task)
         params = sliced["params"]
         fast = adapt(
             make_loss(model, task),
             params,
-            support,
+            one_support_set(support),
             steps=self.adaptation_steps if steps is None else steps,
             lr=self.inner_lr(sliced) if lr is None else lr,
             adapt_names=self.adapt_names(params, task),
