@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.data.schema import Schema, SchemaError
-from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site, site_name
+from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site
 
 SCHEMA_FILE = "schema.json"
 TEST_STEM = "test"
