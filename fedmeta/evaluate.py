@@ -32,7 +32,7 @@ import torch
 
 import pandas as pd
 
-from fedmeta.data import SiteData, hospital_federation_frames, load_site
+from fedmeta.data import SiteData, hospital_federation_frames, load_federation
 from fedmeta.data.schema import Schema, TaskColumn, feature_sums, numeric_schema
 from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
 from fedmeta.files import atomic_write_bytes
@@ -73,8 +73,9 @@ def federation_on_disk(
         atomic_write_bytes(folder / f"{name}.csv", frame.to_csv(index=False).encode())
     for folder in (train_dir, unseen_dir):
         schema.save(folder / "schema.json")
-    seen = [load_site(f, schema, test_fraction=test_fraction, seed=seed) for f in sorted(train_dir.glob("*.csv"))]
-    unseen = [load_site(f, schema, test_fraction=test_fraction, seed=seed) for f in sorted(unseen_dir.glob("*.csv"))]
+    # The sites as training finds them (fedmeta.data.federation): same names, order and held-out rows.
+    seen = load_federation(train_dir, test_fraction, seed)
+    unseen = load_federation(unseen_dir, test_fraction, seed) if any(unseen_dir.glob("*.csv")) else []
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
 
 

@@ -1,6 +1,7 @@
 """The ``fedmeta`` command line: the Typer app, with one module per command group.
 
 - ``synth``: seeded synthetic federations on disk
+- ``schema``: a federation schema inferred from site files
 - ``train``: meta-training in an embedded Flower simulation
 - ``personalize`` and ``heads``: adaptation at a site, new task heads
 - ``models``: the site's registry (versions, promotion, rollback, audit)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import typer
 
 import fedmeta
-from fedmeta.cli import certs, demo, keys, models, personalize, predict, serve, synth, train
+from fedmeta.cli import certs, demo, keys, models, personalize, predict, schema, serve, synth, train
 from fedmeta.cli.errors import FedmetaGroup
 from fedmeta.cli.output import console
 
@@ -54,6 +55,7 @@ def version() -> None:
 
 
 app.add_typer(synth.app, name="synth")
+app.add_typer(schema.app, name="schema")
 app.command()(train.train)
 app.add_typer(personalize.heads_app, name="heads")
 app.add_typer(models.app, name="models")

@@ -10,7 +10,11 @@ console = Console(soft_wrap=True)
 
 
 class ProgressObserver:
-    """A rich progress bar with round, loss and personalized metrics."""
+    """Training progress: one line per round (loss, seconds, time left) and per failed site, under a rich progress bar.
+
+    The time left is the rounds to go times the mean round so far, leaving out
+    round 1 once later rounds are known (it includes starting Ray).
+    """
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,13 +22,45 @@ class ProgressObserver:
         self.progress = Progress(
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console
         )
+        self.failed: dict[str, dict[int, str]] = {}  # site -> round -> reason
 
     def start(self, first_round: int, rounds: int) -> None:
+        import time
+
+        self.rounds = rounds
+        self.durations: list[float] = []
+        self.last = time.perf_counter()
         self.task = self.progress.add_task("", total=rounds, completed=first_round - 1)
         self.progress.start()
 
+    def eta(self, round_: int) -> float:
+        measured = self.durations[1:] if len(self.durations) > 1 else self.durations
+        return (self.rounds - round_) * sum(measured) / len(measured)
+
     def round_done(self, round_: int, train: dict | None) -> None:
-        self.progress.update(self.task, completed=round_, description=f"loss {train['loss']:.4f}" if train else "skipped")
+        import time
+
+        now = time.perf_counter()
+        self.durations.append(now - self.last)
+        self.last = now
+        loss = f"loss {train['loss']:.4f}" if train else "skipped (too few sites replied)"
+        left = f"ETA {_duration(self.eta(round_))}" if round_ < self.rounds else "final evaluation"
+        self.progress.console.print(f"round {round_}/{self.rounds}  {loss}  {self.durations[-1]:.1f} s  {left}", highlight=False)
+        self.progress.update(self.task, completed=round_, description=loss)
+
+    def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
+        from rich.markup import escape
+
+        from fedmeta.cli.errors import without_values
+
+        for site, reason in failures:
+            reason = without_values(reason)
+            self.failed.setdefault(site, {})[round_] = reason
+            self.progress.console.print(f"[yellow]round {round_}: site {escape(site)} failed: {escape(reason)}[/]")
+
+    def unplanned_failures(self) -> dict[str, dict[int, str]]:
+        """Failed sites, leaving out the failures a run asked for (``simulation.failing_sites``, chaos testing)."""
+        return {site: rounds for site, rounds in self.failed.items() if not all("(simulation.failing_sites)" in r for r in rounds.values())}
 
     def evaluated(self, model_round: int, evaluation: dict) -> None:
         parts = []
@@ -38,6 +74,14 @@ class ProgressObserver:
         self.progress.stop()
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def timed_progress():

@@ -64,17 +64,33 @@ def _steps_number(text: str) -> int:
     return int(text)
 
 
+def _shots_value(text: str | None) -> int | str | None:
+    from fedmeta.personalize import PersonalizationError
+
+    if text is None or text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise PersonalizationError(f"--shots must be a number >= 1 or 'all', got {text!r}")
+    return int(text)
+
+
 def personalize(
-    data: Path = typer.Option(..., "--data", help="The site's rows (CSV or Parquet)."),
+    data: Path = typer.Option(..., "--data", help="The site's training rows (CSV or Parquet)."),
     schema: Path = typer.Option(..., "--schema", help="The federation's schema.json."),
     base: str = typer.Option(..., "--base", help="Global base model: a training run folder, a base_model.pt, or a registry version (v3)."),
-    site: str = typer.Option(None, "--site", help="Site name (default: the data file's name)."),
+    site: str = typer.Option(None, "--site", help="Site name (default: the folder of a train.csv, else the data file's name)."),
+    test: Path = typer.Option(None, "--test", help="The site's own test file (CSV or Parquet): scores are measured on it, and no rows are held out of --data."),
     site_home: Path = SITE_HOME_OPTION,
-    shots: int = typer.Option(None, "--shots", "-k", help="K: shots per class (rows for regression) per task. Default: the run's evaluation.shots."),
-    steps: str = typer.Option(
-        "auto", "--steps", help="Fine-tuning steps, or 'auto': 5, 10, 20 or 40, chosen by the loss on the site's training rows outside the K shots."
+    shots: str = typer.Option(
+        None, "--shots", "-k",
+        help="K: shots per class (rows for regression) per task; or 'all': every labelled training row, with the steps and early stopping chosen on a "
+        "validation fifth of them. Default: the run's evaluation.shots.",
     ),
-    lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate."),
+    steps: str = typer.Option(
+        "auto", "--steps", help="Fine-tuning steps, or 'auto': 5, 10, 20 or 40, chosen by the loss on the site's training rows outside the K shots "
+        "(with --shots all: up to 1000, stopped early on the validation rows)."
+    ),
+    lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate (with --shots all, Adam at 0.001)."),
     mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
     test_fraction: float = typer.Option(
@@ -86,27 +102,30 @@ def personalize(
     import time
 
     from fedmeta.data import load_site
-    from fedmeta.personalize import data_lineage, load_base, publish, register_base
+    from fedmeta.personalize import load_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.registry import SiteHome
 
     start = time.perf_counter()
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive): the site needs both training and held-out rows; got {test_fraction:g}")
+    if test is not None and test_fraction is not None:
+        raise UsageProblem("--test-fraction has no effect with --test: scores are measured on the test file and no rows are held out of --data")
     try:
+        k = _shots_value(shots)
         home = SiteHome(site_home)
         global_base = load_base(base, home)
         defaults = global_base.adaptation
         federation = global_base.config.federation
         test_fraction = federation.test_fraction if test_fraction is None else test_fraction
         # The federation's seed and the site's name decide the held-out rows, exactly as in training.
-        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=federation.seed)
+        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
         result = run_personalize(
             global_base.for_schema(site_data.schema),
             site_data,
-            shots=shots or defaults["shots"],
+            shots=k or defaults["shots"],
             steps=steps if steps == "auto" else _steps_number(steps),
-            lr=lr or defaults["lr"],
+            lr=lr or (None if k == "all" else defaults["lr"]),
             mode=mode,
             seed=seed,
         )
@@ -120,11 +139,10 @@ def personalize(
             parent=base_version,
             base=base_version,
             metrics={**result.metrics, **baselines},
-            data=data_lineage(
-                data, rows=site_data.n_rows, held_out=int(site_data.test_mask.sum()), test_fraction=test_fraction, held_out_rows_sha256=site_data.held_out_digest()
-            ),
-            training={"mode": result.mode, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": result.seed, "seconds": round(result.seconds, 4)},
-            shots=result.shots,
+            data=_lineage(data, test, site_data, test_fraction),
+            training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
+                      "seed": result.seed, "seconds": round(result.seconds, 4)},
+            shots=result.shots if isinstance(result.shots, int) else None,
             personalized_tasks=result.tasks,
             promote=promote,
         )
@@ -133,10 +151,27 @@ def personalize(
     except integrity_errors() as e:
         raise fail(e, 1) from None
     chosen = " (auto)" if steps == "auto" else ""
-    title = f"{site_data.name}: K={result.shots}, {result.steps} steps{chosen}, mode {result.mode}; scores on held-out rows; baseline: majority class (acc) or mean (mse), ignoring the features"
+    if result.shots == "all":
+        rows = (result.steps_selection or {}).get("rows")
+        how = f"all {rows} labelled training rows, {result.steps} steps" + (" (early-stopped on a validation fifth)" if steps == "auto" else "")
+    else:
+        how = f"K={result.shots}, {result.steps} steps{chosen}"
+    scored = f"scores on {test}" if test is not None else "scores on held-out rows"
+    title = f"{site_data.name}: {how}, mode {result.mode}; {scored}; baseline: majority class (acc) or mean (mse), ignoring the features"
     console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
+
+
+def _lineage(data: Path, test: Path | None, site_data, test_fraction: float) -> dict:
+    """Which rows trained and scored the model: the files and their hashes, and how the scored rows were chosen."""
+    from fedmeta.personalize import data_lineage
+
+    held_out = int(site_data.test_mask.sum())
+    if test is not None:
+        scored = data_lineage(test)
+        return data_lineage(data, rows=site_data.n_rows - held_out, held_out=held_out, test_file=scored["file"], test_sha256=scored["sha256"])
+    return data_lineage(data, rows=site_data.n_rows, held_out=held_out, test_fraction=test_fraction, held_out_rows_sha256=site_data.held_out_digest())
 
 
 @heads_app.command("add")

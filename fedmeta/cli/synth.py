@@ -35,3 +35,16 @@ def synth_fraud(
 
     schema_path, paths = write_fraud_federation(out, n_banks=banks, seed=seed)
     console.print(f"wrote {len(paths)} bank files and {schema_path}")
+
+
+@app.command("clinics")
+def synth_clinics(
+    out: Path = typer.Argument(..., help="Folder to write one folder per clinic (train.csv and test.csv) into; no schema."),
+    sites: int = typer.Option(8, min=1, help="Number of clinics drawn (clinics that record neither task are left out)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write a clinic network as users bring one: <clinic>/train.csv and <clinic>/test.csv, two tasks, some labels missing, no schema."""
+    from fedmeta.data.synthetic import write_clinic_federation
+
+    folders = write_clinic_federation(out, n_sites=sites, seed=seed)
+    console.print(f"wrote {len(folders)} clinic folders (train.csv and test.csv) in {out}; next: fedmeta schema infer {out} --task ... --out {out}/schema.json")

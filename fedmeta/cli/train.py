@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fedmeta.cli.errors import fail
 from fedmeta.cli.output import ProgressObserver, console
 
 
@@ -43,8 +44,9 @@ def train(
             extra = list(override) + ([f"rounds={rounds}"] if rounds is not None else [])
             cfg = RunConfig.load(config, extra)
             target = run_dir or Path("runs") / cfg.name
-        console.print(f"[bold]fedmeta train[/] {cfg.algorithm.name} on {cfg.federation.kind} ({cfg.federation.n_sites} sites), {cfg.rounds} rounds -> {target}")
-        rd = run_simulation(cfg, target, resume=resume is not None, observer=ProgressObserver(), verbose=verbose)
+        console.print(f"[bold]fedmeta train[/] {cfg.algorithm.name} on {_federation_line(cfg)}, {cfg.rounds} rounds -> {target}")
+        observer = ProgressObserver()
+        rd = run_simulation(cfg, target, resume=resume is not None, observer=observer, verbose=verbose)
     except TrainingStopped as e:
         console.print(f"[yellow]{e}[/]")
         raise typer.Exit(130) from None
@@ -67,3 +69,19 @@ def train(
         if last["round"] < rd.load_config().rounds:
             console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
     console.print(f"base model: {rd.base_model_path}")
+    failed = observer.unplanned_failures()
+    if failed:
+        listed = "; ".join(f"{site} (round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, sorted(rounds)))}: {rounds[max(rounds)]})" for site, rounds in sorted(failed.items()))
+        raise fail(f"{len(failed)} site(s) failed during training and the base model was made without them in those rounds: {listed}", 1)
+
+
+def _federation_line(cfg) -> str:
+    """What the run trains on: a synthetic federation's size, or the sites found in a CSV federation's folder."""
+    fed = cfg.federation
+    if fed.kind != "csv":
+        return f"{fed.kind} ({fed.n_sites} sites)"
+    from fedmeta.data.federation import discover_sites
+
+    sites = discover_sites(fed.data_dir)
+    tested = sum(site.test is not None for site in sites)
+    return f"{fed.data_dir} ({len(sites)} sites found" + (f", {tested} with a test file" if tested else "") + ")"

@@ -19,6 +19,21 @@ import pandas as pd
 from fedmeta.data.episodes import EpisodeSampler
 from fedmeta.data.schema import Schema, SchemaError
 
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+TRAIN_STEM = "train"
+
+
+def site_name(path: str | Path) -> str:
+    """A site's name from its training file: the folder of a ``train.csv``, else the file's stem.
+
+    >>> site_name("clinics/st-marys/train.csv"), site_name("clinics/st-marys.parquet")
+    ('st-marys', 'st-marys')
+    """
+    path = Path(path)
+    if path.stem.lower() == TRAIN_STEM and path.suffix.lower() in TABLE_SUFFIXES:
+        return path.resolve().parent.name
+    return path.stem
+
 
 def held_out_mask(site: str, n_rows: int, test_fraction: float, seed: int) -> np.ndarray:
     """Which of a site's ``n_rows`` rows are held out: the one split rule every part of fedmeta uses.
@@ -68,6 +83,16 @@ class SiteData:
         labels = {t.name: schema.labels(df, t.name) for t in schema.tasks}
         return cls.from_arrays(name, schema, schema.encode(df), labels, test_fraction, seed)
 
+    @classmethod
+    def from_frames(cls, name: str, schema: Schema, train: pd.DataFrame, test: pd.DataFrame, train_source: str, test_source: str) -> "SiteData":
+        """A site with its own test file: every row of ``test`` is held out, none of ``train`` is."""
+        schema.validate_frame(train, train_source)
+        schema.validate_frame(test, test_source)
+        x = np.concatenate([schema.encode(train), schema.encode(test)])
+        labels = {t.name: np.concatenate([schema.labels(train, t.name), schema.labels(test, t.name)]).astype(np.float32) for t in schema.tasks}
+        test_mask = np.concatenate([np.zeros(len(train), bool), np.ones(len(test), bool)])
+        return cls(name, schema, x.astype(np.float32), labels, test_mask)
+
     @property
     def n_rows(self) -> int:
         return len(self.x)
@@ -113,15 +138,30 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise SchemaError(f"cannot read site data {path}: {e}") from None
 
 
-def load_site(path: str | Path, schema: Schema | str | Path, name: str | None = None, test_fraction: float = 0.25, seed: int = 0) -> SiteData:
+def _rows(path: Path) -> pd.DataFrame:
+    df = read_table(path)
+    if df.empty:
+        raise SchemaError(f"{path}: the file has no rows")
+    return df
+
+
+def load_site(
+    path: str | Path, schema: Schema | str | Path, name: str | None = None, test_fraction: float = 0.25, seed: int = 0, test_path: str | Path | None = None
+) -> SiteData:
     """Load and validate one site's table against the schema.
+
+    The site is named ``name``, else by :func:`~fedmeta.data.federation.site_name`
+    (the folder of a ``train.csv``, else the file's stem). With ``test_path``
+    the site is scored on that file and nothing is held out of ``path``;
+    otherwise :func:`held_out_mask` carves ``test_fraction`` of its rows.
 
     Raises :class:`SchemaError` naming the file, column and row of the first problem.
     """
     path = Path(path)
     if not isinstance(schema, Schema):
         schema = Schema.load(schema)
-    df = read_table(path)
-    if df.empty:
-        raise SchemaError(f"{path}: the file has no rows")
-    return SiteData.from_frame(name or path.stem, schema, df, str(path), test_fraction, seed)
+    name = name or site_name(path)
+    if test_path is not None:
+        test_path = Path(test_path)
+        return SiteData.from_frames(name, schema, _rows(path), _rows(test_path), str(path), str(test_path))
+    return SiteData.from_frame(name, schema, _rows(path), str(path), test_fraction, seed)

@@ -212,6 +212,34 @@ def write_federation(out_dir: str | Path, schema: Schema, frames: dict[str, pd.D
     return schema_path, paths
 
 
+def write_clinic_federation(out_dir: str | Path, n_sites: int = 8, seed: int = 0, test_fraction: float = 0.25, missing_labels: float = 0.1) -> list[Path]:
+    """A clinic network as users bring one: ``<clinic>/train.csv`` and ``<clinic>/test.csv``, no schema.
+
+    Built from the hospital generator (:func:`hospital_federation_frames`)
+    with two tasks, readmission (``readmitted_30d``) and mortality
+    (``died_in_hospital``): a clinic may not record one of them at all, and
+    ``missing_labels`` of the remaining labels are blank. Clinics that
+    record neither are left out. Returns the clinic folders.
+    """
+    _, frames = hospital_federation_frames(n_sites, seed)
+    rng = np.random.default_rng([seed, 14])
+    labels = ["readmitted_30d", "died_in_hospital"]
+    folders = []
+    for name, df in frames.items():
+        df = df.drop(columns=["length_of_stay_days"])
+        if df[labels].isna().all().all():
+            continue
+        for column in labels:
+            df.loc[rng.random(len(df)) < missing_labels, column] = np.nan
+        test = np.zeros(len(df), bool)
+        test[rng.permutation(len(df))[: int(round(len(df) * test_fraction))]] = True
+        folder = Path(out_dir) / name.replace("hospital", "clinic")
+        atomic_write_bytes(folder / "train.csv", df[~test].to_csv(index=False).encode())
+        atomic_write_bytes(folder / "test.csv", df[test].to_csv(index=False).encode())
+        folders.append(folder)
+    return folders
+
+
 # --------------------------------------------------------------------------
 # (d) A fraud federation: banks with different fraud base rates
 # --------------------------------------------------------------------------

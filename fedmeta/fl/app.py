@@ -4,9 +4,11 @@ Sites get the run configuration inside every message (``context.run_config``
 is empty in simulation), and find their own data:
 
 - in deployment, from the SuperNode's ``--node-config``:
-  ``data-path="site.csv" schema-path="schema.json"`` (optional ``site-name``);
+  ``data-path="site.csv" schema-path="schema.json"`` (optional ``site-name``,
+  and ``test-path`` for a test file scored instead of held-out rows);
 - in simulation, from ``partition-id``: site i regenerates partition i of the
-  seeded synthetic federation (or reads the i-th file of a CSV federation).
+  seeded synthetic federation, or reads the i-th site (sorted by name) that
+  :func:`fedmeta.data.federation.discover_sites` finds in a CSV federation.
 
 The server loop is ours rather than ``Strategy.start`` because Flower has no
 checkpoint/resume and keeps optimizer state on the strategy object: each
@@ -28,15 +30,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
 from fedmeta.data.synthetic import fedprox_schema
+from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, make_codec
-from fedmeta.fl.config import FederationConfig, RunConfig
+from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
 from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
+from fedmeta.fl.sites import csv_site
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
 from fedmeta.threads import limit_threads, site_threads
@@ -57,8 +61,8 @@ def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
 
 
 @lru_cache(maxsize=8)
-def _site_from_files(data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int) -> SiteData:
-    return load_site(data_path, Schema.load(schema_path), name=name, test_fraction=test_fraction, seed=seed)
+def _site_from_files(data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None) -> SiteData:
+    return load_site(data_path, Schema.load(schema_path), name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
 
 
 def site_for(context: Context, config: RunConfig) -> SiteData:
@@ -69,13 +73,11 @@ def site_for(context: Context, config: RunConfig) -> SiteData:
     if "data-path" in node:
         if "schema-path" not in node:
             raise ValueError("node config has data-path but no schema-path; pass both with --node-config")
-        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed)
+        test_path = str(node["test-path"]) if "test-path" in node else None
+        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed, test_path)
     partition = int(node["partition-id"])
     if fed.kind == "csv":
-        files = sorted(p for p in Path(fed.data_dir).iterdir() if p.suffix.lower() in (".csv", ".parquet", ".pq"))
-        if partition >= len(files):
-            raise ValueError(f"partition {partition} has no site file in {fed.data_dir} ({len(files)} files)")
-        return _site_from_files(str(files[partition]), str(Path(fed.data_dir) / "schema.json"), None, fed.test_fraction, fed.seed)
+        return csv_site(config, partition)
     return _synthetic_federation(fed.model_dump_json())[partition]
 
 
@@ -175,7 +177,7 @@ def evaluate(message: Message, context: Context) -> Message:
 def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     """The round-0 global state, from the run seed (the server never sees site rows)."""
     if config.federation.kind == "csv":
-        schema = Schema.load(Path(config.federation.data_dir) / "schema.json")
+        schema = federation_schema(config.federation.data_dir)
     elif config.federation.kind == "hospitals":
         schema = hospital_schema()
     else:
@@ -186,15 +188,40 @@ def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
 
 
 class RoundObserver:
-    """Hooks for progress display; the default does nothing."""
+    """Hooks for progress display; the default only logs failed sites, one line each."""
 
     def start(self, first_round: int, rounds: int) -> None: ...
 
     def round_done(self, round_: int, train: dict | None) -> None: ...
 
+    def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
+        for site, reason in failures:
+            log.warning("round %d: site %s failed: %s", round_, site, reason)
+
     def evaluated(self, model_round: int, evaluation: dict) -> None: ...
 
     def stop(self) -> None: ...
+
+
+def site_failures(strategy: MetaStrategy) -> list[tuple[str, str]]:
+    """The last exchange's failed sites as ``(site, reason)``: the site's name when the roll call gave it, and the reason's last line.
+
+    Flower wraps a ClientApp's exception in pages of Ray traceback; the site's
+    own message is what follows the last ``Message:``.
+    """
+    failures = []
+    for failure in strategy.failures:
+        who, found, reason = failure.partition(": ")
+        if not found:  # not about one site (e.g. SecAgg+ dropouts)
+            failures.append(("(several)", failure))
+            continue
+        site = who.removeprefix("site ")
+        if who.startswith("node ") and who[5:].isdigit():
+            site = strategy.node_sites.get(int(who[5:]), who)
+        reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        failures.append((site, lines[-1] if lines else "no reason given"))
+    return failures
 
 
 def evaluation_due(config: RunConfig, model_round: int) -> bool:
@@ -263,6 +290,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
             except PrivacyBudgetExceeded as e:
                 budget_reached = e  # checked on the round's real sample, before anything is sent
                 break
+            if strategy.failures:
+                observer.sites_failed(round_, site_failures(strategy))
             rows += strategy.site_rows
             if strategy.evaluate_received:
                 eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
@@ -302,6 +331,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
     replies = wire.exchange(grid, {"evaluate": evaluate}, s.round_timeout)
     rows, evaluation = _evaluation_rows(strategy.evaluate_replies(last_round, replies["evaluate"]), last_round, last_round + 1, time.perf_counter() - started)
+    if strategy.failures:
+        observer.sites_failed(last_round, site_failures(strategy))
     run_dir.append_metrics(rows)
     if evaluation is not None:
         observer.evaluated(last_round, evaluation)
@@ -330,8 +361,8 @@ def privacy_account(config: RunConfig) -> PrivacyAccount | None:
     p = config.privacy
     if not p.accounted:
         return None
-    n = config.federation.n_sites
     s = config.server
+    n = config.federation.n_sites or SYNTHETIC_SITES  # unset only on a deployment's csv federation: the former default
     m = min(n, max(s.min_sites, math.ceil(s.fraction_train * n)))
     return PrivacyAccount(p.noise_multiplier, p.delta, m, n, p.max_epsilon)
 

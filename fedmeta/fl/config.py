@@ -24,16 +24,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SYNTHETIC_SITES = 10
+
+
 class FederationConfig(_Section):
     """Where sites' data comes from.
 
     ``kind = "hospitals"`` or ``"fedprox"`` synthesize a seeded federation
-    (site i regenerates partition i itself); ``"csv"`` reads ``data_dir``:
-    one CSV/Parquet file per site plus ``schema.json``.
+    of ``n_sites`` sites (default 10; site i regenerates partition i itself).
+    ``"csv"`` reads the sites found in ``data_dir``
+    (:func:`fedmeta.data.federation.discover_sites`: ``<site>.csv|.parquet``
+    or ``<site>/train.csv`` with an optional ``<site>/test.csv``) plus
+    ``schema.json``; ``n_sites`` is then optional and, if given, must match
+    the number of sites found.
     """
 
     kind: Literal["hospitals", "fedprox", "csv"] = "hospitals"
-    n_sites: int = Field(10, ge=1)
+    n_sites: int | None = Field(None, ge=1, description="sites in the federation (default 10; for csv, the sites found in data_dir)")
     seed: int = 0
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(1.0, ge=0)
@@ -44,6 +51,8 @@ class FederationConfig(_Section):
     def _check(self) -> "FederationConfig":
         if self.kind == "csv" and not self.data_dir:
             raise ValueError("federation.kind = 'csv' needs federation.data_dir (a folder of site files and schema.json)")
+        if self.kind != "csv" and self.n_sites is None:
+            self.n_sites = SYNTHETIC_SITES
         if self.data_dir:
             # Sites may run in other processes with another working directory (Ray workers): pin the folder.
             self.data_dir = str(Path(self.data_dir).resolve())
@@ -193,7 +202,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.server.min_sites > self.federation.n_sites:
+        if self.federation.n_sites is not None and self.server.min_sites > self.federation.n_sites:
             raise ValueError(f"server.min_sites = {self.server.min_sites} exceeds federation.n_sites = {self.federation.n_sites}")
         robust = self.aggregation.rule != "mean"
         if self.secure.secagg and robust:
@@ -204,7 +213,7 @@ class RunConfig(_Section):
             raise ValueError(f"privacy.noise_multiplier > 0 is accounted for the mean only; aggregation.rule = {self.aggregation.rule!r} has another sensitivity")
         if self.privacy.max_epsilon is not None and not self.privacy.accounted:
             raise ValueError("privacy.max_epsilon needs privacy.clip_norm and privacy.noise_multiplier > 0")
-        if self.aggregation.rule in ("krum", "multikrum"):
+        if self.aggregation.rule in ("krum", "multikrum") and self.federation.n_sites is not None:
             f = self.aggregation.byzantine_sites
             n = self.federation.n_sites
             sampled = min(n, max(self.server.min_sites, math.ceil(self.server.fraction_train * n)))

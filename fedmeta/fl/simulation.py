@@ -25,6 +25,7 @@ from fedmeta.fl import exchange as wire
 from fedmeta.fl.app import RoundObserver, client_app, make_server_app
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.run_dir import RunDir
+from fedmeta.fl.sites import prepare_federation
 
 
 class _DeprecationNotice(logging.Filter):
@@ -32,6 +33,15 @@ class _DeprecationNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+class _SiteTracebacks(logging.Filter):
+    """Drops Flower's and Ray's multi-page tracebacks of a failed site: the round loop reports each failure in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_backend = record.levelno >= logging.ERROR and any(part in record.pathname for part in ("/fleet/vce/", "/ray_transport/"))
+        strategy_line = record.name == "flwr.fedmeta" and "failed:" in record.getMessage() and "\n" in record.getMessage()
+        return not (from_backend or strategy_line)
 
 
 class TrainingStopped(RuntimeError):
@@ -70,6 +80,10 @@ def is_complete(rd: RunDir, config: RunConfig) -> bool:
 def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False, observer: RoundObserver | None = None, verbose: bool = False) -> RunDir:
     """Train ``config`` in simulation, writing to ``run_dir``; with ``resume`` continue its last checkpoint.
 
+    A CSV federation is checked first (:func:`~fedmeta.fl.sites.prepare_federation`):
+    ``federation.n_sites`` becomes the number of sites found, and the run
+    folder records it.
+
     Resuming a complete run does nothing (check :func:`is_complete` first to say so).
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -79,7 +93,9 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         config = rd.load_config()
         if is_complete(rd, config):
             return rd
-    else:
+    # Every site's files are read and checked here, before a worker starts: a bad one is one line, not a Ray traceback.
+    config, _ = prepare_federation(config)
+    if not resume:
         rd.create(config)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -88,6 +104,9 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         flwr_log.setLevel(logging.WARNING)
         if not any(isinstance(f, _DeprecationNotice) for f in flwr_log.filters):
             flwr_log.addFilter(_DeprecationNotice())
+        for logger in (flwr_log, logging.getLogger("flwr.fedmeta")):
+            if not any(isinstance(f, _SiteTracebacks) for f in logger.filters):
+                logger.addFilter(_SiteTracebacks())
     backend_config = {
         "client_resources": {"num_cpus": config.simulation.cpus_per_site, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False, "log_to_driver": verbose},

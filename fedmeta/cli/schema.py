@@ -1,0 +1,47 @@
+"""``fedmeta schema infer``: propose a federation schema from site files, say what was decided, write it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedmeta.cli.output import console
+
+app = typer.Typer(help="Write and check the federation schema (features, their encoding and normalization, tasks).", no_args_is_help=True)
+
+
+@app.command("infer")
+def infer(
+    data: list[Path] = typer.Argument(..., help="CSV/Parquet files, or a federation folder (<site>.csv or <site>/train.csv, optional <site>/test.csv)."),
+    task: list[str] = typer.Option(..., "--task", help="NAME:KIND[:LABEL_COLUMN], KIND binary, multiclass or regression; the label column defaults to NAME (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the schema (JSON), e.g. DATA_DIR/schema.json for training."),
+    name: str = typer.Option(None, "--name", help="The schema's name (default: the folder's name, else 'federation')."),
+    categorical: list[str] = typer.Option([], "--categorical", help="Treat this column as categorical even if its values are numbers (repeatable)."),
+    ignore: list[str] = typer.Option([], "--ignore", help="Leave this column out of the features, e.g. an identifier (repeatable)."),
+    max_categories: int = typer.Option(50, "--max-categories", min=2, help="A text column with more distinct values is ignored (an identifier?) unless --categorical."),
+) -> None:
+    """Propose a schema from site files: numeric vs categorical features (with categories), task classes, normalization statistics."""
+    from fedmeta.data.infer import TaskRequest, infer_schema, read_tables
+
+    requests = [TaskRequest.parse(t) for t in task]
+    tables = read_tables(data)
+    if name is None:
+        folders = [p for p in data if p.is_dir()]
+        name = folders[0].resolve().name if len(folders) == 1 else "federation"
+    schema, decisions = infer_schema(tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories)
+    for d in decisions:
+        console.print(f"  {d.role:12s} {d.column:24s} {d.detail}", markup=False, highlight=False)
+    numeric = sum(f.type == "numeric" for f in schema.features)
+    console.print(
+        f"normalization: means and stds of {numeric} numeric feature(s) computed from the {len(tables.train)} training file(s) given "
+        f"({tables.rows} rows)" + (f"; the {len(tables.test)} test file(s) only added categories and classes" if tables.test else ""),
+        highlight=False,
+    )
+    replaced = out.exists()
+    schema.save(out)
+    console.print(
+        f"{'replaced' if replaced else 'wrote'} {out}: {len(schema.features)} features ({numeric} numeric, {len(schema.features) - numeric} categorical; "
+        f"{schema.encoded_dim} model inputs), {len(schema.tasks)} task(s). Check the decisions above; edit the file or rerun with --categorical/--ignore to change them.",
+        highlight=False,
+    )

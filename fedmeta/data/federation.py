@@ -1,0 +1,97 @@
+"""A federation on disk: which sites a data folder holds, what they are called, and their files.
+
+One rule, used by training, evaluation and personalization alike:
+
+- ``DATA_DIR/<site>.csv`` (or ``.parquet``): one file per site, named by the file;
+- ``DATA_DIR/<site>/train.csv`` (or ``train.parquet``), optionally with
+  ``DATA_DIR/<site>/test.csv`` (or ``test.parquet``): one folder per site,
+  named by the folder. The test file is never trained on; the site is scored
+  on it instead of on rows carved out of its training file.
+
+``DATA_DIR/schema.json`` describes every site. Sites are listed sorted by
+name, so partition i of a simulation is always the i-th of them.
+
+>>> import tempfile, pathlib
+>>> root = pathlib.Path(tempfile.mkdtemp())
+>>> (root / "clinic_b").mkdir(); _ = (root / "clinic_b" / "train.csv").write_text("x\\n1\\n")
+>>> _ = (root / "clinic_a.csv").write_text("x\\n1\\n")
+>>> [(s.name, s.train.name, s.test) for s in discover_sites(root)]
+[('clinic_a', 'clinic_a.csv', None), ('clinic_b', 'train.csv', None)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmeta.data.schema import Schema, SchemaError
+from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site
+
+SCHEMA_FILE = "schema.json"
+TEST_STEM = "test"
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """One site of a federation folder: its name, its training file and, if it has one, its test file."""
+
+    name: str
+    train: Path
+    test: Path | None = None
+
+
+def _table_in(folder: Path, stem: str) -> Path | None:
+    found = [p for p in sorted(folder.iterdir()) if p.is_file() and p.stem.lower() == stem and p.suffix.lower() in TABLE_SUFFIXES]
+    if len(found) > 1:
+        raise SchemaError(f"{folder}: more than one {stem} file ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
+def discover_sites(data_dir: str | Path) -> list[SiteFiles]:
+    """The sites of a federation folder, sorted by name (see the module docstring for the layout).
+
+    Raises :class:`SchemaError` with one line naming the folder or file for a
+    missing folder, a folder with no site, a site folder without a training
+    file, or two sites with the same name.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise SchemaError(f"federation folder not found: {root}")
+    sites: dict[str, SiteFiles] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith((".", "_")):
+            continue
+        if entry.is_dir():
+            train = _table_in(entry, TRAIN_STEM)
+            if train is None:
+                raise SchemaError(f"{entry}: a site folder needs a train.csv or train.parquet")
+            site = SiteFiles(entry.name, train, _table_in(entry, TEST_STEM))
+        elif entry.suffix.lower() in TABLE_SUFFIXES:
+            site = SiteFiles(entry.stem, entry)
+        else:
+            continue
+        if site.name in sites:
+            raise SchemaError(f"{root}: two sites named {site.name!r} ({sites[site.name].train.relative_to(root)} and {site.train.relative_to(root)})")
+        sites[site.name] = site
+    if not sites:
+        raise SchemaError(f"{root}: no sites found; expected <site>.csv, <site>.parquet or <site>/train.csv files")
+    return [sites[name] for name in sorted(sites)]
+
+
+def federation_schema(data_dir: str | Path) -> Schema:
+    """The schema of a federation folder (``schema.json`` inside it)."""
+    path = Path(data_dir) / SCHEMA_FILE
+    if not path.exists():
+        raise SchemaError(f"{data_dir}: no {SCHEMA_FILE}; write one with: fedmeta schema infer {data_dir} --task NAME:KIND[:LABEL_COLUMN] --out {path}")
+    return Schema.load(path)
+
+
+def load_federation_site(site: SiteFiles, schema: Schema, test_fraction: float, seed: int) -> SiteData:
+    """One discovered site's rows, validated: scored on its test file if it has one, else on :func:`~fedmeta.data.site.held_out_mask`'s rows."""
+    return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test)
+
+
+def load_federation(data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0) -> list[SiteData]:
+    """Every site of a federation folder, validated against its schema, sorted by name."""
+    schema = federation_schema(data_dir)
+    return [load_federation_site(site, schema, test_fraction, seed) for site in discover_sites(data_dir)]

@@ -1,0 +1,225 @@
+"""A schema proposed from site files: which columns are numeric or categorical, the tasks' classes, normalization.
+
+:func:`infer_schema` reads the tables it is given and decides, for every column:
+
+- a **label** if a task names it (``--task NAME:KIND[:LABEL_COLUMN]``, the
+  label defaulting to the task's name): classes are the values found (for
+  classification), or the target's mean and std (regression);
+- **ignored** if asked (``ignore``), if some training file lacks it, or if it
+  is text with more than ``max_categories`` distinct values (an identifier?);
+- **categorical** if asked (``categorical``) or if any value is not a number,
+  with the values found as its categories;
+- **numeric** otherwise.
+
+Normalization statistics (means and stds of numeric features, of regression
+targets) come from the **training** tables given, combined from per-table
+counts, sums and sums of squares (:func:`~fedmeta.data.schema.feature_sums`,
+:meth:`~fedmeta.data.schema.Schema.with_normalization`), the same rule the
+federation uses. Test tables only add categories and classes, so that
+scoring them never meets an unknown value.
+
+>>> import pandas as pd
+>>> site = pd.DataFrame({"age": [50, 70], "ward": ["icu", "medical"], "died": [0, 1]})
+>>> schema, decisions = infer_schema({"a.csv": site}, [TaskRequest("mortality", "binary", "died")])
+>>> [(f.name, f.type, f.mean) for f in schema.features], schema.tasks[0].classes
+([('age', 'numeric', 60.0), ('ward', 'categorical', 0.0)], ['0', '1'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedmeta.data.federation import discover_sites
+from fedmeta.data.schema import Feature, Schema, SchemaError, TaskColumn, feature_sums
+from fedmeta.data.site import TABLE_SUFFIXES, read_table
+
+KINDS = ("binary", "multiclass", "regression")
+MAX_CATEGORIES = 50
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A task to put in the schema: its name, kind and label column."""
+
+    name: str
+    kind: str
+    label: str
+
+    @classmethod
+    def parse(cls, text: str) -> "TaskRequest":
+        """``NAME:KIND[:LABEL_COLUMN]``; the label column defaults to the task's name.
+
+        >>> TaskRequest.parse("mortality:binary:died_in_hospital")
+        TaskRequest(name='mortality', kind='binary', label='died_in_hospital')
+        """
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise SchemaError(f"--task {text!r}: expected NAME:KIND or NAME:KIND:LABEL_COLUMN, KIND one of {', '.join(KINDS)}")
+        if parts[1] not in KINDS:
+            raise SchemaError(f"--task {text!r}: kind {parts[1]!r} is not one of {', '.join(KINDS)}")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else parts[0])
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`infer_schema` made of one column, and why: printed for the user to check."""
+
+    column: str
+    role: str  # numeric, categorical, label, ignored
+    detail: str
+
+
+@dataclass
+class Tables:
+    """The tables a schema is inferred from: training tables (statistics) and test tables (values only)."""
+
+    train: dict[str, pd.DataFrame]
+    test: dict[str, pd.DataFrame]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(t) for t in self.train.values())
+
+
+def read_tables(paths: list[str | Path]) -> Tables:
+    """Tables from files and federation folders (every site's training file, and its test file if any)."""
+    train: dict[str, pd.DataFrame] = {}
+    test: dict[str, pd.DataFrame] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            for site in discover_sites(path):
+                train[str(site.train)] = read_table(site.train)
+                if site.test is not None:
+                    test[str(site.test)] = read_table(site.test)
+        elif path.suffix.lower() in TABLE_SUFFIXES or not path.exists():
+            train[str(path)] = read_table(path)
+        else:
+            raise SchemaError(f"{path}: not a CSV or Parquet file ({', '.join(TABLE_SUFFIXES)}) nor a federation folder")
+    for source, table in {**train, **test}.items():
+        if table.empty:
+            raise SchemaError(f"{source}: the file has no rows")
+    if not train:
+        raise SchemaError("no data given: name CSV/Parquet files or a federation folder")
+    return Tables(train, test)
+
+
+def _label_values(column: pd.Series) -> pd.Series:
+    """Label values as the schema compares them (``1.0`` read from a CSV with blanks is class ``1``)."""
+    return column.dropna().astype(str).str.removesuffix(".0")
+
+
+def _sorted_values(values: set[str]) -> list[str]:
+    """Values in numeric order when they are all numbers, else in text order."""
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    present = column.dropna()
+    return bool(pd.to_numeric(present, errors="coerce").notna().all())
+
+
+def _task(request: TaskRequest, tables: Tables) -> tuple[TaskColumn, Decision]:
+    holders = {s: t[request.label] for s, t in {**tables.train, **tables.test}.items() if request.label in t.columns}
+    if not holders:
+        raise SchemaError(f"task {request.name!r}: label column {request.label!r} is in none of the files given")
+    train_labels = [t[request.label] for t in tables.train.values() if request.label in t.columns]
+    labelled = sum(int(c.notna().sum()) for c in train_labels)
+    if labelled == 0:
+        raise SchemaError(f"task {request.name!r}: label column {request.label!r} has no values in the training files given")
+    if request.kind == "regression":
+        for source, column in holders.items():
+            if not _is_numeric(column):
+                raise SchemaError(f"{source}: label column {request.label!r} of regression task {request.name!r} holds values that are not numbers")
+        values = pd.concat([pd.to_numeric(c.dropna()) for c in train_labels]).to_numpy(np.float64)
+        std = float(values.std()) if len(values) > 1 else 1.0
+        task = TaskColumn(name=request.name, kind="regression", label=request.label, target_mean=float(values.mean()), target_std=std if std > 1e-12 else 1.0)
+        return task, Decision(request.label, "label", f"task {request.name} (regression), mean {task.target_mean:.4g}, std {task.target_std:.4g}, {labelled} training rows labelled")
+    classes = _sorted_values(set().union(*(set(_label_values(c)) for c in holders.values())))
+    if request.kind == "binary" and len(classes) != 2:
+        raise SchemaError(f"task {request.name!r} is binary but label column {request.label!r} holds {len(classes)} distinct value(s) in the files given; binary needs exactly 2")
+    if len(classes) < 2:
+        raise SchemaError(f"task {request.name!r}: label column {request.label!r} holds {len(classes)} distinct value(s); classification needs at least 2")
+    task = TaskColumn(name=request.name, kind=request.kind, label=request.label, classes=classes, n_classes=len(classes))
+    return task, Decision(request.label, "label", f"task {request.name} ({request.kind}), classes {', '.join(classes)}, {labelled} training rows labelled")
+
+
+def infer_schema(
+    train: dict[str, pd.DataFrame] | Tables,
+    tasks: list[TaskRequest],
+    name: str = "federation",
+    categorical: tuple[str, ...] = (),
+    ignore: tuple[str, ...] = (),
+    max_categories: int = MAX_CATEGORIES,
+) -> tuple[Schema, list[Decision]]:
+    """A schema for ``tables`` (training tables, or :class:`Tables` with test tables too), and the decision made for each column.
+
+    Raises :class:`~fedmeta.data.schema.SchemaError` (one line naming the file,
+    column or task) for a label column found nowhere, a binary label without
+    exactly two values, a feature with missing values, or no feature left.
+    """
+    tables = train if isinstance(train, Tables) else Tables(train, {})
+    if not tasks:
+        raise SchemaError("give at least one task: --task NAME:KIND[:LABEL_COLUMN]")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise SchemaError(f"each task once: {', '.join(sorted({n for n in names if names.count(n) > 1}))} given twice")
+    decisions: list[Decision] = []
+    task_columns = []
+    for request in tasks:
+        task, decision = _task(request, tables)
+        task_columns.append(task)
+        decisions.append(decision)
+    labels = {t.label for t in task_columns}
+    unknown = sorted(set(categorical) - set().union(*(set(t.columns) for t in tables.train.values())))
+    if unknown:
+        raise SchemaError(f"--categorical {', '.join(unknown)}: no such column in the files given")
+    columns = list(dict.fromkeys(c for t in tables.train.values() for c in t.columns))
+    features = []
+    for column in columns:
+        if column in labels:
+            continue
+        if column in ignore:
+            decisions.append(Decision(column, "ignored", "as asked (--ignore)"))
+            continue
+        lacking = [s for s, t in tables.train.items() if column not in t.columns]
+        if lacking:
+            decisions.append(Decision(column, "ignored", f"missing from {len(lacking)} of {len(tables.train)} training files (first: {lacking[0]})"))
+            continue
+        holders = {s: t[column] for s, t in {**tables.train, **tables.test}.items() if column in t.columns}
+        for source, values in holders.items():
+            missing = int(values.isna().sum())
+            if missing:
+                raise SchemaError(
+                    f"{source}: column {column!r} has {missing} missing value(s); features must be complete: fill them, or leave the column out with --ignore {column}"
+                )
+        if column not in categorical and all(_is_numeric(v) for v in holders.values()):
+            features.append(Feature(name=column))
+            continue
+        values = _sorted_values(set().union(*(set(v.astype(str)) for v in holders.values())))
+        if column not in categorical and len(values) > max_categories:
+            decisions.append(Decision(column, "ignored", f"text with {len(values)} distinct values (an identifier?); keep it with --categorical {column} --max-categories {len(values)}"))
+            continue
+        if len(values) > max_categories:
+            raise SchemaError(f"--categorical {column}: {len(values)} distinct values, more than --max-categories {max_categories}")
+        features.append(Feature(name=column, type="categorical", categories=values))
+    if not features:
+        raise SchemaError("no feature column left: every column is a label or ignored")
+    schema = Schema(name=name, features=features, tasks=task_columns)
+    schema = schema.with_normalization(feature_sums(t, schema) for t in tables.train.values())
+    for f in schema.features:
+        if f.type == "numeric":
+            decisions.append(Decision(f.name, "numeric", f"mean {f.mean:.4g}, std {f.std:.4g}"))
+        else:
+            shown = ", ".join(f.categories[:8]) + (", ..." if len(f.categories) > 8 else "")
+            decisions.append(Decision(f.name, "categorical", f"{len(f.categories)} categories: {shown}"))
+    order = {"label": 0, "numeric": 1, "categorical": 1, "ignored": 2}
+    position = {c: i for i, c in enumerate(columns)}
+    decisions.sort(key=lambda d: (order[d.role], position.get(d.column, 0)))
+    return schema, decisions

@@ -1,0 +1,114 @@
+"""The global base model at a site: read from a training run or the registry, and recorded in the registry.
+
+:func:`load_base` reads a meta-trained base (a run folder's ``base_model.pt``,
+the file itself, or a registry version such as ``v3``); :func:`register_base`
+records it once per hash.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedmeta.data.schema import Schema
+from fedmeta.fl.aggregation import unflatten_state
+from fedmeta.fl.config import RunConfig
+from fedmeta.manifest import Manifest, sha256_bytes
+from fedmeta.registry import ModelVersion, RegistryError, SiteHome, parse_version
+from fedmeta.trained import ModelMismatchError, TrainedModel
+
+BASE_FILE = "base_model.pt"
+
+
+class PersonalizationError(ValueError):
+    """A personalization or head request that cannot run as asked (too few rows, wrong mode, ...)."""
+
+
+@dataclass
+class GlobalBase:
+    """A meta-trained global base model as a training run wrote it."""
+
+    state: dict[str, dict[str, torch.Tensor]]
+    config: RunConfig
+    round: int
+    data: bytes = field(repr=False)
+    source: str
+    version: int | None = None
+    privacy: dict | None = None
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(self.data)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.config.name}-{self.config.digest()[:12]}"
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return tuple(self.config.model.hidden)
+
+    @property
+    def adaptation(self) -> dict:
+        """The shots, steps and rate the run evaluated personalization with: sensible defaults for this base."""
+        ev = self.config.evaluation
+        return {"shots": ev.shots, "steps": ev.steps, "lr": ev.lr if ev.lr is not None else self.config.algorithm.lr}
+
+    def for_schema(self, schema: Schema) -> TrainedModel:
+        """The base's weights paired with a site's schema (which must describe the same features and tasks)."""
+        try:
+            return TrainedModel(schema, self.hidden, {g: dict(v) for g, v in self.state.items()}, {"base": self.source})
+        except ModelMismatchError as e:
+            raise ModelMismatchError(f"base model {self.source}: {e}. Use the federation's schema; for a task new to it, use `fedmeta heads add`") from None
+
+
+def _read_base(data: bytes, source: str, version: int | None = None) -> GlobalBase:
+    try:
+        raw = torch.load(io.BytesIO(data), weights_only=True)
+        config = RunConfig.from_dict(raw["config"], source=source)
+        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"))
+    except Exception as e:
+        raise PersonalizationError(f"{source} is not a fedmeta base model: {e}") from None
+
+
+def load_base(source: str | Path, home: SiteHome | None = None) -> GlobalBase:
+    """A base model from a run folder, a ``base_model.pt`` file, or a registry version (``v3``)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / BASE_FILE
+        if not path.exists():
+            raise PersonalizationError(f"{source} has no {BASE_FILE}: is it a finished training run folder?")
+    if path.is_file():
+        return _read_base(path.read_bytes(), str(path))
+    try:
+        number = parse_version(str(source))
+    except RegistryError:
+        raise PersonalizationError(f"base model {source!r} is neither a run folder, a {BASE_FILE} file, nor a registry version like v3") from None
+    if home is None:
+        raise PersonalizationError(f"base model {source!r} is a registry version; give the site home that holds it")
+    version = home.registry.get(number)
+    if version.kind != "base":
+        raise PersonalizationError(f"{version.label} is a {version.kind} model of site {version.site!r}, not a global base model")
+    _, data = home.load(version, BASE_FILE)
+    return _read_base(data, f"{home.path} {version.label}", version.version)
+
+
+def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None) -> ModelVersion:
+    """Record the base in the registry (once: a known hash returns the existing version)."""
+    if base.version is not None:
+        return home.registry.get(base.version)
+    manifest = Manifest(
+        kind="base",
+        model_file=BASE_FILE,
+        sha256="",
+        files={},
+        run_id=base.run_id,
+        training={"algorithm": base.config.algorithm.model_dump(mode="json"), "round": base.round, "hidden": list(base.hidden), "source": base.source},
+        privacy=base.privacy,
+    )
+    version, _ = home.store({BASE_FILE: base.data}, manifest, actor=actor)
+    base.version = version.version
+    return version

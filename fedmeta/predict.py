@@ -1,0 +1,95 @@
+"""Scoring rows with a site's promoted model, from Python in one call (and behind ``fedmeta predict``).
+
+The model is the ONNX file the server would load, read through the registry
+(so its bytes are checked against the hash recorded at registration) and run
+with onnxruntime, one thread. Rows are checked against the model's schema
+first, with errors that name the source, column and row, never the value.
+
+Example, in a folder holding a site home (``site-home``, as ``fedmeta
+personalize`` creates it) whose site ``clinic_003`` has a promoted model::
+
+    >>> import pandas as pd
+    >>> import fedmeta.predict
+    >>> rows = pd.read_csv("clinics/clinic_003/test.csv")                       # doctest: +SKIP
+    >>> predictions = fedmeta.predict.predict(rows, site_home="site-home", site="clinic_003")  # doctest: +SKIP
+    >>> list(predictions.columns)                                              # doctest: +SKIP
+    ['readmission', 'readmission.p_0', 'readmission.p_1', 'mortality', 'mortality.p_0', 'mortality.p_1']
+
+One output row per input row: for each classification task the predicted
+class and one probability column per class (``<task>.p_<class>``), for
+each regression task the value in label units. Columns other than the
+model's features (labels, identifiers) are ignored. To score many frames,
+load once with :func:`load_promoted` and call :meth:`PromotedModel.predict`.
+(``tests/test_predict_api.py`` runs the example above on a real site home.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedmeta.data.schema import Schema, SchemaError
+from fedmeta.manifest import TaskOutput
+from fedmeta.registry import ModelVersion, SiteHome
+
+
+@dataclass
+class PromotedModel:
+    """A site's promoted model, verified and ready to score: its version, schema, tasks and onnxruntime session."""
+
+    version: ModelVersion
+    schema: Schema
+    tasks: list[TaskOutput]
+    session: object = field(repr=False)
+
+    def predict(self, rows: pd.DataFrame, source: str = "rows") -> pd.DataFrame:
+        """Predictions for every row of ``rows`` (see the module docstring for the columns); ``source`` names the rows in errors."""
+        if rows.empty:
+            raise SchemaError(f"{source}: no rows to score")
+        self.schema.validate_frame(rows, source)
+        feed = {}
+        for feature in self.schema.features:
+            column = rows[feature.name]
+            if feature.type == "numeric":
+                feed[feature.name] = pd.to_numeric(column).to_numpy(np.float32)
+            else:
+                feed[feature.name] = column.astype(str).to_numpy(object)
+        outputs = self.session.run([t.name for t in self.tasks], feed)
+        result = pd.DataFrame(index=rows.index)
+        for task, values in zip(self.tasks, outputs):
+            if task.kind == "regression":
+                result[task.name] = np.asarray(values).reshape(len(rows))
+                continue
+            classes = task.classes or [str(i) for i in range(values.shape[1])]
+            result[task.name] = [classes[i] for i in values.argmax(1)]
+            for j, name in enumerate(classes):
+                result[f"{task.name}.p_{name}"] = values[:, j]
+        return result
+
+
+def load_promoted(site_home: str | Path | None = None, site: str | None = None) -> PromotedModel:
+    """The promoted model of ``site`` (default: the only site) in ``site_home`` (default ``$FEDMETA_SITE_HOME`` or ``./site-home``).
+
+    Raises :class:`~fedmeta.registry.RegistryError` for a missing site home or
+    site, and :class:`~fedmeta.manifest.ManifestError` when the model's bytes
+    differ from what the registry recorded.
+    """
+    import onnxruntime as ort
+
+    home = SiteHome.existing(Path(site_home) if site_home is not None else None)
+    version = home.current(site)
+    manifest, onnx_bytes = home.load(version)  # bytes checked against the registry's record
+    if manifest.schema_ is None:
+        raise SchemaError(f"{version.label} has no schema in its manifest: it cannot score rows")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    return PromotedModel(version, Schema.model_validate(manifest.schema_), list(manifest.tasks), session)
+
+
+def predict(rows: pd.DataFrame, site_home: str | Path | None = None, site: str | None = None) -> pd.DataFrame:
+    """Score a DataFrame with a site's promoted model in one call: :func:`load_promoted` then :meth:`PromotedModel.predict`."""
+    return load_promoted(site_home, site).predict(rows)

@@ -1,0 +1,107 @@
+"""``fedmeta personalize`` on a real site's files: named by its folder, scored on its own test file, and ``--shots all``."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from fedmeta.data import load_site
+from fedmeta.data.synthetic import write_clinic_federation
+from fedmeta.fl.app import initial_state
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.run_dir import RunDir
+from fedmeta.personalize import load_base, personalize
+from fedmeta.registry import SiteHome
+from fedmeta.scoring import task_scores
+
+TASKS = ["--task", "readmission:binary:readmitted_30d", "--task", "mortality:binary:died_in_hospital"]
+
+
+def fedmeta(*args):
+    return subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def clinics(tmp_path_factory):
+    """Clinic folders with a schema, and a round-0 base model for that schema in run-folder format."""
+    root = tmp_path_factory.mktemp("clinics")
+    write_clinic_federation(root / "data", n_sites=3, seed=1)
+    assert fedmeta("schema", "infer", root / "data", *TASKS, "--out", root / "data" / "schema.json").returncode == 0
+    config = RunConfig.from_dict({"name": "base", "model": {"hidden": [16]}, "federation": {"kind": "csv", "data_dir": str(root / "data")}})
+    run = RunDir(root / "run")
+    run.create(config)
+    run.save_base_model(initial_state(config), config, round_=1)
+    return root
+
+
+def _personalize(clinics, home, site, *extra):
+    folder = clinics / "data" / site
+    return fedmeta("personalize", "--data", folder / "train.csv", "--schema", clinics / "data" / "schema.json", "--base", clinics / "run",
+                   "--site-home", home, *extra)
+
+
+def test_the_site_is_named_by_its_folder_and_scored_on_its_test_file_only(clinics, tmp_path):
+    test_file = clinics / "data" / "clinic_001" / "test.csv"
+    result = _personalize(clinics, tmp_path, "clinic_001", "--test", test_file, "--shots", "5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    home = SiteHome(tmp_path)
+    version = home.registry.current("clinic_001")
+    manifest, _ = home.load(version)
+    test = pd.read_csv(test_file)
+    train = pd.read_csv(clinics / "data" / "clinic_001" / "train.csv")
+    assert manifest.data["held_out"] == len(test) and manifest.data["rows"] == len(train)
+    assert manifest.data["test_file"] == str(test_file.resolve()) and "test_fraction" not in manifest.data
+    # The base's score in the table is the base model's score on the test file's labelled rows: measured here again.
+    base = load_base(clinics / "run")
+    site = load_site(clinics / "data" / "clinic_001" / "train.csv", clinics / "data" / "schema.json", test_path=test_file)
+    trained = base.for_schema(site.schema)
+    for task, label in (("mortality", "died_in_hospital"), ("readmission", "readmitted_30d")):
+        x, y = site.split(task, train=False)
+        assert len(y) == test[label].notna().sum()
+        assert manifest.metrics[f"{task}.base.acc"] == pytest.approx(task_scores(trained.module(), trained.params, task, x, y)["acc"])
+    assert "test.csv" in result.stdout  # the table's title says which rows it scores
+
+
+def test_shots_all_uses_every_labelled_training_row_and_chooses_its_steps_on_validation_rows(clinics):
+    base = load_base(clinics / "run")
+    folder = clinics / "data" / "clinic_002"
+    site = load_site(folder / "train.csv", clinics / "data" / "schema.json", test_path=folder / "test.csv")
+    result = personalize(base.for_schema(site.schema), site, shots="all", steps="auto", seed=0)
+    labelled = sum(site.n_labelled(t, train=True) for t in result.tasks)
+    selection = result.steps_selection
+    assert selection["rows"] == labelled and 0 < selection["validation_rows"] < labelled
+    assert result.steps == min(selection["curve"], key=selection["curve"].get)
+    assert selection["stopped_at"] >= result.steps
+    again = personalize(base.for_schema(site.schema), site, shots="all", steps="auto", seed=0)
+    assert all(torch.equal(result.model.params[k], again.model.params[k]) for k in result.model.params)  # same seed, same model
+    # The chosen step count never does worse than the base on the validation rows (0 steps is a candidate) ...
+    assert selection["curve"][result.steps] <= selection["curve"][0]
+    # ... and, against the untrained base as control, it does not lose ranking quality on the test file.
+    for task in result.tasks:
+        assert result.metrics[f"{task}.personalized.auc"] > result.metrics[f"{task}.base.auc"] - 0.02
+
+
+def test_shots_all_through_the_cli_records_it_and_the_rows(clinics, tmp_path):
+    folder = clinics / "data" / "clinic_000"
+    result = _personalize(clinics, tmp_path, "clinic_000", "--test", folder / "test.csv", "--shots", "all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "clinic_000: all" in result.stdout and "early-stopped on a validation fifth" in " ".join(result.stdout.split())
+    manifest, _ = SiteHome(tmp_path).load(SiteHome(tmp_path).registry.current("clinic_000"))
+    assert manifest.shots is None and manifest.training["shots"] == "all" and manifest.training["steps_selection"]["validation_rows"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--test-fraction", "0.3"], "error: --test-fraction has no effect with --test"),
+        (["--shots", "many"], "error: --shots must be a number >= 1 or 'all', got 'many'"),
+        (["--shots", "all", "--mode", "metasgd"], "error: mode 'metasgd' adapts with the rates learned for K-shot steps"),
+    ],
+)
+def test_bad_personalization_requests_are_one_line(clinics, tmp_path, extra, expected):
+    folder = clinics / "data" / "clinic_000"
+    result = _personalize(clinics, tmp_path, "clinic_000", "--test", folder / "test.csv", *extra)
+    assert result.returncode == 2 and expected in " ".join(result.stdout.split()), result.stdout + result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.startswith("error:")]) == 1

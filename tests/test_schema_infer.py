@@ -1,0 +1,86 @@
+"""``fedmeta schema infer``: a schema proposed from site files, what it decided, and one-line refusals."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmeta.data import Schema, write_hospital_federation
+
+TASKS = ["--task", "readmission:binary:readmitted_30d", "--task", "mortality:binary:died_in_hospital", "--task", "length_of_stay:regression:length_of_stay_days"]
+
+
+def fedmeta(*args):
+    return subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_inferred_schema_matches_the_generators_own_schema(tmp_path):
+    schema_path, files = write_hospital_federation(tmp_path / "fed", n_sites=4, seed=2)
+    expected = Schema.load(schema_path)
+    schema_path.unlink()
+    result = fedmeta("schema", "infer", tmp_path / "fed", *TASKS, "--out", tmp_path / "schema.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    inferred = Schema.load(tmp_path / "schema.json")
+    def described(schema):
+        return [(f.name, f.type, sorted(f.categories or [])) for f in schema.features]
+
+    assert described(inferred) == described(expected)  # categories sorted by the inference, listed as written by the generator
+    for mine, theirs in zip(inferred.features, expected.features):
+        assert mine.mean == pytest.approx(theirs.mean, rel=1e-9) and mine.std == pytest.approx(theirs.std, rel=1e-9)
+    assert [(t.name, t.kind, t.label, t.classes) for t in inferred.tasks][:2] == [
+        ("readmission", "binary", "readmitted_30d", ["0", "1"]), ("mortality", "binary", "died_in_hospital", ["0", "1"])]
+    stay = pd.concat(pd.read_csv(f)["length_of_stay_days"] for f in files).dropna()
+    assert inferred.task("length_of_stay").target_mean == pytest.approx(stay.mean())
+    out = " ".join(result.stdout.split())
+    assert "categorical ward 4 categories: cardiology, icu, medical, surgical" in out
+    assert "computed from the 4 training file(s) given" in out
+
+
+def test_statistics_come_from_training_files_and_test_files_only_add_values(tmp_path):
+    for site, (train, test) in {"a": ([1.0, 3.0], [100.0]), "b": ([5.0, 7.0], [200.0])}.items():
+        (tmp_path / site).mkdir()
+        pd.DataFrame({"dose": train, "unit": ["x", "y"], "label": ["no", "yes"]}).to_csv(tmp_path / site / "train.csv", index=False)
+        pd.DataFrame({"dose": test, "unit": ["z"], "label": ["maybe"]}).to_csv(tmp_path / site / "test.csv", index=False)
+    result = fedmeta("schema", "infer", tmp_path, "--task", "outcome:multiclass:label", "--out", tmp_path / "schema.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    schema = Schema.load(tmp_path / "schema.json")
+    dose, unit = schema.features
+    assert (dose.mean, dose.std) == (4.0, pytest.approx(np.std([1.0, 3.0, 5.0, 7.0])))
+    assert unit.categories == ["x", "y", "z"]
+    assert schema.task("outcome").classes == ["maybe", "no", "yes"]
+    assert "the 2 test file(s) only added categories and classes" in " ".join(result.stdout.split())
+
+
+def test_identifiers_are_ignored_and_columns_can_be_forced(tmp_path):
+    n = 80
+    rows = pd.DataFrame({"patient": [f"p{i}" for i in range(n)], "grade": np.arange(n) % 3, "age": np.arange(n), "died": np.arange(n) % 2})
+    rows.to_csv(tmp_path / "site.csv", index=False)
+    result = fedmeta("schema", "infer", tmp_path / "site.csv", "--task", "mortality:binary:died", "--categorical", "grade", "--out", tmp_path / "s.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    schema = json.loads((tmp_path / "s.json").read_text())
+    assert [(f["name"], f["type"]) for f in schema["features"]] == [("grade", "categorical"), ("age", "numeric")]
+    assert "ignored patient text with 80 distinct values" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "task, mutate, expected",
+    [
+        ("mortality:binary:dead", None, "error: task 'mortality': label column 'dead' is in none of the files given"),
+        ("stay:binary:length_of_stay_days", None, "error: task 'stay' is binary but label column 'length_of_stay_days' holds"),
+        ("mortality:binary:died_in_hospital", "hole", "column 'creatinine' has 1 missing value(s); features must be complete"),
+        ("mortality:guess", None, "error: --task 'mortality:guess': kind 'guess' is not one of binary, multiclass, regression"),
+    ],
+)
+def test_a_bad_request_is_one_line_and_writes_nothing(tmp_path, task, mutate, expected):
+    _, files = write_hospital_federation(tmp_path / "fed", n_sites=2, seed=0)
+    if mutate == "hole":
+        rows = pd.read_csv(files[1])
+        rows.loc[4, "creatinine"] = np.nan
+        rows.to_csv(files[1], index=False)
+    result = fedmeta("schema", "infer", *files, "--task", task, "--ignore", "readmitted_30d", "--ignore", "length_of_stay_days", "--out", tmp_path / "s.json")
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and expected in " ".join(result.stdout.split()), result.stdout + result.stderr
+    assert not (tmp_path / "s.json").exists()
