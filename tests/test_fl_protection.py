@@ -70,9 +70,11 @@ def test_topk_uploads_and_int8_broadcasts_are_several_times_smaller_and_still_tr
     options = ["--set", 'compression.upload="topk"', "--set", "compression.topk_ratio=0.05", "--set", 'compression.broadcast="int8"']
     fedmeta("train", "--config", config, "--run-dir", tmp_path / "topk", *options)
     for row in train_rows(tmp_path / "topk"):
-        # Bytes as Flower counted them (with framing) against the float32 payload alone.
+        # Everything a message carries (arrays, names, layout, metrics) against the float32 payload alone.
         assert row["upload_dense_bytes"] / row["upload_bytes"] > 5, row
-        assert row["broadcast_dense_bytes"] / row["broadcast_bytes"] > 3, row
+        # The int8 layout (keys and shapes) travels with every broadcast: for this 2.7k-parameter model it is a
+        # third of the message, so the gain is under the arrays' 4x.
+        assert row["broadcast_dense_bytes"] / row["broadcast_bytes"] > 2.5, row
     untrained = untrained_score(config)
     assert final_score(tmp_path / "topk") > untrained + 0.1, (untrained, final_score(tmp_path / "topk"))
 

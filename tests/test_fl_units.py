@@ -148,20 +148,22 @@ def test_secagg_sums_give_the_same_step_and_loss_as_the_plain_weighted_mean():
     assert metrics["sites"] == 3
 
 
-def test_upload_bytes_count_the_key_list_a_compressed_reply_carries():
-    from fedmeta.fl.compression import TopKCodec
+def test_upload_bytes_count_everything_a_compressed_reply_carries_and_a_misnamed_layout_is_refused():
+    from fedmeta.fl.compression import TopKCodec, keys_digest
 
     config = RunConfig.from_dict({"compression": {"upload": "topk", "topk_ratio": 0.5}})
     strategy = MetaStrategy(config, ServerSGD(lr=1.0), random.Random(0))
     strategy.current = {"params.body.w": torch.zeros(8), "params.heads.a.w": torch.zeros(2)}
+    update = {"params.body.w": torch.arange(8.0), "params.heads.a.w": torch.ones(2)}
     replies = []
-    for node in (1, 2):
-        update = {"params.body.w": torch.arange(8.0), "params.heads.a.w": torch.ones(2)}
+    for node, digest in ((1, keys_digest(sorted(update))), (2, keys_digest(sorted(update))), (3, keys_digest(["params.heads.a.w", "params.body.w"]))):
+        strategy.sent_keys[node] = sorted(update)
         packed, _ = TopKCodec(0.5).encode(update, {})
         reply = _Reply(node, f"s{node}", packed, {"a": 10}, loss=1.0)
-        reply.content["site"]["keys"] = sorted(update)
+        reply.content["site"]["keys-digest"] = digest
         replies.append(reply)
     _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["sites"] == 2 and any("not laid out as the parameters it was sent" in f for f in strategy.failures)
+    # What Flower counts for every reply received: arrays, the site record (name, layout fingerprint) and the metrics.
     sent = sum(r.content["arrays"].count_bytes() + r.content["site"].count_bytes() + r.content["metrics"].count_bytes() for r in replies)
-    assert metrics["upload_bytes"] == sent
-    assert sent > sum(r.content["arrays"].count_bytes() for r in replies) + 2 * len("params.heads.a.w")
+    assert metrics["upload_bytes"] == sent > sum(r.content["arrays"].count_bytes() for r in replies)

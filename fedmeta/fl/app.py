@@ -34,7 +34,7 @@ from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
-from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, make_codec
+from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, keys_digest, make_codec
 from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
@@ -123,7 +123,8 @@ def train(message: Message, context: Context) -> Message:
     site, update, metrics = _site_round(config, round_, received, bool(message.content["config"].get("evaluate-received", False)), context)
     reply = _reply(message, site, compress(config, update, context), metrics)
     if config.compression.upload != "none":
-        reply.content["site"]["keys"] = sorted(update)  # packed arrays name no keys; the decoder needs their order
+        # Packed arrays name no keys; the server knows which it sent, and checks this fingerprint of their order.
+        reply.content["site"]["keys-digest"] = keys_digest(sorted(update))
     return reply
 
 

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -162,6 +163,15 @@ def decode_broadcast(arrays: Mapping[str, torch.Tensor], layout: str) -> FlatSta
     meta = json.loads(layout)
     keys = meta["keys"]
     return Int8Codec().decode(arrays, keys, {k: tuple(shape) for k, shape in zip(keys, meta["shapes"])})
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    """A short fingerprint of a packed update's key order: the server knows the keys it sent, so sites need not name them.
+
+    >>> keys_digest(["params.body.w", "params.heads.a.w"]) == keys_digest(["params.body.w", "params.heads.a.w"])
+    True
+    """
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def dense_bytes(update: Mapping[str, torch.Tensor]) -> int:

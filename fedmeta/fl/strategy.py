@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, group_updates, head_task, select_for_tasks, weighted_mean
-from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, make_codec
+from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, keys_digest, make_codec
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.exchange import TooFewSitesError, wait_for_nodes
@@ -81,6 +81,7 @@ class MetaStrategy(Strategy):
         self.account = account
         self.last_sample: tuple[int, int] | None = None  # (sampled, population) of the last training round
         self.silent_nodes: dict[int, float] = {}  # nodes that missed a roll call -> when to ask them again
+        self.sent_keys: dict[int, list[str]] = {}  # the keys each node was last sent, in order
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.current: FlatState = {}
@@ -166,7 +167,9 @@ class MetaStrategy(Strategy):
             flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
             arrays, node_config = self._broadcast(flat, config)
             content = RecordDict({"arrays": arrays, "config": node_config})
-            self.broadcast_bytes += arrays.count_bytes()
+            self.sent_keys[node] = sorted(flat)
+            # What travels: the arrays, plus the int8 layout (keys and shapes) when the broadcast is packed.
+            self.broadcast_bytes += arrays.count_bytes() + (ConfigRecord({BROADCAST_LAYOUT: node_config[BROADCAST_LAYOUT]}).count_bytes() if BROADCAST_LAYOUT in node_config else 0)
             self.broadcast_dense_bytes += dense_bytes(flat)
             messages.append(Message(content=content, message_type=phase, dst_node_id=node))
         return messages
@@ -281,7 +284,7 @@ class MetaStrategy(Strategy):
             site = str(r.content["site"]["name"])
             arrays = r.content["arrays"].to_torch_state_dict()
             try:
-                update = self.codec.decode(arrays, list(r.content["site"].get("keys", [])), shapes) if self.codec else arrays
+                update = self.codec.decode(arrays, self._packed_keys(r), shapes) if self.codec else arrays
                 wrong = [k for k, t in update.items() if shapes.get(k) != tuple(t.shape) or not torch.isfinite(t).all()]
                 if wrong:
                     raise ValueError(f"unexpected, misshapen or non-finite entries {wrong[:3]}")
@@ -291,6 +294,13 @@ class MetaStrategy(Strategy):
                 continue
             updates.append((r, SiteUpdate(site, update, site_examples(r.content["metrics"]))))
         return updates
+
+    def _packed_keys(self, reply: Message) -> list[str]:
+        """The key order of a packed update: the keys this node was sent, if its fingerprint says so."""
+        keys = self.sent_keys.get(reply.metadata.src_node_id, [])
+        if str(reply.content["site"].get("keys-digest", "")) != keys_digest(keys):
+            raise ValueError("its packed update is not laid out as the parameters it was sent")
+        return keys
 
     def combine(self, updates: list[SiteUpdate]) -> FlatState | None:
         """The update the server optimizer applies, or None when the body cannot be combined.
