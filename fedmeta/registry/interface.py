@@ -1,0 +1,136 @@
+"""What a model registry is: versions, audit entries, the :class:`Registry` interface and version labels.
+
+Versions are numbered 1, 2, 3 ... across a registry and shown as ``v3``. A
+global base has no site. :mod:`fedmeta.registry.sqlite` implements the
+interface; a server database could stand behind it too.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be carried out (unknown version, nothing to roll back to, ...)."""
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (some containers): still record something
+        return f"uid:{os.getuid()}"
+
+
+def parse_version(text: str | int) -> int:
+    """``3``, ``"3"`` or ``"v3"`` -> 3.
+
+    >>> parse_version("v12")
+    12
+    """
+    raw = str(text).strip()
+    digits = raw[1:] if raw[:1] in ("v", "V") else raw
+    if not digits.isdigit() or int(digits) < 1:
+        raise RegistryError(f"not a model version: {text!r} (expected e.g. 3 or v3)")
+    return int(digits)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    kind: str
+    site: str | None
+    path: str
+    sha256: str
+    parent: int | None
+    created_at: str
+    created_by: str
+    metrics: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)
+    files: dict[str, str] | None = None  # name -> SHA-256 recorded at registration; None for legacy rows
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version}"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: str
+    actor: str
+    action: str
+    site: str | None
+    version: int | None
+    sha256: str | None
+    detail: dict
+    row_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The result of walking the audit chain: its head, and every break found (empty when intact)."""
+
+    entries: int
+    versions: int
+    promotions: int
+    head: str
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Registry(ABC):
+    """What fedmeta needs from a model registry."""
+
+    @abstractmethod
+    def register(
+        self,
+        kind: str,
+        site: str | None,
+        path: str,
+        sha256: str,
+        parent: int | None,
+        metrics: dict,
+        lineage: dict,
+        actor: str,
+        files: dict[str, str] | None = None,
+    ) -> tuple[ModelVersion, bool]:
+        """Record a new version (with the SHA-256 of each of its files); returns it and True, or the existing version with this hash and False."""
+
+    @abstractmethod
+    def get(self, version: int) -> ModelVersion: ...
+
+    @abstractmethod
+    def by_sha256(self, sha256: str) -> ModelVersion | None: ...
+
+    @abstractmethod
+    def versions(self, site: str | None = None, kind: str | None = None) -> list[ModelVersion]: ...
+
+    @abstractmethod
+    def sites(self) -> list[str]: ...
+
+    @abstractmethod
+    def current(self, site: str) -> ModelVersion | None:
+        """The promoted version of a site, if any."""
+
+    @abstractmethod
+    def promote(self, site: str, version: int, actor: str) -> ModelVersion: ...
+
+    @abstractmethod
+    def rollback(self, site: str, actor: str) -> ModelVersion:
+        """Make the version promoted before the current one current again."""
+
+    @abstractmethod
+    def record(self, actor: str, action: str, site: str | None = None, version: int | None = None, detail: dict | None = None) -> None:
+        """Append an event (e.g. a head request) to the audit log."""
+
+    @abstractmethod
+    def audit(self, site: str | None = None, limit: int | None = None) -> list[AuditEntry]: ...
+
+    @abstractmethod
+    def verify(self) -> AuditVerification:
+        """Walk the audit chain and cross-check the versions and promotions against it."""
