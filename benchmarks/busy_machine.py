@@ -54,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     rows = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedmeta-busy-") as tmp:
         work = Path(tmp)
         rows["idle"] = run_demo(work / "idle", args.full, None)
@@ -71,12 +72,13 @@ def main() -> None:
     print(f"{'run':16s} {'seconds':>8s} {'x idle':>7s}")
     for name, (seconds, _) in rows.items():
         print(f"{name:16s} {seconds:8.1f} {seconds / idle:7.2f}")
-    print(f"cores {cores}, burners {args.burners}, demo {'full' if args.full else 'quick'}; identical tables: {same}")
+    print(f"cores {cores}, burners {args.burners}, demo {'full' if args.full else 'quick'}; identical tables: {same}; "
+          f"load average before the idle run: {load_before:.2f} (other jobs make 'idle' less idle)")
     if args.json:
         print(json.dumps({
             "idle_s": round(idle, 1), "busy_s": round(rows["busy"][0], 1), "busy_unlimited_s": round(rows["busy_unlimited"][0], 1),
             "busy_slowdown": round(rows["busy"][0] / idle, 2), "busy_unlimited_slowdown": round(rows["busy_unlimited"][0] / idle, 2),
-            "burners": args.burners, "cores": cores, "full": args.full, "identical_tables": same,
+            "burners": args.burners, "cores": cores, "full": args.full, "identical_tables": same, "load_before": round(load_before, 2),
         }))
 
 
