@@ -189,3 +189,17 @@ def test_krum_refuses_a_federation_too_small_for_its_guarantee():
 def test_an_option_the_run_would_ignore_is_refused(settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         RunConfig.from_dict(settings)
+
+
+def test_a_site_never_releases_a_non_finite_update_which_secure_aggregation_could_not_drop():
+    from fedmeta.fl.privacy import clip_update
+    from fedmeta.fl.site_training import SiteDiverged, outgoing_update
+
+    diverged = {"params.body.w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(ValueError, match="non-finite"):
+        clip_update(diverged, 1.0)  # a NaN norm used to pass clipping unchanged
+    for settings in ({}, {"privacy": {"clip_norm": 1.0}}, {"secure": {"secagg": True}}):
+        with pytest.raises(SiteDiverged, match="sits out the round"):
+            outgoing_update(RunConfig.from_dict(settings), diverged, partition=0)
+    healthy = {"params.body.w": torch.tensor([3.0, 4.0])}
+    assert float(outgoing_update(RunConfig.from_dict({"privacy": {"clip_norm": 1.0}}), healthy, partition=0)["params.body.w"].norm()) == pytest.approx(1.0)

@@ -60,6 +60,8 @@ def update_norm(update: Mapping[str, torch.Tensor]) -> float:
 def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[FlatState, float]:
     """``update`` scaled to L2 norm at most ``clip_norm``; also returns the norm before clipping."""
     norm = update_norm(update)
+    if not math.isfinite(norm):
+        raise ValueError("cannot clip a non-finite update (its norm is not a number)")
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: t * scale for k, t in update.items()}, norm
 

@@ -96,6 +96,10 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
     return update, metrics
 
 
+class SiteDiverged(RuntimeError):
+    """A site's local training produced non-finite numbers: it releases nothing this round."""
+
+
 def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> FlatState:
     """The update as the site releases it: clipped to ``privacy.clip_norm`` under DP.
 
@@ -104,6 +108,10 @@ def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> Fla
     (``sign_flip``) or standard normal noise of the same shapes (``noise``).
     """
     sim = config.simulation
+    if partition not in sim.byzantine_sites and not all(bool(torch.isfinite(t).all()) for t in update.values()):
+        # The server drops a non-finite update it can see, but under SecAgg+ it sees only the sum, which one
+        # NaN would ruin (and a NaN norm passes clipping). The site sits the round out instead.
+        raise SiteDiverged("local training diverged (non-finite update); this site sits out the round")
     if partition in sim.byzantine_sites:
         if sim.attack == "sign_flip":
             return {k: -10.0 * t for k, t in update.items()}
