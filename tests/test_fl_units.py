@@ -167,3 +167,20 @@ def test_upload_bytes_count_everything_a_compressed_reply_carries_and_a_misnamed
     # What Flower counts for every reply received: arrays, the site record (name, layout fingerprint) and the metrics.
     sent = sum(r.content["arrays"].count_bytes() + r.content["site"].count_bytes() + r.content["metrics"].count_bytes() for r in replies)
     assert metrics["upload_bytes"] == sent > sum(r.content["arrays"].count_bytes() for r in replies)
+
+
+class _JoiningGrid:
+    """Nodes that register over time, as a simulation's do at start-up."""
+
+    def __init__(self, nodes, per_call):
+        self.nodes, self.per_call, self.calls = nodes, per_call, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return self.nodes[: self.per_call * self.calls]
+
+
+def test_the_first_sample_waits_for_the_whole_federation_not_the_first_sites_to_connect():
+    assert wait_for_nodes(_JoiningGrid(list(range(10)), per_call=3), minimum=2, timeout=30, poll=0.01, wanted=10) == list(range(10))
+    # At the deadline, as many as connected will do if there are at least min_sites.
+    assert wait_for_nodes(_Grid([4, 5, 6]), minimum=2, timeout=0.05, poll=0.01, wanted=10) == [4, 5, 6]

@@ -30,19 +30,25 @@ class TooFewSitesError(RuntimeError):
     """Fewer sites connected than the run needs, after waiting ``sampling_timeout``."""
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Connected node ids once at least ``minimum`` are there; raise after ``timeout`` seconds.
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5, wanted: int | None = None) -> list[int]:
+    """Connected node ids once ``wanted`` (default ``minimum``) are there; at the deadline, settle for ``minimum``.
 
-    Flower's own sampling waits forever, and the strategy timeout does not cover it.
+    Raises :class:`TooFewSitesError` if fewer than ``minimum`` connected within
+    ``timeout`` seconds. Flower's own sampling waits forever, and the strategy
+    timeout does not cover it.
     """
+    wanted = max(minimum, wanted or minimum)
     deadline = time.monotonic() + timeout
     while True:
         if STOP.is_set():
             raise StopRequested("stop requested while waiting for sites to connect")
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= minimum:
+        if len(nodes) >= wanted:
             return nodes
         if time.monotonic() >= deadline:
+            if len(nodes) >= minimum:
+                log.warning("%d of the federation's %d site(s) connected within %.0f s; going on with them", len(nodes), wanted, timeout)
+                return nodes
             raise TooFewSitesError(
                 f"only {len(nodes)} site(s) connected after waiting {timeout:.0f} s; the run needs at least {minimum} "
                 "(server.min_sites). Start more SuperNodes or lower server.min_sites."

@@ -112,7 +112,10 @@ class MetaStrategy(Strategy):
         the population and sample size it really has.
         """
         s = self.config.server
-        nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout)
+        # Before the first sample, wait (bounded) for the whole federation: sampling from the first few sites to
+        # connect would make the population, and so the sample and its privacy account, depend on start-up timing.
+        wanted = None if self.node_sites else self.config.federation.n_sites
+        nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout, wanted=wanted)
         now = time.monotonic()
         self.roll_call(grid, [n for n in nodes if n not in self.node_sites and self.silent_nodes.get(n, -math.inf) <= now])
         by_site: dict[str, int] = {}
