@@ -104,6 +104,10 @@ def check_head_request(model: LoadedModel, body: HeadRequest) -> dict:
     if body.task in reserved_task_names():
         raise ApiError(422, f"task: {body.task!r} is a reserved name (the model's modules use it); choose another")
     known = {t.name: t for t in schema.tasks}
+    if body.task in known and body.kind is not None and body.kind != known[body.task].kind:
+        raise ApiError(422, f"task: task {body.task!r} is {known[body.task].kind} in the federation schema, not {body.kind}")
+    if body.task not in known and body.kind is None:
+        raise ApiError(422, f"kind: task {body.task!r} is new to the federation: give its kind (binary, multiclass or regression)")
     label = body.label or (known[body.task].label if body.task in known else body.task)
     if label in features:
         raise ApiError(422, f"label: {label!r} is a feature of the schema, not a label column")
@@ -115,18 +119,20 @@ def check_head_request(model: LoadedModel, body: HeadRequest) -> dict:
     labels = [row.get(label) for row in body.rows]
     if all(v is None for v in labels):
         raise ApiError(422, f"rows: no row has a value for the label {label!r}")
+    task = known.get(body.task)
+    kind = task.kind if task else body.kind
+    _check_labels(labels, label, body.task, kind, task.classes if task else body.classes)
     frame = pd.DataFrame(body.rows)
     try:
         column = head_task(schema, body.task, body.kind, body.label, body.classes, frame, "rows")
     except (PersonalizationError, SchemaError) as e:
-        raise ApiError(422, f"task: {e}") from None
-    _check_labels(labels, label, column)
+        raise ApiError(422, f"task: {str(e).splitlines()[0][:300]}") from None
     return {"task": column.model_dump(mode="json"), "label": label}
 
 
-def _check_labels(labels: list, label: str, column) -> None:
+def _check_labels(labels: list, label: str, task: str, kind: str, classes: list[str] | None) -> None:
     where = "rows" if len(labels) > 1 else "row"
-    if column.kind == "regression":
+    if kind == "regression":
         for i, v in enumerate(labels):
             if v is None:
                 continue
@@ -139,19 +145,21 @@ def _check_labels(labels: list, label: str, column) -> None:
         if not math.isfinite(spread) or spread > FLOAT32_MAX:
             raise ApiError(422, f"{where}: the {label!r} labels span {spread:.3g}, more than float32 can hold; rescale them")
         return
-    classes = set(column.classes or [])
     present = set()
     for i, v in enumerate(labels):
         if v is None:
             continue
-        if type(v) not in (str, int) or isinstance(v, bool):
+        if type(v) not in (str, int):
             raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a class value (string or integer), got {shown(v)}")
         text = str(v)
-        if text not in classes:
-            raise ApiError(422, f"{row_label('rows', i)}.{label}: unknown class {shown(v)}; classes: {sorted(classes)}")
+        if classes is not None and text not in classes:
+            raise ApiError(422, f"{row_label('rows', i)}.{label}: unknown class {shown(v)}; classes: {list(classes)}")
         present.add(text)
     if len(present) < 2:
-        raise ApiError(422, f"{where}: task {column.name!r} needs labelled rows of at least two classes; found {sorted(present)}")
+        raise ApiError(422, f"{where}: task {task!r} needs labelled rows of at least two classes; found {sorted(present)[:5]}")
+    found = len(classes) if classes is not None else len(present)
+    if kind == "binary" and found != 2:
+        raise ApiError(422, f"{where}: binary task {task!r} takes two classes; the rows have {found} ({sorted(present)[:5]}); use kind multiclass")
 
 
 HEAD_OPENAPI = {

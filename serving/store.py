@@ -102,7 +102,8 @@ class RowValidator:
             numeric = [r[name] for name in self.numeric for r in rows]
             if not all(type(v) in _NUMBER for v in numeric):
                 raise self._first_problem(where, rows)
-            matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
+            with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is named below
+                matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
             if not np.isfinite(matrix).all():
                 raise self._first_problem(where, rows)
             for j, name in enumerate(self.numeric):
