@@ -68,6 +68,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_start = 0.0
         self._body_start = 0.0
         self._timer = None
+        self._timer_phase = ""
         self._draining = False
 
     # --- connection lifecycle -------------------------------------------------------
@@ -82,7 +83,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_start = self.loop.time()
-        self._arm(self.limits.header_timeout)
+        self._arm("head", self.limits.header_timeout)
         self._waiting[self] = None
         if len(self.connections) > self.limits.max_connections:
             self._make_room()
@@ -115,9 +116,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._in_head and self._head_bytes > self.limits.max_header_bytes:
             self._close("header_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes", "431 Request Header Fields Too Large")
         elif self._in_head and self._head_bytes:
-            self._arm(self._head_start + self.limits.header_timeout - self.loop.time())
+            self._arm("head", self._head_start + self.limits.header_timeout - self.loop.time())
         elif self._in_body:
-            self._arm(self._body_start + self.limits.body_timeout - self.loop.time())
+            self._arm("body", self._body_start + self.limits.body_timeout - self.loop.time())
         else:
             self._disarm()
 
@@ -132,9 +133,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # --- timers ---------------------------------------------------------------------
-    def _arm(self, seconds: float) -> None:
-        if self._timer is None:
-            self._timer = self.loop.call_later(max(seconds, 0.0), self._on_timeout)
+    def _arm(self, phase: str, seconds: float) -> None:
+        """A timer for the current phase (head or body); one already running for the same phase stays."""
+        if self._timer is not None:
+            if self._timer_phase == phase:
+                return
+            self._timer.cancel()
+        self._timer, self._timer_phase = self.loop.call_later(max(seconds, 0.0), self._on_timeout), phase
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -158,8 +163,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if status is not None and (self.cycle is None or self.cycle.response_complete):
             self.transport.write(_raw_response(status, message))
         if event != "drained":
-            log.info(json.dumps({"event": event, "client": f"{self.client[0]}" if self.client else None, "open_connections": len(self.connections)}))
+            self._report(event)
         self.transport.close()
+
+    def _report(self, event: str) -> None:
+        """Count a closed connection; one summary line per second at most, so an attack cannot flood the log."""
+        counts = getattr(self.server_state, "fedmeta_closed", None)
+        if counts is None:
+            counts = self.server_state.fedmeta_closed = {"since": self.loop.time()}
+        counts[event] = counts.get(event, 0) + 1
+        now = self.loop.time()
+        if now - counts["since"] >= 1.0 or sum(v for k, v in counts.items() if k != "since") == 1:
+            since = counts.pop("since")
+            log.info(json.dumps({"event": "connections_closed", **counts, "seconds": round(now - since, 3), "open_connections": len(self.connections)}))
+            counts.clear()
+            counts["since"] = now
 
     # --- shutdown -------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -79,12 +80,14 @@ def serve_process(home: SiteHome, *settings: str, nofile: int | None = None):
 
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: an unread pipe would block the server's logging
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=log, text=True, preexec_fn=limit)
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
         while True:
-            assert process.poll() is None, f"server exited: {process.stderr.read()}"
+            assert process.poll() is None, f"server exited: {_read(log)}"
             assert time.time() < deadline, "server did not come up"
             try:
                 if httpx.get(url + "/v2/health/live", timeout=2).status_code == 200:
@@ -100,6 +103,12 @@ def serve_process(home: SiteHome, *settings: str, nofile: int | None = None):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        log.close()
+
+
+def _read(log) -> str:
+    log.seek(0)
+    return log.read()
 
 
 def publish_version(home: SiteHome, hospitals: Path, base_run: Path, seed: int, promote: bool):
