@@ -23,8 +23,6 @@ from serving.openapi import responses
 
 router = APIRouter(tags=["models"])
 
-VERSION_PATTERN = r"^[vV]?[0-9]{1,19}$"
-
 
 def _describe(version, promoted: int | None, serving: int) -> dict:
     return {

@@ -23,6 +23,8 @@ import copy
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from serving.store import feature_range
+
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -42,7 +44,8 @@ ERRORS = {
     503: "the registry is busy or the server's key file is unreadable (Retry-After)",
 }
 F32 = 3.4028234663852886e38
-BODY_ERRORS = (413, 415)
+BODY_ERRORS = (400, 413, 415, 422)
+VERSION_PATTERN = r"^[vV]?[1-9][0-9]{0,17}$"  # always within SQLite's integer range
 DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "BYTES"]
 
 
@@ -63,7 +66,9 @@ def _row_schema(schema: dict) -> dict:
         if f.get("type") == "categorical":
             properties[f["name"]] = {"type": "string", "enum": list(f["categories"])}
         else:
-            properties[f["name"]] = {"type": "number", "minimum": -F32, "maximum": F32}
+            lo, hi = feature_range(f)
+            properties[f["name"]] = {"type": "number", "minimum": lo, "maximum": hi,
+                                     "description": "within 1e6 standard deviations of the federation's mean"}
     return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": False}
 
 
@@ -122,7 +127,7 @@ def infer_request_schema(model, max_rows: int) -> dict:
         "properties": {
             "id": {"type": "string"},
             "inputs": {"type": "array", "items": tensor, "minItems": 1},
-            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "outputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string", "enum": model.tasks}, "parameters": {"type": "object"}}}},
             "parameters": {"type": "object"},
         },
@@ -157,6 +162,14 @@ def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
     _set_body(predict, predict_request_schema(model, max_rows))
     predict["responses"]["200"]["content"]["application/json"]["schema"] = predict_response_schema(model)
     _set_body(paths["/v2/models/{name}/infer"]["post"], infer_request_schema(model, max_rows))
+    for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
+        for operation in paths[path].values():
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "description": "the site's name",
+                                        "schema": {"type": "string", "enum": [model.site]}}]
+    for operation in paths["/v1/models/{version}/promote"].values():
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] == "version":
+                parameter["schema"] = {"type": "string", "pattern": VERSION_PATTERN, "description": "v3 or 3"}
     for name in ("HTTPValidationError", "ValidationError"):
         spec.get("components", {}).get("schemas", {}).pop(name, None)
     return spec

@@ -16,7 +16,7 @@ from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
-from serving.store import LoadedModel
+from serving.store import LoadedModel, check_finite
 
 router = APIRouter(tags=["predict"])
 
@@ -117,13 +117,16 @@ async def predict(request: Request) -> Response:
     if "rows" in payload and "row" in payload:
         raise ApiError(422, "body: give either 'rows' or 'row', not both")
     if "rows" in payload:
-        feed, n = model.validator.columns(payload["rows"], "rows")
+        where = "rows"
+        feed, n = model.validator.columns(payload["rows"], where)
     elif "row" in payload:
-        feed, n = model.validator.columns([payload["row"]], "row")
+        where = "row"
+        feed, n = model.validator.columns([payload["row"]], where)
     else:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
     tasks = select_tasks(model, payload.get("tasks"))
     outputs = model.session.run(tasks, feed)
+    check_finite(tasks, outputs, where, n)
     request.state.predicted = (tasks, n)
     content = {"model": {"site": model.site, "version": model.label, "sha256": model.version.sha256}, "rows": n, "predictions": render(model, tasks, outputs)}
     return json_response(content)

@@ -28,6 +28,16 @@ from serving.errors import ApiError, shown
 log = logging.getLogger("fedmeta.serving")
 _NUMBER = (int, float)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+Z_LIMIT = 1e6  # standard deviations from the federation's mean beyond which a value is refused as a unit or typing error
+
+
+def feature_range(feature: dict) -> tuple[float, float]:
+    """The values a numeric feature accepts: the federation's mean +- :data:`Z_LIMIT` stds, within float32.
+
+    Further out, the model's float32 arithmetic overflows and its outputs stop being numbers.
+    """
+    mean, std = float(feature.get("mean", 0.0)), float(feature.get("std", 1.0))
+    return max(-FLOAT32_MAX, mean - Z_LIMIT * std), min(FLOAT32_MAX, mean + Z_LIMIT * std)
 
 
 def row_label(where: str, i: int) -> str:
@@ -39,6 +49,7 @@ class RowValidator:
     """Checks JSON rows against the schema and turns them into onnxruntime inputs, one column per feature.
 
     Errors name the row and the feature: ``rows[3].age: expected a number, got 'abc'``.
+    Numeric values must lie in :func:`feature_range`.
     """
 
     def __init__(self, schema: dict, max_rows: int):
@@ -47,6 +58,9 @@ class RowValidator:
         self.numeric = [f["name"] for f in schema["features"] if f.get("type", "numeric") == "numeric"]
         self.categorical = {f["name"]: frozenset(f["categories"]) for f in schema["features"] if f.get("type") == "categorical"}
         self.known = frozenset(self.features)
+        self.ranges = {f["name"]: feature_range(f) for f in schema["features"] if f.get("type", "numeric") == "numeric"}
+        self._lo = np.array([self.ranges[n][0] for n in self.numeric], dtype=np.float32)[:, None]
+        self._hi = np.array([self.ranges[n][1] for n in self.numeric], dtype=np.float32)[:, None]
 
     def _problem(self, where: str, rows: list, name: str) -> ApiError:
         for i, row in enumerate(rows):
@@ -70,6 +84,10 @@ class RowValidator:
                     return ApiError(422, f"{label}.{name}: {shown(value)} is not a finite number")
                 if abs(value) > FLOAT32_MAX:
                     return ApiError(422, f"{label}.{name}: {shown(value)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+                lo, hi = self.ranges[name]
+                if not lo <= np.float32(value) <= hi:
+                    return ApiError(422, f"{label}.{name}: {shown(value)} is more than 1e6 standard deviations from the federation's mean "
+                                         f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
         return ApiError(422, f"{where}: invalid value for feature {name!r}")
 
     def _first_problem(self, where: str, rows: list) -> ApiError:
@@ -104,7 +122,7 @@ class RowValidator:
                 raise self._first_problem(where, rows)
             with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is named below
                 matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
-            if not np.isfinite(matrix).all():
+            if not np.isfinite(matrix).all() or (matrix < self._lo).any() or (matrix > self._hi).any():
                 raise self._first_problem(where, rows)
             for j, name in enumerate(self.numeric):
                 feed[name] = matrix[j]
@@ -116,6 +134,16 @@ class RowValidator:
         except (KeyError, TypeError, OverflowError):
             raise self._first_problem(where, rows) from None
         return feed, n
+
+
+def check_finite(tasks: list[str], outputs: list[np.ndarray], where: str, n: int) -> None:
+    """A 422 naming the first row whose outputs are not all finite (never a 200 with nulls)."""
+    for task, out in zip(tasks, outputs):
+        finite = np.isfinite(out)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite.reshape(n, -1).all(1))[0])
+            raise ApiError(422, f"{row_label(where, i)}: the model's {task!r} output is not a finite number for these feature values; "
+                                "they are far outside what it was trained on")
 
 
 @dataclass(frozen=True)

@@ -142,12 +142,17 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
         else:
             if datatype not in _NUMERIC_TYPES:
                 raise ApiError(400, f"inputs.{name}.datatype: a numeric feature takes a numeric datatype such as FP32, got {shown(datatype)}")
-            bad = next((v for v in data if type(v) not in (int, float)), None)
-            if bad is not None:
-                raise ApiError(400, f"inputs.{name}.data: expected numbers, got {shown(bad)}")
+            bad = [v for v in data if type(v) not in (int, float)]
+            if bad:
+                raise ApiError(400, f"inputs.{name}.data: expected numbers, got {shown(bad[0])}")
             outside = next((v for v in data if not math.isfinite(v) or abs(v) > FLOAT32_MAX), None)
             if outside is not None:
                 raise ApiError(400, f"inputs.{name}.data: {shown(outside)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+            lo, hi = validator.ranges[name]
+            far = next((v for v in data if not lo <= np.float32(v) <= hi), None)
+            if far is not None:
+                raise ApiError(400, f"inputs.{name}.data: {shown(far)} is more than 1e6 standard deviations from the federation's mean "
+                                    f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
             feed[name] = np.asarray(data, dtype=np.float32)
     if not batch:
         raise ApiError(400, "inputs: the batch is empty")
@@ -178,6 +183,10 @@ async def infer(name: str, request: Request) -> Response:
         if len(set(tasks)) != len(tasks):
             raise ApiError(400, "outputs: an output is listed twice")
     results = model.session.run(tasks, feed)
+    try:
+        check_finite(tasks, results, "rows", batch)
+    except ApiError as e:
+        raise ApiError(400, e.message.replace("rows[", "inputs: row ", 1).replace("]:", ":", 1)) from None
     request.state.predicted = (tasks, batch)
     response = {
         "model_name": model.site,
