@@ -21,7 +21,7 @@ from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, role, state
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
-from serving.store import FLOAT32_MAX, LoadedModel
+from serving.store import FLOAT32_MAX, LoadedModel, check_finite
 
 router = APIRouter(tags=["open inference protocol v2"])
 

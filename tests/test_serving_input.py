@@ -102,8 +102,10 @@ def test_float32_overflow_and_single_row_errors_name_the_field_as_sent(site_home
         assert r.status_code == 422 and r.json()["error"].startswith("rows[1].wbc: -1e+39 is outside the float32 range"), r.text
         r = httpx.post(f"{url}/v1/predict", json={"row": {**ROW, "bmi": 31}}, headers=h)
         assert r.status_code == 422 and r.json()["error"].startswith("row: unknown feature(s) ['bmi']"), r.text
-        r = httpx.post(f"{url}/v1/predict", json={"row": {**ROW, "age": 18446744073709551616}}, headers=h)  # parsed as a float: in range
-        assert r.status_code == 200
+        r = httpx.post(f"{url}/v1/predict", json={"row": {**ROW, "age": 18446744073709551616}}, headers=h)  # float32 holds it; the model cannot
+        assert r.status_code == 422 and r.json()["error"].startswith("row.age: 1.8446744073709552e+19 is more than 1e6 standard deviations"), r.text
+        r = httpx.post(f"{url}/v2/models/{SITE}/infer", json={"inputs": _with(_v2_inputs([ROW]), "age", data=[1e30])}, headers=h)
+        assert r.status_code == 400 and r.json()["error"].startswith("inputs.age.data: 1e+30 is more than 1e6 standard deviations"), r.text
         r = httpx.post(f"{url}/v2/models/{SITE}/infer", json={"inputs": _with(_v2_inputs([ROW]), "age", data=[1e39])}, headers=h)
         assert r.status_code == 400 and r.json()["error"].startswith("inputs.age.data: 1e+39 is outside the float32 range"), r.text
 
@@ -213,3 +215,26 @@ def test_no_page_loads_assets_from_the_internet_by_default(site_home):
         assert httpx.get(f"{url}/redoc").status_code == 404
         spec = httpx.get(f"{url}/openapi.json")
     assert spec.status_code == 200 and "cdn." not in spec.text
+
+
+def test_an_output_that_is_not_finite_is_a_422_naming_the_row_never_a_200_with_nulls(site_home, monkeypatch):
+    """Item 4: a NaN output was served as a 200 with null predictions."""
+    import numpy as np
+
+    home, keys = site_home
+    with running(settings(home)) as (url, app):
+        store = app.state.fedmeta.store
+        current = store.current
+
+        class Overflowing:
+            def run(self, tasks, feed):
+                outputs = current.session.run(tasks, feed)
+                for out in outputs:
+                    out[1] = np.nan  # the second row's outputs
+                return outputs
+
+        monkeypatch.setattr(store, "current", type(current)(current.version, current.manifest, Overflowing(), current.validator, current.site))
+        r = httpx.post(f"{url}/v1/predict", json={"rows": [ROW, ROW]}, headers=auth(keys["predict"]))
+        v2 = httpx.post(f"{url}/v2/models/{SITE}/infer", json={"inputs": _v2_inputs([ROW, ROW])}, headers=auth(keys["predict"]))
+    assert r.status_code == 422 and r.json()["error"].startswith("rows[1]: the model's 'readmission_30d' output is not a finite number"), r.text
+    assert v2.status_code == 400 and v2.json()["error"].startswith("inputs: row 1: the model's"), v2.text
