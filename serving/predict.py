@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
-from serving.errors import ApiError, json_response, shown
+from serving.errors import ApiError, json_response
 from serving.openapi import responses
 from serving.store import LoadedModel, check_finite
 

@@ -7,7 +7,7 @@ import time
 import httpx
 
 from fedmeta.registry import SiteHome, SQLiteRegistry
-from site_server import ROW, SITE, auth, running, sepsis_rows, settings, site_home, wait_for_job  # noqa: F401
+from site_server import ROW, SITE, auth, running, settings, site_home  # noqa: F401
 
 
 def _versions_while(url: str, key: str, action) -> list[str]:
