@@ -31,16 +31,24 @@ _OPEN = (91, 123)  # '[' and '{'
 _CLOSE = (93, 125)
 
 
-def _check_headers(request: Request) -> None:
-    content_type = request.headers.get("content-type")
+def _declared_length(request: Request) -> int | None:
+    """Checks Content-Type and Content-Encoding and returns Content-Length, in one pass over the raw headers."""
+    content_type = encoding = length = None
+    for name, value in request.scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            length = value
+        elif name == b"content-encoding":
+            encoding = value
     if content_type is None:
         raise ApiError(415, "Content-Type: missing; send 'Content-Type: application/json'")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise ApiError(415, f"Content-Type: unsupported media type {media[:64]!r}; send 'application/json'")
-    encoding = request.headers.get("content-encoding")
-    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-        raise ApiError(415, f"Content-Encoding: unsupported encoding {encoding[:32]!r}; send the body uncompressed")
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+        raise ApiError(415, f"Content-Type: unsupported media type {media[:64].decode('latin-1')!r}; send 'application/json'")
+    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        raise ApiError(415, f"Content-Encoding: unsupported encoding {encoding[:32].decode('latin-1')!r}; send the body uncompressed")
+    return int(length) if length is not None and length.isdigit() else None
 
 
 def nesting_depth(body: bytes) -> int:
@@ -71,10 +79,9 @@ def parse_json(body: bytes, max_containers: int) -> object:
 
 async def read_json(request: Request, limit: int, max_containers: int) -> object:
     """The request body parsed with orjson, refusing what :mod:`serving.bodies` describes before parsing."""
-    _check_headers(request)
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+    length = _declared_length(request)
+    if length is not None and length > limit:
+        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
     if length is not None:
         body = await request.body()  # bounded by the declared length checked above
     else:

@@ -70,6 +70,7 @@ class Metrics:
         self.registry.register(_ModelInfo(model_labels))
         self._request_series: dict[tuple[str, str, int], object] = {}
         self._duration_series: dict[str, object] = {}
+        self._prediction_series: dict[str, object] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float, predicted: tuple[list[str], int] | None) -> None:
         key = (route, method, status)
@@ -84,7 +85,10 @@ class Metrics:
         if predicted is not None:
             tasks, rows = predicted
             for task in tasks:
-                self.predictions.labels(task).inc(rows)
+                counter = self._prediction_series.get(task)
+                if counter is None:
+                    counter = self._prediction_series[task] = self.predictions.labels(task)
+                counter.inc(rows)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

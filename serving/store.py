@@ -122,7 +122,7 @@ class RowValidator:
                 raise self._first_problem(where, rows)
             with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is named below
                 matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
-            if not np.isfinite(matrix).all() or (matrix < self._lo).any() or (matrix > self._hi).any():
+            if not ((matrix >= self._lo) & (matrix <= self._hi)).all():  # also false for NaN and inf
                 raise self._first_problem(where, rows)
             for j, name in enumerate(self.numeric):
                 feed[name] = matrix[j]
