@@ -335,6 +335,19 @@ def test_openapi_docs_describe_every_route_with_examples(site_home):
     for r in [("POST", "/v1/predict"), ("POST", "/v2/models/{name}/infer"), ("POST", "/v1/heads")]:
         content = routes[r]["requestBody"]["content"]["application/json"]
         assert content.get("example") or content.get("examples"), r
+    for (method, path), op in routes.items():  # every error documented with the body the server sends
+        errors = {int(code): r for code, r in op["responses"].items() if int(code) >= 400}
+        assert all(r["content"]["application/json"]["schema"]["required"] == ["error"] for r in errors.values()), (method, path)
+        if op.get("security"):
+            assert {401, 403, 503} <= set(errors), (method, path)
+        if "requestBody" in op:
+            assert {413, 415} <= set(errors), (method, path)
+    assert "HTTPValidationError" not in json.dumps(spec)
+    predict = routes[("POST", "/v1/predict")]["requestBody"]["content"]["application/json"]["schema"]
+    assert predict["oneOf"] == [{"required": ["rows"]}, {"required": ["row"]}] and predict["additionalProperties"] is False  # {} is not valid
+    row = predict["properties"]["row"]
+    assert set(row["required"]) == set(ROW) and set(row["properties"]["ward"]["enum"]) == {"cardiology", "icu", "medical", "surgical"}
+    assert routes[("POST", "/v1/heads")]["requestBody"]["content"]["application/json"]["schema"]["properties"]["task"]["pattern"] == "^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 
 
 def test_the_server_package_does_not_import_flower():
