@@ -50,6 +50,6 @@ def test_schemathesis_finds_no_failure_with_every_check(site_home, tmp_path, rol
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json", "--checks", "all",
              "--max-examples", str(EXAMPLES), *(["--max-time", SECONDS] if SECONDS else []), "--seed", "16", "--workers", "1", "--no-color",
              "--generation-database", "none", "--request-timeout", "30", "-H", f"Authorization: Bearer {keys[role]}"],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+            capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": ""}, cwd=tmp_path,  # its cache stays out of the repo
         )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
