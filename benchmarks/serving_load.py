@@ -1,8 +1,11 @@
 """Prediction-server throughput and latency: req/s, p50 and p99 at concurrency 1, 8 and 32, 1-row and 64-row bodies.
 
-Starts ``fedmeta serve`` (one uvicorn worker) on a free 127.0.0.1 port and drives it from a separate
-process with wrk (Debian package ``wrk``), with auth and validation on: every request carries an API
-key and is validated and predicted in full. Each point runs ``--seconds`` (default 5).
+Starts ``python -m serving`` (one uvicorn worker with the connection guard, see ``serving.server``) on a
+free 127.0.0.1 port and drives it from a separate process with wrk (Debian package ``wrk``), with auth
+and validation on: every request carries an API key and is validated and predicted in full. Each point
+runs ``--seconds`` (default 5). A last row repeats 1 row at concurrency 8 while an admin client promotes
+the site's two versions alternately every 100 ms (each promote verifies and loads a model and writes the
+registry), and reports its throughput as a share of the steady figure.
 
 The model is a hospital site's personalized model (18 encoded features, 64-64 body, three heads),
 personalized from a round-0 base unless ``--site-home`` names an existing site home: weights do not
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +43,29 @@ def build_site_home(work: Path) -> Path:
     subprocess.run([sys.executable, "-m", "fedmeta.cli", "synth", "hospitals", str(work / "data"), "--sites", "3"], check=True, capture_output=True)
     base = write_base(work / "run", hidden=(64, 64))
     home = work / "site-home"
-    subprocess.run(
-        [sys.executable, "-m", "fedmeta.cli", "personalize", "--data", str(work / "data" / "hospital_002.csv"), "--schema", str(work / "data" / "schema.json"),
-         "--base", str(base), "--site-home", str(home)],
-        check=True, capture_output=True,
-    )
+    for seed, promote in ((0, "--promote"), (1, "--no-promote")):  # two versions, for the promotion row
+        subprocess.run(
+            [sys.executable, "-m", "fedmeta.cli", "personalize", "--data", str(work / "data" / "hospital_002.csv"), "--schema", str(work / "data" / "schema.json"),
+             "--base", str(base), "--site-home", str(home), "--seed", str(seed), promote],
+            check=True, capture_output=True,
+        )
     return home
+
+
+def site_versions(url: str, admin_key: str) -> list[str]:
+    listing = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {admin_key}"}).json()
+    return [v["version"] for v in listing["versions"] if v["kind"] != "base"][-2:]
+
+
+def promote_every(url: str, admin_key: str, versions: list[str], interval: float, stop: threading.Event, counts: dict) -> None:
+    """Promote ``versions`` in turn every ``interval`` seconds until ``stop``; counts promotions and failures."""
+    with httpx.Client(headers={"Authorization": f"Bearer {admin_key}"}, timeout=30) as admin:
+        i, start = 0, time.monotonic()
+        while not stop.is_set():
+            r = admin.post(f"{url}/v1/models/{versions[i % len(versions)]}/promote")
+            counts["ok" if r.status_code == 200 else "failed"] += 1
+            i += 1
+            stop.wait(max(0.0, start + i * interval - time.monotonic()))  # a fixed cadence: a slow promote does not stretch it
 
 
 def free_port() -> int:
@@ -95,14 +116,17 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fedmeta-serving-"))
     home = Path(args.site_home) if args.site_home else build_site_home(work)
-    key = subprocess.run(
-        [sys.executable, "-m", "fedmeta.cli", "keys", "create", "--role", "predict", "--name", "load-test", "--site-home", str(home)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip().splitlines()[-1]
+    key, admin_key = (
+        subprocess.run(
+            [sys.executable, "-m", "fedmeta.cli", "keys", "create", "--role", role, "--name", f"load-test-{role}", "--site-home", str(home)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        for role in ("predict", "admin")
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "fedmeta.cli", "serve", "--site-home", str(home), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = {}
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--site-home", str(home), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results, promotions = {}, {"ok": 0, "failed": 0}
     try:
         wait_ready(url, server)
         for rows in (1, 64):
@@ -116,20 +140,36 @@ def main() -> None:
             run_wrk(url + "/v1/predict", script, 8, 2)  # warm-up
             for connections in (1, 8, 32):
                 results[(rows, connections)] = run_wrk(url + "/v1/predict", script, connections, args.seconds)
+        versions = site_versions(url, admin_key)
+        results[("1 (steady, just before)", 8)] = run_wrk(url + "/v1/predict", work / "rows1.lua", 8, args.seconds)  # the control, adjacent in time
+        stop = threading.Event()
+        promoter = threading.Thread(target=promote_every, args=(url, admin_key, versions, 0.1, stop, promotions))
+        promoter.start()
+        try:
+            results[("1 (promote every 100 ms)", 8)] = run_wrk(url + "/v1/predict", work / "rows1.lua", 8, args.seconds)
+        finally:
+            stop.set()
+            promoter.join()
     finally:
         server.terminate()
         server.wait(timeout=30)
     print(f"\nPOST /v1/predict, 1 uvicorn worker, auth + validation on, wrk 1 thread, {args.seconds} s per point\n")
+    swapping = results[("1 (promote every 100 ms)", 8)]["rps"] / results[("1 (steady, just before)", 8)]["rps"]
     print("| rows per request | concurrency | req/s | p50 | p99 | errors |")
     print("|---|---|---|---|---|---|")
     for (rows, connections), r in results.items():
         print(f"| {rows} | {connections} | {r['rps']:.0f} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['errors']} |")
+    print(f"\nwhile promoting every 100 ms: {promotions['ok']} promotions ({promotions['failed']} failed), {swapping:.0%} of the steady 1-row c=8 throughput measured just before")
     if args.json:
         print(json.dumps({
             "rps_c8_1row": results[(1, 8)]["rps"],
             "p99_ms_c8_1row": results[(1, 8)]["p99_ms"],
             "rps_c8_64row": results[(64, 8)]["rps"],
-            "points": {f"{rows}row_c{c}": r for (rows, c), r in results.items()},
+            "rps_c8_1row_promoting": results[("1 (promote every 100 ms)", 8)]["rps"],
+            "promoting_share_of_steady": round(swapping, 3),
+            "promotions": promotions,
+            "points": {(f"{rows}row_c{c}" if isinstance(rows, int) else f"1row_c{c}_{'promoting' if 'promote' in rows else 'steady_before'}"): r
+                       for (rows, c), r in results.items()},
         }))
 
 

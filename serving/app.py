@@ -1,13 +1,16 @@
 """The app factory: ``create_app(settings)`` builds an isolated prediction server for one site.
 
-For uvicorn or gunicorn users::
+Run it with the connection guard and a bounded drain (:mod:`serving.server`)::
 
-    FEDMETA_SITE_HOME=site-home uvicorn --factory serving:app_from_env --host 127.0.0.1 --port 8080
+    python -m serving --site-home site-home --port 8080
 
-``fedmeta serve --site-home DIR`` does the same with flags. The promoted
-version is loaded and its SHA-256 verified before the app exists: a
-mismatch raises :class:`fedmeta.manifest.ManifestError`, so a server with a
-tampered model never starts.
+``uvicorn --factory serving:app_from_env`` also works, but uvicorn's
+command line cannot select the guarded protocol, so that server runs
+without its header, time and connection bounds: put a reverse proxy with
+the README's limits in front of it.
+The promoted version is loaded and its SHA-256 verified before the app
+exists: a mismatch raises :class:`fedmeta.manifest.ManifestError`, so a
+server with a tampered model never starts.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import Depends, FastAPI, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from fedmeta.registry import SiteHome
-from serving import heads, models, predict, v2
+from fedmeta.registry import REGISTRY_FILE, SiteHome, SQLiteRegistry
+from serving import heads, models, openapi, predict, v2
 from serving.auth import KeyStore
-from serving.deps import ServerState, role, state
+from serving.deps import ServerState, role
 from serving.errors import install_error_handlers
-from serving.heads import HeadJobs
+from serving.head_jobs import HeadJobs
 from serving.metrics import Metrics, MetricsMiddleware
+from serving.policy import SitePolicy
 from serving.settings import ServingSettings
 from serving.store import ModelStore
 
@@ -69,29 +74,36 @@ class JsonFormatter(logging.Formatter):
             entry.update(parsed)
         else:
             entry["message"] = message
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["error_type"] = record.exc_info[0].__name__  # never the traceback: it can quote request data
         return json.dumps(entry)
 
 
 def configure_logging(access_log: bool = False, level: int = logging.INFO) -> None:
-    """JSON lines on stderr for fedmeta's server logs; per-request lines only with ``access_log``."""
+    """JSON lines on stderr for fedmeta's and uvicorn's server logs; per-request lines only with ``access_log``."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("fedmeta.serving")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
+    for name, logger_level in (("fedmeta.serving", level), ("uvicorn", logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logger_level)
+        logger.propagate = False
     logging.getLogger("fedmeta.serving.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
 
 def create_app(settings: ServingSettings) -> FastAPI:
-    home = SiteHome(settings.site_home)
+    home = SiteHome(settings.site_home, registry=SQLiteRegistry(Path(settings.site_home) / REGISTRY_FILE, timeout=settings.registry_timeout))
     site = settings.site or home.only_site()
+    policy = SitePolicy.load(settings.site_home)
     store = ModelStore(home, site, settings.max_rows, settings.ort_threads)  # verifies the hash, or raises
     jobs = HeadJobs(store, settings.head_queue_limit)
-    server = ServerState(settings, store, KeyStore(settings.site_home), jobs)
-    metrics = Metrics()
+    server = ServerState(settings, store, KeyStore(settings.site_home), jobs, policy)
+
+    def model_labels() -> dict[str, str]:
+        current = store.current
+        return {"site": current.site, "version": current.label, "sha256": current.version.sha256}
+
+    metrics = Metrics(model_labels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,19 +113,20 @@ def create_app(settings: ServingSettings) -> FastAPI:
             while True:
                 await asyncio.sleep(settings.reload_interval)
                 try:
-                    await asyncio.to_thread(store.sync)
+                    await anyio.to_thread.run_sync(store.sync)
                 except Exception as e:  # keep serving the verified model; say why the new one was not taken
-                    log.error(json.dumps({"event": "reload_failed", "error": str(e)}))
+                    log.error(json.dumps({"event": "reload_failed", "error_type": type(e).__name__, "error": str(e)[:300]}))
 
         follower = asyncio.create_task(follow_registry())
         try:
             yield
         finally:
             follower.cancel()
-            await asyncio.to_thread(jobs.shutdown)
+            await anyio.to_thread.run_sync(jobs.shutdown)
             log.info(json.dumps({"event": "stop", "site": site}))
 
-    app = FastAPI(title=f"fedmeta site server: {site}", description=DESCRIPTION, version="1", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title=f"fedmeta site server: {site}", description=DESCRIPTION, version="1", lifespan=lifespan, **docs)
     app.state.fedmeta = server
     install_error_handlers(app)
     for router in (predict.router, v2.router, models.router, heads.router):
@@ -121,13 +134,13 @@ def create_app(settings: ServingSettings) -> FastAPI:
     for path, endpoint in (("/v1/predict", predict.predict), ("/v2/models/{name}/infer", v2.infer_endpoint)):
         app.router.routes.insert(0, FastRoute(path, endpoint, methods=["POST"]))
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             responses={**openapi.responses(401, 403, 503), 200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus(request: Request, _=Depends(role("predict"))) -> Response:
-        current = state(request).store.current
-        text = metrics.exposition({"site": current.site, "version": current.label, "sha256": current.version.sha256})
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
-    app.add_middleware(MetricsMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    openapi.install(app, lambda: store.current, settings.max_rows)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, server=server)
     return app
 
 
@@ -135,3 +148,4 @@ def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory``: settings from ``FEDMETA_SITE_HOME`` (and optional ``FEDMETA_SITE``)."""
     configure_logging()
     return create_app(ServingSettings(site_home=Path(os.environ.get("FEDMETA_SITE_HOME", "site-home")), site=os.environ.get("FEDMETA_SITE")))
+

@@ -3,8 +3,11 @@
 Keys are 256-bit random tokens (``fm_...``), so a plain SHA-256 is a safe
 at-rest form: nothing about a key can be recovered from the file, and there
 is no password to brute-force. The file (``SITE_HOME/api_keys.json``) is
-written atomically and re-read when it changes, so a revocation takes effect
-on a running server within a second.
+written atomically with mode 0600 and re-read when it changes, so a
+revocation takes effect on a running server within a second. A key file
+readable by others is still used, with one warning line in the log; an
+unreadable (corrupt) key file refuses every request with the same 503 until
+it is fixed, and says why once in the log.
 
 Roles are ordered: ``predict`` (predictions, model listing, v2 inference),
 ``department`` (also head requests), ``admin`` (also promote and rollback).
@@ -15,19 +18,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedmeta.files import atomic_write_json
 from fedmeta.manifest import utc_now
 from serving.errors import ApiError
 
 KEYS_FILE = "api_keys.json"
 ROLES = ("predict", "department", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
+log = logging.getLogger("fedmeta.serving")
+
+
+def _write_private(path: Path, obj: object) -> None:
+    """Atomic write (temp file, fsync, rename) of a file only its owner may read (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(obj, indent=2, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class KeyManagementError(ValueError):
@@ -54,18 +75,23 @@ class KeyStore:
     def __init__(self, site_home: str | Path):
         self.path = Path(site_home) / KEYS_FILE
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, inode) of the file last read
         self._checked = 0.0
         self._by_hash: dict[str, ApiKey] = {}
+        self._unreadable: str | None = None
 
     # --- management (CLI) ------------------------------------------------------
     def keys(self) -> list[ApiKey]:
         if not self.path.exists():
             return []
         try:
-            return [ApiKey(**k) for k in json.loads(self.path.read_text())["keys"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise KeyManagementError(f"unreadable key file {self.path}: {e}") from None
+            keys = [ApiKey(**k) for k in json.loads(self.path.read_text())["keys"]]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise KeyManagementError(f"unreadable key file {self.path}: {type(e).__name__}") from None
+        for k in keys:
+            if k.role not in RANK or not isinstance(k.sha256, str):
+                raise KeyManagementError(f"unreadable key file {self.path}: key {str(k.id)[:16]!r} has an unknown role or hash")
+        return keys
 
     def create(self, name: str, role: str) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and only its hash is stored."""
@@ -77,7 +103,7 @@ class KeyStore:
         with self._lock:
             keys = self.keys()
             key = ApiKey(id=secrets.token_hex(4), name=name, role=role, sha256=_digest(secret), created_at=utc_now())
-            atomic_write_json(self.path, {"keys": [asdict(k) for k in keys + [key]]})
+            _write_private(self.path, {"keys": [asdict(k) for k in keys + [key]]})
         return key, secret
 
     def revoke(self, key_id: str) -> ApiKey:
@@ -89,7 +115,7 @@ class KeyStore:
             if match[0].revoked_at:
                 raise KeyManagementError(f"key {key_id!r} was already revoked at {match[0].revoked_at}")
             revoked = ApiKey(**{**asdict(match[0]), "revoked_at": utc_now()})
-            atomic_write_json(self.path, {"keys": [asdict(revoked if k.id == key_id else k) for k in keys]})
+            _write_private(self.path, {"keys": [asdict(revoked if k.id == key_id else k) for k in keys]})
         return revoked
 
     # --- checking (server) -------------------------------------------------------
@@ -97,14 +123,27 @@ class KeyStore:
         now = time.monotonic()
         if now - self._checked < 1.0:
             return
-        self._checked = now
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        if mtime != self._mtime:
-            self._by_hash = {k.sha256: k for k in self.keys() if not k.revoked_at}
-            self._mtime = mtime
+        with self._lock:
+            self._checked = now
+            try:
+                st = self.path.stat()
+                seen = (st.st_mtime_ns, st.st_ino)
+            except FileNotFoundError:
+                st, seen = None, None
+            if seen == self._seen:
+                return
+            try:
+                by_hash = {k.sha256: k for k in self.keys() if not k.revoked_at}
+            except KeyManagementError as e:
+                # Refuse everything, consistently, until the file is fixed: never fall back to an older key set.
+                self._by_hash, self._unreadable = {}, "the server's API key file is unreadable; the operator must fix or recreate it"
+                log.error(json.dumps({"event": "key_file_unreadable", "path": str(self.path), "error": str(e)[:300], "effect": "every request is refused with 503"}))
+            else:
+                self._by_hash, self._unreadable = by_hash, None
+                if st is not None and st.st_mode & 0o077:
+                    log.warning(json.dumps({"event": "key_file_permissions", "path": str(self.path), "mode": oct(st.st_mode & 0o777),
+                                            "hint": f"chmod 600 {self.path}: other users can read the key hashes"}))
+            self._seen = seen
 
     def authorize(self, headers, role: str) -> ApiKey:
         """The caller's key if it may act as ``role``; 401 without a valid key, 403 with too small a role."""
@@ -116,6 +155,8 @@ class KeyStore:
         if not secret:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
         self._refresh()
+        if self._unreadable:
+            raise ApiError(503, self._unreadable, {"Retry-After": "30"})
         key = self._by_hash.get(_digest(secret))
         if key is None:
             raise ApiError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})

@@ -1,15 +1,14 @@
-"""What routes share: the app's state, the caller's key, and bounded JSON bodies."""
+"""What routes share: the app's state and the caller's key."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import orjson
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from serving.auth import ApiKey, KeyStore
-from serving.errors import ApiError
+from serving.policy import SitePolicy
 from serving.settings import ServingSettings
 from serving.store import ModelStore
 
@@ -23,7 +22,9 @@ class ServerState:
     settings: ServingSettings
     store: ModelStore
     keys: KeyStore
-    jobs: object  # serving.heads.HeadJobs (imported lazily: it pulls in torch)
+    jobs: object  # serving.head_jobs.HeadJobs
+    policy: SitePolicy
+    draining: bool = False  # set by serving.server when shutdown starts
 
 
 def state(request: Request) -> ServerState:
@@ -45,31 +46,3 @@ def role(name: str):
         return request.app.state.fedmeta.keys.authorize(request.headers, name)
 
     return check
-
-
-async def read_json(request: Request, limit: int) -> object:
-    """The request body parsed with orjson, refusing bodies over ``limit`` bytes before reading them whole."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
-    if length is not None:
-        body = await request.body()  # bounded by the declared length checked above
-    else:
-        body = await _read_bounded(request, limit)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        if any(token in body for token in (b"NaN", b"Infinity")):
-            raise ApiError(422, "NaN and Infinity are not valid feature values (and not valid JSON); send a number") from None
-        raise ApiError(400, f"body is not valid JSON: {e}") from None
-
-
-async def _read_bounded(request: Request, limit: int) -> bytes:
-    """A body without a declared length (chunked), read up to ``limit`` bytes."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

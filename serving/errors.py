@@ -1,13 +1,25 @@
-"""API errors: one exception type, JSON bodies ``{"error": message}``, never a stack trace."""
+"""API errors: one exception type, JSON bodies ``{"error": message}``, never a stack trace.
+
+Client input never produces a 500: every check raises :class:`ApiError`
+with a 4xx and a message naming the field. A genuine server fault is
+answered 500 by :func:`internal_error` and logged as one JSON line naming
+the exception type and the line that raised it, never the message (it may
+quote a data row) nor a traceback. A registry locked by another writer for
+longer than the server's registry timeout is a 503 with ``Retry-After``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
+import traceback
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 log = logging.getLogger("fedmeta.serving")
@@ -19,6 +31,14 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A client's value for an error message: its repr, cut to ``limit`` characters (values can be megabytes deep)."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -42,7 +62,19 @@ def install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {err['msg']}" if where else err["msg"])
         return json_response({"error": "; ".join(problems)}, 422)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return json_response({"error": "internal server error; the server log has the details"}, 500)
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; the metrics middleware logs and counts the disconnect
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _registry_busy(request: Request, exc: sqlite3.OperationalError) -> Response:
+        log.warning(json.dumps({"event": "registry_unavailable", "route": request.url.path, "error": str(exc)[:200]}))
+        return json_response({"error": "the model registry is busy or unavailable; retry shortly"}, 503, {"Retry-After": "5"})
+
+
+def internal_error(exc: BaseException, route: str) -> Response:
+    """The 500 for a server fault, and its one log line (type and raising line, no message, no traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} in {frames[-1].name}" if frames else "unknown"
+    log.error(json.dumps({"event": "internal_error", "route": route, "error_type": type(exc).__name__, "where": where}))
+    return json_response({"error": "internal server error; the server log has the details"}, 500)

@@ -1,152 +1,165 @@
 """``/v1/heads``: departments request a head for their task; it trains in the background.
 
-A job trains the head on the served model's body with the personalization
-code (:func:`fedmeta.personalize.train_head`), exports and registers it as a
-new version and, when asked, promotes it and swaps it in. Jobs are bounded:
-one runs at a time for the site, ``head_queue_limit`` may wait (more get
-429), and a second request for a task that is already queued or running gets
-409. Every request is written to the audit log.
+Everything a job needs is checked when the request arrives, so a job that
+is accepted (202) can only fail for a reason the rows could not show in
+advance (the head's outputs are not finite, say), never for bad input:
+
+- the task name matches :data:`TASK_NAME_PATTERN` (letters, digits, ``_``
+  and ``-``, starting with a letter, at most 64 characters), is not a
+  feature's name and not a name the model's module reserves (``forward``,
+  ``training``, ...: :func:`reserved_task_names`);
+- a known task keeps its kind; a new one states it;
+- the label column is not a feature and not another task's label, and is
+  present in the rows;
+- every row fits the schema, and the labels fit the task: at least two
+  classes for classification, finite numbers within float32 range for
+  regression.
+
+Promotion is the admin's: a department key's ``promote: true`` gets 403
+unless the site policy allows it (:mod:`serving.policy`). The job itself
+(:mod:`serving.head_jobs`) registers the version; the registry then decides
+what is served.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import math
+from functools import lru_cache
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from serving.auth import ApiKey
-from serving.deps import read_json, role, state
-from serving.errors import ApiError, json_response
+from serving.auth import RANK, ApiKey
+from serving.bodies import read_json
+from serving.deps import role, state
+from serving.errors import ApiError, json_response, shown
+from serving.openapi import responses
 from serving.predict import EXAMPLE_ROW
-from serving.store import ModelStore
+from serving.store import FLOAT32_MAX, LoadedModel, row_label
 
-log = logging.getLogger("fedmeta.serving")
 router = APIRouter(tags=["heads"])
+
+TASK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+
+
+@lru_cache(maxsize=1)
+def reserved_task_names() -> frozenset[str]:
+    """Names a task head cannot take: the attributes of the torch module that holds the heads."""
+    import torch
+
+    return frozenset(dir(torch.nn.ModuleDict()))
 
 
 class HeadRequest(BaseModel):
     """A department's request for a task head."""
 
-    task: str = Field(min_length=1, description="the task: one the federation knows, or a new one")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"task": "sepsis", "kind": "binary", "rows": [{**EXAMPLE_ROW, "sepsis": "yes"}, {**EXAMPLE_ROW, "wbc": 6.1, "sepsis": "no"}], "promote": False}]
+        },
+    )
+
+    task: str = Field(pattern=TASK_NAME_PATTERN, description="the task: one the federation knows, or a new one (letters, digits, _ and -)")
     kind: Literal["binary", "multiclass", "regression"] | None = Field(None, description="required for a new task")
-    label: str | None = Field(None, description="the label field in the rows (default: the task's label, else the task name)")
-    classes: list[str] | None = Field(None, description="class values of a new task (default: the values found)")
+    label: str | None = Field(None, pattern=TASK_NAME_PATTERN, description="the label field in the rows (default: the task's label, else the task name)")
+    classes: list[str] | None = Field(None, min_length=2, description="class values of a new task (default: the values found)")
     rows: list[dict[str, Any]] = Field(min_length=1, description="labelled rows: the schema's features plus the label")
-    promote: bool = Field(False, description="serve the new version as soon as it is registered")
+    promote: bool = Field(False, description="serve the new version as soon as it is registered (admin, or a department if the site policy allows)")
     tune_body: bool = Field(False, description="lightly tune the body too (default: frozen, ANIL-style)")
     steps: int = Field(300, ge=1, le=5000)
-    seed: int = 0
-
-    model_config = {
-        "json_schema_extra": {
-            "examples": [{"task": "sepsis", "kind": "binary", "rows": [{**EXAMPLE_ROW, "sepsis": "yes"}, {**EXAMPLE_ROW, "wbc": 6.1, "sepsis": "no"}], "promote": False}]
-        }
-    }
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-@dataclass
-class HeadJob:
-    id: str
-    task: str
-    requested_by: str
-    status: str = "queued"  # queued | running | succeeded | failed
-    submitted_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    version: str | None = None
-    promoted: bool = False
-    metrics: dict = field(default_factory=dict)
-    note: str | None = None
-    error: str | None = None
-
-    def describe(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+def parse_head_request(payload: object, max_rows: int) -> HeadRequest:
+    if not isinstance(payload, dict):
+        raise ApiError(422, "body: expected a head request object with 'task' and 'rows'")
+    rows = payload.get("rows")
+    if isinstance(rows, list) and len(rows) > max_rows:
+        raise ApiError(413, f"rows: {len(rows)} rows exceed the limit of {max_rows} per head request")
+    try:
+        return HeadRequest.model_validate(payload)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors()[:5]:
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            problems.append(f"{where}: {err['msg']}")
+        raise ApiError(422, "; ".join(problems)) from None
 
 
-class HeadJobs:
-    """One worker thread for the site's head jobs, plus a bounded queue."""
+def check_head_request(model: LoadedModel, body: HeadRequest) -> dict:
+    """Everything the job will need, checked now (blocking: pandas; run it in a thread). Returns the job's plan."""
+    import pandas as pd
 
-    def __init__(self, store: ModelStore, queue_limit: int):
-        self.store, self.queue_limit = store, queue_limit
-        self.jobs: dict[str, HeadJob] = {}
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-job")
+    from fedmeta.data import Schema, SchemaError
+    from fedmeta.personalize import PersonalizationError, head_task
 
-    def submit(self, request: HeadRequest, key: ApiKey) -> HeadJob:
-        with self._lock:
-            active = [j for j in self.jobs.values() if j.status in ("queued", "running")]
-            same = [j for j in active if j.task == request.task]
-            if same:
-                raise ApiError(409, f"a head job for task {request.task!r} is already {same[0].status} (job {same[0].id}); wait for it")
-            if len(active) > self.queue_limit:
-                raise ApiError(429, f"{len(active)} head jobs are queued or running (limit: 1 running + {self.queue_limit} waiting); retry later", {"Retry-After": "30"})
-            job = HeadJob(id=uuid.uuid4().hex[:12], task=request.task, requested_by=key.name)
-            self.jobs[job.id] = job
-        self.store.home.registry.record(
-            f"key:{key.name}", "head_request", self.store.site, self.store.current.version.version,
-            {"job": job.id, "task": request.task, "kind": request.kind, "rows": len(request.rows), "promote": request.promote},
-        )
-        self._executor.submit(self._run, job, request, key)
-        return job
+    schema = Schema.model_validate(model.manifest.schema_)
+    features = [f.name for f in schema.features]
+    if body.task in features:
+        raise ApiError(422, f"task: {body.task!r} is a feature of the schema; a task needs a name of its own")
+    if body.task in reserved_task_names():
+        raise ApiError(422, f"task: {body.task!r} is a reserved name (the model's modules use it); choose another")
+    known = {t.name: t for t in schema.tasks}
+    if body.task in known and body.kind is not None and body.kind != known[body.task].kind:
+        raise ApiError(422, f"task: task {body.task!r} is {known[body.task].kind} in the federation schema, not {body.kind}")
+    if body.task not in known and body.kind is None:
+        raise ApiError(422, f"kind: task {body.task!r} is new to the federation: give its kind (binary, multiclass or regression)")
+    label = body.label or (known[body.task].label if body.task in known else body.task)
+    if label in features:
+        raise ApiError(422, f"label: {label!r} is a feature of the schema, not a label column")
+    other = next((t.name for t in schema.tasks if t.label == label and t.name != body.task), None)
+    if other is not None:
+        raise ApiError(422, f"label: column {label!r} is already the label of task {other!r}")
+    features_only = [{k: v for k, v in row.items() if k != label} for row in body.rows]
+    model.validator.columns(features_only, "rows", limit=len(features_only))
+    labels = [row.get(label) for row in body.rows]
+    if all(v is None for v in labels):
+        raise ApiError(422, f"rows: no row has a value for the label {label!r}")
+    task = known.get(body.task)
+    kind = task.kind if task else body.kind
+    _check_labels(labels, label, body.task, kind, task.classes if task else body.classes)
+    frame = pd.DataFrame(body.rows)
+    try:
+        column = head_task(schema, body.task, body.kind, body.label, body.classes, frame, "rows")
+    except (PersonalizationError, SchemaError) as e:
+        raise ApiError(422, f"task: {str(e).splitlines()[0][:300]}") from None
+    return {"task": column.model_dump(mode="json"), "label": label}
 
-    def _run(self, job: HeadJob, request: HeadRequest, key: ApiKey) -> None:
-        import pandas as pd
 
-        from fedmeta.data import SchemaError
-        from fedmeta.export import ExportError
-        from fedmeta.manifest import ManifestError
-        from fedmeta.personalize import PersonalizationError, base_of, data_lineage, head_task, load_trained, publish, train_head
-        from fedmeta.trained import ModelMismatchError
-
-        job.status = "running"
-        store = self.store
-        try:
-            parent = store.current.version
-            home = store.home
-            start = load_trained(home, parent)
-            frame = pd.DataFrame(request.rows)
-            source = f"head request {job.id} rows"
-            column = head_task(start.schema, request.task, request.kind, request.label, request.classes, frame, source)
-            result = train_head(start, column, frame, source, steps=request.steps, tune_body=request.tune_body, seed=request.seed)
-            already = [t.name for t in store.current.manifest.tasks if t.personalized and t.name != request.task]
-            published = publish(
-                home, result.model, "head", store.site, parent=parent, base=base_of(home, parent), metrics=result.metrics,
-                data=data_lineage(None, source="api", job=job.id, rows=result.rows, held_out=result.holdout_rows),
-                training={"task": request.task, "kind": column.kind, "steps": request.steps, "tune_body": request.tune_body, "seed": request.seed, "note": result.note},
-                personalized_tasks=already + [request.task], promote=request.promote, actor=f"key:{key.name}",
-            )
-            if published.promoted:
-                store.activate(published.version)
-            job.version, job.promoted, job.metrics, job.note = published.version.label, published.promoted, result.metrics, result.note
-            job.status = "succeeded"
-        except (SchemaError, PersonalizationError, ModelMismatchError, ExportError, ManifestError, ValueError) as e:
-            job.status, job.error = "failed", str(e)
-        except Exception:
-            log.exception("head job %s failed", job.id)
-            job.status, job.error = "failed", "internal error; the server log has the details"
-        finally:
-            job.finished_at = time.time()
-            log.info("head job %s (%s) %s", job.id, job.task, job.status)
-
-    def get(self, job_id: str) -> HeadJob:
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise ApiError(404, f"no head job {job_id!r}") from None
-
-    def shutdown(self) -> None:
-        """Finish the running job, drop the queued ones."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for job in self.jobs.values():
-            if job.status == "queued":
-                job.status, job.error = "failed", "cancelled: the server shut down"
+def _check_labels(labels: list, label: str, task: str, kind: str, classes: list[str] | None) -> None:
+    where = "rows" if len(labels) > 1 else "row"
+    if kind == "regression":
+        for i, v in enumerate(labels):
+            if v is None:
+                continue
+            if type(v) not in (int, float):
+                raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a number, got {shown(v)}")
+            if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+                raise ApiError(422, f"{row_label('rows', i)}.{label}: {shown(v)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+        values = [float(v) for v in labels if v is not None]
+        spread = (max(values) - min(values)) if values else 0.0
+        if not math.isfinite(spread) or spread > FLOAT32_MAX:
+            raise ApiError(422, f"{where}: the {label!r} labels span {spread:.3g}, more than float32 can hold; rescale them")
+        return
+    present = set()
+    for i, v in enumerate(labels):
+        if v is None:
+            continue
+        if type(v) not in (str, int):
+            raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a class value (string or integer), got {shown(v)}")
+        text = str(v)
+        if classes is not None and text not in classes:
+            raise ApiError(422, f"{row_label('rows', i)}.{label}: unknown class {shown(v)}; classes: {list(classes)}")
+        present.add(text)
+    if len(present) < 2:
+        raise ApiError(422, f"{where}: task {task!r} needs labelled rows of at least two classes; found {sorted(present)[:5]}")
+    found = len(classes) if classes is not None else len(present)
+    if kind == "binary" and found != 2:
+        raise ApiError(422, f"{where}: binary task {task!r} takes two classes; the rows have {found} ({sorted(present)[:5]}); use kind multiclass")
 
 
 HEAD_OPENAPI = {
@@ -154,41 +167,49 @@ HEAD_OPENAPI = {
         "required": True,
         "content": {"application/json": {"schema": HeadRequest.model_json_schema(), "example": HeadRequest.model_config["json_schema_extra"]["examples"][0]}},
     },
-    "responses": {
-        "202": {"description": "accepted: poll status_url", "content": {"application/json": {"example": {"job": "3f2a9c1d7b4e", "status": "queued", "status_url": "/v1/heads/jobs/3f2a9c1d7b4e"}}}},
-        "409": {"description": "a job for this task is already queued or running"},
-        "429": {"description": "the head-job queue is full"},
+}
+ACCEPTED = {
+    "description": "accepted: poll status_url",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["job", "status", "status_url"],
+                "properties": {"job": {"type": "string"}, "status": {"type": "string"}, "status_url": {"type": "string"}},
+            },
+            "example": {"job": "3f2a9c1d7b4e", "status": "queued", "status_url": "/v1/heads/jobs/3f2a9c1d7b4e"},
+        }
     },
 }
 
 
-@router.post("/v1/heads", status_code=202, openapi_extra=HEAD_OPENAPI, summary="Request a head for a department's task (department role)")
+@router.post(
+    "/v1/heads", status_code=202, openapi_extra=HEAD_OPENAPI, summary="Request a head for a department's task (department role)",
+    responses={**responses(401, 403, 409, 413, 415, 422, 429, 503), 202: ACCEPTED},
+)
 async def request_head(request: Request, key: ApiKey = Depends(role("department"))) -> Response:
     server = state(request)
-    payload = await read_json(request, server.settings.max_body_bytes)
-    try:
-        body = HeadRequest.model_validate(payload)
-    except ValidationError as e:
-        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()]
-        raise ApiError(422, "; ".join(problems)) from None
-    if len(body.rows) > server.settings.head_max_rows:
-        raise ApiError(413, f"rows: {len(body.rows)} rows exceed the limit of {server.settings.head_max_rows} per head request")
+    payload = await read_json(request, server.settings.max_body_bytes, 4 * server.settings.head_max_rows + 64)
+    body = parse_head_request(payload, server.settings.head_max_rows)
+    if body.promote and RANK[key.role] < RANK["admin"] and not server.policy.heads.department_may_promote:
+        raise ApiError(403, "promote: promotion is the admin's; the job will register the version and an admin promotes it "
+                            "(or the site policy sets heads.department_may_promote)")
     model = server.store.current
-    validator = model.validator
-    label = body.label or next((t["label"] for t in model.manifest.schema_["tasks"] if t["name"] == body.task), body.task)
-    features_only = [{k: v for k, v in row.items() if k != label} for row in body.rows]
-    _check_rows(validator, features_only, label, body.rows)
-    job = server.jobs.submit(body, key)
+    plan = await run_in_threadpool(check_head_request, model, body)
+    job = await run_in_threadpool(server.jobs.submit, body, plan, key, model)
     return json_response({"job": job.id, "status": job.status, "status_url": f"/v1/heads/jobs/{job.id}"}, 202)
 
 
-def _check_rows(validator, rows: list[dict], label: str, labelled: list[dict]) -> None:
-    """Reject bad rows now, with the row and field named, rather than in a failed job later."""
-    validator.columns(rows, "rows", limit=len(rows))
-    if not any(row.get(label) is not None for row in labelled):
-        raise ApiError(422, f"rows: no row has a value for the label {label!r}")
+JOB_RESPONSE = {
+    "description": "the job's status; `version` and `metrics` once it succeeded, `error` if it failed or was cancelled",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["id", "task", "status"], "properties": {
+        "id": {"type": "string"}, "task": {"type": "string"},
+        "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+    }}}},
+}
 
 
-@router.get("/v1/heads/jobs/{job_id}", summary="Status and metrics of a head job")
+@router.get("/v1/heads/jobs/{job_id}", summary="Status and metrics of a head job", responses={**responses(401, 403, 404, 422), 200: JOB_RESPONSE})
 async def head_job(job_id: str, request: Request, _=Depends(role("department"))) -> Response:
     return json_response(state(request).jobs.get(job_id).describe())
+

@@ -1,85 +1,104 @@
 """Prometheus metrics and structured request logs, from one pure-ASGI middleware.
 
-``GET /metrics`` (text exposition format, admin key) exposes:
+``GET /metrics`` (text exposition format, ``predict`` key) exposes:
 
-- ``fedmeta_requests_total{route,method,status}``
-- ``fedmeta_request_duration_seconds{route}`` (histogram)
-- ``fedmeta_predictions_total{task}`` (rows predicted, per task)
-- ``fedmeta_model_info{site,version,sha256}`` (1 for the served version)
+- ``fedmeta_requests_total{route,method,status}``; a client that disconnects
+  before its response is sent is counted with status ``499`` (nginx's
+  "client closed request"), a request whose body did not arrive in time
+  with ``408``;
+- ``fedmeta_request_duration_seconds{route}`` (histogram);
+- ``fedmeta_predictions_total{task}`` (rows predicted, per task);
+- ``fedmeta_model_info{site,version,sha256}`` (1 for the served version).
+
+The exposition is ``prometheus_client``'s, from a registry of the app's own
+(not the process-global one), so every app built by ``create_app`` counts
+alone. prometheus_client escapes label values, so no label can add a line.
+Label sets are bounded: routes are templates (``unmatched`` otherwise) and
+methods outside the HTTP standard ones are ``other``.
 
 The middleware is plain ASGI (no ``BaseHTTPMiddleware``) so that it costs a
 few microseconds per request. It also refuses bodies whose declared length
-exceeds the server's limit before any route reads them.
+exceeds the server's limit before any route reads them, answers a server
+fault (one log line, no traceback: :func:`serving.errors.internal_error`),
+and while the server drains adds ``Connection: close`` to every response.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable
 
-from serving.errors import json_response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.errors import internal_error, json_response
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+DISCONNECTED = 499
+TIMED_OUT = 408
 access_log = logging.getLogger("fedmeta.serving.access")
+log = logging.getLogger("fedmeta.serving")
+
+
+class _ModelInfo:
+    """A collector reading the served model at scrape time, so the gauge never lags a swap."""
+
+    def __init__(self, labels: Callable[[], dict[str, str]]):
+        self.labels = labels
+
+    def collect(self):
+        labels = self.labels()
+        family = GaugeMetricFamily("fedmeta_model_info", "The model version being served.", labels=list(labels))
+        family.add_metric(list(labels.values()), 1)
+        yield family
 
 
 class Metrics:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.predictions: dict[str, int] = defaultdict(int)
+    """The app's Prometheus registry and the series it keeps."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_labels: Callable[[], dict[str, str]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("fedmeta_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=self.registry)
+        self.duration = Histogram("fedmeta_request_duration_seconds", "Request latency by route.", ["route"], buckets=BUCKETS, registry=self.registry)
+        self.predictions = Counter("fedmeta_predictions", "Rows predicted, by task.", ["task"], registry=self.registry)
+        self.registry.register(_ModelInfo(model_labels))
+        self._request_series: dict[tuple[str, str, int], object] = {}
+        self._duration_series: dict[str, object] = {}
+        self._prediction_series: dict[str, object] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float, predicted: tuple[list[str], int] | None) -> None:
-        with self._lock:
-            self.requests[(route, method, status)] += 1
-            buckets = self.buckets[route]
-            for i, edge in enumerate(BUCKETS):
-                if seconds <= edge:
-                    buckets[i] += 1
-                    break
-            self.sums[route] += seconds
-            self.counts[route] += 1
-            if predicted is not None:
-                tasks, rows = predicted
-                for task in tasks:
-                    self.predictions[task] += rows
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:  # label lookups cost ~1 us each; keep the children
+            series = self._request_series[key] = self.requests.labels(route, method, str(status))
+        series.inc()
+        histogram = self._duration_series.get(route)
+        if histogram is None:
+            histogram = self._duration_series[route] = self.duration.labels(route)
+        histogram.observe(seconds)
+        if predicted is not None:
+            tasks, rows = predicted
+            for task in tasks:
+                counter = self._prediction_series.get(task)
+                if counter is None:
+                    counter = self._prediction_series[task] = self.predictions.labels(task)
+                counter.inc(rows)
 
-    def exposition(self, model_labels: dict[str, str]) -> str:
-        def labels(**kv) -> str:
-            return "{" + ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in kv.items()) + "}"
-
-        lines = ["# HELP fedmeta_requests_total HTTP requests by route, method and status.", "# TYPE fedmeta_requests_total counter"]
-        with self._lock:
-            for (route, method, status), n in sorted(self.requests.items()):
-                lines.append(f"fedmeta_requests_total{labels(route=route, method=method, status=status)} {n}")
-            lines += ["# HELP fedmeta_request_duration_seconds Request latency by route.", "# TYPE fedmeta_request_duration_seconds histogram"]
-            for route in sorted(self.counts):
-                cumulative = 0
-                for edge, n in zip(BUCKETS, self.buckets[route]):
-                    cumulative += n
-                    lines.append(f"fedmeta_request_duration_seconds_bucket{labels(route=route, le=edge)} {cumulative}")
-                lines.append(f"fedmeta_request_duration_seconds_bucket{labels(route=route, le='+Inf')} {self.counts[route]}")
-                lines.append(f"fedmeta_request_duration_seconds_sum{labels(route=route)} {self.sums[route]:.6f}")
-                lines.append(f"fedmeta_request_duration_seconds_count{labels(route=route)} {self.counts[route]}")
-            lines += ["# HELP fedmeta_predictions_total Rows predicted, by task.", "# TYPE fedmeta_predictions_total counter"]
-            for task, n in sorted(self.predictions.items()):
-                lines.append(f"fedmeta_predictions_total{labels(task=task)} {n}")
-        lines += ["# HELP fedmeta_model_info The model version being served.", "# TYPE fedmeta_model_info gauge"]
-        lines.append(f"fedmeta_model_info{labels(**model_labels)} 1")
-        return "\n".join(lines) + "\n"
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class MetricsMiddleware:
     """Counts and times every request by route template; logs one JSON line per request at INFO."""
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, server=None):
+        self.app, self.metrics, self.max_body_bytes, self.server = app, metrics, max_body_bytes, server
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -90,20 +109,41 @@ class MetricsMiddleware:
                 return await response(scope, receive, send)
         start = time.perf_counter()
         status = 500
+        disconnected = started = False
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                if self.server is not None and self.server.draining:  # tell the client not to reuse a closing connection
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
+        async def receive_watch():
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_watch, send_status)
+        except Exception as e:  # a server fault: answered and logged here, once, as one JSON line
+            route = scope.get("route")
+            response = internal_error(e, route.path if route is not None else "unmatched")
+            if not started and not disconnected:
+                await response(scope, receive, send_status)
         finally:
             seconds = time.perf_counter() - start
+            if disconnected:
+                status = TIMED_OUT if scope.get("fedmeta.timed_out") else DISCONNECTED
             route = scope.get("route")
             template = route.path if route is not None else "unmatched"
+            method = scope["method"] if scope["method"] in METHODS else "other"
             predicted = scope.get("state", {}).get("predicted")
-            self.metrics.observe(template, scope["method"], status, seconds, predicted)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({"route": template, "path": scope["path"], "method": scope["method"], "status": status, "ms": round(seconds * 1000, 3)}))
+            self.metrics.observe(template, method, status, seconds, predicted)
+            if disconnected:
+                event = "request_timeout" if status == TIMED_OUT else "client_disconnected"
+                log.info(json.dumps({"event": event, "route": template, "method": method, "status": status, "ms": round(seconds * 1000, 3)}))
+            elif access_log.isEnabledFor(logging.INFO):
+                access_log.info(json.dumps({"route": template, "method": method, "status": status, "ms": round(seconds * 1000, 3)}))

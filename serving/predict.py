@@ -12,9 +12,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serving.deps import SECURITY_OPENAPI, authorize, read_json, state
+from serving.bodies import read_json
+from serving.deps import SECURITY_OPENAPI, authorize, state
 from serving.errors import ApiError, json_response
-from serving.store import LoadedModel
+from serving.openapi import responses
+from serving.store import LoadedModel, check_finite
 
 router = APIRouter(tags=["predict"])
 
@@ -69,10 +71,10 @@ PREDICT_OPENAPI = {
                 }
             },
         },
-        "413": {"description": "too many rows or too large a body"},
-        "422": {"description": "a row that does not fit the schema; the message names the row, the feature and the problem"},
+        **{str(code): r for code, r in responses(401, 403, 413, 415, 422, 503).items()},
     },
 }
+BODY_KEYS = frozenset({"rows", "row", "tasks"})
 
 
 def select_tasks(model: LoadedModel, requested: object) -> list[str]:
@@ -82,7 +84,9 @@ def select_tasks(model: LoadedModel, requested: object) -> list[str]:
         raise ApiError(422, "tasks: expected a non-empty list of task names")
     unknown = [t for t in requested if t not in model.tasks]
     if unknown:
-        raise ApiError(422, f"tasks: unknown task(s) {unknown}; this model predicts {model.tasks}")
+        raise ApiError(422, f"tasks: unknown task(s) {[t[:40] for t in unknown[:5]]}; this model predicts {model.tasks}")
+    if len(set(requested)) != len(requested):
+        raise ApiError(422, "tasks: a task is listed twice")
     return requested
 
 
@@ -104,18 +108,25 @@ def render(model: LoadedModel, tasks: list[str], outputs: list[np.ndarray]) -> d
 async def predict(request: Request) -> Response:
     authorize(request, "predict")
     server = state(request)
-    payload = await read_json(request, server.settings.max_body_bytes)
+    payload = await read_json(request, server.settings.max_body_bytes, 2 * server.settings.max_rows + 64)
     if not isinstance(payload, dict):
         raise ApiError(422, "body: expected an object with 'rows' (a list of rows) or 'row' (one row)")
+    if not payload.keys() <= BODY_KEYS:
+        raise ApiError(422, f"body: unknown field(s) {sorted(k[:40] for k in payload.keys() - BODY_KEYS)[:5]}; fields are rows or row, and tasks")
     model = server.store.current  # this request's model, whatever a swap does meanwhile
+    if "rows" in payload and "row" in payload:
+        raise ApiError(422, "body: give either 'rows' or 'row', not both")
     if "rows" in payload:
-        feed, n = model.validator.columns(payload["rows"], "rows")
+        where = "rows"
+        feed, n = model.validator.columns(payload["rows"], where)
     elif "row" in payload:
-        feed, n = model.validator.columns([payload["row"]], "row")
+        where = "row"
+        feed, n = model.validator.columns([payload["row"]], where)
     else:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
     tasks = select_tasks(model, payload.get("tasks"))
     outputs = model.session.run(tasks, feed)
+    check_finite(tasks, outputs, where, n)
     request.state.predicted = (tasks, n)
     content = {"model": {"site": model.site, "version": model.label, "sha256": model.version.sha256}, "rows": n, "predictions": render(model, tasks, outputs)}
     return json_response(content)

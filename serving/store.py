@@ -11,6 +11,7 @@ and the old session is freed when its last request is done.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -21,16 +22,34 @@ import onnxruntime as ort
 
 from fedmeta.manifest import Manifest
 from fedmeta.registry import ModelVersion, SiteHome
-from serving.errors import ApiError
+from fedmeta.manifest import ManifestError
+from serving.errors import ApiError, shown
 
 log = logging.getLogger("fedmeta.serving")
 _NUMBER = (int, float)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+Z_LIMIT = 1e6  # standard deviations from the federation's mean beyond which a value is refused as a unit or typing error
+
+
+def feature_range(feature: dict) -> tuple[float, float]:
+    """The values a numeric feature accepts: the federation's mean +- :data:`Z_LIMIT` stds, within float32.
+
+    Further out, the model's float32 arithmetic overflows and its outputs stop being numbers.
+    """
+    mean, std = float(feature.get("mean", 0.0)), float(feature.get("std", 1.0))
+    return max(-FLOAT32_MAX, mean - Z_LIMIT * std), min(FLOAT32_MAX, mean + Z_LIMIT * std)
+
+
+def row_label(where: str, i: int) -> str:
+    """``rows[3]`` for a row of a list, ``row`` for the single row of a ``{"row": ...}`` body."""
+    return f"{where}[{i}]" if where == "rows" else where
 
 
 class RowValidator:
     """Checks JSON rows against the schema and turns them into onnxruntime inputs, one column per feature.
 
     Errors name the row and the feature: ``rows[3].age: expected a number, got 'abc'``.
+    Numeric values must lie in :func:`feature_range`.
     """
 
     def __init__(self, schema: dict, max_rows: int):
@@ -39,10 +58,13 @@ class RowValidator:
         self.numeric = [f["name"] for f in schema["features"] if f.get("type", "numeric") == "numeric"]
         self.categorical = {f["name"]: frozenset(f["categories"]) for f in schema["features"] if f.get("type") == "categorical"}
         self.known = frozenset(self.features)
+        self.ranges = {f["name"]: feature_range(f) for f in schema["features"] if f.get("type", "numeric") == "numeric"}
+        self._lo = np.array([self.ranges[n][0] for n in self.numeric], dtype=np.float32)[:, None]
+        self._hi = np.array([self.ranges[n][1] for n in self.numeric], dtype=np.float32)[:, None]
 
     def _problem(self, where: str, rows: list, name: str) -> ApiError:
         for i, row in enumerate(rows):
-            label = f"{where}[{i}]" if where == "rows" else where
+            label = row_label(where, i)
             if not isinstance(row, dict):
                 return ApiError(422, f"{label}: expected an object of feature values, got {type(row).__name__}")
             if name not in row:
@@ -50,16 +72,22 @@ class RowValidator:
             value = row[name]
             if name in self.categorical:
                 if not isinstance(value, str):
-                    return ApiError(422, f"{label}.{name}: expected a category (string), got {value!r}")
+                    return ApiError(422, f"{label}.{name}: expected a category (string), got {shown(value)}")
                 if value not in self.categorical[name]:
-                    return ApiError(422, f"{label}.{name}: unknown category {value!r}; known: {sorted(self.categorical[name])}")
+                    return ApiError(422, f"{label}.{name}: unknown category {shown(value)}; known: {sorted(self.categorical[name])}")
             else:
                 if value is None:
                     return ApiError(422, f"{label}.{name}: missing value (null); a number is required")
                 if type(value) not in _NUMBER:
-                    return ApiError(422, f"{label}.{name}: expected a number, got {value!r}")
+                    return ApiError(422, f"{label}.{name}: expected a number, got {shown(value)}")
                 if not math.isfinite(value):
-                    return ApiError(422, f"{label}.{name}: {value!r} is not a finite number")
+                    return ApiError(422, f"{label}.{name}: {shown(value)} is not a finite number")
+                if abs(value) > FLOAT32_MAX:
+                    return ApiError(422, f"{label}.{name}: {shown(value)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+                lo, hi = self.ranges[name]
+                if not lo <= np.float32(value) <= hi:
+                    return ApiError(422, f"{label}.{name}: {shown(value)} is more than 1e6 standard deviations from the federation's mean "
+                                         f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
         return ApiError(422, f"{where}: invalid value for feature {name!r}")
 
     def _first_problem(self, where: str, rows: list) -> ApiError:
@@ -81,9 +109,9 @@ class RowValidator:
         try:
             if any(len(r) != width for r in rows):
                 for i, r in enumerate(rows):
-                    extra = sorted(set(r) - self.known)
+                    extra = sorted(set(r) - self.known) if isinstance(r, dict) else None
                     if extra:
-                        raise ApiError(422, f"{where}[{i}]: unknown feature(s) {extra}; features are {self.features}")
+                        raise ApiError(422, f"{row_label(where, i)}: unknown feature(s) {[x[:40] for x in extra[:5]]}; features are {self.features}")
         except TypeError:
             pass  # a row that is not an object: reported by name below
         feed: dict[str, np.ndarray] = {}
@@ -92,8 +120,9 @@ class RowValidator:
             numeric = [r[name] for name in self.numeric for r in rows]
             if not all(type(v) in _NUMBER for v in numeric):
                 raise self._first_problem(where, rows)
-            matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
-            if not np.isfinite(matrix).all():
+            with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is named below
+                matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
+            if not ((matrix >= self._lo) & (matrix <= self._hi)).all():  # also false for NaN and inf
                 raise self._first_problem(where, rows)
             for j, name in enumerate(self.numeric):
                 feed[name] = matrix[j]
@@ -102,9 +131,19 @@ class RowValidator:
                 if not all(v in categories for v in column):
                     raise self._problem(where, rows, name)
                 feed[name] = np.array(column, dtype=object)
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, OverflowError):
             raise self._first_problem(where, rows) from None
         return feed, n
+
+
+def check_finite(tasks: list[str], outputs: list[np.ndarray], where: str, n: int) -> None:
+    """A 422 naming the first row whose outputs are not all finite (never a 200 with nulls)."""
+    for task, out in zip(tasks, outputs):
+        finite = np.isfinite(out)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite.reshape(n, -1).all(1))[0])
+            raise ApiError(422, f"{row_label(where, i)}: the model's {task!r} output is not a finite number for these feature values; "
+                                "they are far outside what it was trained on")
 
 
 @dataclass(frozen=True)
@@ -138,32 +177,39 @@ def load_model(home: SiteHome, version: ModelVersion, max_rows: int, threads: in
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     if manifest.schema_ is None:
-        raise ApiError(500, f"{version.label} has no schema in its manifest")
+        raise ManifestError(f"{version.label} has no schema in its manifest; it cannot be served")
     return LoadedModel(version, manifest, session, RowValidator(manifest.schema_, max_rows), version.site or "")
 
 
 class ModelStore:
-    """The currently served model, swapped atomically."""
+    """The currently served model: always the version the registry names as promoted.
+
+    The registry is the single source of truth. Promote and rollback write
+    the registry first and then call :meth:`sync`, as the reload loop does
+    for promotions made elsewhere; nothing else changes what is served, so
+    the two can never disagree for longer than a load. :meth:`sync` runs in
+    a worker thread (it reads SQLite and loads files), never on the event
+    loop; requests read :attr:`current`, a plain attribute, and never wait
+    for it.
+    """
 
     def __init__(self, home: SiteHome, site: str, max_rows: int, threads: int = 1):
         self.home, self.site, self.max_rows, self.threads = home, site, max_rows, threads
         self._swap_lock = threading.Lock()
         self.current: LoadedModel = load_model(home, home.current(site), max_rows, threads)
 
-    def activate(self, version: ModelVersion) -> LoadedModel:
-        """Load ``version`` fully, then make it current in one assignment."""
-        with self._swap_lock:
-            if self.current.version.version == version.version:
-                return self.current
-            loaded = load_model(self.home, version, self.max_rows, self.threads)
-            previous, self.current = self.current, loaded
-            log.info("serving %s (was %s) sha256 %s", loaded.label, previous.label, loaded.version.sha256)
-            return loaded
+    def load(self, version: ModelVersion) -> LoadedModel:
+        """``version`` verified and ready, without serving it (raises ManifestError on a hash mismatch)."""
+        return load_model(self.home, version, self.max_rows, self.threads)
 
-    def sync(self) -> bool:
-        """Follow the registry's promoted version (a promotion made elsewhere, e.g. by the CLI); True if swapped."""
-        promoted = self.home.registry.current(self.site)
-        if promoted is None or promoted.version == self.current.version.version:
-            return False
-        self.activate(promoted)
+    def sync(self, loaded: LoadedModel | None = None) -> bool:
+        """Serve the registry's promoted version (``loaded`` if that is it); True if the served model changed."""
+        with self._swap_lock:
+            promoted = self.home.registry.current(self.site)
+            if promoted is None or promoted.version == self.current.version.version:
+                return False
+            if loaded is None or loaded.version.version != promoted.version:
+                loaded = self.load(promoted)
+            previous, self.current = self.current, loaded
+        log.info(json.dumps({"event": "serving", "version": loaded.label, "previous": previous.label, "sha256": loaded.version.sha256}))
         return True

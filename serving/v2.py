@@ -4,7 +4,9 @@ The model name is the site's name. Inputs are the schema's features, one
 tensor each (``FP32`` for numeric features, ``BYTES`` for categorical ones,
 shape ``[batch]`` or ``[batch, 1]``); outputs are the tasks (``FP32``: class
 probabilities ``[batch, C]`` or values ``[batch]``), data flattened in
-row-major order as the protocol specifies.
+row-major order as the protocol specifies. Every malformed request gets 400
+with ``{"error": ...}`` naming the tensor and the field, as the protocol
+asks; no value a client sends reaches numpy or onnxruntime unchecked.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from serving.deps import SECURITY_OPENAPI, authorize, read_json, role, state
-from serving.errors import ApiError, json_response
-from serving.store import LoadedModel
+from serving.bodies import read_json
+from serving.deps import SECURITY_OPENAPI, authorize, role, state
+from serving.errors import ApiError, json_response, shown
+from serving.openapi import responses
+from serving.store import FLOAT32_MAX, LoadedModel, check_finite
 
 router = APIRouter(tags=["open inference protocol v2"])
 
@@ -40,7 +44,10 @@ INFER_OPENAPI = {
                 },
             }
         },
-    }
+    },
+    "description": "One tensor per input feature, each `shape` `[batch]` or `[batch, 1]` with the same batch, and `data` holding "
+    "as many values as its shape says; requests that break these rules, which JSON Schema cannot state, get 400 as the protocol specifies.",
+    "responses": {str(code): r for code, r in responses(400, 401, 403, 404, 413, 415, 503).items()},
 }
 
 
@@ -62,27 +69,31 @@ def _tensor_meta(model: LoadedModel) -> tuple[list[dict], list[dict]]:
     return inputs, outputs
 
 
-@router.get("/v2/health/live", summary="Liveness (no key needed)")
+@router.get("/v2/health/live", summary="Liveness (no key needed)", responses=responses(200))
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: a verified model is loaded")
+@router.get("/v2/health/ready", summary="Readiness: a verified model is loaded", responses=responses(200, 401, 403, 503))
 async def ready(request: Request, _=Depends(role("predict"))) -> Response:
     return json_response({"ready": state(request).store.current is not None})
 
 
-@router.get("/v2/models/{name}", summary="Model metadata: versions, inputs and outputs")
+@router.get("/v2/models/{name}", summary="Model metadata: versions, inputs and outputs", responses=responses(200, 401, 403, 404, 503))
 async def metadata(name: str, request: Request, _=Depends(role("predict"))) -> Response:
     model = _model(request, name)
     inputs, outputs = _tensor_meta(model)
     return json_response({"name": model.site, "versions": [model.label], "platform": "onnxruntime_onnx", "inputs": inputs, "outputs": outputs})
 
 
-@router.get("/v2/models/{name}/ready", summary="Model readiness")
+@router.get("/v2/models/{name}/ready", summary="Model readiness", responses=responses(200, 401, 403, 404, 503))
 async def model_ready(name: str, request: Request, _=Depends(role("predict"))) -> Response:
     model = _model(request, name)
     return json_response({"name": model.site, "ready": True})
+
+
+def _is_count(d: object) -> bool:
+    return type(d) is int and d >= 0
 
 
 def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
@@ -92,48 +103,57 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise ApiError(400, f"inputs[{i}]: expected an object with name, shape, datatype and data")
+        if tensor["name"] in by_name:
+            raise ApiError(400, f"inputs[{i}]: tensor {shown(tensor['name'])} is given twice")
         by_name[tensor["name"]] = tensor
     validator = model.validator
     unknown = sorted(set(by_name) - validator.known)
     if unknown:
-        raise ApiError(400, f"inputs: unknown tensor(s) {unknown}; inputs are {validator.features}")
+        raise ApiError(400, f"inputs: unknown tensor(s) {[u[:40] for u in unknown[:5]]}; inputs are {validator.features}")
     feed, batch = {}, None
     for name in validator.features:
         tensor = by_name.get(name)
         if tensor is None:
             raise ApiError(400, f"inputs: missing tensor {name!r}")
         shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
-        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(isinstance(d, int) and d >= 0 for d in shape) or (len(shape) == 2 and shape[1] != 1):
-            raise ApiError(400, f"inputs.{name}: shape must be [batch] or [batch, 1], got {shape!r}")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_count(d) for d in shape) or (len(shape) == 2 and shape[1] != 1):
+            raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {shown(shape) if not isinstance(shape, list) or len(shape) > 4 else shape}")
+        if not isinstance(datatype, str):
+            raise ApiError(400, f"inputs.{name}.datatype: expected a string such as 'FP32' or 'BYTES', got {shown(datatype)}")
         if not isinstance(data, list):
-            raise ApiError(400, f"inputs.{name}: data must be a list")
+            raise ApiError(400, f"inputs.{name}.data: must be a list")
+        if shape[0] > max_rows:
+            raise ApiError(413, f"inputs.{name}.shape: batch of {shape[0]} rows exceeds the limit of {max_rows}")
         if data and isinstance(data[0], list):
             data = [v for row in data for v in (row if isinstance(row, list) else [row])]
         if len(data) != math.prod(shape):
             raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
         if batch is None:
             batch = shape[0]
-            if batch > max_rows:
-                raise ApiError(413, f"inputs: batch of {batch} rows exceeds the limit of {max_rows}")
         elif shape[0] != batch:
-            raise ApiError(400, f"inputs.{name}: batch size {shape[0]} differs from {batch} of the other inputs")
+            raise ApiError(400, f"inputs.{name}.shape: batch size {shape[0]} differs from {batch} of the other inputs")
         if name in validator.categorical:
             if datatype != "BYTES":
-                raise ApiError(400, f"inputs.{name}: a categorical feature takes datatype BYTES, got {datatype!r}")
+                raise ApiError(400, f"inputs.{name}.datatype: a categorical feature takes datatype BYTES, got {shown(datatype)}")
             unknown_values = [v for v in data if not isinstance(v, str) or v not in validator.categorical[name]]
             if unknown_values:
-                raise ApiError(400, f"inputs.{name}: unknown category {unknown_values[0]!r}; known: {sorted(validator.categorical[name])}")
+                raise ApiError(400, f"inputs.{name}.data: unknown category {shown(unknown_values[0])}; known: {sorted(validator.categorical[name])}")
             feed[name] = np.array(data, dtype=object)
         else:
             if datatype not in _NUMERIC_TYPES:
-                raise ApiError(400, f"inputs.{name}: a numeric feature takes a numeric datatype such as FP32, got {datatype!r}")
-            if not all(type(v) in (int, float) for v in data):
-                bad = next(v for v in data if type(v) not in (int, float))
-                raise ApiError(400, f"inputs.{name}: expected numbers, got {bad!r}")
-            values = np.asarray(data, dtype=np.float32)
-            if not np.isfinite(values).all():
-                raise ApiError(400, f"inputs.{name}: values must be finite numbers")
-            feed[name] = values
+                raise ApiError(400, f"inputs.{name}.datatype: a numeric feature takes a numeric datatype such as FP32, got {shown(datatype)}")
+            bad = [v for v in data if type(v) not in (int, float)]
+            if bad:
+                raise ApiError(400, f"inputs.{name}.data: expected numbers, got {shown(bad[0])}")
+            outside = next((v for v in data if not math.isfinite(v) or abs(v) > FLOAT32_MAX), None)
+            if outside is not None:
+                raise ApiError(400, f"inputs.{name}.data: {shown(outside)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+            lo, hi = validator.ranges[name]
+            far = next((v for v in data if not lo <= np.float32(v) <= hi), None)
+            if far is not None:
+                raise ApiError(400, f"inputs.{name}.data: {shown(far)} is more than 1e6 standard deviations from the federation's mean "
+                                    f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
+            feed[name] = np.asarray(data, dtype=np.float32)
     if not batch:
         raise ApiError(400, "inputs: the batch is empty")
     return feed, batch
@@ -143,22 +163,30 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
 async def infer(name: str, request: Request) -> Response:
     authorize(request, "predict")
     server = state(request)
-    payload = await read_json(request, server.settings.max_body_bytes)
     model = _model(request, name)
+    payload = await read_json(request, server.settings.max_body_bytes, (len(model.validator.features) + 4) * (server.settings.max_rows + 4))
     if not isinstance(payload, dict):
         raise ApiError(400, "body: expected an inference request object with 'inputs'")
+    if "id" in payload and not isinstance(payload["id"], str):
+        raise ApiError(400, f"id: expected a string, got {shown(payload['id'])}")
     feed, batch = _feed(model, payload.get("inputs"), server.settings.max_rows)
     requested = payload.get("outputs")
     if requested is None:
         tasks = model.tasks
     else:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-            raise ApiError(400, "outputs: expected a list of objects with a name")
+        if not isinstance(requested, list) or not requested or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+            raise ApiError(400, "outputs: expected a non-empty list of objects with a name")
         tasks = [o["name"] for o in requested]
         unknown = [t for t in tasks if t not in model.tasks]
         if unknown:
-            raise ApiError(400, f"outputs: unknown output(s) {unknown}; outputs are {model.tasks}")
+            raise ApiError(400, f"outputs: unknown output(s) {[t[:40] for t in unknown[:5]]}; outputs are {model.tasks}")
+        if len(set(tasks)) != len(tasks):
+            raise ApiError(400, "outputs: an output is listed twice")
     results = model.session.run(tasks, feed)
+    try:
+        check_finite(tasks, results, "rows", batch)
+    except ApiError as e:
+        raise ApiError(400, e.message.replace("rows[", "inputs: row ", 1).replace("]:", ":", 1)) from None
     request.state.predicted = (tasks, batch)
     response = {
         "model_name": model.site,

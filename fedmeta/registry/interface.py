@@ -23,16 +23,33 @@ def current_user() -> str:
         return f"uid:{os.getuid()}"
 
 
+_MAX_VERSION = 2**63 - 1  # SQLite's INTEGER range
+
+
 def parse_version(text: str | int) -> int:
-    """``3``, ``"3"`` or ``"v3"`` -> 3.
+    """``3``, ``"3"`` or ``"v3"`` -> 3: ASCII digits (after an optional ASCII ``v``), 1 to 2**63 - 1.
+
+    Anything else, including non-ASCII digits such as ``"²"`` or ``"٣"``, is a
+    :class:`RegistryError` naming the text.
 
     >>> parse_version("v12")
     12
+    >>> parse_version("v²")
+    Traceback (most recent call last):
+    ...
+    fedmeta.registry.interface.RegistryError: not a model version: 'v²' (expected e.g. 3 or v3)
     """
-    raw = str(text).strip()
-    digits = raw[1:] if raw[:1] in ("v", "V") else raw
-    if not digits.isdigit() or int(digits) < 1:
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise RegistryError(f"not a model version: {text!r} (expected e.g. 3 or v3)")
+    if isinstance(text, int):
+        if 1 <= text <= _MAX_VERSION:
+            return text
+        raise RegistryError(f"not a model version: {text if abs(text) < 10**30 else 'a 30+ digit number'} (expected 1 to {_MAX_VERSION})")
+    raw = text
+    digits = raw[1:] if raw[:1] in ("v", "V") else raw
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 19 or not 1 <= int(digits) <= _MAX_VERSION:
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise RegistryError(f"not a model version: {shown!r} (expected e.g. 3 or v3)")
     return int(digits)
 
 

@@ -1,91 +1,19 @@
-"""The site's prediction server, run for real: uvicorn on 127.0.0.1, a port the test picks, stopped by the test."""
+"""The site's prediction server, run for real: routes, roles, predictions, v2, swaps, head jobs, metrics, docs."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
-import uvicorn
 
-from conftest import write_base
-from fedmeta.data import load_site
 from fedmeta.manifest import ManifestError
-from fedmeta.personalize import load_base, personalize, publish, register_base
-from fedmeta.registry import SiteHome
-from serving import ServingSettings, create_app
+from serving import create_app
 from serving.auth import KeyStore
-
-ROW = {
-    "age": 71, "sex": "F", "admission_type": "emergency", "ward": "cardiology", "prior_admissions": 2, "charlson_index": 4,
-    "heart_rate": 96, "systolic_bp": 118, "creatinine": 1.4, "hemoglobin": 11.2, "sodium": 136, "wbc": 9.8,
-}
-SITE = "hospital_002"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(settings: ServingSettings):
-    """A real uvicorn server for ``create_app(settings)`` on a free 127.0.0.1 port, stopped on exit."""
-    app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        assert not thread.is_alive(), "server did not stop"
-
-
-def _publish(home: SiteHome, hospitals: Path, base_run: Path, seed: int, promote: bool):
-    site = load_site(hospitals / f"{SITE}.csv", hospitals / "schema.json")
-    base = load_base(base_run)
-    result = personalize(base.for_schema(site.schema), site, shots=5, steps=3, lr=0.05, seed=seed)
-    base_version = register_base(home, base)
-    return publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, shots=5, personalized_tasks=result.tasks, promote=promote).version
-
-
-@pytest.fixture()
-def site_home(tmp_path, hospitals, base_run):
-    """A site home with two personalized versions (v2 promoted, v3 not) and one key per role."""
-    home = SiteHome(tmp_path / "home")
-    _publish(home, hospitals, base_run, seed=1, promote=True)
-    _publish(home, hospitals, base_run, seed=2, promote=False)
-    keys = {role: KeyStore(home.path).create(f"{role}-app", role)[1] for role in ("predict", "department", "admin")}
-    return home, keys
-
-
-def auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def settings(home: SiteHome, **kw) -> ServingSettings:
-    return ServingSettings(site_home=home.path, **kw)
-
-
-def _direct_onnx(home: SiteHome, version: int, feed: dict) -> list[np.ndarray]:
-    _, data = home.load(home.registry.get(version))
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
+from site_server import ROW, SITE, auth, direct_onnx as _direct_onnx, free_port as _free_port, running, sepsis_rows as _sepsis_rows, settings, site_home  # noqa: F401
 
 
 # --- auth -------------------------------------------------------------------------------
@@ -157,7 +85,8 @@ BAD_BODIES = [
     ({"rows": [ROW] * 51}, 413, "too many rows (51); the limit is 50"),
     ({"rows": []}, 422, "rows: expected a non-empty list of rows"),
     ({"row": ROW, "tasks": ["sepsis"]}, 422, "unknown task(s) ['sepsis']"),
-    ({"features": ROW}, 422, "expected 'rows' (a list of rows) or 'row' (one row)"),
+    ({"features": ROW}, 422, "body: unknown field(s) ['features']"),
+    ({}, 422, "expected 'rows' (a list of rows) or 'row' (one row)"),
     (["not", "an", "object"], 422, "expected an object with 'rows'"),
 ]
 
@@ -171,9 +100,9 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_problem(site_home):
         nan = json.dumps({"row": ROW}).replace("71", "NaN")
         r = httpx.post(f"{url}/v1/predict", content=nan, headers={**auth(keys["predict"]), "Content-Type": "application/json"})
         assert r.status_code == 422 and "NaN" in r.json()["error"]
-        r = httpx.post(f"{url}/v1/predict", content=b"{not json", headers=auth(keys["predict"]))
+        r = httpx.post(f"{url}/v1/predict", content=b"{not json", headers={**auth(keys["predict"]), "Content-Type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
-        r = httpx.post(f"{url}/v1/predict", content=b"x" * 70_000, headers=auth(keys["predict"]))
+        r = httpx.post(f"{url}/v1/predict", content=b"x" * 70_000, headers={**auth(keys["predict"]), "Content-Type": "application/json"})
         assert r.status_code == 413 and "exceeds the limit of 65536 bytes" in r.json()["error"]
 
 
@@ -228,9 +157,9 @@ def test_v2_infer_rejects_bad_tensors_by_name(site_home):
     good = _v2_inputs([ROW])
     cases = [
         ([t for t in good if t["name"] != "age"], "missing tensor 'age'"),
-        ([{**t, "datatype": "FP32"} if t["name"] == "ward" else t for t in good], "inputs.ward: a categorical feature takes datatype BYTES"),
+        ([{**t, "datatype": "FP32"} if t["name"] == "ward" else t for t in good], "inputs.ward.datatype: a categorical feature takes datatype BYTES"),
         ([{**t, "shape": [2]} if t["name"] == "age" else t for t in good], "inputs.age: shape [2] holds 2 values, data has 1"),
-        ([{**t, "data": ["icu?"]} if t["name"] == "ward" else t for t in good], "inputs.ward: unknown category 'icu?'"),
+        ([{**t, "data": ["icu?"]} if t["name"] == "ward" else t for t in good], "inputs.ward.data: unknown category 'icu?'"),
     ]
     with running(settings(home)) as (url, _):
         for inputs, message in cases:
@@ -321,22 +250,13 @@ def test_a_tampered_version_is_never_promoted(site_home):
 # --- head requests -------------------------------------------------------------------------------
 
 
-def _sepsis_rows(n=80):
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(n):
-        wbc = float(np.round(rng.lognormal(2.1, 0.35), 1))
-        rows.append({**ROW, "age": int(rng.integers(20, 95)), "wbc": wbc, "sepsis": "yes" if wbc > 8.5 else "no"})
-    return rows
-
-
 def test_head_request_end_to_end_trains_registers_promotes_and_serves_the_new_task(site_home):
     home, keys = site_home
     with running(settings(home)) as (url, _):
-        r = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "kind": "binary", "rows": _sepsis_rows(), "promote": True}, headers=auth(keys["department"]))
+        r = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "kind": "binary", "rows": _sepsis_rows(), "promote": True}, headers=auth(keys["admin"]))
         assert r.status_code == 202, r.text
         job_url = url + r.json()["status_url"]
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while (job := httpx.get(job_url, headers=auth(keys["department"])).json())["status"] in ("queued", "running"):
             assert time.time() < deadline
             time.sleep(0.1)
@@ -347,7 +267,7 @@ def test_head_request_end_to_end_trains_registers_promotes_and_serves_the_new_ta
     head = home.registry.get(4)
     assert (head.kind, head.parent) == ("head", 2)
     audit = [e for e in home.registry.audit() if e.action == "head_request"]
-    assert audit and audit[0].actor == "key:department-app" and audit[0].detail["task"] == "sepsis"
+    assert audit and audit[0].actor == "key:admin-app" and audit[0].detail["task"] == "sepsis"
 
 
 def test_head_requests_are_bounded_with_409_and_429(site_home):
@@ -356,7 +276,7 @@ def test_head_requests_are_bounded_with_409_and_429(site_home):
     with running(settings(home, head_queue_limit=1)) as (url, app):
         jobs = app.state.fedmeta.jobs
         original = jobs._run
-        jobs._run = lambda *a: (release.wait(30), original(*a))  # hold the worker so that jobs stay queued
+        jobs._run = lambda job, spec: (release.wait(30), original(job, spec))  # hold the worker so that jobs stay queued
         h = auth(keys["department"])
         body = {"kind": "binary", "rows": _sepsis_rows(30)}
         try:
@@ -395,17 +315,16 @@ def test_metrics_count_requests_by_route_and_status_and_predictions_by_task(site
         httpx.post(f"{url}/v1/predict", json={"rows": [ROW] * 3}, headers=h)
         httpx.post(f"{url}/v1/predict", json={"rows": [{}]}, headers=h)
         text = httpx.get(f"{url}/metrics", headers=h).text
-    assert 'fedmeta_requests_total{route="/v1/predict",method="POST",status="200"} 1' in text
-    assert 'fedmeta_requests_total{route="/v1/predict",method="POST",status="422"} 1' in text
-    assert 'fedmeta_predictions_total{task="mortality"} 3' in text
-    assert 'fedmeta_request_duration_seconds_count{route="/v1/predict"} 2' in text
-    assert f'fedmeta_model_info{{site="{SITE}",version="v2"' in text
+    assert 'fedmeta_requests_total{method="POST",route="/v1/predict",status="200"} 1.0' in text
+    assert 'fedmeta_requests_total{method="POST",route="/v1/predict",status="422"} 1.0' in text
+    assert 'fedmeta_predictions_total{task="mortality"} 3.0' in text
+    assert 'fedmeta_request_duration_seconds_count{route="/v1/predict"} 2.0' in text
+    assert f'site="{SITE}",version="v2"}} 1.0' in text and "fedmeta_model_info{sha256=" in text
 
 
 def test_openapi_docs_describe_every_route_with_examples(site_home):
     home, _ = site_home
     with running(settings(home)) as (url, _):
-        assert httpx.get(f"{url}/docs").status_code == 200
         spec = httpx.get(f"{url}/openapi.json").json()
     routes = {(method.upper(), path): op for path, ops in spec["paths"].items() for method, op in ops.items()}
     expected = {("POST", "/v1/predict"), ("POST", "/v2/models/{name}/infer"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),
@@ -416,6 +335,19 @@ def test_openapi_docs_describe_every_route_with_examples(site_home):
     for r in [("POST", "/v1/predict"), ("POST", "/v2/models/{name}/infer"), ("POST", "/v1/heads")]:
         content = routes[r]["requestBody"]["content"]["application/json"]
         assert content.get("example") or content.get("examples"), r
+    for (method, path), op in routes.items():  # every error documented with the body the server sends
+        errors = {int(code): r for code, r in op["responses"].items() if int(code) >= 400}
+        assert all(r["content"]["application/json"]["schema"]["required"] == ["error"] for r in errors.values()), (method, path)
+        if op.get("security"):
+            assert {401, 403, 503} <= set(errors), (method, path)
+        if "requestBody" in op:
+            assert {413, 415} <= set(errors), (method, path)
+    assert "HTTPValidationError" not in json.dumps(spec)
+    predict = routes[("POST", "/v1/predict")]["requestBody"]["content"]["application/json"]["schema"]
+    assert predict["oneOf"] == [{"required": ["rows"]}, {"required": ["row"]}] and predict["additionalProperties"] is False  # {} is not valid
+    row = predict["properties"]["row"]
+    assert set(row["required"]) == set(ROW) and set(row["properties"]["ward"]["enum"]) == {"cardiology", "icu", "medical", "surgical"}
+    assert routes[("POST", "/v1/heads")]["requestBody"]["content"]["application/json"]["schema"]["properties"]["task"]["pattern"] == "^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 
 
 def test_the_server_package_does_not_import_flower():

@@ -1,0 +1,188 @@
+"""The OpenAPI document, as strict as the server: every response documented, request schemas from the served model.
+
+- Every error response is documented with the body the server sends,
+  ``{"error": "..."}`` (:data:`ERROR_SCHEMA`), never FastAPI's default
+  validation-error shape.
+- The request schemas of ``/v1/predict`` and ``/v2/models/{name}/infer``
+  are built from the served model's schema: the feature names, their types,
+  the categories, the tasks, float32's range and the row limit. A body
+  that fits the ``/v1/predict`` schema is accepted; one that does not gets
+  a 4xx. The document follows the served version (a promoted head adds a
+  task to the ``tasks`` enum).
+- Rules that JSON Schema cannot state are written in the operation's
+  description: in the Open Inference Protocol, one tensor per input, every
+  shape's batch the same and each ``data`` holding as many values as its
+  ``shape`` (400 otherwise, as the protocol specifies); in a head request,
+  the label present in the rows and at least two classes (422).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from serving.store import feature_range
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what was wrong, naming the field and the value"}},
+    "additionalProperties": False,
+}
+ERRORS = {
+    400: "malformed request (not JSON, or an inference request whose tensors do not fit the protocol's rules)",
+    401: "missing, invalid or revoked API key",
+    403: "the key's role is too small for this route, or the site policy forbids the request",
+    404: "no such model, version or job",
+    409: "conflicts with the registry's state (a version of another site, a tampered version, nothing to roll back to, a job already running)",
+    413: "body too large: bytes, rows, or JSON arrays and objects",
+    415: "Content-Type is not application/json, or the body is compressed (Content-Encoding)",
+    422: "a value that does not fit the schema; the message names the field and the value",
+    429: "the head-job queue is full (Retry-After)",
+    503: "the registry is busy or the server's key file is unreadable (Retry-After)",
+}
+F32 = 3.4028234663852886e38
+BODY_ERRORS = (400, 413, 415, 422)
+VERSION_PATTERN = r"^[vV]?[1-9][0-9]{0,17}$"  # always within SQLite's integer range
+DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "BYTES"]
+
+
+def responses(*codes: int) -> dict:
+    """The ``responses`` of a route: each listed error with the server's error body."""
+    out: dict = {}
+    for code in codes:
+        if code == 200:
+            out[200] = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+        else:
+            out[code] = {"description": ERRORS[code], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    return out
+
+
+def _row_schema(schema: dict) -> dict:
+    properties = {}
+    for f in schema["features"]:
+        if f.get("type") == "categorical":
+            properties[f["name"]] = {"type": "string", "enum": list(f["categories"])}
+        else:
+            lo, hi = feature_range(f)
+            properties[f["name"]] = {"type": "number", "minimum": lo, "maximum": hi,
+                                     "description": "within 1e6 standard deviations of the federation's mean"}
+    return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": False}
+
+
+def predict_request_schema(model, max_rows: int) -> dict:
+    row = _row_schema(model.manifest.schema_)
+    return {
+        "type": "object",
+        "properties": {
+            "rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows, "description": "rows of raw feature values, by feature name"},
+            "row": {**row, "description": "a single row (instead of rows)"},
+            "tasks": {"type": "array", "items": {"type": "string", "enum": model.tasks}, "minItems": 1, "uniqueItems": True,
+                      "description": "tasks to predict (default: all)"},
+        },
+        "oneOf": [{"required": ["rows"]}, {"required": ["row"]}],
+        "additionalProperties": False,
+    }
+
+
+def predict_response_schema(model) -> dict:
+    task_outputs = {}
+    for t in model.manifest.tasks:
+        if t.kind == "regression":
+            task_outputs[t.name] = {"type": "object", "required": ["values"], "properties": {"values": {"type": "array", "items": {"type": "number"}}}}
+        else:
+            task_outputs[t.name] = {"type": "object", "required": ["classes", "labels", "probabilities"], "properties": {
+                "classes": {"type": "array", "items": {"type": "string"}}, "labels": {"type": "array", "items": {"type": "string"}},
+                "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
+    return {
+        "type": "object",
+        "required": ["model", "rows", "predictions"],
+        "properties": {
+            "model": {"type": "object", "required": ["site", "version", "sha256"], "properties": {
+                "site": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"}}},
+            "rows": {"type": "integer", "minimum": 1},
+            "predictions": {"type": "object", "properties": task_outputs, "additionalProperties": False},
+        },
+    }
+
+
+def infer_request_schema(model, max_rows: int) -> dict:
+    schema = model.manifest.schema_
+    tensor = {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"type": "string", "enum": [f["name"] for f in schema["features"]]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": max_rows}, "minItems": 1, "maxItems": 2},
+            "datatype": {"type": "string", "enum": DATATYPES},
+            "data": {"type": "array", "minItems": 1, "maxItems": max_rows},
+            "parameters": {"type": "object"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "items": tensor, "minItems": 1},
+            "outputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "enum": model.tasks}, "parameters": {"type": "object"}}}},
+            "parameters": {"type": "object"},
+        },
+    }
+
+
+def _strict_errors(operation: dict) -> None:
+    for code, response in list(operation.get("responses", {}).items()):
+        status = int(code)
+        if status >= 400:
+            response["content"] = {"application/json": {"schema": ERROR_SCHEMA}}
+            response["description"] = ERRORS.get(status, response.get("description", ""))
+
+
+def _set_body(operation: dict, schema: dict) -> None:
+    content = operation["requestBody"]["content"]["application/json"]
+    content["schema"] = schema
+
+
+def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
+    """The document for ``model`` (FastAPI's, with the strict schemas and error bodies put in)."""
+    spec = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes))
+    paths = spec["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if operation.get("security"):
+                operation.setdefault("responses", {}).update({str(c): {} for c in (401, 403, 503) if str(c) not in operation["responses"]})
+            if "requestBody" in operation:
+                operation["responses"].update({str(c): {} for c in BODY_ERRORS if str(c) not in operation["responses"]})
+            _strict_errors(operation)
+    predict = paths["/v1/predict"]["post"]
+    _set_body(predict, predict_request_schema(model, max_rows))
+    predict["responses"]["200"]["content"]["application/json"]["schema"] = predict_response_schema(model)
+    _set_body(paths["/v2/models/{name}/infer"]["post"], infer_request_schema(model, max_rows))
+    for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
+        for operation in paths[path].values():
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "description": "the site's name",
+                                        "schema": {"type": "string", "enum": [model.site]}}]
+    for operation in paths["/v1/models/{version}/promote"].values():
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] == "version":
+                parameter["schema"] = {"type": "string", "pattern": VERSION_PATTERN, "description": "v3 or 3"}
+    for name in ("HTTPValidationError", "ValidationError"):
+        spec.get("components", {}).get("schemas", {}).pop(name, None)
+    return spec
+
+
+def install(app: FastAPI, current_model, max_rows: int) -> None:
+    """Serve :func:`site_openapi` for the model being served, rebuilt when the served version changes."""
+    cache: dict = {}
+
+    def openapi() -> dict:
+        model = current_model()
+        if cache.get("version") != model.version.version:
+            cache.update(version=model.version.version, spec=site_openapi(app, model, max_rows))
+        return cache["spec"]
+
+    app.openapi = openapi
