@@ -1,5 +1,6 @@
 """The console script is installed and its commands work."""
 
+import json
 import subprocess
 import sys
 
@@ -111,3 +112,23 @@ def test_scores_are_shown_beside_the_feature_blind_baseline_and_the_held_out_row
         assert column in listing.output
     v2 = next(line for line in listing.output.splitlines() if line.startswith("│ v2"))
     assert "mortality" in v2 and "length_of_stay" in v2 and "(baseline 0." in v2
+
+
+def test_a_taken_port_is_refused_before_anything_is_printed_and_the_demo_reuses_its_key(tmp_path):
+    import socket
+
+    from fedmeta.cli.demo import _demo_key
+    from fedmeta.cli.errors import port_in_use
+    from fedmeta.registry import SiteHome
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert "choose another --port" in port_in_use("127.0.0.1", port)
+    assert port_in_use("127.0.0.1", port) is None  # free again once closed
+    (tmp_path / "site-home").mkdir()
+    home = SiteHome(tmp_path / "site-home")
+    first, second = _demo_key(home), _demo_key(home)
+    assert first == second and (tmp_path / "demo-key.txt").stat().st_mode & 0o777 == 0o600
+    assert len(json.loads((tmp_path / "site-home" / "api_keys.json").read_text())["keys"]) == 1

@@ -35,31 +35,57 @@ def print_results(folder: Path) -> None:
         console.print("  " + "   ".join(f"{c} {v}" for c, v in zip(RESULT_COLUMNS[5:], row[5:])))
 
 
+DEMO_KEY = "demo-key.txt"  # the demo's predict key, kept (mode 0600) in the demo folder so every --serve reuses it
+
+
+def _demo_key(home) -> str:
+    """The demo's predict key: created once, then read back (a demo site home on this machine, not a site's)."""
+    import hashlib
+
+    from fedmeta.files import atomic_write_text
+    from serving.auth import KeyStore
+
+    path = home.path.parent / DEMO_KEY
+    store = KeyStore(home.path)
+    if path.exists():
+        secret = path.read_text().strip()
+        live = {k.sha256 for k in store.keys() if not k.revoked_at}
+        if hashlib.sha256(secret.encode()).hexdigest() in live:
+            return secret
+    _, secret = store.create("demo", "predict")
+    atomic_write_text(path, secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
 def _serve_demo_site(out: Path, site: str, port: int) -> None:
     import json
 
     import pandas as pd
-    import uvicorn
 
+    from fedmeta.cli.errors import port_in_use
     from fedmeta.registry import SiteHome
     from serving import ServingSettings, create_app
     from serving.app import configure_logging
-    from serving.auth import KeyStore
+    from serving.server import run
 
     home = SiteHome(out / "site-home")
     if site not in home.registry.sites():
         raise fail(f"{out / 'site-home'} has no site {site!r}; sites: {', '.join(home.registry.sites()) or 'none (run fedmeta demo first)'}")
+    taken = port_in_use("127.0.0.1", port)
+    if taken:
+        raise fail(taken)
     csv = next((out / "data").glob(f"*/{site}.csv"))
     manifest, _ = home.load(home.current(site))
     features = [f["name"] for f in manifest.schema_["features"]]
     row = json.loads(pd.read_csv(csv).head(1)[features].to_json(orient="records"))[0]
-    _, secret = KeyStore(home.path).create(f"demo-{site}", "predict")
+    secret = _demo_key(home)
     configure_logging()
     app_ = create_app(ServingSettings(site_home=home.path, site=site))
     body = json.dumps({"row": row})
-    console.print(f"serving {site} {app_.state.fedmeta.store.current.label} on http://127.0.0.1:{port} (docs: /docs). Try, from another terminal:")
+    console.print(f"serving {site} {app_.state.fedmeta.store.current.label} on http://127.0.0.1:{port}. Try, from another terminal:")
     typer.echo(f"curl -s http://127.0.0.1:{port}/v1/predict -H 'Authorization: Bearer {secret}' -H 'Content-Type: application/json' -d '{body}'")
-    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    run(app_, "127.0.0.1", port)
 
 
 SETTINGS_FILE = "settings.json"

@@ -67,8 +67,22 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedmeta.personalize import PersonalizationError
     from fedmeta.registry import RegistryError
     from fedmeta.trained import ModelMismatchError
+    from serving.policy import PolicyError
 
-    return (SchemaError, ConfigError, PersonalizationError, RegistryError, ModelMismatchError)
+    return (SchemaError, ConfigError, PersonalizationError, RegistryError, ModelMismatchError, PolicyError)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served (taken, or not ours), checked before anything is printed; else None."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port"
+    return None
 
 
 def integrity_errors() -> tuple[type[Exception], ...]:

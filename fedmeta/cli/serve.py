@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedmeta.cli.errors import fail, integrity_errors, user_errors
+from fedmeta.cli.errors import fail, integrity_errors, port_in_use, user_errors
 from fedmeta.cli.options import SITE_HOME_OPTION, open_home
 from fedmeta.cli.output import console
 
@@ -20,12 +20,14 @@ def serve(
     access_log: bool = typer.Option(False, "--access-log", help="Log one JSON line per request."),
 ) -> None:
     """Serve the site's promoted model: predictions, Open Inference Protocol v2, head requests, metrics."""
-    import uvicorn
-
     from serving import ServingSettings, create_app
     from serving.app import configure_logging
+    from serving.server import run
 
     home = open_home(site_home).path  # a typo must not start a server on a new, empty registry
+    taken = port_in_use(host, port)
+    if taken:
+        raise fail(taken)
     configure_logging(access_log)
     try:
         app_ = create_app(ServingSettings(site_home=home, site=site, max_rows=max_rows))
@@ -38,5 +40,5 @@ def serve(
     if not [k for k in KeyStore(home).keys() if not k.revoked_at]:
         console.print("[yellow]no API keys yet: every request will get 401. Create one with `fedmeta keys create --role predict --name APP`.[/]")
     current = app_.state.fedmeta.store.current
-    console.print(f"serving {current.site} {current.label} (sha256 {current.version.sha256[:16]}...) on http://{host}:{port}  docs: /docs")
-    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    console.print(f"serving {current.site} {current.label} (sha256 {current.version.sha256[:16]}...) on http://{host}:{port}")
+    run(app_, host, port)  # the connection guard, JSON logs and a bounded drain on SIGTERM (serving.server)
