@@ -6,12 +6,16 @@ Methods (every one scored on each site's held-out rows):
 - ``local_only_k``: each site fits a scikit-learn model on only its K-shot support rows;
 - ``pooled``: one network on all training sites' rows, centralized (what regulation forbids: the reference);
 - ``fedavg``: FedAvg over Flower, the global model as is;
-- ``fedavg_ft``: FedAvg's model fine-tuned on K shots at each site;
-- ``fedmeta_<algorithm>``: meta-trained over Flower, then K-shot personalized at each site.
+- ``fedavg_ft``: FedAvg's model fine-tuned on all of each site's training rows, early-stopped;
+- ``fedmeta_<algorithm>``: meta-trained over Flower, then personalized at each site as
+  ``fedmeta personalize`` does by default (:func:`~fedmeta.personalize.choose_personalization`);
+- with ``peers``: ``pooled_oracle`` (pooled with a site indicator) and the
+  personalized-FL peers of :mod:`fedmeta.evaluate.peers` (Ditto, FedRep,
+  FedPer, FedBABU, APFL, Per-FedAvg), on the training sites.
 
 About 20% of the sites never take part in training (``unseen``): the
 methods that produce one model for everybody are scored on them as they are,
-the personalizing ones after K-shot adaptation, which is meta-learning's
+the personalizing ones after adaptation, which is meta-learning's
 real promise. Accuracy is the mean over a site's classification tasks;
 ``worst10`` is the mean of the worst tenth of sites; the gap closed is
 ``(method - local_only) / (pooled - local_only)``.
@@ -23,7 +27,7 @@ plain in-process loop), :mod:`~fedmeta.evaluate.harness` and
 :mod:`~fedmeta.evaluate.tables`.
 """
 
-from fedmeta.evaluate.baselines import local_only, local_only_k, pooled
+from fedmeta.evaluate.baselines import local_only, local_only_k, pooled, pooled_oracle
 from fedmeta.evaluate.federations import (
     Federation,
     digits_federation_on_disk,

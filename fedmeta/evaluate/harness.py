@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from fedmeta.evaluate.baselines import local_only, local_only_k, pooled
 from fedmeta.evaluate.federations import Federation
 from fedmeta.evaluate.site_scores import aggregate, model_scores, shots_for, site_summary
 from fedmeta.fl.config import RunConfig
-from fedmeta.personalize import load_base, personalize
+from fedmeta.personalize import Personalization, choose_personalization, load_base, personalize
+from fedmeta.personalize.candidates import fit_all_rows_candidate
+from fedmeta.personalize.choice import held_out_metrics
 
 ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd")
 SHOTS_CURVE = (1, 2, 5, 10, 20)
@@ -53,9 +56,12 @@ class MethodResult:
     bytes: int | None = None
     seconds: float = 0.0
     shots_curve: dict[int, float] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)  # site -> the candidate (or peer knob) chosen on validation rows
 
     def summary(self) -> dict:
         out = {"seen": aggregate(self.seen), "unseen": aggregate(self.unseen), "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+        if self.choices:
+            out["choices"] = dict(Counter(self.choices.values()))
         if self.shots_curve:
             out["shots_curve"] = {str(k): v for k, v in self.shots_curve.items()}
         return out
@@ -87,7 +93,8 @@ class Stages:
 
 
 def federated(
-    fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], shots: int, runs_dir: Path, seed: int, progress: Progress, observer=None
+    fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], shots: int, runs_dir: Path, seed: int, progress: Progress, observer=None,
+    shots_curve: bool = True,
 ) -> list[MethodResult]:
     """Train over Flower, then score: FedAvg as is and fine-tuned; a meta-learner personalized."""
     from fedmeta.fl.simulation import run_simulation
@@ -107,15 +114,23 @@ def federated(
     name = "fedmeta_" + algorithm if algorithm != "fedavg" else "fedavg_ft"
     tuned = MethodResult(name, bytes=upload_bytes(base.state, rounds, len(fed.seen)))
     plain = MethodResult("fedavg" if algorithm == "fedavg" else name + "_global", bytes=tuned.bytes)
-    progress(f"personalizing every site with K={shots} ({name})")
+    how = "fine-tuning on all rows" if algorithm == "fedavg" else "the default personalization (a candidate chosen per site)"
+    progress(f"personalizing every site: {how} ({name})")
     for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
         for site in sites:
             trained = base.for_schema(site.schema)
-            result = personalize(trained, site, shots=shots_for(site, shots), steps="auto", lr=adaptation["lr"], seed=seed)
+            if algorithm == "fedavg":
+                # FedAvg + fine-tuning on every labelled training row, early-stopped (the all-rows candidate, refit on all rows).
+                model = fit_all_rows_candidate(trained, site, site.tasks, seed).model
+                result = Personalization(model, held_out_metrics(trained, model, site, site.tasks), site.tasks, "all", 0, 0.0, "all", seed, 0.0)
+            else:
+                # Exactly what `fedmeta personalize` does with no --mode.
+                result = choose_personalization(trained, site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed)
+                tuned.choices[site.name] = result.steps_selection["chosen"]
             for target, label in ((tuned, "personalized"), (plain, "base")):
                 per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
                 getattr(target, group)[site.name] = site_summary(per_task)
-    for k in SHOTS_CURVE:
+    for k in SHOTS_CURVE if shots_curve and algorithm != "fedavg" else ():
         accs = []
         for site in fed.seen:
             result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, k), steps="auto", lr=adaptation["lr"], seed=seed)
@@ -136,8 +151,15 @@ def evaluate(
     seed: int = 0,
     progress: Progress = lambda message: None,
     observer=None,
+    peers: tuple[str, ...] = (),
+    shots_curve: bool = True,
 ) -> dict[str, MethodResult]:
-    """Every method on ``fed``; writes ``results.json`` to ``out`` and returns the results by method."""
+    """Every method on ``fed``; writes ``results.json`` to ``out`` and returns the results by method.
+
+    ``peers`` adds personalized-FL peers (:mod:`fedmeta.evaluate.peers`) and
+    the fair pooled oracle (pooled with a site indicator), scored on the
+    training sites.
+    """
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "stages")
     results: dict[str, MethodResult] = {}
@@ -152,7 +174,7 @@ def evaluate(
                 getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
                 getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
         local.seconds = time.perf_counter() - started
-        for k in SHOTS_CURVE:
+        for k in SHOTS_CURVE if shots_curve else ():
             local_k.shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
         stages.put(local, local_k)
         done = [local, local_k]
@@ -174,13 +196,50 @@ def evaluate(
         names = ("fedavg", "fedavg_ft") if algorithm == "fedavg" else (f"fedmeta_{algorithm}_global", f"fedmeta_{algorithm}")
         done = stages.get(*names)
         if done is None:
-            done = federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer)
+            done = federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer, shots_curve)
             stages.put(*done)
         results.update({r.name: r for r in done})
+    if peers:
+        results.update(_peers(fed, peers, rounds, hidden, seed, stages, progress))
     payload = {"shots": shots, "rounds": rounds, "sites": {"seen": len(fed.seen), "unseen": len(fed.unseen)}, "methods": {}}
     for name, r in results.items():
         payload["methods"][name] = {**r.summary(), "per_site": {"seen": r.seen, "unseen": r.unseen}}
     from fedmeta.files import atomic_write_json
 
     atomic_write_json(out / "results.json", payload)
+    return results
+
+
+def _peers(fed: Federation, peers: tuple[str, ...], rounds: int, hidden: tuple[int, ...], seed: int, stages: Stages, progress: Progress) -> dict[str, MethodResult]:
+    """The fair pooled oracle and each peer on the training sites, each a stage of its own."""
+    from fedmeta.evaluate.baselines import pooled_oracle
+    from fedmeta.evaluate.peers import Budget, tune_and_train
+    from fedmeta.trained import TrainedModel
+
+    results = {}
+    done = stages.get("pooled_oracle")
+    if done is None:
+        progress("pooled oracle with a site indicator")
+        started = time.perf_counter()
+        oracle = MethodResult("pooled_oracle", seen={name: site_summary(s) for name, s in pooled_oracle(fed.seen, hidden, seed=seed).items()})
+        oracle.seconds = time.perf_counter() - started
+        stages.put(oracle)
+        done = [oracle]
+    results["pooled_oracle"] = done[0]
+    local_steps = run_config(fed, "fedavg", rounds, hidden, seed).local.steps
+    budget = Budget(rounds=rounds, local_steps=local_steps, hidden=hidden)
+    template = TrainedModel.initial(fed.seen[0].schema, hidden, seed)
+    for peer in peers:
+        done = stages.get(peer)
+        if done is None:
+            progress(f"peer {peer}: {rounds} rounds in process, knob tuned on validation rows")
+            started = time.perf_counter()
+            params, knob, scored = tune_and_train(peer, fed.seen, template, budget, seed)
+            result = MethodResult(peer, seen={s.name: site_summary(model_scores(template, params[s.name], s)) for s in fed.seen})
+            result.choices = {s.name: f"{knob}" for s in fed.seen}
+            result.seconds = time.perf_counter() - started
+            stages.put(result)
+            done = [result]
+            progress(f"peer {peer}: knob {knob} (validation accuracy by knob {scored})")
+        results[peer] = done[0]
     return results

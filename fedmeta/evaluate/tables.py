@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedmeta.evaluate.harness import MethodResult
 
 def _gap(methods: dict, name: str) -> float | None:
     local = methods.get("local_only", {}).get("seen", {}).get("acc")
@@ -20,7 +24,7 @@ def gap_closed(results: dict[str, MethodResult], name: str) -> float | None:
 
 def method_order(name: str) -> tuple[int, str]:
     """Baselines first, then FedAvg, then each FedMeta algorithm adapted and, after it, unadapted."""
-    fixed = ["local_only", "local_only_k", "pooled", "fedavg", "fedavg_ft"]
+    fixed = ["local_only", "local_only_k", "pooled", "pooled_oracle", "fedavg", "fedavg_ft", "ditto", "fedrep", "fedper", "fedbabu", "apfl", "perfedavg"]
     return (fixed.index(name), "") if name in fixed else (len(fixed), name.removesuffix("_global") + ("~" if name.endswith("_global") else ""))
 
 
@@ -30,7 +34,7 @@ def method_label(name: str) -> str:
     algorithm = name.removeprefix("fedmeta_")
     if algorithm.endswith("_global"):
         return f"FedMeta {algorithm.removesuffix('_global')}, no adaptation"
-    return f"FedMeta {algorithm} + K-shot"
+    return f"FedMeta {algorithm} + chosen adaptation"
 
 
 LABELS = {
@@ -38,7 +42,14 @@ LABELS = {
     "local_only_k": "local only (K shots, scikit-learn)",
     "pooled": "pooled oracle (centralized)",
     "fedavg": "FedAvg",
-    "fedavg_ft": "FedAvg + K-shot fine-tuning",
+    "fedavg_ft": "FedAvg + fine-tuning on all rows",
+    "pooled_oracle": "pooled oracle + site indicator",
+    "ditto": "Ditto",
+    "fedrep": "FedRep",
+    "fedper": "FedPer",
+    "fedbabu": "FedBABU",
+    "apfl": "APFL",
+    "perfedavg": "Per-FedAvg (FO)",
 }
 
 

@@ -38,7 +38,7 @@ import torch
 
 from fedmeta.data.site import SiteData, held_out_mask
 from fedmeta.meta.inner import make_loss
-from fedmeta.personalize.adaptation import Personalization
+from fedmeta.personalize.adaptation import Personalization, check_shots
 from fedmeta.personalize.base import PersonalizationError
 from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
 from fedmeta.scoring import task_scores
@@ -100,8 +100,8 @@ def choose(candidates: list[Candidate], rows: SiteData, tasks: list[str]) -> tup
 def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0) -> Personalization:
     """Fit every candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
 
-    ``shots`` is K for the few-shot candidate (lowered to what the fitting
-    rows can supply) and ``lr`` its rate. Base and chosen model are scored on
+    ``shots`` is K for the few-shot candidate (refused if the training rows
+    cannot supply it, lowered to what the fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
     the site's held-out (or test) rows, as :func:`~fedmeta.personalize.personalize` does.
 
     >>> from fedmeta.data import hospital_federation
@@ -117,6 +117,8 @@ def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, l
             f"site {site.name!r} has no task with enough labelled rows to personalize "
             f"(each needs >= 4 training and >= 2 held-out rows; model tasks: {base.tasks})"
         )
+    for t in tasks:
+        check_shots(site, t, shots)
     rows = validation_split(site, seed)
     n_validation = sum(rows.n_labelled(t, train=False) for t in tasks)
     fit_tasks = [t for t in tasks if rows.n_labelled(t, train=True) >= 2]
