@@ -27,19 +27,20 @@ def base(site):
 
 
 def test_the_chosen_candidate_scores_at_least_the_base_on_the_same_validation_rows(site, base):
-    rows = validation_split(site, seed=0)
-    candidates = fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0)
-    chosen, scores = choose(candidates, rows, site.tasks)
-    assert _rank(validation_scores(chosen.model, rows, site.tasks)) <= _rank(validation_scores(fit_base(base).model, rows, site.tasks))
-    assert set(scores) >= {"base", "few_shot", "all_rows", "head", "ditto(λ=0.1)", "mix(α=0.5)"}
+    folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
+    chosen, scores = choose(folds, site.tasks)
+    assert _rank(scores[chosen.label]) <= _rank(scores["base"])
+    base_scores = [validation_scores(fit_base(base).model, rows, site.tasks) for _, rows in folds]
+    assert scores["base"]["acc"] == pytest.approx(np.mean([s["acc"] for s in base_scores]), abs=1e-5)  # the base scored on the same rows, again
+    assert set(scores) >= {"base", "few_shot", "all_rows", "head", "ditto(λ=10)", "mix(α=0.5)", "mix(α=1)"}
 
 
-def test_validation_rows_come_from_the_training_rows_only(site):
-    rows = validation_split(site, seed=0)
-    assert rows.n_rows == int((~site.test_mask).sum())
+def test_validation_folds_cover_the_training_rows_once_and_never_the_held_out_ones(site):
+    folds = [validation_split(site, seed=0, fold=f) for f in range(3)]
+    assert all(rows.n_rows == int((~site.test_mask).sum()) for rows in folds)
     held_out = {r.tobytes() for r in site.x[site.test_mask]}
-    assert not any(r.tobytes() in held_out for r in rows.x)
-    assert 0 < rows.test_mask.sum() < rows.n_rows  # some training rows validate, the rest fit
+    assert not any(r.tobytes() in held_out for r in folds[0].x)
+    assert np.array_equal(sum(rows.test_mask.astype(int) for rows in folds), np.ones(folds[0].n_rows, int))
 
 
 def test_ditto_with_an_infinite_lambda_stays_at_the_base(site, base):
@@ -96,7 +97,7 @@ def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_p
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "validation rows" in done.stdout and "chosen" in done.stdout and "mix(α=0.5)" in done.stdout
+    assert "validation rows" in done.stdout and "chosen" in done.stdout and "mix(α=1)" in done.stdout
     version = SiteHome(tmp_path).registry.current("hospital_001")
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]

@@ -30,9 +30,10 @@ and local steps are those of the fedmeta runs they are compared with.
   (Per-FedAvg FO): a MAML step inside each local step; a site personalizes
   with one step on its rows. Knob: the inner rate α.
 
-Each peer's knob is chosen from a grid of :data:`GRID_SIZE` values, the
-same size as fedmeta's Ditto and mix grids, by mean site accuracy on the
-validation rows fedmeta's choice uses (:func:`fedmeta.personalize.choice.validation_split`);
+Each peer's knob is chosen from a grid (:data:`GRIDS`) of at most the size
+of fedmeta's own (Ditto's λ: 3 values; APFL's α: the same 4 as fedmeta's mix),
+by mean site accuracy on the first validation fold fedmeta's choice uses
+(:func:`fedmeta.personalize.choice.validation_split`);
 the peer is then trained again on all training rows with that value.
 """
 
@@ -58,10 +59,9 @@ GRIDS: dict[str, tuple] = {
     "fedrep": (5, 10, 20),
     "fedper": (1, 2),
     "fedbabu": ("head", "all"),
-    "apfl": (0.25, 0.5, 0.75),
+    "apfl": (0.25, 0.5, 0.75, 1.0),
     "perfedavg": (0.01, 0.03, 0.1),
 }
-GRID_SIZE = 3
 PEERS = tuple(GRIDS)
 
 

@@ -14,13 +14,17 @@ otherwise), so any of them can be exported and served like the base:
 - ``all_rows``: every labelled training row, early-stopped (FedAvg + fine-tuning,
   and FedBABU's fine-tuning stage, Oh et al. 2022).
 - ``ditto``: the same fine-tune with a proximal pull toward the base,
-  λ from :data:`DITTO_LAMBDAS` (Ditto, Li et al. 2021).
+  λ from :data:`DITTO_LAMBDAS` (Ditto, Li et al. 2021). The pull is a
+  proximal step after each Adam step of rate 1e-3, so λ = 1 moves a weight
+  0.1% of the way back per step: smaller λ measured the same as no pull.
 - ``head``: the heads retrained on the frozen body (FedRep, Collins et al.
   2021; FedPer, Arivazhagan et al. 2019; ANIL).
 - ``mix``: base and a local model's predictions mixed,
   ``(1 - α)·base + α·local`` with α from :data:`MIX_ALPHAS` (APFL, Deng et al.
   2020). The local model is trained from scratch on the site's rows; the mix
   is exactly a block-diagonal MLP twice as wide, so it exports as one network.
+  α = 1 is the site's own model: a site is never offered less than it could
+  train alone.
 
 Each ``fit_*`` function takes ``steps=None`` to choose its step count on its
 own validation part of the rows it is given, or a step count to refit with.
@@ -38,8 +42,8 @@ from fedmeta.personalize.adaptation import AUTO_STEPS, _choose_steps, _fine_tune
 from fedmeta.personalize.all_rows import ALL_ROWS_LR, fit_all_rows
 from fedmeta.trained import TrainedModel
 
-DITTO_LAMBDAS = (0.01, 0.1, 1.0)
-MIX_ALPHAS = (0.25, 0.5, 0.75)
+DITTO_LAMBDAS = (1.0, 10.0, 100.0)
+MIX_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 LOCAL_LR = 3e-3
 MAX_STEPS = 600
 
