@@ -97,7 +97,7 @@ def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_p
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "validation rows" in done.stdout and "chosen" in done.stdout and "mix(α=1)" in done.stdout
+    assert "folds (each row validates once)" in done.stdout and "chosen" in done.stdout and "mix(α=1)" in done.stdout
     version = SiteHome(tmp_path).registry.current("hospital_001")
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]

@@ -180,7 +180,8 @@ def _choice_table(why: dict, site: str):
     from rich.table import Table
 
     rows = why.get("validation_rows")
-    title = f"{site}: candidates on {rows} validation rows of the training rows" if rows else f"{site}: {why.get('note', '')}"
+    folds = why.get("folds")
+    title = f"{site}: candidates scored on {rows} labels of training rows, {folds} folds (each row validates once)" if rows else f"{site}: {why.get('note', '')}"
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for column in ("candidate", "accuracy", "loss", ""):
         table.add_column(column, justify="left" if column == "candidate" else "right")
