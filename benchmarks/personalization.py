@@ -1,16 +1,27 @@
-"""Personalization across federations: where it beats FedAvg, and where it does not.
+"""Personalization against the personalized-FL state of the art, on fedmeta's own federations.
 
-Runs the evaluation harness (``fedmeta.evaluate``: local-only, local-only on K shots, pooled, FedAvg,
-FedAvg + K-shot fine-tuning, FedMeta algorithms + K-shot) on
+Runs the evaluation harness (``fedmeta.evaluate``) with its peers on
 
-- the hospital network (47 hospitals, a fifth unseen),
+- the hospital network (47 hospitals, a fifth unseen; accuracy is the mean over the classification tasks),
 - FedProx Synthetic(0,0), (0.5,0.5) and (1,1) (30 sites),
 - scikit-learn's digits over 20 sites with Dirichlet label skew α in {0.1, 0.5, 5} (PFLlib's recipe),
 
-and prints a markdown table of mean site accuracy on the training sites' held-out rows. With ``--json``
-the last line maps ``benchmark/method`` to that accuracy.
+and prints, per benchmark, mean site accuracy and the mean of the worst tenth of sites on the training
+sites' held-out rows, and how many sites chose each candidate. Methods, all on the same sites, splits,
+MLP 64-64 and round budget:
 
-    python benchmarks/personalization.py [--rounds 20] [--shots 5] [--algorithms fomaml,reptile] [--only hospitals "fedprox(1,1)"] [--json]
+- ``fedmeta``: the base meta-trained with the first of ``--algorithms`` over Flower, then exactly what
+  ``fedmeta personalize`` does by default (a candidate chosen per site on validation rows of its training rows);
+  ``fedmeta_<algorithm>`` for the others, ``fedmeta_<algorithm>_global`` unadapted;
+- ``local`` (each site alone, all its training rows), ``pooled_oracle`` (pooled + a site indicator),
+  ``pooled`` (pooled, no indicator), ``fedavg``, ``fedavg_ft`` (+ fine-tuning on all rows);
+- ``ditto``, ``fedrep``, ``fedper``, ``fedbabu``, ``apfl``, ``perfedavg``: in-process federated loops
+  (``fedmeta.evaluate.peers``), each knob tuned on validation rows with a grid of the size fedmeta gets.
+
+With ``--json`` the last line is ``{"benchmarks": {name: {"methods": {method: {"acc", "worst10"}}, "choices": {...}}}}``.
+It prints figures; it asserts nothing.
+
+    python benchmarks/personalization.py [--rounds 20] [--shots 5] [--algorithms reptile] [--only hospitals "fedprox(1,1)"] [--json] [--work DIR]
 """
 
 from __future__ import annotations
@@ -28,9 +39,9 @@ from fedmeta.evaluate import (
     evaluate,
     fedprox_federation_on_disk,
     hospital_federation_on_disk,
-    method_label,
-    method_order,
 )
+from fedmeta.evaluate.peers import PEERS
+from fedmeta.threads import limit_threads
 
 BENCHMARKS = {
     "hospitals": lambda out: hospital_federation_on_disk(out, n_sites=47),
@@ -41,44 +52,73 @@ BENCHMARKS = {
     "digits(α=0.5)": lambda out: digits_federation_on_disk(out, 0.5),
     "digits(α=5)": lambda out: digits_federation_on_disk(out, 5.0),
 }
+CONTRACT = ("fedmeta", "local", "pooled_oracle", "fedavg", "fedavg_ft", *PEERS)
+
+
+def method_keys(algorithms: tuple[str, ...]) -> dict[str, str]:
+    """Benchmark key -> the harness's result name."""
+    keys = {"fedmeta": f"fedmeta_{algorithms[0]}", "local": "local_only", "pooled_oracle": "pooled_oracle", "fedavg": "fedavg", "fedavg_ft": "fedavg_ft"}
+    keys.update({p: p for p in PEERS})
+    keys.update({f"fedmeta_{algorithms[0]}_global": f"fedmeta_{algorithms[0]}_global", "pooled": "pooled"})
+    for a in algorithms[1:]:
+        keys.update({f"fedmeta_{a}": f"fedmeta_{a}", f"fedmeta_{a}_global": f"fedmeta_{a}_global"})
+    return keys
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--algorithms", default="fomaml,reptile")
+    parser.add_argument("--algorithms", default="reptile")
     parser.add_argument("--only", nargs="*", default=None, help=f"benchmark names, from {list(BENCHMARKS)}")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--work", default=None, help="folder for the runs (an interrupted benchmark continues there); default: a fresh temporary folder")
     args = parser.parse_args()
+    limit_threads(1)
     algorithms = tuple(a for a in args.algorithms.split(",") if a)
     unknown = sorted(set(args.only or []) - set(BENCHMARKS))
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     chosen = [b for b in BENCHMARKS if args.only is None or b in args.only]
-    work = Path(tempfile.mkdtemp(prefix="fedmeta-personalization-"))
-    table, flat = {}, {}
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fedmeta-personalization-"))
+    keys = method_keys(algorithms)
+    report = {}
     for name in chosen:
         started = time.perf_counter()
-        out = work / name.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "")
+        out = work / name.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "").replace("α", "a")
         fed = BENCHMARKS[name](out / "data")
-        results = evaluate(fed, out, algorithms=algorithms, rounds=args.rounds, shots=args.shots)
-        table[name] = {method: aggregate(r.seen).get("acc") for method, r in results.items()}
-        table[name]["unseen:" + "fedavg"] = aggregate(results["fedavg"].unseen).get("acc")
-        for method, value in table[name].items():
-            flat[f"{name}/{method}"] = None if value is None else round(value, 4)
-        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    methods = sorted((m for m in next(iter(table.values())) if not m.startswith("unseen:")), key=method_order)
-    header = ["benchmark"] + [method_label(m) for m in methods]
-    print(f"\nMean site accuracy, held-out rows of the training sites; {args.rounds} rounds, K = {args.shots}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for name, row in table.items():
-        best = max(v for v in row.values() if v is not None)
-        cells = [f"**{row[m]:.3f}**" if row[m] == best else f"{row[m]:.3f}" for m in methods]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        results = evaluate(fed, out, algorithms=algorithms, rounds=args.rounds, shots=args.shots, peers=PEERS, shots_curve=False,
+                           progress=lambda m: print(f"  {name}: {m}", file=sys.stderr, flush=True))
+        methods = {}
+        for key, result_name in keys.items():
+            if result_name in results:
+                summary = aggregate(results[result_name].seen)
+                methods[key] = {"acc": round(summary["acc"], 4), "worst10": round(summary["worst10_acc"], 4)}
+        choices = {key: dict(sorted(_counts(results[r].choices).items())) for key, r in keys.items() if r in results and results[r].choices}
+        report[name] = {"methods": methods, "choices": choices, "sites": len(fed.seen), "seconds": round(time.perf_counter() - started)}
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"\nMean site accuracy (worst tenth of sites) on the training sites' held-out rows; {args.rounds} rounds, K = {args.shots}\n")
+    print("| method | " + " | ".join(report) + " |")
+    print("|---|" + "---|" * len(report))
+    for key in keys:
+        cells = []
+        for name, r in report.items():
+            m = r["methods"].get(key)
+            best = max(v["acc"] for v in r["methods"].values())
+            cells.append("—" if m is None else (f"**{m['acc']:.3f}**" if m["acc"] == best else f"{m['acc']:.3f}") + f" ({m['worst10']:.3f})")
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    print("\nCandidates chosen per site (fedmeta) and knobs chosen (peers):")
+    for name, r in report.items():
+        print(f"- {name}: " + "; ".join(f"{k}: {v}" for k, v in r["choices"].items()))
     if args.json:
-        print(json.dumps(flat))
+        print(json.dumps({"benchmarks": report}, ensure_ascii=False))
+
+
+def _counts(choices: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in choices.values():
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def plot_rounds(runs: dict[str, list[dict]], path: Path) -> None:
             points = [(r["round"], _site_accuracy(r, kind)) for r in evals]
             points = [(x, y) for x, y in points if y is not None]
             if points:
-                acc_ax.plot(*zip(*points), style, marker="o", color=line.get_color(), label=f"{name}, {'K-shot adapted' if kind == 'personalized' else 'as is'}")
+                acc_ax.plot(*zip(*points), style, marker="o", color=line.get_color(), label=f"{name}, {'adapted' if kind == 'personalized' else 'as is'}")
     loss_ax.set(xlabel="round", ylabel="mean local training loss", title="training loss")
     acc_ax.set(xlabel="round (model evaluated)", ylabel="accuracy", title="held-out accuracy of the same sites, every evaluated round")
     for ax in (loss_ax, acc_ax):
@@ -119,9 +119,9 @@ def plot_communication(runs: dict[str, list[dict]], results: dict, path: Path) -
         points = [(r["round"] * total / rounds / 1e6, _site_accuracy(r, "personalized")) for r in rows if r["site"] == "*" and r["phase"] == "evaluate"]
         points = [(x, y) for x, y in points if y is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{name}, K-shot adapted")
+            ax.plot(*zip(*points), marker="o", label=f"{name}, adapted")
             drawn = True
-    ax.set(xlabel="MB moved (download + upload, all sites)", ylabel="accuracy after K-shot adaptation", title="communication against accuracy")
+    ax.set(xlabel="MB moved (download + upload, all sites)", ylabel="accuracy after adaptation", title="communication against accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

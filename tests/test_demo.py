@@ -62,7 +62,7 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
     complete = subprocess.run([sys.executable, "-m", "fedmeta.cli", *shlex.split(again)[1:]], capture_output=True, text=True, timeout=120)
     assert complete.returncode == 0 and "complete" in complete.stdout and "training" not in complete.stdout
     report = (out / "report.md").read_text()
-    for method in ("local only", "pooled oracle", "FedAvg", "FedAvg + K-shot fine-tuning", "FedMeta fomaml + K-shot"):
+    for method in ("local only", "pooled oracle", "FedAvg", "FedAvg + fine-tuning on all rows", "FedMeta fomaml + chosen adaptation"):
         assert f"| {method}" in report
     results = json.loads((out / "results.json").read_text())
     assert results["sites"] == {"seen": 5, "unseen": 1}

@@ -1,6 +1,7 @@
 """The evaluation harness's building blocks: federations on disk, per-site K, aggregation, the gap."""
 
 import numpy as np
+import torch
 
 from fedmeta.data.synthetic import fraud_federation_frames
 from fedmeta.evaluate import (
@@ -62,3 +63,45 @@ def test_fraud_banks_differ_in_base_rates_and_are_seeded():
     assert all(frames[k].equals(again[k]) for k in frames)
     for name, frame in frames.items():
         schema.validate_frame(frame, name)
+
+
+def _tiny_sites(tmp_path, n=4):
+    return hospital_federation_on_disk(tmp_path, n_sites=n + 1, seed=0).seen
+
+
+def test_fedrep_shares_the_body_and_keeps_each_sites_heads(tmp_path):
+    from fedmeta.evaluate.peers import Budget, train_peer
+    from fedmeta.trained import TrainedModel
+
+    sites = _tiny_sites(tmp_path)
+    template = TrainedModel.initial(sites[0].schema, (8, 8), 0)
+    params = train_peer("fedrep", 3, sites, template, Budget(rounds=2, local_steps=2, hidden=(8, 8)))
+    first, second = (params[s.name] for s in sites[:2])
+    assert all(torch.equal(first[k], second[k]) for k in first if k.startswith("body."))
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.startswith("heads."))
+
+
+def test_peer_knobs_are_tuned_without_the_held_out_rows(tmp_path):
+    from fedmeta.data import SiteData
+    from fedmeta.evaluate.peers import Budget, tune_and_train
+    from fedmeta.trained import TrainedModel
+
+    sites = _tiny_sites(tmp_path)
+    poisoned = []
+    for s in sites:
+        x = s.x.copy()
+        x[s.test_mask] = np.nan
+        poisoned.append(SiteData(s.name, s.schema, x, s.labels, s.test_mask))
+    template = TrainedModel.initial(sites[0].schema, (8, 8), 0)
+    params, knob, scored = tune_and_train("ditto", poisoned, template, Budget(rounds=2, local_steps=2, hidden=(8, 8)))
+    assert knob in (0.01, 0.1, 1.0) and all(np.isfinite(v) for v in scored.values())
+    assert all(torch.isfinite(v).all() for p in params.values() for v in p.values())
+
+
+def test_the_pooled_oracle_scores_every_training_site_with_its_indicator(tmp_path):
+    from fedmeta.evaluate import pooled_oracle
+
+    sites = _tiny_sites(tmp_path)
+    scores = pooled_oracle(sites, (8,), steps=20)
+    assert set(scores) == {s.name for s in sites}
+    assert all(0 <= t["acc"] <= 1 for s in scores.values() for t in s.values() if "acc" in t)

@@ -25,7 +25,7 @@ def site(hospitals):
 
 
 def test_personalize_registers_promotes_and_reports_base_vs_personalized(tmp_path, hospitals, base_run):
-    result = _personalize_cli(tmp_path, hospitals, base_run, "--shots", "5")
+    result = _personalize_cli(tmp_path, hospitals, base_run, "--shots", "5", "--mode", "all")
     assert result.exit_code == 0, result.output
     assert "personalized" in result.output and "registered v2" in result.output
     home = SiteHome(tmp_path)

@@ -173,8 +173,9 @@ def evaluate_command(
     shots: int = typer.Option(10, "--shots", "-k", min=1, help="K: shots per class for personalization and fine-tuning."),
     algorithms: str = typer.Option("reptile,fomaml,maml,metasgd", "--algorithms", help="FedMeta algorithms to compare, comma-separated: reptile, fomaml, maml, metasgd, anil."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic hospitals, the splits and training."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run the personalized-FL peers (Ditto, FedRep, FedPer, FedBABU, APFL, Per-FedAvg) and the pooled oracle with a site indicator."),
 ) -> None:
-    """Compare local-only, pooled, FedAvg, FedAvg+FT and FedMeta algorithms on the same hospitals, splits and seeds."""
+    """Compare local-only, pooled, FedAvg, FedAvg+FT, personalized-FL peers and FedMeta algorithms on the same hospitals, splits and seeds."""
     from fedmeta.evaluate import evaluate, hospital_federation_on_disk
     from fedmeta.report import write_report
 
@@ -182,7 +183,7 @@ def evaluate_command(
     unknown = [a for a in chosen if a not in ("reptile", "fomaml", "maml", "metasgd", "anil")]
     if unknown:
         raise fail(f"--algorithms: unknown {unknown}")
-    settings = {"sites": sites, "rounds": rounds, "algorithms": list(chosen), "shots": shots, "seed": seed}
+    settings = {"sites": sites, "rounds": rounds, "algorithms": list(chosen), "shots": shots, "seed": seed, "peers": peers}
     if _continues(out, settings, "evaluation", "fedmeta evaluate"):
         print_results(out)
         console.print(f"{out} holds this evaluation, complete: report {out / 'report.md'}")
@@ -191,9 +192,12 @@ def evaluate_command(
 
     def run() -> None:
         fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed)
-        evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=ProgressObserver)
+        from fedmeta.evaluate.peers import PEERS
 
-    _interruptible(run, f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}")
+        evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=ProgressObserver, peers=PEERS if peers else ())
+
+    _interruptible(run, f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}"
+                   + ("" if peers else " --no-peers"))
     print_results(out)
     path = write_report(out)
     console.print(f"report: {path}  results: {out / 'results.json'}")

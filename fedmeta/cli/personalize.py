@@ -91,7 +91,11 @@ def personalize(
         "(with --shots all: up to 1000, stopped early on the validation rows)."
     ),
     lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate (with --shots all, Adam at 0.001)."),
-    mode: str = typer.Option("all", "--mode", help="all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates)."),
+    mode: str = typer.Option(
+        "auto", "--mode", help="auto (default): per site, the best of the unadapted base, few-shot, all rows, Ditto, heads only and a base/local mix "
+        "on validation rows split from the training rows; or one adaptation: all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates). "
+        "--shots all or a number of --steps with auto means all.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
     test_fraction: float = typer.Option(
         None, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive). Default: the base's federation.test_fraction, so the rows held out are the ones training held out."
@@ -102,7 +106,7 @@ def personalize(
     import time
 
     from fedmeta.data import load_site
-    from fedmeta.personalize import load_base, publish, register_base
+    from fedmeta.personalize import choose_personalization, load_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.registry import SiteHome
 
@@ -120,15 +124,19 @@ def personalize(
         test_fraction = federation.test_fraction if test_fraction is None else test_fraction
         # The federation's seed and the site's name decide the held-out rows, exactly as in training.
         site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
-        result = run_personalize(
-            global_base.for_schema(site_data.schema),
-            site_data,
-            shots=k or defaults["shots"],
-            steps=steps if steps == "auto" else _steps_number(steps),
-            lr=lr or (None if k == "all" else defaults["lr"]),
-            mode=mode,
-            seed=seed,
-        )
+        choosing = mode == "auto" and k != "all" and steps == "auto"
+        if choosing:
+            result = choose_personalization(global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed)
+        else:
+            result = run_personalize(
+                global_base.for_schema(site_data.schema),
+                site_data,
+                shots=k or defaults["shots"],
+                steps=steps if steps == "auto" else _steps_number(steps),
+                lr=lr or (None if k == "all" else defaults["lr"]),
+                mode="all" if mode == "auto" else mode,
+                seed=seed,
+            )
         baselines, held_out = _site_baselines(site_data, result.tasks)
         base_version = register_base(home, global_base)
         published = publish(
@@ -151,7 +159,10 @@ def personalize(
     except integrity_errors() as e:
         raise fail(e, 1) from None
     chosen = " (auto)" if steps == "auto" else ""
-    if result.shots == "all":
+    if choosing:
+        console.print(_choice_table(result.steps_selection, site_data.name))
+        how = f"chosen on validation rows: {result.steps_selection['chosen']}"
+    elif result.shots == "all":
         rows = (result.steps_selection or {}).get("rows")
         how = f"all {rows} labelled training rows, {result.steps} steps" + (" (early-stopped on a validation fifth)" if steps == "auto" else "")
     else:
@@ -161,6 +172,23 @@ def personalize(
     console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")
+
+
+def _choice_table(why: dict, site: str):
+    """Every candidate's validation accuracy and loss, the chosen one marked: why the site got its model."""
+    from rich import box
+    from rich.table import Table
+
+    rows = why.get("validation_rows")
+    folds = why.get("folds")
+    title = f"{site}: candidates scored on {rows} labels of training rows, {folds} folds (each row validates once)" if rows else f"{site}: {why.get('note', '')}"
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for column in ("candidate", "accuracy", "loss", ""):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for label, scores in why.get("validation", {}).items():
+        acc = scores.get("acc")
+        table.add_row(label, "" if acc is None else f"{acc:.4f}", f"{scores['loss']:.4f}", "chosen" if label == why["chosen"] else "")
+    return table
 
 
 def _lineage(data: Path, test: Path | None, site_data, test_fraction: float) -> dict:

@@ -11,6 +11,12 @@ One module per concept:
 - :mod:`~fedmeta.personalize.all_rows`: ``shots="all"``, fine-tuning on every
   labelled training row, with the steps and early stopping chosen on a
   validation part of those rows.
+- :mod:`~fedmeta.personalize.candidates`: the ways a site can adapt the base
+  (unadapted, few shots, all rows, Ditto's proximal fine-tune, heads on the
+  frozen body, APFL's mix of base and local predictions).
+- :mod:`~fedmeta.personalize.choice`: :func:`choose_personalization`, the
+  default: per site, the candidate with the best score on validation rows
+  split from its training rows, refit on all of them.
 - :mod:`~fedmeta.personalize.heads`: :func:`train_head` fits a head for a
   department's task (known to the federation or brand new) on a few
   labelled rows, ANIL-style.
@@ -21,6 +27,7 @@ Everything is deterministic for a given seed.
 """
 
 from fedmeta.personalize.adaptation import AUTO_STEPS, MODES, Mode, Personalization, check_shots, personalize, support_sets
+from fedmeta.personalize.choice import choose_personalization
 from fedmeta.personalize.base import BASE_FILE, GlobalBase, PersonalizationError, load_base, register_base
 from fedmeta.personalize.heads import MIN_HOLDOUT_ROWS, HeadResult, head_task, train_head
 from fedmeta.personalize.publishing import Published, base_of, data_lineage, load_trained, publish
@@ -38,6 +45,7 @@ __all__ = [
     "Published",
     "base_of",
     "check_shots",
+    "choose_personalization",
     "data_lineage",
     "head_task",
     "load_base",

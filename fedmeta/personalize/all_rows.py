@@ -47,9 +47,14 @@ def _rows(site: SiteData, tasks: list[str], rng: np.random.Generator) -> tuple[d
 
 def _train(
     trained: TrainedModel, rows: dict, names: list[str], lr: float, steps: int, seed: int, batch_rows: int,
-    validate=None, check_every: int = 10, patience: int = 5,
+    validate=None, check_every: int = 10, patience: int = 5, prox: float | None = None,
 ):
-    """Adam on minibatches of every task; with ``validate``, also returns the best step count and the curve it was chosen on."""
+    """Adam on minibatches of every task; with ``validate``, also returns the best step count and the curve it was chosen on.
+
+    With ``prox`` (Ditto's λ), every step is followed by the proximal step of
+    ``λ/2 ||θ - θ_base||²``: ``θ <- (θ + lr·λ·θ_base) / (1 + lr·λ)``. Being the
+    exact proximal operator it is stable for any λ, and λ -> ∞ keeps the base.
+    """
     model = trained.module()
     losses = {t: make_loss(model, t) for t in rows}
     params = {k: v.detach().clone() for k, v in trained.params.items()}
@@ -66,6 +71,10 @@ def _train(
             total = total + losses[task](params, x[pick], y[pick], torch.ones(len(pick)))
         (total / len(rows)).backward()
         optimizer.step()
+        if prox is not None:
+            with torch.no_grad():
+                for n, leaf in leaves.items():
+                    leaf.add_(trained.params[n], alpha=lr * prox).div_(1 + lr * prox)
         if validate and step % check_every == 0:
             curve[step] = validate(params)
             if curve[step] < curve[best]:
@@ -79,10 +88,12 @@ def _train(
 def fit_all_rows(
     base: TrainedModel, site: SiteData, tasks: list[str], names: list[str], lr: float = ALL_ROWS_LR, seed: int = 0,
     max_steps: int = 1000, check_every: int = 10, patience: int = 5, batch_rows: int = 128, steps: int | None = None,
+    prox: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, dict]:
     """The base fine-tuned on every labelled training row of ``tasks`` (parameters ``names``), the step count, and how it was chosen.
 
     A given ``steps`` skips the choice: that many steps on all the rows.
+    ``prox`` (λ) pulls every step back toward the base (Ditto, Li et al. 2021).
 
     >>> from fedmeta.data import hospital_federation
     >>> site = hospital_federation(n_sites=1)[0]
@@ -96,12 +107,12 @@ def fit_all_rows(
     all_rows = {t: (torch.from_numpy(x), torch.from_numpy(y)) for t in tasks for x, y in [site.split(t, train=True)]}
     n_rows = sum(len(y) for _, y in all_rows.values())
     if steps is not None:
-        params = _train(base, all_rows, names, lr, steps, seed, batch_rows)[0] if steps else {k: v.detach().clone() for k, v in base.params.items()}
+        params = _train(base, all_rows, names, lr, steps, seed, batch_rows, prox=prox)[0] if steps else {k: v.detach().clone() for k, v in base.params.items()}
         return params, steps, {"note": "steps given", "rows": n_rows}
     if not valid:
         # Too few rows to validate on: a short, fixed fine-tune on all of them.
         steps = min(max_steps, 50)
-        params, _, _ = _train(base, all_rows, names, lr, steps, seed, batch_rows)
+        params, _, _ = _train(base, all_rows, names, lr, steps, seed, batch_rows, prox=prox)
         return params, steps, {"note": f"too few labelled rows to set {VALIDATION_FRACTION:.0%} aside for validation: {steps} steps", "rows": n_rows}
     model = base.module()
 
@@ -109,8 +120,8 @@ def fit_all_rows(
         with torch.no_grad():
             return float(sum(make_loss(model, t)(params, x, y, torch.ones(len(y))) for t, (x, y) in valid.items()) / len(valid))
 
-    _, steps, curve = _train(base, fit, names, lr, max_steps, seed, batch_rows, validation_loss, check_every, patience)
-    params = {k: v.detach().clone() for k, v in base.params.items()} if steps == 0 else _train(base, all_rows, names, lr, steps, seed, batch_rows)[0]
+    _, steps, curve = _train(base, fit, names, lr, max_steps, seed, batch_rows, validation_loss, check_every, patience, prox)
+    params = {k: v.detach().clone() for k, v in base.params.items()} if steps == 0 else _train(base, all_rows, names, lr, steps, seed, batch_rows, prox=prox)[0]
     selection = {
         "steps": steps,
         "validation_rows": int(sum(len(y) for _, y in valid.values())),

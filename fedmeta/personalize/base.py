@@ -60,7 +60,7 @@ class GlobalBase:
     def for_schema(self, schema: Schema) -> TrainedModel:
         """The base's weights paired with a site's schema (which must describe the same features and tasks)."""
         try:
-            return TrainedModel(schema, self.hidden, {g: dict(v) for g, v in self.state.items()}, {"base": self.source})
+            return TrainedModel(schema, self.hidden, {g: dict(v) for g, v in self.state.items()}, {"base": self.source, "algorithm": self.config.algorithm.name})
         except ModelMismatchError as e:
             raise ModelMismatchError(f"base model {self.source}: {e}. Use the federation's schema; for a task new to it, use `fedmeta heads add`") from None
 

@@ -1,0 +1,79 @@
+"""Why the per-site choice wins or loses: every candidate refit and scored on the held-out rows, beside the choice.
+
+A diagnostic, not a tuning tool: it reads held-out rows, which the choice itself never does. For a
+benchmark folder written by ``benchmarks/personalization.py --work DIR`` it prints, over the training
+sites, the mean held-out accuracy (and worst tenth) of each candidate used for every site, of the
+validation choice (what ``fedmeta personalize`` does), and of a perfect per-site choice: the ceiling of
+the candidate pool.
+
+    python benchmarks/choice_diagnostic.py DIR/fedprox_1_1 [--algorithm reptile] [--shots 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fedmeta.data import load_federation
+from fedmeta.evaluate.site_scores import shots_for
+from fedmeta.personalize import load_base
+from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
+from fedmeta.personalize.choice import FOLDS, _feasible_shots, _rank, held_out_metrics, validation_scores, validation_split
+from fedmeta.threads import limit_threads
+
+
+def worst10(values: list[float]) -> float:
+    values = sorted(values)
+    return float(np.mean(values[: max(1, math.ceil(len(values) / 10))]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--algorithm", default="reptile")
+    parser.add_argument("--shots", type=int, default=5)
+    args = parser.parse_args()
+    limit_threads(1)
+    base = load_base(args.folder / "runs" / args.algorithm)
+    held_out: dict[str, list[float]] = {}
+    chosen, ceiling = [], []
+    for site in load_federation(args.folder / "data" / "train", base.config.federation.test_fraction, base.config.federation.seed):
+        trained = base.for_schema(site.schema)
+        tasks = [t for t in site.tasks if validation_split(site, 0).n_labelled(t, train=True) >= 2]
+        by_label: dict[str, list] = {}
+        for fold in range(FOLDS):
+            rows = validation_split(site, 0, fold)
+            for c in fit_candidates(trained, rows, tasks, _feasible_shots(rows, tasks, shots_for(site, args.shots)), base.adaptation["lr"], 0):
+                by_label.setdefault(c.label, []).append((c, validation_scores(c.model, rows, tasks)))
+        scores, ranks = {}, {}
+        for label, items in by_label.items():
+            knobs = dict(items[0][0].knobs)
+            for k in ("steps", "local_steps"):
+                if k in knobs:
+                    knobs[k] = int(np.median([c.knobs[k] for c, _ in items]))
+            final = refit(Candidate(items[0][0].name, items[0][0].model, knobs), trained, site, site.tasks, 0)
+            accs = [v for k, v in held_out_metrics(trained, final.model, site, site.tasks).items() if k.endswith(".personalized.acc")]
+            if not accs:
+                break
+            scores[label] = float(np.mean(accs))
+            means = {k: float(np.mean([s[k] for _, s in items if k in s])) for k in ("acc", "loss") if any(k in s for _, s in items)}
+            ranks[label] = _rank(means)
+        if len(scores) != len(by_label):
+            continue  # no classification task to score
+        for label, value in scores.items():
+            held_out.setdefault(label, []).append(value)
+        labels = list(scores)
+        chosen.append(scores[min(labels, key=lambda lab: (ranks[lab], labels.index(lab)))])
+        ceiling.append(max(scores.values()))
+    print(f"{args.folder.name}, {len(chosen)} training sites: mean held-out accuracy (worst tenth)")
+    for label, values in held_out.items():
+        print(f"  every site {label:14s} {np.mean(values):.4f} ({worst10(values):.4f})")
+    print(f"  validation choice         {np.mean(chosen):.4f} ({worst10(chosen):.4f})")
+    print(f"  perfect per-site choice   {np.mean(ceiling):.4f} ({worst10(ceiling):.4f})")
+
+
+if __name__ == "__main__":
+    main()

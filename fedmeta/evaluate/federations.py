@@ -1,0 +1,99 @@
+"""Federations on disk: sites written as CSV files (training sites and unseen ones), as Flower's csv federation reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedmeta.data import SiteData, hospital_federation_frames, load_federation
+from fedmeta.data.schema import Schema, TaskColumn, feature_sums, numeric_schema
+from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
+from fedmeta.files import atomic_write_bytes
+
+@dataclass
+class Federation:
+    """Sites written as CSV files: the training sites (as Flower's csv federation reads them) and the unseen ones."""
+
+    train_dir: Path
+    unseen_dir: Path
+    seen: list[SiteData]
+    unseen: list[SiteData]
+    seed: int
+    test_fraction: float = 0.25
+
+
+def federation_on_disk(
+    out: Path, schema: Schema, frames: dict[str, pd.DataFrame], seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25
+) -> Federation:
+    """Write one CSV per site plus the schema; every fifth site (about ``unseen_fraction``) goes to the unseen folder.
+
+    The sites are split by the one rule training and personalization use (:func:`~fedmeta.data.site.held_out_mask`).
+    """
+    step = max(2, round(1 / unseen_fraction)) if unseen_fraction > 0 else len(frames) + 1
+    train_dir, unseen_dir = out / "train", out / "unseen"
+    for i, (name, frame) in enumerate(frames.items()):
+        folder = unseen_dir if i % step == step - 1 else train_dir
+        atomic_write_bytes(folder / f"{name}.csv", frame.to_csv(index=False).encode())
+    for folder in (train_dir, unseen_dir):
+        schema.save(folder / "schema.json")
+    # The sites as training finds them (fedmeta.data.federation): same names, order and held-out rows.
+    seen = load_federation(train_dir, test_fraction, seed)
+    unseen = load_federation(unseen_dir, test_fraction, seed) if any(unseen_dir.glob("*.csv")) else []
+    return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
+
+
+def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:
+    """The hospital network (:func:`fedmeta.data.hospital_federation_frames`) as a :class:`Federation`."""
+    schema, frames = hospital_federation_frames(n_sites, seed)
+    return federation_on_disk(out, schema, frames, seed, unseen_fraction, test_fraction)
+
+
+def fedprox_federation_on_disk(out: Path, alpha: float, beta: float, n_sites: int = 30, seed: int = 0) -> Federation:
+    """FedProx Synthetic(α, β) as CSV sites (features x0..x59, label y), normalized federatedly."""
+    sites = fedprox_synthetic(alpha, beta, n_sites, seed)
+    schema = fedprox_schema()
+    frames = {}
+    for site in sites:
+        frame = pd.DataFrame(site.x, columns=[f.name for f in schema.features])
+        frame["y"] = site.labels["label"].astype(int)
+        frames[site.name] = frame
+    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
+    return federation_on_disk(out, schema, frames, seed)
+
+
+def digits_federation_on_disk(out: Path, alpha: float, n_sites: int = 20, seed: int = 0, min_rows: int = 30) -> Federation:
+    """scikit-learn's bundled digits split over sites by Dirichlet(α) label skew (PFLlib's recipe).
+
+    For each class, its rows are dealt to the sites in Dirichlet(α) proportions; a small α gives each
+    site few classes. Drawn again until every site has ``min_rows`` rows.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        assignment = np.empty(len(y), int)
+        for c in range(10):
+            rows = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_sites)) * len(rows)).astype(int)[:-1]
+            for site, part in enumerate(np.split(rows, cuts)):
+                assignment[part] = site
+        if np.bincount(assignment, minlength=n_sites).min() >= min_rows:
+            break
+    else:
+        raise ValueError(f"no Dirichlet({alpha}) split of digits gives every one of {n_sites} sites {min_rows} rows")
+    task = TaskColumn(name="digit", kind="multiclass", n_classes=10, label="digit")
+    schema = numeric_schema(64, [task], name=f"digits-dirichlet-{alpha}")
+    schema = schema.model_copy(update={"features": [f.model_copy(update={"name": f"px{j}"}) for j, f in enumerate(schema.features)]})
+    frames = {}
+    for site in range(n_sites):
+        rows = np.flatnonzero(assignment == site)
+        frame = pd.DataFrame(x[rows], columns=[f.name for f in schema.features])
+        frame["digit"] = y[rows]
+        frames[f"site_{site:03d}"] = frame
+    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
+    return federation_on_disk(out, schema, frames, seed)

@@ -1,0 +1,196 @@
+"""The ways a site can adapt the global base: each candidate fits on a site's rows and returns a model to score.
+
+Every candidate is a :class:`~fedmeta.trained.TrainedModel` built from the
+base with the engine's own pieces (:func:`fedmeta.meta.inner.sgd_update` for
+few shots, the all-rows trainer of :mod:`fedmeta.personalize.all_rows`
+otherwise), so any of them can be exported and served like the base:
+
+- ``base``: the base as it is (the candidate that guarantees no site is worse
+  off than the federation's model, up to validation noise).
+- ``few_shot``: K shots per class, adapted as the base was meta-trained to
+  adapt: Meta-SGD's learned rates when the base has them, the heads only for
+  an ANIL base, every layer otherwise (Per-FedAvg, Fallah et al. 2020, adapts
+  the same way from a meta-learned start).
+- ``all_rows``: every labelled training row, early-stopped (FedAvg + fine-tuning,
+  and FedBABU's fine-tuning stage, Oh et al. 2022).
+- ``ditto``: the same fine-tune with a proximal pull toward the base,
+  λ from :data:`DITTO_LAMBDAS` (Ditto, Li et al. 2021). The pull is a
+  proximal step after each Adam step of rate 1e-3, so λ = 1 moves a weight
+  0.1% of the way back per step: smaller λ measured the same as no pull.
+- ``head``: the heads retrained on the frozen body (FedRep, Collins et al.
+  2021; FedPer, Arivazhagan et al. 2019; ANIL).
+- ``mix``: base and a local model's predictions mixed,
+  ``(1 - α)·base + α·local`` with α from :data:`MIX_ALPHAS` (APFL, Deng et al.
+  2020). The local model is trained from scratch on the site's rows; the mix
+  is exactly a block-diagonal MLP twice as wide, so it exports as one network.
+  α = 1 is the site's own model: a site is never offered less than it could
+  train alone.
+
+Each ``fit_*`` function takes ``steps=None`` to choose its step count on its
+own validation part of the rows it is given, or a step count to refit with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedmeta.data.site import SiteData
+from fedmeta.models import head_prefix, is_body_param
+from fedmeta.personalize.adaptation import AUTO_STEPS, _choose_steps, _fine_tune, _support_and_rest
+from fedmeta.personalize.all_rows import ALL_ROWS_LR, fit_all_rows
+from fedmeta.trained import TrainedModel
+
+DITTO_LAMBDAS = (1.0, 10.0, 100.0)
+MIX_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+LOCAL_LR = 3e-3
+MAX_STEPS = 600
+
+
+@dataclass
+class Candidate:
+    """One adapted model: its name, its knobs (what a refit on more rows needs) and the model."""
+
+    name: str
+    model: TrainedModel
+    knobs: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``ditto(λ=0.1)``, ``mix(α=0.5)``, ``few_shot``: the name with the knob the grid varied."""
+        shown = {k: v for k, v in self.knobs.items() if k in ("lambda", "alpha")}
+        return self.name + ("(" + ", ".join(f"{'λ' if k == 'lambda' else 'α'}={v:g}" for k, v in shown.items()) + ")" if shown else "")
+
+
+def trained_mode(base: TrainedModel) -> str:
+    """How the base was meta-trained to adapt: ``metasgd`` (learned rates), ``head`` (ANIL) or ``all``."""
+    if "inner_lrs" in base.state:
+        return "metasgd"
+    return "head" if base.info.get("algorithm") == "anil" else "all"
+
+
+def _with_params(base: TrainedModel, params: dict[str, torch.Tensor], how: str) -> TrainedModel:
+    return TrainedModel(base.schema, base.hidden, {**base.state, "params": params}, {**base.info, "adaptation": how})
+
+
+def _head_names(base: TrainedModel, tasks: list[str]) -> list[str]:
+    return [k for k in base.params if any(k.startswith(head_prefix(t)) for t in tasks)]
+
+
+def fit_base(base: TrainedModel) -> Candidate:
+    return Candidate("base", base)
+
+
+def fit_few_shot(base: TrainedModel, site: SiteData, tasks: list[str], shots: int, lr: float, seed: int, steps: int | None = None) -> Candidate:
+    """K shots per class of ``site``'s training rows, ``steps`` (or 5-40, chosen on the other training rows) of the engine's SGD step."""
+    mode = trained_mode(base)
+    rate = base.state["inner_lrs"] if mode == "metasgd" else lr
+    names = _head_names(base, tasks) if mode == "head" else [k for k in base.params if is_body_param(k)] + _head_names(base, tasks)
+    drawn = _support_and_rest(site, tasks, shots, seed)
+    supports = {t: pair[0] for t, pair in drawn.items()}
+    rest = {t: pair[1] for t, pair in drawn.items()}
+    if steps is None and any(len(rows[1]) for rows in rest.values()):
+        checkpoints = _fine_tune(base, supports, names, max(AUTO_STEPS), rate, checkpoints=AUTO_STEPS)
+        steps, _ = _choose_steps(base, checkpoints, rest)
+        params = checkpoints[steps]
+    else:
+        steps = AUTO_STEPS[0] if steps is None else steps
+        params = _fine_tune(base, supports, names, steps, rate)
+    if not all(torch.isfinite(v).all() for v in params.values()):
+        params = {k: v.clone() for k, v in base.params.items()}  # a diverged fine-tune falls back to the base; its score will say so
+    return Candidate("few_shot", _with_params(base, params, "few_shot"), {"shots": shots, "steps": steps, "mode": mode, "lr": lr if mode != "metasgd" else "learned"})
+
+
+def _all_rows_candidate(name: str, base: TrainedModel, site: SiteData, tasks: list[str], names: list[str], seed: int, steps: int | None, **knobs) -> Candidate:
+    params, steps, _ = fit_all_rows(base, site, tasks, names, knobs.get("lr", ALL_ROWS_LR), seed, max_steps=MAX_STEPS, steps=steps, prox=knobs.get("lambda"))
+    if not all(torch.isfinite(v).all() for v in params.values()):
+        params = {k: v.clone() for k, v in base.params.items()}
+    return Candidate(name, _with_params(base, params, name), {**knobs, "steps": steps})
+
+
+def fit_all_rows_candidate(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> Candidate:
+    """Every layer fine-tuned on every labelled training row (Adam), early-stopped."""
+    names = [k for k in base.params if is_body_param(k)] + _head_names(base, tasks)
+    return _all_rows_candidate("all_rows", base, site, tasks, names, seed, steps, lr=ALL_ROWS_LR)
+
+
+def fit_ditto(base: TrainedModel, site: SiteData, tasks: list[str], lam: float, seed: int, steps: int | None = None) -> Candidate:
+    """Ditto's personal model (Li et al. 2021): the all-rows fine-tune with a proximal pull ``λ/2 ||θ - θ_base||²`` toward the base."""
+    names = [k for k in base.params if is_body_param(k)] + _head_names(base, tasks)
+    return _all_rows_candidate("ditto", base, site, tasks, names, seed, steps, lr=ALL_ROWS_LR, **{"lambda": lam})
+
+
+def fit_head(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> Candidate:
+    """The heads retrained on every labelled training row, the body frozen bit for bit (FedRep, Collins et al. 2021; ANIL)."""
+    return _all_rows_candidate("head", base, site, tasks, _head_names(base, tasks), seed, steps, lr=10 * ALL_ROWS_LR)
+
+
+def fit_local(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> TrainedModel:
+    """The site's own model: the same network from a fresh initialization, trained on its rows alone (Adam, early-stopped)."""
+    start = TrainedModel.initial(base.schema, base.hidden, seed)
+    names = [k for k in start.params if is_body_param(k)] + _head_names(start, tasks)
+    params, steps, _ = fit_all_rows(start, site, tasks, names, LOCAL_LR, seed, max_steps=MAX_STEPS, steps=steps)
+    return TrainedModel(base.schema, base.hidden, {"params": params}, {"adaptation": "local", "steps": steps})
+
+
+def mixed_model(base: TrainedModel, local: TrainedModel, alpha: float) -> TrainedModel:
+    """One MLP whose outputs are ``(1 - α)·base(x) + α·local(x)``: both bodies side by side, block-diagonal, heads weighted.
+
+    >>> from fedmeta.data import hospital_schema
+    >>> a, b = TrainedModel.initial(hospital_schema(), (4, 4), 0), TrainedModel.initial(hospital_schema(), (4, 4), 1)
+    >>> mixed_model(a, b, 0.5).hidden
+    (8, 8)
+    """
+    if base.hidden != local.hidden:
+        raise ValueError(f"the mix needs equal bodies, got hidden {base.hidden} and {local.hidden}")
+    a, b = base.params, local.params
+    params = {}
+    for name in a:
+        if name.startswith("body.") and name.endswith(".weight"):
+            first = name == "body.net.0.weight"
+            params[name] = torch.cat([a[name], b[name]], 0) if first else torch.block_diag(a[name], b[name])
+        elif name.startswith("body."):
+            params[name] = torch.cat([a[name], b[name]])
+        elif name.endswith(".weight"):
+            params[name] = torch.cat([(1 - alpha) * a[name], alpha * b[name]], 1)
+        else:
+            params[name] = (1 - alpha) * a[name] + alpha * b[name]
+    hidden = tuple(2 * h for h in base.hidden)
+    return TrainedModel(base.schema, hidden, {"params": params}, {**base.info, "adaptation": "mix", "alpha": alpha})
+
+
+def fit_mixes(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, alphas=MIX_ALPHAS, local_steps: int | None = None) -> list[Candidate]:
+    """APFL's mixture (Deng et al. 2020) for each α: one local model, several mixes of its predictions with the base's."""
+    local = fit_local(base, site, tasks, seed, local_steps)
+    return [Candidate("mix", mixed_model(base, local, alpha), {"alpha": alpha, "local_steps": local.info["steps"]}) for alpha in alphas]
+
+
+def fit_candidates(base: TrainedModel, site: SiteData, tasks: list[str], shots: int, lr: float, seed: int) -> list[Candidate]:
+    """Every candidate, each choosing its own steps on ``site``'s training rows: base first (it wins ties)."""
+    return [
+        fit_base(base),
+        fit_few_shot(base, site, tasks, shots, lr, seed),
+        fit_all_rows_candidate(base, site, tasks, seed),
+        *(fit_ditto(base, site, tasks, lam, seed) for lam in DITTO_LAMBDAS),
+        fit_head(base, site, tasks, seed),
+        *fit_mixes(base, site, tasks, seed),
+    ]
+
+
+def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[str], seed: int) -> Candidate:
+    """The chosen candidate again, on all of ``site``'s training rows, with the knobs (steps, λ, α) it was chosen with."""
+    k = candidate.knobs
+    if candidate.name == "base":
+        return candidate
+    if candidate.name == "few_shot":
+        return fit_few_shot(base, site, tasks, k["shots"], k["lr"] if k["lr"] != "learned" else 0.0, seed, k["steps"])
+    if candidate.name == "all_rows":
+        return fit_all_rows_candidate(base, site, tasks, seed, k["steps"])
+    if candidate.name == "ditto":
+        return fit_ditto(base, site, tasks, k["lambda"], seed, k["steps"])
+    if candidate.name == "head":
+        return fit_head(base, site, tasks, seed, k["steps"])
+    if candidate.name == "mix":
+        return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
+    raise ValueError(f"unknown candidate {candidate.name!r}")

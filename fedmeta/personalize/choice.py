@@ -1,0 +1,181 @@
+"""The default personalization: per site, the candidate adaptation with the best score on validation rows.
+
+A site with 20 rows and a site with 20,000 deserve different adaptation, and
+a site whose data the federation already serves well deserves the base as it
+is. :func:`choose_personalization`:
+
+1. **Splits** the site's *training* rows into :data:`FOLDS` disjoint parts
+   (drawn from a hash of the site's name and the seed, like the held-out
+   split of :func:`~fedmeta.data.site.held_out_mask`); each part in turn is the
+   validation rows and the others the fitting rows. Every training row is
+   thus scored once, which matters at small sites: one validation fifth of a
+   90-row site is 18 rows, too few to tell candidates apart. The held-out (or
+   test) rows are not even handed to the candidates: they work on a copy of
+   the site that holds only training rows.
+2. **Fits** every candidate of :mod:`fedmeta.personalize.candidates` on the
+   fitting rows of each fold: the unadapted base, few-shot adaptation as the base was
+   meta-trained (Per-FedAvg, Fallah et al. 2020; Meta-SGD's rates, ANIL's
+   heads), all rows early-stopped (FedBABU's fine-tune, Oh et al. 2022),
+   Ditto's proximal fine-tune (Li et al. 2021) for each λ, the heads on the
+   frozen body (FedRep, Collins et al. 2021; FedPer, Arivazhagan et al. 2019)
+   and APFL's mix of base and local predictions (Deng et al. 2020) for each α.
+3. **Chooses** the one with the best validation score, averaged over the
+   folds: mean accuracy over the site's classification tasks, ties broken by the mean validation loss
+   (cross-entropy, or MSE for regression), and remaining ties by the order
+   above, base first. A site whose tasks are all regression is chosen by loss.
+4. **Refits** the chosen candidate on all the training rows with the knobs it
+   was chosen with (λ, α, and the median over folds of its steps), and scores base and chosen model on the
+   held-out rows, which nothing above looked at.
+
+The result records every candidate's validation scores: why the site got
+what it got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import numpy as np
+import torch
+
+from fedmeta.data.site import SiteData
+from fedmeta.meta.inner import make_loss
+from fedmeta.personalize.adaptation import Personalization, check_shots
+from fedmeta.personalize.base import PersonalizationError
+from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
+from fedmeta.scoring import task_scores
+from fedmeta.trained import TrainedModel
+
+FOLDS = 3
+MIN_VALIDATION_ROWS = 5
+
+
+def validation_split(site: SiteData, seed: int, fold: int = 0, folds: int = FOLDS) -> SiteData:
+    """The site's training rows only, with one of ``folds`` disjoint parts marked as validation rows (the copy's "held-out" side).
+
+    ``split(task, train=True)`` of the copy gives the fitting rows and
+    ``split(task, train=False)`` the validation rows; the original held-out
+    rows are not in it at all. The parts are drawn by the one split rule's
+    hash of the site's name and ``seed``, so every caller gets the same folds.
+    """
+    if not 0 <= fold < folds or folds < 2:
+        raise ValueError(f"fold must be in [0, {folds}) with folds >= 2, got fold={fold}, folds={folds}")
+    train = ~site.test_mask
+    n = int(train.sum())
+    digest = hashlib.sha256(f"fedmeta-validation/{seed}/{site.name}".encode()).digest()
+    part = np.empty(n, int)
+    part[np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n)] = np.arange(n) % folds
+    return SiteData(site.name, site.schema, site.x[train], {t: y[train] for t, y in site.labels.items()}, part == fold)
+
+
+def _feasible_shots(site: SiteData, tasks: list[str], shots: int) -> int:
+    """K lowered to what every task's training rows can supply per class."""
+    fits = [site.n_labelled(t, train=True) // (site.schema.task(t).n_classes or 1) for t in tasks]
+    return max(1, min([shots, *fits]))
+
+
+def validation_scores(model: TrainedModel, rows: SiteData, tasks: list[str]) -> dict[str, float]:
+    """Mean accuracy over classification tasks (``acc``, absent without one) and mean loss over all tasks (``loss``) on the validation rows."""
+    module = model.module()
+    accs, losses = [], []
+    for task in tasks:
+        x, y = rows.split(task, train=False)
+        if not len(y):
+            continue
+        scores = task_scores(module, model.params, task, x, y)
+        if "acc" in scores:
+            accs.append(scores["acc"])
+        with torch.no_grad():
+            loss = float(make_loss(module, task)(model.params, torch.from_numpy(x), torch.from_numpy(y), torch.ones(len(y))))
+        losses.append(loss if math.isfinite(loss) else math.inf)
+    out = {"loss": float(np.mean(losses)) if losses else math.inf}
+    if accs:
+        out["acc"] = float(np.mean(accs))
+    return out
+
+
+def _rank(scores: dict[str, float]) -> tuple[float, float]:
+    return (-scores.get("acc", 0.0), scores["loss"])
+
+
+def choose(folds: list[tuple[list[Candidate], SiteData]], tasks: list[str]) -> tuple[Candidate, dict[str, dict[str, float]]]:
+    """The candidate with the best validation score averaged over folds (the first of equals), and every candidate's mean scores by label.
+
+    ``folds`` pairs each fold's candidates (the same labels, in the same
+    order) with that fold's rows. The chosen candidate's step counts are the
+    medians over folds.
+    """
+    by_label: dict[str, list[tuple[Candidate, dict[str, float]]]] = {}
+    for candidates, rows in folds:
+        for c in candidates:
+            by_label.setdefault(c.label, []).append((c, validation_scores(c.model, rows, tasks)))
+    means = {}
+    for label, scored in by_label.items():
+        keys = set.intersection(*(set(s) for _, s in scored))
+        means[label] = {k: float(np.mean([s[k] for _, s in scored])) for k in keys}
+    labels = list(by_label)
+    best = min(range(len(labels)), key=lambda i: (_rank(means[labels[i]]), i))
+    first = by_label[labels[best]][0][0]
+    knobs = dict(first.knobs)
+    for k in ("steps", "local_steps"):
+        if k in knobs:
+            knobs[k] = int(np.median([c.knobs[k] for c, _ in by_label[labels[best]]]))
+    chosen = Candidate(first.name, first.model, knobs)
+    return chosen, {label: {k: round(v, 5) for k, v in m.items()} for label, m in means.items()}
+
+
+def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0) -> Personalization:
+    """Fit every candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
+
+    ``shots`` is K for the few-shot candidate (refused if the training rows
+    cannot supply it, lowered to what the fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
+    the site's held-out (or test) rows, as :func:`~fedmeta.personalize.personalize` does.
+
+    >>> from fedmeta.data import hospital_federation
+    >>> site = hospital_federation(n_sites=1)[0]
+    >>> result = choose_personalization(TrainedModel.initial(site.schema, hidden=(8,)), site)
+    >>> result.mode.startswith("chosen:"), "base" in result.steps_selection["validation"]
+    (True, True)
+    """
+    start = time.perf_counter()
+    tasks = [t for t in site.tasks if t in base.tasks]
+    if not tasks:
+        raise PersonalizationError(
+            f"site {site.name!r} has no task with enough labelled rows to personalize "
+            f"(each needs >= 4 training and >= 2 held-out rows; model tasks: {base.tasks})"
+        )
+    for t in tasks:
+        check_shots(site, t, shots)
+    rows = validation_split(site, seed)
+    n_validation = sum(validation_split(site, seed, f).n_labelled(t, train=False) for f in range(FOLDS) for t in tasks)
+    fit_tasks = [t for t in tasks if rows.n_labelled(t, train=True) >= 2]
+    if n_validation < MIN_VALIDATION_ROWS or not fit_tasks:
+        # Too few rows to tell candidates apart: the few-shot adaptation the base was meta-trained for.
+        candidate = refit(Candidate("few_shot", base, {"shots": _feasible_shots(site, tasks, shots), "steps": 5, "lr": lr}), base, site, tasks, seed)
+        why = {"chosen": candidate.label, "note": f"{n_validation} validation rows (< {MIN_VALIDATION_ROWS}): few-shot adaptation, 5 steps", "validation": {}}
+    else:
+        folds = []
+        for fold in range(FOLDS):
+            rows = validation_split(site, seed, fold)
+            folds.append((fit_candidates(base, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed), rows))
+        chosen, scores = choose(folds, fit_tasks)
+        candidate = refit(chosen, base, site, tasks, seed)
+        why = {"chosen": chosen.label, "knobs": chosen.knobs, "validation": scores, "validation_rows": n_validation,
+               "folds": FOLDS}
+    metrics = held_out_metrics(base, candidate.model, site, tasks)
+    steps = candidate.knobs.get("steps", 0)
+    return Personalization(candidate.model, metrics, tasks, candidate.knobs.get("shots", "all"), int(steps), float(lr),
+                           f"chosen:{candidate.name}", seed, time.perf_counter() - start, why)
+
+
+def held_out_metrics(base: TrainedModel, personalized: TrainedModel, site: SiteData, tasks: list[str]) -> dict[str, float]:
+    """``<task>.base.<metric>`` and ``<task>.personalized.<metric>`` on the site's held-out (or test) rows."""
+    metrics = {}
+    for label, model in (("base", base), ("personalized", personalized)):
+        module = model.module()
+        for t in tasks:
+            for name, value in task_scores(module, model.params, t, *site.split(t, train=False)).items():
+                metrics[f"{t}.{label}.{name}"] = value
+    return metrics

@@ -1,0 +1,105 @@
+"""The default personalization: per site, the best candidate adaptation on validation rows of its training rows."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.data import hospital_federation
+from fedmeta.personalize.candidates import fit_base, fit_ditto, fit_few_shot, fit_head, fit_local, mixed_model
+from fedmeta.personalize.choice import _rank, choose, choose_personalization, validation_scores, validation_split
+from fedmeta.personalize.candidates import fit_candidates
+from fedmeta.registry import SiteHome
+from fedmeta.trained import TrainedModel
+
+
+@pytest.fixture(scope="module")
+def site():
+    return hospital_federation(n_sites=2, seed=0)[1]
+
+
+@pytest.fixture(scope="module")
+def base(site):
+    return TrainedModel.initial(site.schema, hidden=(16, 16), seed=0)
+
+
+def test_the_chosen_candidate_scores_at_least_the_base_on_the_same_validation_rows(site, base):
+    folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
+    chosen, scores = choose(folds, site.tasks)
+    assert _rank(scores[chosen.label]) <= _rank(scores["base"])
+    base_scores = [validation_scores(fit_base(base).model, rows, site.tasks) for _, rows in folds]
+    assert scores["base"]["acc"] == pytest.approx(np.mean([s["acc"] for s in base_scores]), abs=1e-5)  # the base scored on the same rows, again
+    assert set(scores) >= {"base", "few_shot", "all_rows", "head", "ditto(λ=10)", "mix(α=0.5)", "mix(α=1)"}
+
+
+def test_validation_folds_cover_the_training_rows_once_and_never_the_held_out_ones(site):
+    folds = [validation_split(site, seed=0, fold=f) for f in range(3)]
+    assert all(rows.n_rows == int((~site.test_mask).sum()) for rows in folds)
+    held_out = {r.tobytes() for r in site.x[site.test_mask]}
+    assert not any(r.tobytes() in held_out for r in folds[0].x)
+    assert np.array_equal(sum(rows.test_mask.astype(int) for rows in folds), np.ones(folds[0].n_rows, int))
+
+
+def test_ditto_with_an_infinite_lambda_stays_at_the_base(site, base):
+    pinned = fit_ditto(base, site, site.tasks, lam=1e9, seed=0, steps=30).model.params
+    free = fit_ditto(base, site, site.tasks, lam=0.01, seed=0, steps=30).model.params
+    assert all(torch.allclose(pinned[k], base.params[k], atol=1e-5) for k in base.params)
+    assert any(not torch.allclose(free[k], base.params[k], atol=1e-3) for k in base.params)
+
+
+def test_head_retraining_leaves_the_body_bit_identical(site, base):
+    params = fit_head(base, site, site.tasks, seed=0, steps=30).model.params
+    body = [k for k in base.params if k.startswith("body.")]
+    assert all(torch.equal(params[k], base.params[k]) for k in body)
+    assert any(not torch.equal(params[k], base.params[k]) for k in base.params if k.startswith("heads."))
+
+
+def test_the_mix_predicts_the_weighted_mean_of_base_and_local_predictions(site, base):
+    local = fit_local(base, site, site.tasks, seed=0, steps=20)
+    mixed = mixed_model(base, local, alpha=0.3)
+    x = torch.from_numpy(site.x[:7])
+    for task in site.tasks:
+        expected = 0.7 * base.module()(x, task) + 0.3 * local.module()(x, task)
+        assert torch.allclose(mixed.module()(x, task), expected, atol=1e-5)
+        assert not torch.allclose(base.module()(x, task), expected, atol=1e-3)
+
+
+def test_few_shot_uses_meta_sgd_rates_as_trained(site, base):
+    frozen = TrainedModel(base.schema, base.hidden, {"params": base.params, "inner_lrs": {k: torch.zeros_like(v) for k, v in base.params.items()}})
+    unchanged = fit_few_shot(frozen, site, site.tasks, shots=3, lr=0.05, seed=0, steps=5)
+    moved = fit_few_shot(base, site, site.tasks, shots=3, lr=0.05, seed=0, steps=5)
+    assert unchanged.knobs["mode"] == "metasgd" and moved.knobs["mode"] == "all"
+    assert all(torch.equal(unchanged.model.params[k], base.params[k]) for k in base.params)  # learned rates of zero: nothing moves
+    assert any(not torch.equal(moved.model.params[k], base.params[k]) for k in base.params)
+
+
+def test_few_shot_adapts_only_the_heads_of_an_anil_base(site, base):
+    anil = TrainedModel(base.schema, base.hidden, base.state, {"algorithm": "anil"})
+    params = fit_few_shot(anil, site, site.tasks, shots=3, lr=0.05, seed=0, steps=5).model.params
+    assert all(torch.equal(params[k], base.params[k]) for k in base.params if k.startswith("body."))
+    assert any(not torch.equal(params[k], base.params[k]) for k in base.params if k.startswith("heads."))
+
+
+def test_the_choice_never_looks_at_held_out_rows(site, base):
+    clean = choose_personalization(base, site, shots=3, seed=0)
+    poisoned_site = type(site)(site.name, site.schema, site.x.copy(), site.labels, site.test_mask)
+    poisoned_site.x[site.test_mask] = np.nan
+    poisoned = choose_personalization(base, poisoned_site, shots=3, seed=0)
+    assert all(torch.isfinite(v).all() for v in poisoned.model.params.values())
+    assert poisoned.steps_selection["validation"] == clean.steps_selection["validation"]
+    assert poisoned.steps_selection["chosen"] == clean.steps_selection["chosen"]
+
+
+def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_path, hospitals, base_run):
+    args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
+    done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "folds (each row validates once)" in done.stdout and "chosen" in done.stdout and "mix(α=1)" in done.stdout
+    version = SiteHome(tmp_path).registry.current("hospital_001")
+    manifest, _ = SiteHome(tmp_path).load(version)
+    why = manifest.training["steps_selection"]
+    assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
+    json.dumps(why)
