@@ -98,6 +98,10 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     if not resume:
         rd.create(config)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray runs its workers at nice 15 by default; here they are the run's sites, its main work. At nice 15 any
+    # other job on the machine starves them (measured: the quick demo stalled for minutes behind two CPU-bound
+    # jobs), so they run at the driver's priority unless RAY_worker_niceness says otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
         flwr_log = logging.getLogger("flwr")
