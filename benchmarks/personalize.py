@@ -81,7 +81,7 @@ def main() -> None:
             trained = base.for_schema(site.schema)
             started = time.perf_counter()
             result = personalize(trained, site, shots=shots, steps=adaptation["steps"], lr=adaptation["lr"], seed=0)
-            publish(home, result.model, "personalized", site.name, base_version, base_version, result.metrics, {"site": site.name}, {}, shots=shots)
+            publish(home, result.model, "personalized", site.name, base_version, base_version, result.metrics, {"site": site.name}, {}, shots=shots, feature_ranges=site.feature_ranges())
             seconds[shots].append(time.perf_counter() - started)
             supports = support_sets(site, result.tasks, shots, seed=0)  # the very rows personalization used
             for task in result.tasks:

@@ -64,7 +64,7 @@ def run_demo(
                 home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
                 data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
                 training={"mode": "all", "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
-                shots=result.shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo",
+                shots=result.shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo", feature_ranges=site.feature_ranges(),
             )
             names.append(site.name)
     seconds = time.perf_counter() - started

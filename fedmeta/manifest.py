@@ -87,6 +87,9 @@ class Manifest(BaseModel):
     run_id: str | None = None
     data: dict[str, Any] = Field(default_factory=dict, description="lineage of the rows used: file, sha256, rows")
     shots: int | None = None
+    feature_ranges: dict[str, list[float]] | None = Field(
+        None, description="each numeric feature's [min, max] over the site rows that trained the model; the server flags inputs outside it"
+    )
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     privacy: dict[str, Any] | None = Field(None, description="client-level DP of the federated training: epsilon, delta, noise, clip")

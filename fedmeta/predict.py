@@ -13,11 +13,15 @@ personalize`` creates it) whose site ``clinic_003`` has a promoted model::
     >>> rows = pd.read_csv("clinics/clinic_003/test.csv")                       # doctest: +SKIP
     >>> predictions = fedmeta.predict.predict(rows, site_home="site-home", site="clinic_003")  # doctest: +SKIP
     >>> list(predictions.columns)                                              # doctest: +SKIP
-    ['readmission', 'readmission.p_0', 'readmission.p_1', 'mortality', 'mortality.p_0', 'mortality.p_1']
+    ['readmission', 'readmission.p_0', 'readmission.p_1', 'mortality', 'mortality.p_0', 'mortality.p_1', 'outside_training_range']
 
 One output row per input row: for each classification task the predicted
 class and one probability column per class (``<task>.p_<class>``), for
-each regression task the value in label units. Columns other than the
+each regression task the value in label units, and last
+``outside_training_range``: the numeric features, ``;``-separated, whose
+value lies outside the range the model was trained on (empty when none;
+the column is absent for a model that records no range). Such rows are
+scored all the same (:mod:`fedmeta.training_range`). Columns other than the
 model's features (labels, identifiers) are ignored. To score many frames,
 load once with :func:`load_promoted` and call :meth:`PromotedModel.predict`.
 (``tests/test_predict_api.py`` runs the example above on a real site home.)
@@ -34,6 +38,7 @@ import pandas as pd
 from fedmeta.data.schema import Schema, SchemaError
 from fedmeta.manifest import TaskOutput
 from fedmeta.registry import ModelVersion, SiteHome
+from fedmeta.training_range import RangeCheck
 
 
 @dataclass
@@ -44,6 +49,7 @@ class PromotedModel:
     schema: Schema
     tasks: list[TaskOutput]
     session: object = field(repr=False)
+    ranges: RangeCheck | None = None
 
     def predict(self, rows: pd.DataFrame, source: str = "rows") -> pd.DataFrame:
         """Predictions for every row of ``rows`` (see the module docstring for the columns); ``source`` names the rows in errors."""
@@ -67,6 +73,11 @@ class PromotedModel:
             result[task.name] = [classes[i] for i in values.argmax(1)]
             for j, name in enumerate(classes):
                 result[f"{task.name}.p_{name}"] = values[:, j]
+        if self.ranges is not None:
+            flagged = [""] * len(rows)
+            for row in self.ranges.flagged(feed, len(rows)):
+                flagged[row["row"]] = ";".join(row["features"])
+            result["outside_training_range"] = flagged
         return result
 
 
@@ -87,7 +98,9 @@ def load_promoted(site_home: str | Path | None = None, site: str | None = None) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    return PromotedModel(version, Schema.model_validate(manifest.schema_), list(manifest.tasks), session)
+    schema = Schema.model_validate(manifest.schema_)
+    ranges = RangeCheck.from_manifest(manifest.feature_ranges, [f.name for f in schema.features if f.type == "numeric"])
+    return PromotedModel(version, schema, list(manifest.tasks), session, ranges)
 
 
 def predict(rows: pd.DataFrame, site_home: str | Path | None = None, site: str | None = None) -> pd.DataFrame:

@@ -58,6 +58,7 @@ def _run(job: dict) -> dict:
             data=data_lineage(None, source="api", job=job["id"], rows=result.rows, held_out=result.holdout_rows),
             training={"task": column.name, "kind": column.kind, "steps": request["steps"], "tune_body": request["tune_body"], "seed": request["seed"], "note": result.note},
             personalized_tasks=job["personalized"] + [column.name], promote=job["promote"], actor=job["actor"],
+            feature_ranges=result.feature_ranges,
         )
     except (SchemaError, PersonalizationError, ModelMismatchError, ExportError, ManifestError, ValueError) as e:
         return {"status": "failed", "error": str(e)[:500]}

@@ -8,6 +8,9 @@
   with ``408``;
 - ``fedmeta_request_duration_seconds{route}`` (histogram);
 - ``fedmeta_predictions_total{task}`` (rows predicted, per task);
+- ``fedmeta_outside_training_range_total{feature}`` (values answered that lie
+  outside the range the served model was trained on, per numeric feature;
+  see :mod:`fedmeta.training_range`);
 - ``fedmeta_model_info{site,version,sha256}`` (1 for the served version).
 
 The exposition is ``prometheus_client``'s, from a registry of the app's own
@@ -34,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from fedmeta.training_range import counts
 from serving.errors import internal_error, json_response
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -67,12 +71,15 @@ class Metrics:
         self.requests = Counter("fedmeta_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=self.registry)
         self.duration = Histogram("fedmeta_request_duration_seconds", "Request latency by route.", ["route"], buckets=BUCKETS, registry=self.registry)
         self.predictions = Counter("fedmeta_predictions", "Rows predicted, by task.", ["task"], registry=self.registry)
+        self.outside = Counter(
+            "fedmeta_outside_training_range", "Values answered outside the served model's training range, by feature.", ["feature"], registry=self.registry
+        )
         self.registry.register(_ModelInfo(model_labels))
         self._request_series: dict[tuple[str, str, int], object] = {}
         self._duration_series: dict[str, object] = {}
         self._prediction_series: dict[str, object] = {}
 
-    def observe(self, route: str, method: str, status: int, seconds: float, predicted: tuple[list[str], int] | None) -> None:
+    def observe(self, route: str, method: str, status: int, seconds: float, predicted: tuple[list[str], int, list[dict] | None] | None) -> None:
         key = (route, method, status)
         series = self._request_series.get(key)
         if series is None:  # label lookups cost ~1 us each; keep the children
@@ -83,12 +90,15 @@ class Metrics:
             histogram = self._duration_series[route] = self.duration.labels(route)
         histogram.observe(seconds)
         if predicted is not None:
-            tasks, rows = predicted
+            tasks, rows, outside = predicted
             for task in tasks:
                 counter = self._prediction_series.get(task)
                 if counter is None:
                     counter = self._prediction_series[task] = self.predictions.labels(task)
                 counter.inc(rows)
+            if outside:  # feature names come from the served schema: a bounded label set
+                for feature, values in counts(outside).items():
+                    self.outside.labels(feature).inc(values)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

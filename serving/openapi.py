@@ -104,6 +104,12 @@ def predict_response_schema(model) -> dict:
                 "site": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"}}},
             "rows": {"type": "integer", "minimum": 1},
             "predictions": {"type": "object", "properties": task_outputs, "additionalProperties": False},
+            "outside_training_range": {
+                "type": ["array", "null"],
+                "description": "rows with a numeric value outside the model's training range, and those features; null: the model records no range",
+                "items": {"type": "object", "required": ["row", "features"], "properties": {
+                    "row": {"type": "integer", "minimum": 0}, "features": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
+            },
         },
     }
 

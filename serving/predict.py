@@ -57,7 +57,12 @@ PREDICT_OPENAPI = {
     },
     "responses": {
         "200": {
-            "description": "per-task predictions, with the model version and hash that made them",
+            "description": (
+                "per-task predictions, with the model version and hash that made them. `outside_training_range` lists the rows "
+                "with a numeric value outside the range the model was trained on, and those features "
+                "(`[{\"row\": 0, \"features\": [\"age\"]}]`; `[]` when none, `null` for a model that records no range): "
+                "such rows are answered, but the model extrapolates there"
+            ),
             "content": {
                 "application/json": {
                     "example": {
@@ -67,6 +72,7 @@ PREDICT_OPENAPI = {
                             "mortality": {"classes": ["0", "1"], "labels": ["0"], "probabilities": [[0.83, 0.17]]},
                             "length_of_stay": {"values": [6.4]},
                         },
+                        "outside_training_range": [],
                     }
                 }
             },
@@ -127,6 +133,12 @@ async def predict(request: Request) -> Response:
     tasks = select_tasks(model, payload.get("tasks"))
     outputs = model.session.run(tasks, feed)
     check_finite(tasks, outputs, where, n)
-    request.state.predicted = (tasks, n)
-    content = {"model": {"site": model.site, "version": model.label, "sha256": model.version.sha256}, "rows": n, "predictions": render(model, tasks, outputs)}
+    outside = model.outside_training_range(feed, n)
+    request.state.predicted = (tasks, n, outside)
+    content = {
+        "model": {"site": model.site, "version": model.label, "sha256": model.version.sha256},
+        "rows": n,
+        "predictions": render(model, tasks, outputs),
+        "outside_training_range": outside,
+    }
     return json_response(content)

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from fedmeta.manifest import Manifest
 from fedmeta.registry import ModelVersion, SiteHome
 from fedmeta.manifest import ManifestError
+from fedmeta.training_range import RangeCheck
 from serving.errors import ApiError, shown
 
 log = logging.getLogger("fedmeta.serving")
@@ -155,6 +156,7 @@ class LoadedModel:
     session: ort.InferenceSession
     validator: RowValidator
     site: str
+    ranges: RangeCheck | None = None  # None: the manifest records no training range (a model published before fedmeta recorded them)
 
     @property
     def label(self) -> str:
@@ -167,6 +169,10 @@ class LoadedModel:
     def task_outputs(self) -> dict:
         return {t.name: t for t in self.manifest.tasks}
 
+    def outside_training_range(self, feed: dict[str, np.ndarray], n: int) -> list[dict] | None:
+        """The rows with a value outside the training range and their features (:mod:`fedmeta.training_range`); None if unrecorded."""
+        return None if self.ranges is None else self.ranges.flagged(feed, n)
+
 
 def load_model(home: SiteHome, version: ModelVersion, max_rows: int, threads: int = 1) -> LoadedModel:
     """Verify a version's files against its manifest and the registry, then open an onnxruntime session."""
@@ -178,7 +184,9 @@ def load_model(home: SiteHome, version: ModelVersion, max_rows: int, threads: in
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     if manifest.schema_ is None:
         raise ManifestError(f"{version.label} has no schema in its manifest; it cannot be served")
-    return LoadedModel(version, manifest, session, RowValidator(manifest.schema_, max_rows), version.site or "")
+    validator = RowValidator(manifest.schema_, max_rows)
+    ranges = RangeCheck.from_manifest(manifest.feature_ranges, validator.numeric)
+    return LoadedModel(version, manifest, session, validator, version.site or "", ranges)
 
 
 class ModelStore:

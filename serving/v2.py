@@ -7,10 +7,14 @@ probabilities ``[batch, C]`` or values ``[batch]``), data flattened in
 row-major order as the protocol specifies. Every malformed request gets 400
 with ``{"error": ...}`` naming the tensor and the field, as the protocol
 asks; no value a client sends reaches numpy or onnxruntime unchecked.
+The response's ``parameters`` carry ``outside_training_range`` as JSON text
+(protocol parameters are strings, numbers or booleans): the rows with a
+numeric value outside the model's training range (:mod:`fedmeta.training_range`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -187,12 +191,15 @@ async def infer(name: str, request: Request) -> Response:
         check_finite(tasks, results, "rows", batch)
     except ApiError as e:
         raise ApiError(400, e.message.replace("rows[", "inputs: row ", 1).replace("]:", ":", 1)) from None
-    request.state.predicted = (tasks, batch)
+    outside = model.outside_training_range(feed, batch)
+    request.state.predicted = (tasks, batch, outside)
     response = {
         "model_name": model.site,
         "model_version": model.label,
         "outputs": [{"name": t, "datatype": "FP32", "shape": list(r.shape), "data": r.ravel()} for t, r in zip(tasks, results)],
     }
+    if outside is not None:  # v2 parameters hold strings, numbers or booleans: the list travels as JSON text
+        response["parameters"] = {"outside_training_range": json.dumps(outside, separators=(",", ":"))}
     if "id" in payload:
         response["id"] = payload["id"]
     return json_response(response)

@@ -116,7 +116,8 @@ def publish_version(home: SiteHome, hospitals: Path, base_run: Path, seed: int, 
     base = load_base(base_run)
     result = personalize(base.for_schema(site.schema), site, shots=5, steps=3, lr=0.05, seed=seed)
     base_version = register_base(home, base)
-    return publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, shots=5, personalized_tasks=result.tasks, promote=promote).version
+    return publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, shots=5, personalized_tasks=result.tasks, promote=promote,
+                   feature_ranges=site.feature_ranges()).version
 
 
 @pytest.fixture()

@@ -7,6 +7,7 @@ from rich.console import Console
 # soft_wrap: a printed line is never broken by rich (a command to paste, a path, a log line survives a pipe);
 # the terminal wraps it if it must. Tables still fit the console's width.
 console = Console(soft_wrap=True)
+console_err = Console(stderr=True, soft_wrap=True)  # notes that must not mix with data on standard output
 
 
 class ProgressObserver:

@@ -153,6 +153,7 @@ def personalize(
             shots=result.shots if isinstance(result.shots, int) else None,
             personalized_tasks=result.tasks,
             promote=promote,
+            feature_ranges=site_data.feature_ranges(),
         )
     except user_errors() as e:
         raise fail(e) from None
@@ -249,6 +250,7 @@ def heads_add(
             training={"task": task, "kind": column.kind, "steps": steps, "lr": lr, "tune_body": tune_body, "seed": seed, "note": result.note},
             personalized_tasks=already + [task],
             promote=promote,
+            feature_ranges=result.feature_ranges,
         )
     except user_errors() as e:
         raise fail(e) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from fedmeta.cli.options import SITE_HOME_OPTION
-from fedmeta.cli.output import console
+from fedmeta.cli.output import console, console_err
 
 
 def predict(
@@ -28,6 +28,7 @@ def predict(
     model = load_promoted(site_home, site)
     result = model.predict(read_table(data), str(data))
     text = result.to_csv(index=False, float_format="%.6g")
+    _warn_outside(result)
     if out is None:
         sys.stdout.write(text)
         return
@@ -37,3 +38,15 @@ def predict(
         f"wrote {len(result)} predictions of {len(model.tasks)} task(s) to {out} with {version.label} (site {version.site}, sha256 {version.sha256[:16]}..., verified)",
         soft_wrap=True,
     )
+
+
+def _warn_outside(result) -> None:
+    """One line on standard error naming the features with values outside the training range, and how often."""
+    if "outside_training_range" not in result:
+        return
+    flagged = result["outside_training_range"]
+    rows = int((flagged != "").sum())
+    if rows:
+        per_feature = flagged[flagged != ""].str.split(";").explode().value_counts()
+        listed = ", ".join(f"{name} ({count})" for name, count in per_feature.items())
+        console_err.print(f"{rows} of {len(result)} rows have values outside the model's training range, scored all the same: {listed}", soft_wrap=True)

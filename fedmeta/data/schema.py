@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedmeta.files import atomic_write_text
 from fedmeta.models import TaskSpec
+from fedmeta.training_range import widened
 
 
 class Feature(BaseModel):
@@ -180,6 +181,17 @@ class Schema(BaseModel):
                 codes = pd.Categorical(df[f.name].astype(str), categories=f.categories).codes
                 blocks.append(np.eye(len(f.categories), dtype=np.float32)[codes])
         return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    def raw_ranges(self, x: np.ndarray) -> dict[str, list[float]] | None:
+        """Each numeric feature's ``[min, max]`` in raw units over encoded rows ``x``, slightly widened (:mod:`fedmeta.training_range`)."""
+        if len(x) == 0:
+            return None
+        out, start = {}, 0
+        for f in self.features:
+            if f.type == "numeric":
+                out[f.name] = widened(x[:, start].astype(np.float64) * f.std + f.mean, f.mean, f.std)
+            start += f.width
+        return out
 
     def labels(self, df: pd.DataFrame, task: str) -> np.ndarray:
         """Encoded labels of one task, NaN where the row has none (class index or scaled value)."""

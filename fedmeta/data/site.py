@@ -106,6 +106,10 @@ class SiteData:
         """SHA-256 of the held-out row numbers: lets a manifest say which rows were scored without holding them."""
         return hashlib.sha256(",".join(map(str, np.flatnonzero(self.test_mask))).encode()).hexdigest()
 
+    def feature_ranges(self) -> dict[str, list[float]] | None:
+        """The numeric features' range over the training rows (held-out rows excluded), for the manifest."""
+        return self.schema.raw_ranges(self.x[~self.test_mask])
+
     def n_labelled(self, task: str, train: bool = True) -> int:
         mask = ~np.isnan(self.labels[task]) & (self.test_mask != train)
         return int(mask.sum())

@@ -34,6 +34,7 @@ class HeadResult:
     holdout_rows: int
     note: str
     seconds: float
+    feature_ranges: dict[str, list[float]] | None = None
 
 
 def head_task(schema: Schema, name: str, kind: str | None, label: str | None, classes: list[str] | None, frame: pd.DataFrame, source: str) -> TaskColumn:
@@ -188,4 +189,4 @@ def train_head(
     if "inner_lrs" in start.state:
         state["inner_lrs"] = {k: v for k, v in start.state["inner_lrs"].items() if not k.startswith(head_prefix(task.name))}
     trained = TrainedModel(schema, start.hidden, state, dict(start.info))
-    return HeadResult(trained, task, metrics, len(y), len(test_idx), note, time.perf_counter() - began)
+    return HeadResult(trained, task, metrics, len(y), len(test_idx), note, time.perf_counter() - began, schema.raw_ranges(x[train_idx]))

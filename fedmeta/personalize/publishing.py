@@ -15,6 +15,7 @@ from fedmeta.manifest import Manifest, TaskOutput, sha256_file
 from fedmeta.personalize.base import PersonalizationError
 from fedmeta.registry import ModelVersion, RegistryError, SiteHome, current_user
 from fedmeta.trained import TrainedModel
+from fedmeta.training_range import merged
 
 
 @dataclass
@@ -48,12 +49,18 @@ def publish(
     personalized_tasks: list[str] | None = None,
     promote: bool | None = None,
     actor: str | None = None,
+    feature_ranges: dict[str, list[float]] | None = None,
 ) -> Published:
     """Export ``trained``, write its version folder and manifest, register it; promote it if asked.
 
     ``promote=None`` promotes only when the site has no promoted version yet.
+    ``feature_ranges`` is the numeric features' range over the rows that
+    trained it (:mod:`fedmeta.training_range`); a head's range also covers
+    its parent's, whose rows trained the body beneath it.
     """
     actor = actor or current_user()
+    if kind == "head":
+        feature_ranges = merged(home.load(parent)[0].feature_ranges, feature_ranges)
     exported = export_onnx(trained)
     personalized_tasks = personalized_tasks or []
     manifest = Manifest(
@@ -70,6 +77,7 @@ def publish(
         privacy=base.lineage.get("privacy"),
         data=data,
         shots=shots,
+        feature_ranges=feature_ranges,
         training=training,
         metrics=metrics,
         export={"exporter": exported.exporter, "max_abs_diff": exported.max_abs_diff, "seconds": round(exported.seconds, 4), "opset": 18},
