@@ -68,10 +68,11 @@ class RangeCheck:
         """``[{"row": i, "features": [...]}, ...]`` for the rows with a value outside the range; ``[]`` when none."""
         if not self.names:
             return []
-        matrix = np.stack([np.asarray(columns[name], np.float32) for name in self.names]).reshape(len(self.names), n)
-        outside = (matrix < self.lo) | (matrix > self.hi)
-        if not outside.any():
+        # One array, feature-major, and two comparisons: a few microseconds for a one-row request.
+        matrix = np.concatenate([np.asarray(columns[name], np.float32).reshape(n) for name in self.names]).reshape(len(self.names), n)
+        if not ((matrix < self.lo).any() or (matrix > self.hi).any()):
             return []
+        outside = (matrix < self.lo) | (matrix > self.hi)
         rows = np.flatnonzero(outside.any(0))
         return [{"row": int(i), "features": [self.names[j] for j in np.flatnonzero(outside[:, i])]} for i in rows]
 

@@ -30,3 +30,11 @@ def hospitals(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory) -> Path:
     return write_base(tmp_path_factory.mktemp("runs") / "base")
+
+
+@pytest.fixture(scope="session")
+def readme_session(tmp_path_factory):
+    """The README's blocks, pasted in order into one folder (:mod:`readme_session`), shared by the tests that check them."""
+    from readme_session import PastingSession
+
+    return PastingSession(tmp_path_factory.mktemp("readme"))

@@ -2,16 +2,16 @@
 
 Clinic folders (train.csv + test.csv, two tasks, some labels missing, from the
 hospital generator), ``fedmeta schema infer``, training from a five-line
-config, and ``fedmeta personalize --shots all --test`` at every clinic. The
-control for the personalized scores is the unadapted base on the same test rows.
+config, ``fedmeta personalize --shots all --test`` at every clinic, and
+``fedmeta evaluate --config`` with one clinic kept out. The control for the
+personalized scores is the unadapted base on the same test rows. The block
+runs once per test session, in the README's pasting folder
+(:mod:`readme_session`), shared with ``test_readme.py``.
 """
 
-import os
+import json
 import re
-import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,35 +19,31 @@ import pytest
 
 from fedmeta.registry import SiteHome
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_commands() -> str:
-    """The bash block under ``<!-- bring-your-own-data -->`` in the README."""
-    text = README.read_text()
-    block = re.search(r"<!-- bring-your-own-data -->\n```bash\n(.*?)```", text, re.S)
-    assert block, "README has no bring-your-own-data block"
-    return block.group(1)
+from readme_session import marked_block
 
 
 @pytest.mark.slow
-def test_the_readme_commands_train_and_personalize_every_clinic_from_its_own_files(tmp_path):
-    script = f'set -e\nfedmeta() {{ "{sys.executable}" -m fedmeta.cli "$@"; }}\n' + readme_commands()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FEDMETA_SITE_HOME", None)
-    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1800)
+@pytest.mark.xdist_group("readme")  # the README blocks' worker: its pasting folder already holds what they made
+def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_its_own_files(readme_session):
+    block = marked_block("bring-your-own-data")
+    done = readme_session.run_through(block)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "Traceback" not in output
+    tmp_path = readme_session.folder
 
     clinics = sorted(p.name for p in (tmp_path / "clinics").iterdir() if p.is_dir())
     assert len(clinics) >= 4
     # The five-line config trained every clinic found; the run folder says how many.
     assert tomllib.loads((tmp_path / "runs" / "clinics" / "config.toml").read_text())["federation"]["n_sites"] == len(clinics)
     assert f"({len(clinics)} sites found, {len(clinics)} with a test file)" in output
+    # What the five lines leave unset is chosen from the rows, printed, and kept with the run.
+    assert re.search(r"^default from the data: model\.hidden = \[\d+, \d+\] \([\d,]+ training rows over \d+ sites\)", done.stdout, re.M)
+    assert "local.shots" in (tmp_path / "runs" / "clinics" / "defaults.json").read_text()
     # Progress: a loss every round, with the time left.
-    assert re.search(r"^round 1/10  loss \d+\.\d{4}  \d+\.\d s  ETA \d", done.stdout, re.M), done.stdout
-    assert len(re.findall(r"^round \d+/10  loss ", done.stdout, re.M)) == 10
+    trained = done.stdout.split("\nbase model: ", 1)[0]  # fedmeta train's output (evaluate trains again, later)
+    assert re.search(r"^round 1/10  loss \d+\.\d{4}  \d+\.\d s  ETA \d", trained, re.M), trained
+    assert len(re.findall(r"^round \d+/10  loss ", trained, re.M)) == 10
 
     home = SiteHome(tmp_path / "site-home")
     base_acc, personalized_acc = [], []
@@ -69,3 +65,14 @@ def test_the_readme_commands_train_and_personalize_every_clinic_from_its_own_fil
     # The control: the same base, unadapted, on the same test rows.
     print(f"mean test accuracy over {len(base_acc)} clinic-tasks: base {np.mean(base_acc):.4f}, personalized {np.mean(personalized_acc):.4f}")
     assert np.mean(personalized_acc) >= np.mean(base_acc)
+
+    # fedmeta evaluate --config: the same clinics, clinic_006 kept out of every method's training.
+    results = json.loads((tmp_path / "runs" / "clinics-evaluation" / "results.json").read_text())
+    assert results["sites"] == {"seen": len(clinics) - 1, "unseen": 1}
+    for method in ("local_only", "pooled", "fedavg", "fedavg_ft", "fedmeta_fomaml", "fedmeta_fomaml_global"):
+        per_site = results["methods"][method]["per_site"]
+        assert sorted(per_site["seen"]) == [c for c in clinics if c != "clinic_006"], method
+        assert list(per_site["unseen"]) == ["clinic_006"], method
+    assert tomllib.loads((tmp_path / "runs" / "clinics-evaluation" / "runs" / "fomaml" / "config.toml").read_text())["federation"]["n_sites"] == len(clinics) - 1
+    assert (tmp_path / "runs" / "clinics-evaluation" / "report.md").exists()
+    assert f"{len(clinics) - 1} sites train, 1 never take part (unseen); {len(clinics)} scored on their test file" in output

@@ -105,3 +105,72 @@ def test_the_pooled_oracle_scores_every_training_site_with_its_indicator(tmp_pat
     scores = pooled_oracle(sites, (8,), steps=20)
     assert set(scores) == {s.name for s in sites}
     assert all(0 <= t["acc"] <= 1 for s in scores.values() for t in s.values() if "acc" in t)
+
+
+def _clinics_with_a_flat_site(root):
+    """Clinic folders (train.csv + test.csv) plus one site as a single file, and the schema, as a user lays them out."""
+    import subprocess
+    import sys
+
+    from fedmeta.data.synthetic import write_clinic_federation
+
+    folders = write_clinic_federation(root, n_sites=5, seed=1)
+    flat = folders[-1]
+    (root / f"{flat.name}.csv").write_bytes((flat / "train.csv").read_bytes())
+    for f in flat.iterdir():
+        f.unlink()
+    flat.rmdir()
+    tasks = ["--task", "readmission:binary:readmitted_30d", "--task", "mortality:binary:died_in_hospital"]
+    done = subprocess.run([sys.executable, "-m", "fedmeta.cli", "schema", "infer", str(root), *tasks, "--out", str(root / "schema.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return sorted([f.name for f in folders[:-1]] + [flat.name])
+
+
+def test_a_hand_made_folder_splits_by_name_and_keeps_each_sites_test_file(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from fedmeta.data import SchemaError, load_federation
+    from fedmeta.evaluate import folder_federation
+
+    names = _clinics_with_a_flat_site(tmp_path / "clinics")
+    fed = folder_federation(tmp_path / "clinics", tmp_path / "eval", unseen=[names[1]], test_fraction=0.25, seed=7)
+    assert [s.name for s in fed.seen] == [n for n in names if n != names[1]] and [s.name for s in fed.unseen] == [names[1]]
+    # The same sites, rows and held-out rows as training reads from the user's folder itself.
+    direct = {s.name: s for s in load_federation(tmp_path / "clinics", 0.25, 7)}
+    for site in fed.seen + fed.unseen:
+        assert np.array_equal(site.x, direct[site.name].x) and np.array_equal(site.test_mask, direct[site.name].test_mask)
+    with_test = names[0]
+    test_rows = len(pd.read_csv(tmp_path / "clinics" / with_test / "test.csv"))
+    site = next(s for s in fed.seen + fed.unseen if s.name == with_test)
+    assert site.test_mask.sum() == test_rows and site.test_mask[-test_rows:].all()  # scored on its test file, nothing carved
+    flat = next(s for s in fed.seen + fed.unseen if s.name == names[-1])
+    assert 0 < flat.test_mask.sum() < flat.n_rows  # no test file: the seed and the name hold rows out
+    # Again with another split: the links are remade, nothing is left from the first.
+    fed = folder_federation(tmp_path / "clinics", tmp_path / "eval", unseen=[], test_fraction=0.25, seed=7)
+    assert [s.name for s in fed.seen] == names and fed.unseen == []
+    with pytest.raises(SchemaError, match=r"--unseen: .* has no site\(s\) \['clinic_999'\]"):
+        folder_federation(tmp_path / "clinics", tmp_path / "eval2", unseen=["clinic_999"])
+    with pytest.raises(SchemaError, match=f"leaves 1 of {len(names)} sites to train"):
+        folder_federation(tmp_path / "clinics", tmp_path / "eval2", unseen=names[1:])
+
+
+def test_evaluate_config_refuses_what_it_cannot_use_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    synthetic = tmp_path / "hospitals.toml"
+    synthetic.write_text('name = "h"\n[federation]\nkind = "hospitals"\n')
+    runner = CliRunner()
+    cases = [
+        (["evaluate", "--unseen", "a"], "--unseen names sites of your own federation: give --config too"),
+        (["evaluate", "--config", str(synthetic), "--sites", "5"], "--sites sizes the synthetic hospitals"),
+        (["evaluate", "--config", str(synthetic)], "needs a federation folder"),
+        (["evaluate", "--config", str(tmp_path / "missing.toml")], "missing.toml"),
+    ]
+    for args, expected in cases:
+        done = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+        assert done.exit_code == 2 and expected in done.output, (args, done.output)
+        assert "Traceback" not in done.output
+    assert not (tmp_path / "out").exists()  # nothing written for a refused command

@@ -140,10 +140,12 @@ def test_the_metrics_exposition_escapes_every_label_value():
     from serving.metrics import Metrics
 
     metrics = Metrics(lambda: {"site": 'a"b', "version": "v1\nforged 1", "sha256": "x"})
-    metrics.observe("/v1/predict", "POST", 200, 0.001, (["inj\nfedmeta_forged_total 42\n# "], 1))
+    forged = "inj\nfedmeta_forged_total 42\n# "
+    metrics.observe("/v1/predict", "POST", 200, 0.001, ([forged], 1, [{"row": 0, "features": [forged]}]))
     lines = metrics.exposition().decode().splitlines()
     assert not [line for line in lines if line.startswith(("fedmeta_forged_total", "forged"))]
     assert any(r'task="inj\nfedmeta_forged_total 42\n# "' in line for line in lines)
+    assert any(r'fedmeta_outside_training_range_total{feature="inj\nfedmeta_forged_total 42\n# "}' in line for line in lines)
 
 
 # --- head requests that cannot succeed (item 4) -------------------------------------------------------

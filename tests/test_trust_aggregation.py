@@ -92,7 +92,9 @@ def _strategy(config: RunConfig, nodes: list[int], account=None) -> MetaStrategy
 
 def test_rounds_account_the_connected_sites_and_the_sample_min_sites_forces():
     config = RunConfig.from_dict(
-        {"federation": {"n_sites": 10}, "server": {"fraction_train": 0.5, "min_sites": 5}, "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+        # sampling_timeout: how long the first sample waits for the other 3 configured sites before going on with 7
+        {"federation": {"n_sites": 10}, "server": {"fraction_train": 0.5, "min_sites": 5, "sampling_timeout": 1.0},
+         "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
     )
     strategy = _strategy(config, nodes=list(range(7)))
     chosen = strategy._sample(_Grid(list(range(7))), config.server.fraction_train)

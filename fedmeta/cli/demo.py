@@ -168,22 +168,46 @@ def demo(
 
 def evaluate_command(
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for data, runs and results."),
-    sites: int = typer.Option(47, "--sites", min=3, help="Hospitals to synthesize (a fifth never take part in training)."),
-    rounds: int = typer.Option(20, "--rounds", min=1, help="Federated rounds of every federated method."),
+    config: Path = typer.Option(
+        None, "--config", "-c",
+        help="Evaluate on your own federation: a run configuration with [federation] kind = \"csv\" and data_dir. Its seed, test_fraction, "
+             "rounds, model.hidden and algorithm are used; every method trains with the harness's one recipe.",
+    ),
+    unseen: str = typer.Option(None, "--unseen", help="With --config: sites (comma-separated names) kept out of training and scored after adaptation."),
+    sites: int = typer.Option(None, "--sites", min=3, help="Synthetic hospitals to generate (default 47; a fifth never take part in training). Not with --config."),
+    rounds: int = typer.Option(None, "--rounds", min=1, help="Federated rounds of every federated method (default 20, or the config's rounds)."),
     shots: int = typer.Option(10, "--shots", "-k", min=1, help="K: shots per class for personalization and fine-tuning."),
-    algorithms: str = typer.Option("reptile,fomaml,maml,metasgd", "--algorithms", help="FedMeta algorithms to compare, comma-separated: reptile, fomaml, maml, metasgd, anil."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic hospitals, the splits and training."),
+    algorithms: str = typer.Option(
+        None, "--algorithms", help="FedMeta algorithms to compare, comma-separated: reptile, fomaml, maml, metasgd, anil (default: all but anil, or the config's algorithm)."
+    ),
+    seed: int = typer.Option(None, "--seed", help="Seed of the synthetic hospitals, the splits and training (default 0, or the config's seed)."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run the personalized-FL peers (Ditto, FedRep, FedPer, FedBABU, APFL, Per-FedAvg) and the pooled oracle with a site indicator."),
 ) -> None:
-    """Compare local-only, pooled, FedAvg, FedAvg+FT, personalized-FL peers and FedMeta algorithms on the same hospitals, splits and seeds."""
-    from fedmeta.evaluate import evaluate, hospital_federation_on_disk
+    """Compare local-only, pooled, FedAvg, FedAvg+FT, personalized-FL peers and FedMeta algorithms on the same sites, splits and seeds.
+
+    Synthetic hospitals by default; with --config, the sites of your own federation folder, each scored on its
+    test file where it has one (else on the rows its name and the federation's seed hold out).
+    """
+    from fedmeta.evaluate import evaluate, folder_federation, hospital_federation_on_disk
     from fedmeta.report import write_report
 
-    chosen = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    run_config = _evaluation_config(config, sites, unseen)
+    default_algorithms = "reptile,fomaml,maml,metasgd"
+    if run_config is not None:
+        rounds = rounds or run_config.rounds
+        seed = run_config.seed if seed is None else seed
+        if algorithms is None and run_config.algorithm.name != "fedavg":
+            default_algorithms = run_config.algorithm.name
+    rounds, seed, sites = rounds or 20, seed or 0, sites or 47
+    chosen = tuple(a.strip() for a in (algorithms or default_algorithms).split(",") if a.strip())
     unknown = [a for a in chosen if a not in ("reptile", "fomaml", "maml", "metasgd", "anil")]
     if unknown:
         raise fail(f"--algorithms: unknown {unknown}")
+    held = sorted({s.strip() for s in (unseen or "").split(",") if s.strip()})
     settings = {"sites": sites, "rounds": rounds, "algorithms": list(chosen), "shots": shots, "seed": seed, "peers": peers}
+    if run_config is not None:
+        settings = {"config": str(config.resolve()), "data_dir": run_config.federation.data_dir, "unseen": held, "rounds": rounds,
+                    "algorithms": list(chosen), "shots": shots, "seed": seed, "hidden": run_config.model.hidden, "peers": peers}
     if _continues(out, settings, "evaluation", "fedmeta evaluate"):
         print_results(out)
         console.print(f"{out} holds this evaluation, complete: report {out / 'report.md'}")
@@ -191,16 +215,60 @@ def evaluate_command(
     progress = timed_progress()
 
     def run() -> None:
-        fed = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed)
         from fedmeta.evaluate.peers import PEERS
 
-        evaluate(fed, out, algorithms=chosen, rounds=rounds, shots=shots, seed=seed, progress=progress, observer=ProgressObserver, peers=PEERS if peers else ())
+        if run_config is None:
+            fed, hidden = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed), (64, 64)
+        else:
+            federation = run_config.federation
+            fed = folder_federation(federation.data_dir, out / "data", held, federation.test_fraction, federation.seed)
+            hidden = tuple(run_config.model.hidden)
+            from fedmeta.data.federation import discover_sites
 
-    _interruptible(run, f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}"
-                   + ("" if peers else " --no-peers"))
+            with_test = sum(site.test is not None for site in discover_sites(federation.data_dir))
+            progress(f"{federation.data_dir}: {len(fed.seen)} sites train, {len(fed.unseen)} never take part (unseen); "
+                     f"{with_test} scored on their test file, the others on held-out rows")
+        evaluate(fed, out, algorithms=chosen, rounds=rounds, hidden=hidden, shots=shots, seed=seed, progress=progress, observer=ProgressObserver,
+                 peers=PEERS if peers else ())
+
+    if run_config is None:
+        again = f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}"
+    else:
+        again = f"fedmeta evaluate --out {out} --config {config}" + (f" --unseen {','.join(held)}" if held else "") + f" --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)}"
+    _interruptible(lambda: _user_errors(run), again + ("" if peers else " --no-peers"))
     print_results(out)
     path = write_report(out)
     console.print(f"report: {path}  results: {out / 'results.json'}")
+
+
+def _evaluation_config(config: Path | None, sites: int | None, unseen: str | None):
+    """The run configuration behind ``--config``, checked: a csv federation, and no --sites beside it."""
+    if config is None:
+        if unseen:
+            raise fail("--unseen names sites of your own federation: give --config too")
+        return None
+    if sites is not None:
+        raise fail("--sites sizes the synthetic hospitals; with --config the sites are the ones in the config's data_dir")
+    from fedmeta.fl.config import ConfigError, RunConfig
+
+    try:
+        run_config = RunConfig.load(config)
+    except ConfigError as e:
+        raise fail(e) from None
+    if run_config.federation.kind != "csv":
+        raise fail(f"{config}: fedmeta evaluate --config needs a federation folder ([federation] kind = \"csv\" and data_dir); "
+                   f"this one is {run_config.federation.kind!r}")
+    return run_config
+
+
+def _user_errors(work):
+    """``work()``, with a data problem (unreadable file, unknown site) as one line and exit 2."""
+    from fedmeta.data import SchemaError
+
+    try:
+        return work()
+    except SchemaError as e:
+        raise fail(e) from None
 
 
 def report_command(folder: Path = typer.Argument(..., help="An evaluation or demo folder (holding results.json).")) -> None:

@@ -49,6 +49,11 @@ class ProgressObserver:
         self.progress.console.print(f"round {round_}/{self.rounds}  {loss}  {self.durations[-1]:.1f} s  {left}", highlight=False)
         self.progress.update(self.task, completed=round_, description=loss)
 
+    def chose_defaults(self, chosen) -> None:
+        """The settings a short config left unset, as chosen from the sites' rows (fedmeta.fl.data_defaults)."""
+        for c in chosen:
+            console.print(f"default from the data: {c.key} = {c.value} ({c.why})", highlight=False)
+
     def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
         from rich.markup import escape
 

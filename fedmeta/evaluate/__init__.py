@@ -33,6 +33,7 @@ from fedmeta.evaluate.federations import (
     digits_federation_on_disk,
     federation_on_disk,
     fedprox_federation_on_disk,
+    folder_federation,
     hospital_federation_on_disk,
 )
 from fedmeta.evaluate.harness import ALGORITHMS, SHOTS_CURVE, MethodResult, Progress, Stages, evaluate, federated, run_config, upload_bytes

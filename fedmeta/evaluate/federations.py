@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from fedmeta.data import SiteData, hospital_federation_frames, load_federation
-from fedmeta.data.schema import Schema, TaskColumn, feature_sums, numeric_schema
+from fedmeta.data.federation import SCHEMA_FILE, discover_sites, federation_schema
+from fedmeta.data.schema import Schema, SchemaError, TaskColumn, feature_sums, numeric_schema
 from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
 from fedmeta.files import atomic_write_bytes
 
@@ -43,6 +44,38 @@ def federation_on_disk(
     seen = load_federation(train_dir, test_fraction, seed)
     unseen = load_federation(unseen_dir, test_fraction, seed) if any(unseen_dir.glob("*.csv")) else []
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
+
+
+def folder_federation(data_dir: str | Path, out: Path, unseen: list[str], test_fraction: float = 0.25, seed: int = 0) -> Federation:
+    """A federation folder laid out by hand, split by name into training sites and ``unseen`` ones.
+
+    Nothing is copied: ``out/train`` and ``out/unseen`` hold links to the
+    sites' own files or folders (and to ``schema.json``), so the sites keep
+    their names, their test files and their held-out rows.
+    Raises :class:`~fedmeta.data.SchemaError` naming an unknown site, or when fewer than two sites would train.
+    """
+    data_dir = Path(data_dir).resolve()
+    federation_schema(data_dir)  # a missing or invalid schema.json is named before anything is linked
+    sites = discover_sites(data_dir)
+    names = [s.name for s in sites]
+    unknown = [name for name in unseen if name not in names]
+    if unknown:
+        raise SchemaError(f"--unseen: {data_dir} has no site(s) {unknown}; its sites are {names}")
+    if len(sites) - len(set(unseen)) < 2:
+        raise SchemaError(f"--unseen leaves {len(sites) - len(set(unseen))} of {len(sites)} sites to train; at least 2 must take part")
+    train_dir, unseen_dir = out / "train", out / "unseen"
+    for folder in (train_dir, unseen_dir):
+        if folder.exists():
+            for link in folder.iterdir():
+                link.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SCHEMA_FILE).symlink_to(data_dir / SCHEMA_FILE)
+    for site in sites:
+        source = site.train.parent if site.train.parent != data_dir else site.train
+        (unseen_dir if site.name in unseen else train_dir).joinpath(source.name).symlink_to(source)
+    seen = load_federation(train_dir, test_fraction, seed)
+    held = load_federation(unseen_dir, test_fraction, seed) if unseen else []
+    return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction)
 
 
 def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:

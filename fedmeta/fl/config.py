@@ -39,13 +39,13 @@ class FederationConfig(_Section):
     the number of sites found.
     """
 
-    kind: Literal["hospitals", "fedprox", "csv"] = "hospitals"
+    kind: Literal["hospitals", "fedprox", "csv"] = Field("hospitals", description="hospitals or fedprox (synthetic, seeded), or csv (the sites in data_dir)")
     n_sites: int | None = Field(None, ge=1, description="sites in the federation (default 10; for csv, the sites found in data_dir)")
-    seed: int = 0
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(1.0, ge=0)
-    data_dir: str | None = None
-    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = Field(0, description="seed of the synthetic sites and of every site's held-out rows")
+    alpha: float = Field(1.0, ge=0, description="fedprox: how much the sites' models differ (FedProx Synthetic(alpha, beta))")
+    beta: float = Field(1.0, ge=0, description="fedprox: how much the sites' features differ")
+    data_dir: str | None = Field(None, description="csv: the folder of site files (<site>.csv or <site>/train.csv [+ test.csv]) and schema.json")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="share of a site's rows held out for scoring, for a site without a test file")
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
@@ -60,7 +60,7 @@ class FederationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    hidden: list[int] = Field(default_factory=lambda: [64, 64], description="widths of the shared body's layers (csv: chosen from the data unless set)")
 
 
 class AlgorithmConfig(_Section):
@@ -70,10 +70,10 @@ class AlgorithmConfig(_Section):
     minibatch SGD on their rows and the server averages the resulting models.
     """
 
-    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "fedavg"] = "fomaml"
+    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "fedavg"] = Field("fomaml", description="the meta-learner, or fedavg (no meta-learning)")
     lr: float = Field(0.05, gt=0, description="inner-loop learning rate")
-    adaptation_steps: int = Field(3, ge=1)
-    first_order: bool | None = None
+    adaptation_steps: int = Field(3, ge=1, description="inner-loop steps on an episode's support set")
+    first_order: bool | None = Field(None, description="drop second-order terms (default: true for fomaml and reptile, false for maml, metasgd, anil)")
 
 
 class LocalConfig(_Section):
@@ -82,18 +82,18 @@ class LocalConfig(_Section):
     steps: int = Field(10, ge=1, description="local meta-updates per round")
     lr: float = Field(0.05, gt=0, description="site-side learning rate of the local meta-updates")
     meta_batch: int = Field(8, ge=1, description="episodes per meta-update")
-    shots: int = Field(5, ge=1)
-    query_size: int = Field(16, ge=1)
+    shots: int = Field(5, ge=1, description="K: support rows per class of an episode (csv: chosen from the data unless set)")
+    query_size: int = Field(16, ge=1, description="query rows of an episode (csv: chosen from the data unless set)")
 
 
 class ServerConfig(_Section):
     """The server optimizer on the weighted mean update, sampling and fault tolerance."""
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="the server's step on the mean update")
     lr: float = Field(1.0, gt=0, description="server learning rate beta")
-    momentum: float = Field(0.0, ge=0, lt=1)
-    betas: tuple[float, float] = (0.9, 0.999)
-    fraction_train: float = Field(1.0, gt=0, le=1)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam: betas")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of the connected sites sampled each round (by site name, seeded)")
     fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of sites in the final evaluation (during training, the round's training sites evaluate)")
     min_sites: int = Field(2, ge=1, description="fewest replies a round may aggregate")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
@@ -103,7 +103,7 @@ class ServerConfig(_Section):
 
 class EvaluationConfig(_Section):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and after the last)")
-    shots: int = Field(5, ge=1)
+    shots: int = Field(5, ge=1, description="K: support rows per class for the personalized score (csv: chosen from the data unless set)")
     steps: int = Field(5, ge=0, description="adaptation steps before personalized evaluation")
     lr: float | None = Field(None, description="adaptation rate (defaults to algorithm.lr)")
 
@@ -120,7 +120,7 @@ class PrivacyConfig(_Section):
 
     clip_norm: float | None = Field(None, gt=0, description="L2 bound of one site's update; unset = DP off")
     noise_multiplier: float = Field(0.0, ge=0, description="noise std relative to clip_norm (0 = clipping only, no guarantee)")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) account")
     max_epsilon: float | None = Field(None, gt=0, description="stop training before the next round would spend more")
 
     @property
@@ -142,8 +142,8 @@ class AggregationConfig(_Section):
     (Blanchard et al. 2017), which assume at most ``byzantine_sites`` attackers.
     """
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum"] = "mean"
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum"] = Field("mean", description="how the server combines the sites' updates")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share dropped at each end, per coordinate")
     byzantine_sites: int = Field(1, ge=0, description="f, the attackers Krum guards against")
     multikrum_select: int | None = Field(None, ge=1, description="m, updates Multi-Krum averages (default n - f)")
 
@@ -157,16 +157,16 @@ class CompressionConfig(_Section):
     not sent is kept at the site (error feedback) and added to its next update.
     """
 
-    upload: Literal["none", "int8", "topk"] = "none"
-    topk_ratio: float = Field(0.05, gt=0, le=1)
-    error_feedback: bool = True
+    upload: Literal["none", "int8", "topk"] = Field("none", description="codec of the sites' updates")
+    topk_ratio: float = Field(0.05, gt=0, le=1, description="topk: share of each tensor's entries sent")
+    error_feedback: bool = Field(True, description="topk: keep what is not sent and add it to the next update")
     broadcast: Literal["none", "int8"] = Field("none", description="int8: sites receive the global model quantized; the server keeps full precision")
 
 
 class SecureConfig(_Section):
     """Secure aggregation with Flower's SecAgg+: the server learns only the sum of the updates."""
 
-    secagg: bool = False
+    secagg: bool = Field(False, description="SecAgg+: the server learns only the sum of the updates")
     clipping_range: float = Field(8.0, gt=0, description="update entries are clipped to +-this before quantization")
     quantization_range: int = Field(4_194_304, ge=2, description="quantization levels per entry")
     reconstruction_threshold: float = Field(0.6, gt=0, le=1, description="share of sampled sites whose key shares must survive")
@@ -176,7 +176,7 @@ class SecureConfig(_Section):
 class SimulationConfig(_Section):
     """Options of the embedded simulation only."""
 
-    cpus_per_site: float = Field(1.0, gt=0)
+    cpus_per_site: float = Field(1.0, gt=0, description="CPUs Ray gives each simulated site (its torch threads: the floor, at least 1)")
     failing_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions raise in training")
     byzantine_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions send a malicious update")
     attack: Literal["sign_flip", "noise"] = Field("sign_flip", description="sign_flip: -10 x the honest update; noise: N(0, 1) entries")
@@ -185,9 +185,9 @@ class SimulationConfig(_Section):
 class RunConfig(_Section):
     """A whole run; its hash guards resumption against changed settings."""
 
-    name: str = "run"
-    rounds: int = Field(10, ge=1)
-    seed: int = 0
+    name: str = Field("run", description="the run's name (its folder: runs/<name>)")
+    rounds: int = Field(10, ge=1, description="federated rounds")
+    seed: int = Field(0, description="seed of sampling, episodes and initial weights")
     federation: FederationConfig = Field(default_factory=FederationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)

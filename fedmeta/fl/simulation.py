@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from fedmeta.files import atomic_write_json
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.app import RoundObserver, client_app, make_server_app
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.data_defaults import choose as choose_defaults
 from fedmeta.fl.run_dir import RunDir
 from fedmeta.fl.sites import prepare_federation
 
@@ -77,12 +79,16 @@ def is_complete(rd: RunDir, config: RunConfig) -> bool:
     return int(torch.load(rd.base_model_path, weights_only=False)["round"]) == ckpt.round
 
 
+DEFAULTS_FILE = "defaults.json"  # the settings chosen from the data, and why (fedmeta.fl.data_defaults)
+
+
 def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False, observer: RoundObserver | None = None, verbose: bool = False) -> RunDir:
     """Train ``config`` in simulation, writing to ``run_dir``; with ``resume`` continue its last checkpoint.
 
     A CSV federation is checked first (:func:`~fedmeta.fl.sites.prepare_federation`):
-    ``federation.n_sites`` becomes the number of sites found, and the run
-    folder records it.
+    ``federation.n_sites`` becomes the number of sites found, the settings
+    the config leaves unset are chosen from the rows
+    (:mod:`fedmeta.fl.data_defaults`), and the run folder records both.
 
     Resuming a complete run does nothing (check :func:`is_complete` first to say so).
     """
@@ -94,9 +100,15 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         if is_complete(rd, config):
             return rd
     # Every site's files are read and checked here, before a worker starts: a bad one is one line, not a Ray traceback.
-    config, _ = prepare_federation(config)
+    given = config
+    config, sites = prepare_federation(config)
     if not resume:
+        config, chosen = choose_defaults(config, sites, given)
         rd.create(config)
+        if chosen:
+            atomic_write_json(rd.path / DEFAULTS_FILE, [c.as_dict() for c in chosen])
+            if observer is not None and hasattr(observer, "chose_defaults"):
+                observer.chose_defaults(chosen)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray runs its workers at nice 15 by default; here they are the run's sites, its main work. At nice 15 any
     # other job on the machine starves them (measured: the quick demo stalled for minutes behind two CPU-bound
