@@ -16,7 +16,9 @@ MLP 64-64 and round budget:
 - ``local`` (each site alone, all its training rows), ``pooled_oracle`` (pooled + a site indicator),
   ``pooled`` (pooled, no indicator), ``fedavg``, ``fedavg_ft`` (+ fine-tuning on all rows);
 - ``ditto``, ``fedrep``, ``fedper``, ``fedbabu``, ``apfl``, ``perfedavg``: in-process federated loops
-  (``fedmeta.evaluate.peers``), each knob tuned on validation rows with a grid of the size fedmeta gets.
+  (``fedmeta.evaluate.peers``), each knob tuned on validation rows with a grid of the size fedmeta gets;
+- ``shots_all``: what ``fedmeta personalize --shots all`` gives each training site from the same base as
+  ``fedmeta`` (every labelled training row, steps chosen on a validation fifth of them).
 
 With ``--json`` the last line is ``{"benchmarks": {name: {"methods": {method: {"acc", "worst10"}}, "choices": {...}}}}``.
 It prints figures; it asserts nothing.
@@ -34,13 +36,16 @@ import time
 from pathlib import Path
 
 from fedmeta.evaluate import (
+    MethodResult,
     aggregate,
     digits_federation_on_disk,
     evaluate,
     fedprox_federation_on_disk,
     hospital_federation_on_disk,
+    site_summary,
 )
 from fedmeta.evaluate.peers import PEERS
+from fedmeta.personalize import load_base, personalize
 from fedmeta.threads import limit_threads
 
 BENCHMARKS = {
@@ -59,7 +64,7 @@ def method_keys(algorithms: tuple[str, ...]) -> dict[str, str]:
     """Benchmark key -> the harness's result name."""
     keys = {"fedmeta": f"fedmeta_{algorithms[0]}", "local": "local_only", "pooled_oracle": "pooled_oracle", "fedavg": "fedavg", "fedavg_ft": "fedavg_ft"}
     keys.update({p: p for p in PEERS})
-    keys.update({f"fedmeta_{algorithms[0]}_global": f"fedmeta_{algorithms[0]}_global", "pooled": "pooled"})
+    keys.update({f"fedmeta_{algorithms[0]}_global": f"fedmeta_{algorithms[0]}_global", "pooled": "pooled", "shots_all": "shots_all"})
     for a in algorithms[1:]:
         keys.update({f"fedmeta_{a}": f"fedmeta_{a}", f"fedmeta_{a}_global": f"fedmeta_{a}_global"})
     return keys
@@ -89,6 +94,7 @@ def main() -> None:
         fed = BENCHMARKS[name](out / "data")
         results = evaluate(fed, out, algorithms=algorithms, rounds=args.rounds, shots=args.shots, peers=PEERS, shots_curve=False,
                            progress=lambda m: print(f"  {name}: {m}", file=sys.stderr, flush=True))
+        results["shots_all"] = shots_all(fed, out / "runs" / algorithms[0])
         methods = {}
         for key, result_name in keys.items():
             if result_name in results:
@@ -112,6 +118,17 @@ def main() -> None:
         print(f"- {name}: " + "; ".join(f"{k}: {v}" for k, v in r["choices"].items()))
     if args.json:
         print(json.dumps({"benchmarks": report}, ensure_ascii=False))
+
+
+def shots_all(fed, run: Path, seed: int = 0) -> MethodResult:
+    """``fedmeta personalize --shots all`` at every training site, from the run's base; scored on the same held-out rows."""
+    base = load_base(run)
+    result = MethodResult("shots_all")
+    for site in fed.seen:
+        adapted = personalize(base.for_schema(site.schema), site, shots="all", steps="auto", mode="all", seed=seed)
+        per_task = {t: {k.split(".")[2]: v for k, v in adapted.metrics.items() if k.startswith(f"{t}.personalized.")} for t in adapted.tasks}
+        result.seen[site.name] = site_summary(per_task)
+    return result
 
 
 def _counts(choices: dict[str, str]) -> dict[str, int]:
