@@ -41,6 +41,7 @@ def test_personalize_registers_promotes_and_reports_base_vs_personalized(tmp_pat
     assert "mortality.personalized.auc" in manifest.metrics and "mortality.base.auc" in manifest.metrics
 
 
+@pytest.mark.slow  # whole `fedmeta personalize` runs through the CLI, several per test
 def test_personalization_is_deterministic_for_a_seed(tmp_path, hospitals, base_run):
     assert _personalize_cli(tmp_path, hospitals, base_run, "--seed", "3").exit_code == 0
     again = _personalize_cli(tmp_path, hospitals, base_run, "--seed", "3")
@@ -167,6 +168,7 @@ def test_new_task_needs_a_kind_and_both_classes(hospitals, base_run, site):
         train_head(base, task, one_class, "s.csv")
 
 
+@pytest.mark.slow  # whole `fedmeta personalize` runs through the CLI, several per test
 def test_models_cli_lists_promotes_rolls_back_and_refuses_tampered_files(tmp_path, hospitals, base_run):
     assert _personalize_cli(tmp_path, hospitals, base_run, "--seed", "1").exit_code == 0
     assert _personalize_cli(tmp_path, hospitals, base_run, "--seed", "2").exit_code == 0
