@@ -170,7 +170,7 @@ def evaluate_command(
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for data, runs and results."),
     config: Path = typer.Option(
         None, "--config", "-c",
-        help="Evaluate on your own federation: a run configuration with [federation] kind = \"csv\" and data_dir. Its seed, test_fraction, "
+        help="Evaluate on your own federation: a run configuration with federation.kind = \"csv\" and federation.data_dir. Its seed, test_fraction, "
              "rounds, model.hidden and algorithm are used; every method trains with the harness's one recipe.",
     ),
     unseen: str = typer.Option(None, "--unseen", help="With --config: sites (comma-separated names) kept out of training and scored after adaptation."),
