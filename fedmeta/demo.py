@@ -5,8 +5,10 @@
 2. Meta-train over a Flower simulation, and train the alternatives on the
    same splits (:mod:`fedmeta.evaluate`): local-only, the pooled oracle,
    FedAvg and FedAvg with fine-tuning.
-3. Personalize every hospital, seen and unseen, with K shots; export each
-   model to ONNX and register and promote it in one site home.
+3. Personalize every hospital, seen and unseen, as ``fedmeta personalize``
+   does by default (the candidate chosen on validation folds of its training
+   rows); export exactly the model the table scored to ONNX, and register and
+   promote it in one site home.
 4. Print the results table and write ``report.md`` and ``results.json``.
 
 ``fedmeta demo --serve SITE`` then serves that hospital's model.
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.evaluate import MethodResult, Progress, evaluate, hospital_federation_on_disk, shots_for
-from fedmeta.personalize import data_lineage, load_base, personalize, publish, register_base
+from fedmeta.personalize import choose_personalization, data_lineage, load_base, publish, register_base
 from fedmeta.registry import SiteHome
 from fedmeta.report import write_report
 
@@ -49,7 +51,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     progress(f"synthesizing {n_sites} hospitals (uneven sizes, case mix and base rates) in {out / 'data'}")
     fed = hospital_federation_on_disk(out / "data", n_sites=n_sites, seed=seed)
-    results = evaluate(fed, out, algorithms=(algorithm,), rounds=rounds, hidden=hidden, shots=shots, seed=seed, progress=progress, observer=observer)
+    chosen: dict = {}  # each hospital's chosen personalization, as scored in the table: what gets registered
+    results = evaluate(fed, out, algorithms=(algorithm,), rounds=rounds, hidden=hidden, shots=shots, seed=seed, progress=progress, observer=observer,
+                       keep=chosen)
 
     progress(f"exporting and registering a personalized model for each of {len(fed.seen) + len(fed.unseen)} hospitals")
     home = SiteHome(out / "site-home")
@@ -59,12 +63,17 @@ def run_demo(
     names = []
     for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)):
         for site in sites:
-            result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, shots), steps="auto", lr=adaptation["lr"], seed=seed)
+            # The model the table scored; after an interrupted demo whose FedMeta stage was already finished, the same
+            # choice again (deterministic for the seed), exactly as `fedmeta personalize` makes it by default.
+            result = chosen.get(site.name) or choose_personalization(
+                base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed
+            )
             publish(
                 home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
                 data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
-                training={"mode": "all", "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr, "seed": seed, "unseen": folder == fed.unseen_dir},
-                shots=result.shots, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo", feature_ranges=site.feature_ranges(),
+                training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
+                          "seed": seed, "unseen": folder == fed.unseen_dir},
+                shots=result.shots if isinstance(result.shots, int) else None, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo", feature_ranges=site.feature_ranges(),
             )
             names.append(site.name)
     seconds = time.perf_counter() - started

@@ -72,6 +72,14 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
     home = SiteHome(out / "site-home")
     sites = home.registry.sites()
     assert len(sites) == 6 and all(home.registry.current(s) is not None for s in sites)
+    # What is registered and served is what the table scored: the same candidate, the same held-out accuracy.
+    stage = json.loads((out / "stages" / "fedmeta_fomaml.json").read_text())
+    per_site = {**stage["seen"], **stage["unseen"]}
+    for site in sites:
+        manifest, _ = home.load(home.registry.current(site))
+        assert manifest.training["steps_selection"]["chosen"] == stage["choices"][site], site
+        accs = [v for k, v in manifest.metrics.items() if k.endswith(".personalized.acc")]
+        assert abs(sum(accs) / len(accs) - per_site[site]["acc"]) < 1e-9, site
 
     port = _free_port()
     server = subprocess.Popen(

@@ -94,9 +94,13 @@ class Stages:
 
 def federated(
     fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], shots: int, runs_dir: Path, seed: int, progress: Progress, observer=None,
-    shots_curve: bool = True,
+    shots_curve: bool = True, keep: dict[str, Personalization] | None = None,
 ) -> list[MethodResult]:
-    """Train over Flower, then score: FedAvg as is and fine-tuned; a meta-learner personalized."""
+    """Train over Flower, then score: FedAvg as is and fine-tuned; a meta-learner personalized.
+
+    ``keep`` receives each site's personalization (its model included), so that what is
+    registered is exactly what was scored.
+    """
     from fedmeta.fl.simulation import run_simulation
 
     started = time.perf_counter()
@@ -127,6 +131,8 @@ def federated(
                 # Exactly what `fedmeta personalize` does with no --mode.
                 result = choose_personalization(trained, site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed)
                 tuned.choices[site.name] = result.steps_selection["chosen"]
+                if keep is not None:
+                    keep[site.name] = result
             for target, label in ((tuned, "personalized"), (plain, "base")):
                 per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
                 getattr(target, group)[site.name] = site_summary(per_task)
@@ -153,8 +159,12 @@ def evaluate(
     observer=None,
     peers: tuple[str, ...] = (),
     shots_curve: bool = True,
+    keep: dict[str, Personalization] | None = None,
 ) -> dict[str, MethodResult]:
     """Every method on ``fed``; writes ``results.json`` to ``out`` and returns the results by method.
+
+    ``keep`` receives the first algorithm's personalization of each site it
+    scores in this call (none for a stage finished by an earlier, interrupted call).
 
     ``peers`` adds personalized-FL peers (:mod:`fedmeta.evaluate.peers`) and
     the fair pooled oracle (pooled with a site indicator), scored on the
@@ -196,7 +206,8 @@ def evaluate(
         names = ("fedavg", "fedavg_ft") if algorithm == "fedavg" else (f"fedmeta_{algorithm}_global", f"fedmeta_{algorithm}")
         done = stages.get(*names)
         if done is None:
-            done = federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer, shots_curve)
+            done = federated(fed, algorithm, rounds, hidden, shots, out / "runs", seed, progress, observer, shots_curve,
+                             keep if algorithms and algorithm == algorithms[0] else None)
             stages.put(*done)
         results.update({r.name: r for r in done})
     if peers:
