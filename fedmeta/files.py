@@ -16,12 +16,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False) -> None:
+    """Write ``data`` to a temporary file, fsync it, rename it over ``path``: never half-written.
+
+    ``private`` keeps the file readable by its owner only (0600) from its first byte on,
+    for keys and credentials; otherwise it gets the usual permissions (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        if not private:
+            os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -32,9 +38,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> None:
+    atomic_write_bytes(path, text.encode(), private)
 
 
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+def atomic_write_json(path: str | Path, obj: object, private: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True), private)

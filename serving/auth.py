@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedmeta.files import atomic_write_json
 from fedmeta.manifest import utc_now
 from serving.errors import ApiError
 
@@ -34,21 +33,6 @@ KEYS_FILE = "api_keys.json"
 ROLES = ("predict", "department", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
 log = logging.getLogger("fedmeta.serving")
-
-
-def _write_private(path: Path, obj: object) -> None:
-    """Atomic write (temp file, fsync, rename) of a file only its owner may read (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(obj, indent=2, sort_keys=True))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class KeyManagementError(ValueError):
@@ -103,7 +87,7 @@ class KeyStore:
         with self._lock:
             keys = self.keys()
             key = ApiKey(id=secrets.token_hex(4), name=name, role=role, sha256=_digest(secret), created_at=utc_now())
-            _write_private(self.path, {"keys": [asdict(k) for k in keys + [key]]})
+            atomic_write_json(self.path, {"keys": [asdict(k) for k in keys + [key]]}, private=True)
         return key, secret
 
     def revoke(self, key_id: str) -> ApiKey:
@@ -115,7 +99,7 @@ class KeyStore:
             if match[0].revoked_at:
                 raise KeyManagementError(f"key {key_id!r} was already revoked at {match[0].revoked_at}")
             revoked = ApiKey(**{**asdict(match[0]), "revoked_at": utc_now()})
-            _write_private(self.path, {"keys": [asdict(revoked if k.id == key_id else k) for k in keys]})
+            atomic_write_json(self.path, {"keys": [asdict(revoked if k.id == key_id else k) for k in keys]}, private=True)
         return revoked
 
     # --- checking (server) -------------------------------------------------------

@@ -177,3 +177,19 @@ def test_two_processes_registering_at_once_do_not_corrupt_the_registry(tmp_path)
     con = sqlite3.connect(tmp_path / "registry.sqlite")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
+
+
+def test_a_private_file_is_never_readable_by_others_and_a_plain_one_gets_the_usual_mode(tmp_path):
+    import os
+
+    from fedmeta.files import _UMASK, atomic_write_bytes
+
+    old = os.umask(0)  # the most permissive umask: only the write itself decides
+    try:
+        atomic_write_bytes(tmp_path / "key", b"secret", private=True)
+        atomic_write_bytes(tmp_path / "plain", b"data")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~_UMASK  # the process's umask, read at import
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left behind"

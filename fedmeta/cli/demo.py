@@ -53,8 +53,7 @@ def _demo_key(home) -> str:
         if hashlib.sha256(secret.encode()).hexdigest() in live:
             return secret
     _, secret = store.create("demo", "predict")
-    atomic_write_text(path, secret + "\n")
-    path.chmod(0o600)
+    atomic_write_text(path, secret + "\n", private=True)
     return secret
 
 

@@ -39,9 +39,7 @@ def _write(path: Path, data: bytes, private: bool = False) -> Path:
     if path.exists():
         raise CertificateError(f"{path} already exists; refusing to overwrite credentials (remove it first)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    if private:
-        path.chmod(0o600)
+    atomic_write_bytes(path, data, private)
     return path
 
 
