@@ -57,6 +57,47 @@ def test_head_retraining_leaves_the_body_bit_identical(site, base):
     assert any(not torch.equal(params[k], base.params[k]) for k in base.params if k.startswith("heads."))
 
 
+def _one_by_one_with_torch_adam(base, run, rows, steps, seed, batch_rows=128):
+    """The reference: one run alone, torch.optim.Adam, each task's minibatch drawn as the batch draws it, λ's proximal step after Adam's."""
+    model = base.module()
+    params = {k: v.detach().clone() for k, v in run.start.items()}
+    leaves = [params[n].requires_grad_(True) for n in run.names]
+    optimizer = torch.optim.Adam(leaves, lr=run.lr)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for task, (x, y) in rows.items():
+            pick = torch.from_numpy(rng.choice(len(y), min(batch_rows, len(y)), replace=False))
+            out = torch.func.functional_call(model, params, (x[pick],), {"task": task})
+            total = total + torch.nn.functional.cross_entropy(out, y[pick].long())
+        (total / len(rows)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for n in run.names:
+                params[n].add_(run.start[n], alpha=run.lr * run.prox).div_(1 + run.lr * run.prox)
+    return {k: v.detach() for k, v in params.items()}
+
+
+def test_fine_tunes_trained_as_one_batch_equal_each_trained_alone_with_torch_adam(site, base):
+    from fedmeta.personalize.all_rows import Run, train_runs
+
+    tasks = [t for t in site.tasks if site.schema.task(t).kind != "regression"]
+    rows = {t: tuple(map(torch.from_numpy, site.split(t, train=True))) for t in tasks}
+    every = tuple(base.params)
+    heads = tuple(k for k in base.params if k.startswith("heads."))
+    other = TrainedModel.initial(site.schema, hidden=(16, 16), seed=7)
+    runs = [Run(base.params, every, 1e-3), Run(base.params, every, 1e-3, prox=10.0), Run(base.params, heads, 1e-2),
+            Run(other.params, every, 3e-3)]
+    steps = [25, 40, 40, 10]
+    batched = train_runs(base.module(), runs, rows, steps, seed=3)
+    for run, n, got in zip(runs, steps, batched):
+        expected = _one_by_one_with_torch_adam(base, run, rows, n, seed=3)
+        assert all(torch.allclose(got[k], expected[k], atol=2e-5) for k in expected), run.lr
+        moved = [k for k in expected if not torch.equal(expected[k], run.start[k])]
+        assert moved and set(moved) <= set(run.names), "the reference trained what the run names, and only that"
+
+
 def test_the_mix_predicts_the_weighted_mean_of_base_and_local_predictions(site, base):
     local = fit_local(base, site, site.tasks, seed=0, steps=20)
     mixed = mixed_model(base, local, alpha=0.3)

@@ -39,7 +39,7 @@ import torch
 from fedmeta.data.site import SiteData
 from fedmeta.models import head_prefix, is_body_param
 from fedmeta.personalize.adaptation import AUTO_STEPS, _choose_steps, _fine_tune, _support_and_rest
-from fedmeta.personalize.all_rows import ALL_ROWS_LR, fit_all_rows
+from fedmeta.personalize.all_rows import ALL_ROWS_LR, Run, fit_all_rows_batch
 from fedmeta.trained import TrainedModel
 
 DITTO_LAMBDAS = (1.0, 10.0, 100.0)
@@ -102,35 +102,79 @@ def fit_few_shot(base: TrainedModel, site: SiteData, tasks: list[str], shots: in
     return Candidate("few_shot", _with_params(base, params, "few_shot"), {"shots": shots, "steps": steps, "mode": mode, "lr": lr if mode != "metasgd" else "learned"})
 
 
-def _all_rows_candidate(name: str, base: TrainedModel, site: SiteData, tasks: list[str], names: list[str], seed: int, steps: int | None, **knobs) -> Candidate:
-    params, steps, _ = fit_all_rows(base, site, tasks, names, knobs.get("lr", ALL_ROWS_LR), seed, max_steps=MAX_STEPS, steps=steps, prox=knobs.get("lambda"))
-    if not all(torch.isfinite(v).all() for v in params.values()):
-        params = {k: v.clone() for k, v in base.params.items()}
-    return Candidate(name, _with_params(base, params, name), {**knobs, "steps": steps})
+def _finite_or_base(params: dict[str, torch.Tensor], base: TrainedModel) -> dict[str, torch.Tensor]:
+    """A diverged fine-tune falls back to the base; its validation score will say so."""
+    if all(torch.isfinite(v).all() for v in params.values()):
+        return params
+    return {k: v.clone() for k, v in base.params.items()}
+
+
+def _body_and_heads(model: TrainedModel, tasks: list[str]) -> tuple[str, ...]:
+    return tuple(k for k in model.params if is_body_param(k)) + tuple(_head_names(model, tasks))
+
+
+def _all_rows_runs(base: TrainedModel, tasks: list[str], lambdas=DITTO_LAMBDAS) -> list[tuple[str, dict, Run]]:
+    """The fine-tunes of the base on all rows, as (name, knobs, run): plain, Ditto's for each λ, heads only."""
+    every = _body_and_heads(base, tasks)
+    return [
+        ("all_rows", {"lr": ALL_ROWS_LR}, Run(base.params, every, ALL_ROWS_LR)),
+        *(("ditto", {"lr": ALL_ROWS_LR, "lambda": lam}, Run(base.params, every, ALL_ROWS_LR, lam)) for lam in lambdas),
+        ("head", {"lr": 10 * ALL_ROWS_LR}, Run(base.params, tuple(_head_names(base, tasks)), 10 * ALL_ROWS_LR)),
+    ]
+
+
+def _local_run(base: TrainedModel, tasks: list[str], seed: int) -> Run:
+    """The site's own model: the same network from a fresh initialization (seeded), every layer trained at :data:`LOCAL_LR`."""
+    start = TrainedModel.initial(base.schema, base.hidden, seed)
+    return Run(start.params, _body_and_heads(start, tasks), LOCAL_LR)
+
+
+def _fit(base: TrainedModel, runs: list[Run], site: SiteData, tasks: list[str], seed: int, steps: list[int | None]) -> list[tuple[dict, int]]:
+    """Each run's (parameters, steps): runs with the same parameter names train as one batch, sharing every minibatch."""
+    out: list[tuple[dict, int] | None] = [None] * len(runs)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(tuple(run.start), []).append(i)
+    for members in groups.values():
+        fitted = fit_all_rows_batch(base.module(), [runs[i] for i in members], site, tasks, seed, max_steps=MAX_STEPS,
+                                    steps=[steps[i] for i in members])
+        for i, (params, n_steps, _) in zip(members, fitted):
+            out[i] = (params, n_steps)
+    return out
+
+
+def _candidate(name: str, knobs: dict, base: TrainedModel, params: dict, steps: int) -> Candidate:
+    return Candidate(name, _with_params(base, _finite_or_base(params, base), name), {**knobs, "steps": steps})
+
+
+def _one(base: TrainedModel, spec: tuple[str, dict, Run], site: SiteData, tasks: list[str], seed: int, steps: int | None) -> Candidate:
+    name, knobs, run = spec
+    [(params, steps)] = _fit(base, [run], site, tasks, seed, [steps])
+    return _candidate(name, knobs, base, params, steps)
 
 
 def fit_all_rows_candidate(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> Candidate:
     """Every layer fine-tuned on every labelled training row (Adam), early-stopped."""
-    names = [k for k in base.params if is_body_param(k)] + _head_names(base, tasks)
-    return _all_rows_candidate("all_rows", base, site, tasks, names, seed, steps, lr=ALL_ROWS_LR)
+    return _one(base, _all_rows_runs(base, tasks)[0], site, tasks, seed, steps)
 
 
 def fit_ditto(base: TrainedModel, site: SiteData, tasks: list[str], lam: float, seed: int, steps: int | None = None) -> Candidate:
     """Ditto's personal model (Li et al. 2021): the all-rows fine-tune with a proximal pull ``λ/2 ||θ - θ_base||²`` toward the base."""
-    names = [k for k in base.params if is_body_param(k)] + _head_names(base, tasks)
-    return _all_rows_candidate("ditto", base, site, tasks, names, seed, steps, lr=ALL_ROWS_LR, **{"lambda": lam})
+    return _one(base, _all_rows_runs(base, tasks, (lam,))[1], site, tasks, seed, steps)
 
 
 def fit_head(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> Candidate:
     """The heads retrained on every labelled training row, the body frozen bit for bit (FedRep, Collins et al. 2021; ANIL)."""
-    return _all_rows_candidate("head", base, site, tasks, _head_names(base, tasks), seed, steps, lr=10 * ALL_ROWS_LR)
+    return _one(base, _all_rows_runs(base, tasks)[-1], site, tasks, seed, steps)
 
 
 def fit_local(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, steps: int | None = None) -> TrainedModel:
     """The site's own model: the same network from a fresh initialization, trained on its rows alone (Adam, early-stopped)."""
-    start = TrainedModel.initial(base.schema, base.hidden, seed)
-    names = [k for k in start.params if is_body_param(k)] + _head_names(start, tasks)
-    params, steps, _ = fit_all_rows(start, site, tasks, names, LOCAL_LR, seed, max_steps=MAX_STEPS, steps=steps)
+    [(params, steps)] = _fit(base, [_local_run(base, tasks, seed)], site, tasks, seed, [steps])
+    return _local_model(base, params, steps)
+
+
+def _local_model(base: TrainedModel, params: dict, steps: int) -> TrainedModel:
     return TrainedModel(base.schema, base.hidden, {"params": params}, {"adaptation": "local", "steps": steps})
 
 
@@ -160,21 +204,28 @@ def mixed_model(base: TrainedModel, local: TrainedModel, alpha: float) -> Traine
     return TrainedModel(base.schema, hidden, {"params": params}, {**base.info, "adaptation": "mix", "alpha": alpha})
 
 
-def fit_mixes(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, alphas=MIX_ALPHAS, local_steps: int | None = None) -> list[Candidate]:
-    """APFL's mixture (Deng et al. 2020) for each α: one local model, several mixes of its predictions with the base's."""
-    local = fit_local(base, site, tasks, seed, local_steps)
+def _mixes(base: TrainedModel, local: TrainedModel, alphas) -> list[Candidate]:
     return [Candidate("mix", mixed_model(base, local, alpha), {"alpha": alpha, "local_steps": local.info["steps"]}) for alpha in alphas]
 
 
+def fit_mixes(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, alphas=MIX_ALPHAS, local_steps: int | None = None) -> list[Candidate]:
+    """APFL's mixture (Deng et al. 2020) for each α: one local model, several mixes of its predictions with the base's."""
+    return _mixes(base, fit_local(base, site, tasks, seed, local_steps), alphas)
+
+
 def fit_candidates(base: TrainedModel, site: SiteData, tasks: list[str], shots: int, lr: float, seed: int) -> list[Candidate]:
-    """Every candidate, each choosing its own steps on ``site``'s training rows: base first (it wins ties)."""
+    """Every candidate, each choosing its own steps on ``site``'s training rows: base first (it wins ties).
+
+    The all-rows fine-tunes and the local model train as one batch (:func:`~fedmeta.personalize.all_rows.fit_all_rows_batch`).
+    """
+    specs = _all_rows_runs(base, tasks)
+    runs = [run for _, _, run in specs] + [_local_run(base, tasks, seed)]
+    *fitted, (local_params, local_steps) = _fit(base, runs, site, tasks, seed, [None] * len(runs))
     return [
         fit_base(base),
         fit_few_shot(base, site, tasks, shots, lr, seed),
-        fit_all_rows_candidate(base, site, tasks, seed),
-        *(fit_ditto(base, site, tasks, lam, seed) for lam in DITTO_LAMBDAS),
-        fit_head(base, site, tasks, seed),
-        *fit_mixes(base, site, tasks, seed),
+        *(_candidate(name, knobs, base, params, steps) for (name, knobs, _), (params, steps) in zip(specs, fitted)),
+        *_mixes(base, _local_model(base, local_params, local_steps), MIX_ALPHAS),
     ]
 
 
