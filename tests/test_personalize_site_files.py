@@ -90,6 +90,10 @@ def test_shots_all_through_the_cli_records_it_and_the_rows(clinics, tmp_path):
     assert "clinic_000: all" in result.stdout and "early-stopped on a validation fifth" in " ".join(result.stdout.split())
     manifest, _ = SiteHome(tmp_path).load(SiteHome(tmp_path).registry.current("clinic_000"))
     assert manifest.shots is None and manifest.training["shots"] == "all" and manifest.training["steps_selection"]["validation_rows"] > 0
+    # The Python API with its defaults does what the command does (it once fine-tuned all rows at the K-shot rate, 0.05).
+    site = load_site(folder / "train.csv", clinics / "data" / "schema.json", test_path=folder / "test.csv")
+    api = personalize(load_base(clinics / "run").for_schema(site.schema), site, shots="all", steps="auto")
+    assert (api.lr, api.steps) == (manifest.training["lr"], manifest.training["steps"]) and api.lr == 0.001
 
 
 @pytest.mark.parametrize(

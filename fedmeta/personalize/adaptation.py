@@ -122,14 +122,14 @@ def personalize(
     site: SiteData,
     shots: int | Literal["all"] = 5,
     steps: int | str = 5,
-    lr: float | None = 0.05,
+    lr: float | None = None,
     mode: Mode = "all",
     seed: int = 0,
 ) -> Personalization:
     """Fine-tune ``base`` on K shots per task of the site's training rows; score both on its held-out rows.
 
-    ``shots="all"`` fine-tunes on every labelled training row instead, with
-    Adam at ``lr`` (default 0.001), and with ``steps="auto"`` chooses the
+    ``lr`` defaults to 0.05 for the K-shot SGD steps. ``shots="all"`` fine-tunes
+    on every labelled training row instead, with Adam at ``lr`` (default 0.001), and with ``steps="auto"`` chooses the
     step count and stops early on a validation fifth of those rows
     (:func:`fedmeta.personalize.all_rows.fit_all_rows`).
 
