@@ -39,7 +39,7 @@ retries = 0
 every = {every}
 steps = 5
 [simulation]
-cpus_per_site = 0.5
+cpus_per_site = 1.0
 failing_sites = {failing}
 """
 

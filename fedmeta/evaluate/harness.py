@@ -37,7 +37,7 @@ def run_config(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, 
             "local": {"steps": 10, "lr": 0.05, "meta_batch": 8, "shots": 5, "query_size": 16},
             "server": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "min_sites": min(2, len(fed.seen))},
             "evaluation": {"every": max(1, rounds // 4), "shots": 5, "steps": 5},
-            "simulation": {"cpus_per_site": 0.5},
+            "simulation": {"cpus_per_site": 1.0},
         }
     )
 
