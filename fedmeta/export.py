@@ -234,8 +234,13 @@ def parity(trained: TrainedModel, onnx_bytes: bytes, inputs: dict[str, np.ndarra
     return max(diffs)
 
 
-def export_onnx(trained: TrainedModel, exporter: Exporter = "torchscript", tolerance: float = PARITY_TOLERANCE) -> ExportedModel:
+def export_onnx(
+    trained: TrainedModel, exporter: Exporter = "torchscript", tolerance: float = PARITY_TOLERANCE, metadata: dict[str, str] | None = None
+) -> ExportedModel:
     """Export ``trained`` to one self-contained ONNX file and check it against torch.
+
+    ``metadata`` goes into the file's ``metadata_props`` (a site model names
+    its site there, so two sites' files differ even when their weights agree).
 
     Raises :class:`ExportError` when onnxruntime's outputs differ from torch's
     by more than ``tolerance`` on fixed inputs; nothing is returned then.
@@ -260,6 +265,8 @@ def export_onnx(trained: TrainedModel, exporter: Exporter = "torchscript", toler
         warnings.warn(f"TorchScript ONNX exporter unavailable ({e}); using the dynamo exporter", stacklevel=2)
         exporter, graph = "dynamo", _torch_graph(module, args, names, trained.tasks, "dynamo")
     proto = _string_inputs(graph, trained)
+    if metadata:
+        helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     diff = parity(trained, data)

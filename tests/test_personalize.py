@@ -201,3 +201,25 @@ def test_auto_steps_choose_by_rows_outside_the_support_never_the_held_out_ones(h
     assert selection["rows"] <= training_rows - support_rows + 3  # padding aside, only non-support training rows
     with pytest.raises(PersonalizationError, match="steps must be a number >= 0 or 'auto'"):
         personalize(base, site, steps="many")
+
+
+def test_two_sites_keeping_the_same_weights_each_get_their_own_promoted_version(tmp_path, base_run):
+    # A site whose best choice is the base as it is publishes the base's weights; so may another. The registry keeps
+    # one version per model file, and the file names its site, so neither site is refused the other's version.
+    import onnx
+
+    from fedmeta.personalize import publish, register_base
+
+    from fedmeta.data import hospital_schema
+
+    home = SiteHome(tmp_path / "home")
+    base_version = register_base(home, load_base(base_run))
+    base = load_base(base_run).for_schema(hospital_schema())
+    versions = [publish(home, base, "personalized", site, base_version, base_version, {}, {}, {}, promote=True).version for site in ("a", "b")]
+    assert versions[0].version != versions[1].version
+    assert [home.registry.current(s).version for s in ("a", "b")] == [v.version for v in versions]
+    for site, version in zip(("a", "b"), versions):
+        props = {p.key: p.value for p in onnx.load_from_string(home.load(version)[1]).metadata_props}
+        assert props["fedmeta.site"] == site
+    again = publish(home, base, "personalized", "a", base_version, base_version, {}, {}, {}, promote=True)
+    assert again.version.version == versions[0].version and not again.created, "the same site's same model is still one version"

@@ -61,7 +61,8 @@ def publish(
     actor = actor or current_user()
     if kind == "head":
         feature_ranges = merged(home.load(parent)[0].feature_ranges, feature_ranges)
-    exported = export_onnx(trained)
+    # The file names its site: two sites whose weights agree (both kept the base as it is) still get a version each.
+    exported = export_onnx(trained, metadata={"fedmeta.site": site, "fedmeta.kind": kind})
     personalized_tasks = personalized_tasks or []
     manifest = Manifest(
         kind=kind,
