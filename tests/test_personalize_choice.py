@@ -144,14 +144,3 @@ def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_p
     why = manifest.training["steps_selection"]
     assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
     json.dumps(why)
-
-
-def test_the_chosen_fine_tune_chooses_its_steps_again_on_all_the_training_rows(site, base):
-    from fedmeta.personalize import personalize
-    from fedmeta.personalize.candidates import Candidate, refit
-
-    # Chosen on a fold (two-thirds of the rows) with 3 steps; refit on every training row, it chooses again, as --shots all does.
-    again = refit(Candidate("all_rows", base, {"lr": 1e-3, "steps": 3}), base, site, site.tasks, seed=0)
-    alone = personalize(base, site, shots="all", steps="auto", seed=0)
-    assert again.knobs["steps"] == alone.steps != 3
-    assert all(torch.equal(again.model.params[k], alone.model.params[k]) for k in alone.model.params)

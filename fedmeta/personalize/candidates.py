@@ -230,26 +230,18 @@ def fit_candidates(base: TrainedModel, site: SiteData, tasks: list[str], shots: 
 
 
 def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[str], seed: int) -> Candidate:
-    """The chosen candidate again, on all of ``site``'s training rows, with the knobs it was chosen with (λ, α, K).
-
-    The all-rows fine-tunes (and the mix's local model) choose their steps
-    again, on a validation fifth of these rows, as ``--shots all`` does: the
-    step counts of the folds were chosen for two-thirds of the rows, and refit
-    on all of them they under-trained (on FedProx(1,1) the default scored
-    0.881 with the folds' median steps, 0.891 with steps chosen again). The
-    few-shot candidate keeps its steps: its K shots do not grow with the rows.
-    """
+    """The chosen candidate again, on all of ``site``'s training rows, with the knobs (steps, λ, α) it was chosen with."""
     k = candidate.knobs
     if candidate.name == "base":
         return candidate
     if candidate.name == "few_shot":
         return fit_few_shot(base, site, tasks, k["shots"], k["lr"] if k["lr"] != "learned" else 0.0, seed, k["steps"])
     if candidate.name == "all_rows":
-        return fit_all_rows_candidate(base, site, tasks, seed)
+        return fit_all_rows_candidate(base, site, tasks, seed, k["steps"])
     if candidate.name == "ditto":
-        return fit_ditto(base, site, tasks, k["lambda"], seed)
+        return fit_ditto(base, site, tasks, k["lambda"], seed, k["steps"])
     if candidate.name == "head":
-        return fit_head(base, site, tasks, seed)
+        return fit_head(base, site, tasks, seed, k["steps"])
     if candidate.name == "mix":
-        return fit_mixes(base, site, tasks, seed, (k["alpha"],))[0]
+        return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
     raise ValueError(f"unknown candidate {candidate.name!r}")

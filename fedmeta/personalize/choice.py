@@ -24,9 +24,8 @@ is. :func:`choose_personalization`:
    (cross-entropy, or MSE for regression), and remaining ties by the order
    above, base first. A site whose tasks are all regression is chosen by loss.
 4. **Refits** the chosen candidate on all the training rows with the knobs it
-   was chosen with (λ, α, K; its steps chosen again on a validation fifth of
-   all the training rows, :func:`~fedmeta.personalize.candidates.refit`), and
-   scores base and chosen model on the held-out rows, which nothing above looked at.
+   was chosen with (λ, α, and the median over folds of its steps), and scores base and chosen model on the
+   held-out rows, which nothing above looked at.
 
 The result records every candidate's validation scores: why the site got
 what it got.
