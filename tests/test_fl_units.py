@@ -184,3 +184,14 @@ def test_the_first_sample_waits_for_the_whole_federation_not_the_first_sites_to_
     assert wait_for_nodes(_JoiningGrid(list(range(10)), per_call=3), minimum=2, timeout=30, poll=0.01, wanted=10) == list(range(10))
     # At the deadline, as many as connected will do if there are at least min_sites.
     assert wait_for_nodes(_Grid([4, 5, 6]), minimum=2, timeout=0.05, poll=0.01, wanted=10) == [4, 5, 6]
+
+
+def test_a_sites_app_process_does_not_import_the_privacy_accountant():
+    # Every message of a deployment starts a fresh ClientApp process; dp_accounting (and the scipy.signal it pulls in)
+    # added 0.7 s to each start, and only the server computes epsilon.
+    import subprocess
+    import sys
+
+    code = "import sys, fedmeta.fl.app; print(sorted(m for m in ('dp_accounting', 'sklearn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
