@@ -97,9 +97,7 @@ def fit_few_shot(base: TrainedModel, site: SiteData, tasks: list[str], shots: in
     else:
         steps = AUTO_STEPS[0] if steps is None else steps
         params = _fine_tune(base, supports, names, steps, rate)
-    if not all(torch.isfinite(v).all() for v in params.values()):
-        params = {k: v.clone() for k, v in base.params.items()}  # a diverged fine-tune falls back to the base; its score will say so
-    return Candidate("few_shot", _with_params(base, params, "few_shot"), {"shots": shots, "steps": steps, "mode": mode, "lr": lr if mode != "metasgd" else "learned"})
+    return Candidate("few_shot", _with_params(base, _finite_or_base(params, base), "few_shot"), {"shots": shots, "steps": steps, "mode": mode, "lr": lr if mode != "metasgd" else "learned"})
 
 
 def _finite_or_base(params: dict[str, torch.Tensor], base: TrainedModel) -> dict[str, torch.Tensor]:
