@@ -66,8 +66,8 @@ class ServedModel(nn.Module):
         self.schema = trained.schema
         self.features = list(self.schema.features)
         numeric = [f for f in self.features if f.type == "numeric"]
-        self.register_buffer("mean", torch.tensor([f.mean for f in numeric], dtype=torch.float32).unsqueeze(1))
-        self.register_buffer("std", torch.tensor([f.std for f in numeric], dtype=torch.float32).unsqueeze(1))
+        self.register_buffer("mean", torch.tensor([f.center for f in numeric], dtype=torch.float32).unsqueeze(1))
+        self.register_buffer("std", torch.tensor([f.scale for f in numeric], dtype=torch.float32).unsqueeze(1))
         first = self.model.body.net[0]
         weight = first.weight.detach()
         columns, start = [], 0
@@ -111,7 +111,7 @@ def example_inputs(trained: TrainedModel, rows: int = 64, seed: int = 0) -> dict
     inputs = {}
     for f in trained.schema.features:
         if f.type == "numeric":
-            inputs[f.name] = (f.mean + f.std * rng.normal(size=rows) * 1.5).astype(np.float32)
+            inputs[f.name] = (f.center + f.scale * rng.normal(size=rows) * 1.5).astype(np.float32)
         else:
             inputs[f.name] = np.array(rng.choice(f.categories, rows), dtype=object)
     return inputs

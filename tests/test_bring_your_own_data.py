@@ -16,6 +16,7 @@ import tomllib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedmeta.registry import SiteHome
 
@@ -45,6 +46,18 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
     assert re.search(r"^round 1/10  loss \d+\.\d{4}  \d+\.\d s  ETA \d", trained, re.M), trained
     assert len(re.findall(r"^round \d+/10  loss ", trained, re.M)) == 10
 
+    # Normalization: `schema infer` left it to the federation, whose sites sent sums at the roll call; the base
+    # carries the result, which is pandas' mean and population std over every clinic's train.csv (test files
+    # take no part), and every personalized model normalizes its inputs with it.
+    schema = json.loads((tmp_path / "clinics" / "schema.json").read_text())
+    assert all(f["mean"] is None and f["std"] is None for f in schema["features"])
+    rows = pd.concat(pd.read_csv(tmp_path / "clinics" / clinic / "train.csv") for clinic in clinics)
+    normalization = torch.load(tmp_path / "runs" / "clinics" / "base_model.pt", weights_only=True)["normalization"]
+    numeric = [f["name"] for f in schema["features"] if f["type"] == "numeric"]
+    assert sorted(normalization) == sorted(numeric)
+    for name in numeric:
+        assert normalization[name] == pytest.approx([rows[name].mean(), rows[name].std(ddof=0)], rel=1e-6), name
+
     home = SiteHome(tmp_path / "site-home")
     base_acc, personalized_acc = [], []
     for clinic in clinics:
@@ -55,6 +68,7 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
         train = pd.read_csv(tmp_path / "clinics" / clinic / "train.csv")
         assert manifest.data["held_out"] == len(test) and manifest.data["rows"] == len(train)
         assert manifest.training["shots"] == "all"
+        assert {f["name"]: [f["mean"], f["std"]] for f in manifest.schema_["features"] if f["type"] == "numeric"} == normalization
         labels = {t["name"]: t["label"] for t in manifest.schema_["tasks"]}
         personalized = [t.name for t in manifest.tasks if t.personalized]
         # --shots all: every labelled training row of the personalized tasks, and no test row.

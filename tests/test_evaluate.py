@@ -136,8 +136,11 @@ def test_a_hand_made_folder_splits_by_name_and_keeps_each_sites_test_file(tmp_pa
     names = _clinics_with_a_flat_site(tmp_path / "clinics")
     fed = folder_federation(tmp_path / "clinics", tmp_path / "eval", unseen=[names[1]], test_fraction=0.25, seed=7)
     assert [s.name for s in fed.seen] == [n for n in names if n != names[1]] and [s.name for s in fed.unseen] == [names[1]]
-    # The same sites, rows and held-out rows as training reads from the user's folder itself.
-    direct = {s.name: s for s in load_federation(tmp_path / "clinics", 0.25, 7)}
+    # The same sites, rows and held-out rows as training reads from the user's folder itself, normalized by the
+    # training sites only (the unseen site's rows take no part in the federation's statistics).
+    statistics = fed.seen[0].schema.statistics()
+    assert statistics != load_federation(tmp_path / "clinics", 0.25, 7)[0].schema.statistics()
+    direct = {s.name: s for s in load_federation(tmp_path / "clinics", 0.25, 7, statistics)}
     for site in fed.seen + fed.unseen:
         assert np.array_equal(site.x, direct[site.name].x) and np.array_equal(site.test_mask, direct[site.name].test_mask)
     with_test = names[0]

@@ -5,9 +5,13 @@ import os
 import signal
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from fedmeta.data import write_hospital_federation
+from fedmeta.data.site import held_out_mask
 from fedmeta.fl.loopback import LoopbackDeployment
 
 pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
@@ -32,10 +36,38 @@ every = 2
 """
 
 
+def sites_left_to_normalize(folder, n_sites):
+    """Hospital site files whose schema leaves every numeric feature's mean and std to the federation."""
+    schema, paths = write_hospital_federation(folder, n_sites=n_sites, seed=3)
+    raw = json.loads(schema.read_text())
+    for feature in raw["features"]:
+        feature.pop("mean", None), feature.pop("std", None)
+    schema.write_text(json.dumps(raw))
+    return schema, paths
+
+
+def training_rows_statistics(paths, schema, seed=0, test_fraction=0.25):
+    """The reference: pandas' mean and population std of each numeric feature over the sites' training rows."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        frames.append(frame[~held_out_mask(path.stem, len(frame), test_fraction, seed)])
+    rows = pd.concat(frames)
+    numeric = [f["name"] for f in json.loads(schema.read_text())["features"] if f["type"] == "numeric"]
+    return {name: (rows[name].mean(), rows[name].std(ddof=0)) for name in numeric}
+
+
+def assert_base_normalized_like(run_dir, expected):
+    normalization = torch.load(run_dir / "base_model.pt", weights_only=True)["normalization"]
+    assert sorted(normalization) == sorted(expected)
+    for name, (mean, std) in expected.items():
+        assert normalization[name] == pytest.approx([mean, std], rel=1e-6), name  # sites hold float32 rows
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
-    schema, paths = write_hospital_federation(root / "data", n_sites=2, seed=3)
+    schema, paths = sites_left_to_normalize(root / "data", n_sites=2)
     with LoopbackDeployment([(p, schema) for p in paths], log_dir=root) as dep:
         yield dep, root
     for proc in dep.procs:
@@ -56,7 +88,9 @@ def test_two_supernodes_complete_two_rounds_on_their_csv_files(deployment):
     train = [r for r in rows if r["site"] == "*" and r["phase"] == "train"]
     assert [(r["round"], r["sites"], r["skipped"]) for r in train] == [(1, 2, False), (2, 2, False)]
     assert {r["site"] for r in rows if r["site"] != "*"} == {"hospital_000", "hospital_001"}, "sites name themselves from their node config"
-    assert (root / "run" / "base_model.pt").exists()
+    # The schema left normalization to the federation: the sites' roll-call sums make pandas' statistics of
+    # their training rows together (held-out rows excluded), and the sites trained and scored with them.
+    assert_base_normalized_like(root / "run", training_rows_statistics(sorted((root / "data").glob("*.csv")), root / "data" / "schema.json"))
 
 
 def test_too_few_supernodes_end_the_run_with_a_clear_error(deployment):
@@ -85,7 +119,7 @@ def _wait_until(predicate, timeout=60.0):
 
 
 def test_with_tls_and_site_keys_registered_sites_train_under_secagg_and_an_unregistered_site_is_refused(tmp_path):
-    schema, paths = write_hospital_federation(tmp_path / "data", n_sites=2, seed=3)
+    schema, paths = sites_left_to_normalize(tmp_path / "data", n_sites=2)
     with LoopbackDeployment([(p, schema) for p in paths], log_dir=tmp_path, secure=True, intruders=1) as dep:
         intruder = dep.supernodes["intruder0"]
         assert _wait_until(lambda: intruder.poll() is not None), "the unregistered SuperNode is turned away and exits"
@@ -101,6 +135,8 @@ def test_with_tls_and_site_keys_registered_sites_train_under_secagg_and_an_unreg
         assert "Secure aggregation completed." in result.stdout + result.stderr, "the round ran SecAgg+ over the TLS link"
         train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [(r["round"], r["sites"]) for r in train if r["site"] == "*" and r["phase"] == "train"] == [(1, 2)]
+        # SecAgg+ messages carry the federation's statistics too (a site refuses to train on raw values).
+        assert_base_normalized_like(tmp_path / "run", training_rows_statistics(paths, schema))
         assert "--insecure" not in " ".join(dep.procs[0].args), "the SuperLink serves TLS only"
 
 

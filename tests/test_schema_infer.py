@@ -21,7 +21,7 @@ def test_inferred_schema_matches_the_generators_own_schema(tmp_path):
     schema_path, files = write_hospital_federation(tmp_path / "fed", n_sites=4, seed=2)
     expected = Schema.load(schema_path)
     schema_path.unlink()
-    result = fedmeta("schema", "infer", tmp_path / "fed", *TASKS, "--out", tmp_path / "schema.json")
+    result = fedmeta("schema", "infer", tmp_path / "fed", *TASKS, "--statistics", "--out", tmp_path / "schema.json")
     assert result.returncode == 0, result.stdout + result.stderr
     inferred = Schema.load(tmp_path / "schema.json")
     def described(schema):
@@ -44,7 +44,7 @@ def test_statistics_come_from_training_files_and_test_files_only_add_values(tmp_
         (tmp_path / site).mkdir()
         pd.DataFrame({"dose": train, "unit": ["x", "y"], "label": ["no", "yes"]}).to_csv(tmp_path / site / "train.csv", index=False)
         pd.DataFrame({"dose": test, "unit": ["z"], "label": ["maybe"]}).to_csv(tmp_path / site / "test.csv", index=False)
-    result = fedmeta("schema", "infer", tmp_path, "--task", "outcome:multiclass:label", "--out", tmp_path / "schema.json")
+    result = fedmeta("schema", "infer", tmp_path, "--task", "outcome:multiclass:label", "--statistics", "--out", tmp_path / "schema.json")
     assert result.returncode == 0, result.stdout + result.stderr
     schema = Schema.load(tmp_path / "schema.json")
     dose, unit = schema.features
@@ -52,6 +52,17 @@ def test_statistics_come_from_training_files_and_test_files_only_add_values(tmp_
     assert unit.categories == ["x", "y", "z"]
     assert schema.task("outcome").classes == ["maybe", "no", "yes"]
     assert "the 2 test file(s) only added categories and classes" in " ".join(result.stdout.split())
+
+
+def test_without_statistics_the_means_and_stds_are_left_to_the_federation(tmp_path):
+    for site, values in {"a": [1.0, 3.0], "b": [5.0, 7.0]}.items():
+        pd.DataFrame({"dose": values, "label": ["no", "yes"]}).to_csv(tmp_path / f"{site}.csv", index=False)
+    result = fedmeta("schema", "infer", tmp_path, "--task", "outcome:binary:label", "--out", tmp_path / "schema.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    raw = json.loads((tmp_path / "schema.json").read_text())
+    assert raw["features"] == [{"name": "dose", "type": "numeric", "categories": None, "mean": None, "std": None}]
+    out = " ".join(result.stdout.split())
+    assert "numeric dose mean and std: the federation's" in out and "left to the federation" in out
 
 
 def test_identifiers_are_ignored_and_columns_can_be_forced(tmp_path):

@@ -105,7 +105,7 @@ def personalize(
     """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
     import time
 
-    from fedmeta.data import load_site
+    from fedmeta.data import Schema, load_site
     from fedmeta.personalize import choose_personalization, load_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.registry import SiteHome
@@ -122,8 +122,10 @@ def personalize(
         defaults = global_base.adaptation
         federation = global_base.config.federation
         test_fraction = federation.test_fraction if test_fraction is None else test_fraction
-        # The federation's seed and the site's name decide the held-out rows, exactly as in training.
-        site_data = load_site(data, schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
+        # Rows are normalized as the federation normalized them; the federation's seed and the site's name decide
+        # the held-out rows, exactly as in training.
+        site_schema = global_base.schema_for(Schema.load(schema), str(schema))
+        site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
         choosing = mode == "auto" and k != "all" and steps == "auto"
         if choosing:
             result = choose_personalization(global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed)

@@ -20,8 +20,12 @@ def infer(
     categorical: list[str] = typer.Option([], "--categorical", help="Treat this column as categorical even if its values are numbers (repeatable)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Leave this column out of the features, e.g. an identifier (repeatable)."),
     max_categories: int = typer.Option(50, "--max-categories", min=2, help="A text column with more distinct values is ignored (an identifier?) unless --categorical."),
+    statistics: bool = typer.Option(
+        False, "--statistics", help="Write numeric features' means and stds computed from the training files given. Default: leave them to "
+        "the federation, which computes them from every site's training rows before round 1."
+    ),
 ) -> None:
-    """Propose a schema from site files: numeric vs categorical features (with categories), task classes, normalization statistics."""
+    """Propose a schema from site files: numeric vs categorical features (with categories), task classes, and how numbers are normalized."""
     from fedmeta.data.infer import TaskRequest, infer_schema, read_tables
 
     requests = [TaskRequest.parse(t) for t in task]
@@ -29,13 +33,20 @@ def infer(
     if name is None:
         folders = [p for p in data if p.is_dir()]
         name = folders[0].resolve().name if len(folders) == 1 else "federation"
-    schema, decisions = infer_schema(tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories)
+    schema, decisions = infer_schema(
+        tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories, statistics=statistics
+    )
     for d in decisions:
         console.print(f"  {d.role:12s} {d.column:24s} {d.detail}", markup=False, highlight=False)
     numeric = sum(f.type == "numeric" for f in schema.features)
+    source = (
+        f"computed from the {len(tables.train)} training file(s) given ({tables.rows} rows)"
+        if statistics
+        else "left to the federation: `fedmeta train` computes them from every site's training rows before round 1 (--statistics to write them now)"
+    )
     console.print(
-        f"normalization: means and stds of {numeric} numeric feature(s) computed from the {len(tables.train)} training file(s) given "
-        f"({tables.rows} rows)" + (f"; the {len(tables.test)} test file(s) only added categories and classes" if tables.test else ""),
+        f"normalization: means and stds of {numeric} numeric feature(s) {source}"
+        + (f"; the {len(tables.test)} test file(s) only added categories and classes" if tables.test else ""),
         highlight=False,
     )
     replaced = out.exists()

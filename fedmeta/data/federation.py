@@ -21,10 +21,11 @@ name, so partition i of a simulation is always the i-th of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmeta.data.schema import Schema, SchemaError
+from fedmeta.data.schema import Schema, SchemaError, combine_sums
 from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site
 
 SCHEMA_FILE = "schema.json"
@@ -91,7 +92,21 @@ def load_federation_site(site: SiteFiles, schema: Schema, test_fraction: float, 
     return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test)
 
 
-def load_federation(data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0) -> list[SiteData]:
-    """Every site of a federation folder, validated against its schema, sorted by name."""
+def load_federation(
+    data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0, statistics: Mapping[str, Sequence[float]] | None = None
+) -> list[SiteData]:
+    """Every site of a federation folder, validated against its schema, sorted by name.
+
+    Numeric features are normalized with ``statistics`` (``{feature: (mean,
+    std)}``) if given, else with the schema's, and those the schema leaves
+    unset with the statistics these sites' training rows give, combined as a
+    training run combines them (:func:`~fedmeta.data.schema.combine_sums`).
+    """
     schema = federation_schema(data_dir)
-    return [load_federation_site(site, schema, test_fraction, seed) for site in discover_sites(data_dir)]
+    files = discover_sites(data_dir)
+    if statistics is None and schema.unnormalized:
+        raw = [load_federation_site(site, schema, test_fraction, seed) for site in files]
+        statistics = {k: v for k, v in combine_sums(s.training_sums() for s in raw).items() if k in schema.unnormalized}
+    if statistics:
+        schema = schema.with_statistics(statistics)
+    return [load_federation_site(site, schema, test_fraction, seed) for site in files]

@@ -11,18 +11,22 @@
   with the values found as its categories;
 - **numeric** otherwise.
 
-Normalization statistics (means and stds of numeric features, of regression
-targets) come from the **training** tables given, combined from per-table
-counts, sums and sums of squares (:func:`~fedmeta.data.schema.feature_sums`,
-:meth:`~fedmeta.data.schema.Schema.with_normalization`), the same rule the
-federation uses. Test tables only add categories and classes, so that
+Numeric features' means and stds are left to the federation, which computes
+them from every site's training rows before round 1
+(:mod:`fedmeta.fl.normalization`); with ``statistics=True`` they come from
+the **training** tables given instead, combined from per-table counts, sums
+and sums of squares (:func:`~fedmeta.data.schema.feature_sums`), the rule
+the federation uses. Regression targets' mean and std always come from the
+training tables given. Test tables only add categories and classes, so that
 scoring them never meets an unknown value.
 
 >>> import pandas as pd
 >>> site = pd.DataFrame({"age": [50, 70], "ward": ["icu", "medical"], "died": [0, 1]})
 >>> schema, decisions = infer_schema({"a.csv": site}, [TaskRequest("mortality", "binary", "died")])
 >>> [(f.name, f.type, f.mean) for f in schema.features], schema.tasks[0].classes
-([('age', 'numeric', 60.0), ('ward', 'categorical', 0.0)], ['0', '1'])
+([('age', 'numeric', None), ('ward', 'categorical', None)], ['0', '1'])
+>>> infer_schema({"a.csv": site}, [TaskRequest("mortality", "binary", "died")], statistics=True)[0].features[0].mean
+60.0
 """
 
 from __future__ import annotations
@@ -157,8 +161,13 @@ def infer_schema(
     categorical: tuple[str, ...] = (),
     ignore: tuple[str, ...] = (),
     max_categories: int = MAX_CATEGORIES,
+    statistics: bool = False,
 ) -> tuple[Schema, list[Decision]]:
     """A schema for ``tables`` (training tables, or :class:`Tables` with test tables too), and the decision made for each column.
+
+    Numeric features get no ``mean``/``std`` (a training run computes them from
+    the sites' training rows, :mod:`fedmeta.fl.normalization`) unless
+    ``statistics``: then they are computed from the training tables given.
 
     Raises :class:`~fedmeta.data.schema.SchemaError` (one line naming the file,
     column or task) for a label column found nowhere, a binary label without
@@ -212,10 +221,11 @@ def infer_schema(
     if not features:
         raise SchemaError("no feature column left: every column is a label or ignored")
     schema = Schema(name=name, features=features, tasks=task_columns)
-    schema = schema.with_normalization(feature_sums(t, schema) for t in tables.train.values())
+    if statistics:
+        schema = schema.with_normalization(feature_sums(t, schema) for t in tables.train.values())
     for f in schema.features:
         if f.type == "numeric":
-            decisions.append(Decision(f.name, "numeric", f"mean {f.mean:.4g}, std {f.std:.4g}"))
+            decisions.append(Decision(f.name, "numeric", f"mean {f.mean:.4g}, std {f.std:.4g}" if f.mean is not None else "mean and std: the federation's"))
         else:
             shown = ", ".join(f.categories[:8]) + (", ..." if len(f.categories) > 8 else "")
             decisions.append(Decision(f.name, "categorical", f"{len(f.categories)} categories: {shown}"))

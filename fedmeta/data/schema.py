@@ -1,13 +1,18 @@
 """The federation schema: features, their encoding and normalization, and tasks.
 
-Sites must agree on the schema. Normalization statistics are computed
-federatedly: each site contributes sums and counts (:func:`feature_sums`),
-never rows, and :meth:`Schema.with_normalization` combines them.
+Sites must agree on the schema. Normalization statistics (each numeric
+feature's mean and std) are computed federatedly: each site contributes
+counts, sums and sums of squares over its training rows
+(:func:`feature_sums`, :meth:`SiteData.training_sums
+<fedmeta.data.site.SiteData.training_sums>`), never rows, and
+:func:`combine_sums` turns them into statistics. A schema may leave them out
+(``mean``/``std`` unset): a training run then computes them and carries them
+in its base model, and :meth:`Schema.with_statistics` applies them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -21,13 +26,18 @@ from fedmeta.training_range import widened
 
 
 class Feature(BaseModel):
-    """One input column: numeric (standardized) or categorical (one-hot)."""
+    """One input column: numeric (standardized) or categorical (one-hot).
+
+    A numeric feature's ``mean`` and ``std`` are its normalization statistics:
+    both given, or both unset (then the federation computes them; until they
+    are applied, values are taken as they are).
+    """
 
     name: str = Field(min_length=1)
     type: Literal["numeric", "categorical"] = "numeric"
     categories: list[str] | None = None
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | None = None
+    std: float | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Feature":
@@ -35,9 +45,23 @@ class Feature(BaseModel):
             raise ValueError(f"feature {self.name!r}: categorical features need a non-empty 'categories' list")
         if self.type == "numeric" and self.categories:
             raise ValueError(f"feature {self.name!r}: numeric features take no 'categories'")
-        if not self.std > 0:
-            raise ValueError(f"feature {self.name!r}: std must be > 0, got {self.std}")
+        if self.type == "categorical" and (self.mean is not None or self.std is not None):
+            raise ValueError(f"feature {self.name!r}: categorical features take no 'mean'/'std'")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"feature {self.name!r}: give both 'mean' and 'std', or neither (the federation computes them)")
+        if self.std is not None and not (self.std > 0 and np.isfinite(self.std) and np.isfinite(self.mean)):
+            raise ValueError(f"feature {self.name!r}: std must be a finite number > 0 and mean finite, got mean {self.mean}, std {self.std}")
         return self
+
+    @property
+    def center(self) -> float:
+        """The mean subtracted before the model sees the value (0 while no statistics are set)."""
+        return 0.0 if self.mean is None else self.mean
+
+    @property
+    def scale(self) -> float:
+        """The std the value is divided by (1 while no statistics are set)."""
+        return 1.0 if self.std is None else self.std
 
     @property
     def width(self) -> int:
@@ -176,7 +200,7 @@ class Schema(BaseModel):
         for f in self.features:
             if f.type == "numeric":
                 v = pd.to_numeric(df[f.name]).to_numpy(np.float32)
-                blocks.append(((v - f.mean) / f.std)[:, None])
+                blocks.append(((v - f.center) / f.scale)[:, None])
             else:
                 codes = pd.Categorical(df[f.name].astype(str), categories=f.categories).codes
                 blocks.append(np.eye(len(f.categories), dtype=np.float32)[codes])
@@ -189,7 +213,7 @@ class Schema(BaseModel):
         out, start = {}, 0
         for f in self.features:
             if f.type == "numeric":
-                out[f.name] = widened(x[:, start].astype(np.float64) * f.std + f.mean, f.mean, f.std)
+                out[f.name] = widened(x[:, start].astype(np.float64) * f.scale + f.center, f.center, f.scale)
             start += f.width
         return out
 
@@ -206,22 +230,67 @@ class Schema(BaseModel):
             return codes
         return ((pd.to_numeric(col).to_numpy(np.float32) - t.target_mean) / t.target_std).astype(np.float32)
 
-    # --- federated statistics ---------------------------------------------
-    def with_normalization(self, sums: Iterable[dict[str, tuple[float, float, float]]]) -> "Schema":
-        """A copy whose numeric means/stds come from per-site ``{feature: (count, sum, sum_sq)}``."""
-        total: dict[str, np.ndarray] = {}
-        for site in sums:
-            for name, stats in site.items():
-                total[name] = total.get(name, np.zeros(3)) + np.asarray(stats, dtype=np.float64)
-        features = []
-        for f in self.features:
-            if f.type == "numeric" and f.name in total and total[f.name][0] > 1:
-                n, s, ss = total[f.name]
-                mean = s / n
-                std = float(np.sqrt(max(ss / n - mean**2, 0.0)))
-                f = f.model_copy(update={"mean": float(mean), "std": std if std > 1e-12 else 1.0})
-            features.append(f)
+    # --- normalization statistics --------------------------------------------
+    def statistics(self) -> dict[str, tuple[float, float]]:
+        """``{feature: (mean, std)}`` of the numeric features that have statistics."""
+        return {f.name: (f.mean, f.std) for f in self.features if f.type == "numeric" and f.mean is not None}
+
+    @property
+    def unnormalized(self) -> list[str]:
+        """Numeric features without statistics."""
+        return [f.name for f in self.features if f.type == "numeric" and f.mean is None]
+
+    def with_statistics(self, statistics: Mapping[str, Sequence[float]]) -> "Schema":
+        """A copy whose numeric features take ``{feature: (mean, std)}``; features not named keep theirs."""
+        numeric = {f.name for f in self.features if f.type == "numeric"}
+        unknown = sorted(set(statistics) - numeric)
+        if unknown:
+            raise SchemaError(f"statistics for {unknown}, which are not numeric features of schema {self.name!r}")
+        features = [
+            f.model_copy(update={"mean": float(statistics[f.name][0]), "std": float(statistics[f.name][1])}) if f.name in statistics else f
+            for f in self.features
+        ]
         return self.model_copy(update={"features": features})
+
+    def check_statistics(self, statistics: Mapping[str, Sequence[float]], source: str, owner: str) -> None:
+        """Raise :class:`SchemaError` if a feature's statistics here differ from ``owner``'s (relative 1e-6)."""
+        for name, (mean, std) in self.statistics().items():
+            if name not in statistics:
+                continue
+            theirs = statistics[name]
+            if not np.allclose([mean, std], theirs, rtol=1e-6, atol=1e-9 * max(1.0, abs(theirs[1]))):
+                raise SchemaError(
+                    f"{source}: feature {name!r} has mean {mean:.6g}, std {std:.6g}, but {owner} was trained with mean "
+                    f"{theirs[0]:.6g}, std {theirs[1]:.6g}; remove 'mean' and 'std' from the schema (the model's are used), "
+                    "or use the schema the model was trained with"
+                )
+
+    def with_normalization(self, sums: Iterable[dict[str, tuple[float, float, float]]]) -> "Schema":
+        """A copy whose numeric means/stds come from per-site ``{feature: (count, sum, sum_sq)}`` (:func:`combine_sums`)."""
+        return self.with_statistics(combine_sums(sums))
+
+
+def combine_sums(sums: Iterable[Mapping[str, Sequence[float]]]) -> dict[str, tuple[float, float]]:
+    """``{feature: (mean, std)}`` from per-site ``{feature: (count, sum, sum_sq)}``: the federation's normalization.
+
+    The std is the population std (``ddof=0``) of all sites' rows together; a
+    constant feature gets std 1 (it then only shifts to 0). Features with
+    fewer than two rows in all are left out.
+
+    >>> combine_sums([{"age": (2, 100.0, 5000.0)}, {"age": (2, 140.0, 9800.0)}])
+    {'age': (60.0, 10.0)}
+    """
+    total: dict[str, np.ndarray] = {}
+    for site in sums:
+        for name, stats in site.items():
+            total[name] = total.get(name, np.zeros(3)) + np.asarray(stats, dtype=np.float64)
+    out = {}
+    for name, (n, s, ss) in total.items():
+        if n > 1:
+            mean = s / n
+            std = float(np.sqrt(max(ss / n - mean**2, 0.0)))
+            out[name] = (float(mean), std if std > 1e-12 * max(1.0, abs(mean)) else 1.0)
+    return out
 
 
 def _first_row(mask: pd.Series) -> int:

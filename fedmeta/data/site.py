@@ -110,6 +110,18 @@ class SiteData:
         """The numeric features' range over the training rows (held-out rows excluded), for the manifest."""
         return self.schema.raw_ranges(self.x[~self.test_mask])
 
+    def training_sums(self) -> dict[str, tuple[float, float, float]]:
+        """This site's part of the federation's normalization: per numeric feature, the count, sum and sum of
+        squares of its raw values over the training rows (held-out and test rows excluded), in float64."""
+        x = self.x[~self.test_mask].astype(np.float64)
+        out, start = {}, 0
+        for f in self.schema.features:
+            if f.type == "numeric":
+                v = x[:, start] * f.scale + f.center
+                out[f.name] = (float(len(v)), float(v.sum()), float((v**2).sum()))
+            start += f.width
+        return out
+
     def n_labelled(self, task: str, train: bool = True) -> int:
         mask = ~np.isnan(self.labels[task]) & (self.test_mask != train)
         return int(mask.sum())

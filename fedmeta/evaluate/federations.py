@@ -42,7 +42,7 @@ def federation_on_disk(
         schema.save(folder / "schema.json")
     # The sites as training finds them (fedmeta.data.federation): same names, order and held-out rows.
     seen = load_federation(train_dir, test_fraction, seed)
-    unseen = load_federation(unseen_dir, test_fraction, seed) if any(unseen_dir.glob("*.csv")) else []
+    unseen = load_federation(unseen_dir, test_fraction, seed, seen[0].schema.statistics()) if any(unseen_dir.glob("*.csv")) else []
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
 
 
@@ -73,8 +73,8 @@ def folder_federation(data_dir: str | Path, out: Path, unseen: list[str], test_f
     for site in sites:
         source = site.train.parent if site.train.parent != data_dir else site.train
         (unseen_dir if site.name in unseen else train_dir).joinpath(source.name).symlink_to(source)
-    seen = load_federation(train_dir, test_fraction, seed)
-    held = load_federation(unseen_dir, test_fraction, seed) if unseen else []
+    seen = load_federation(train_dir, test_fraction, seed)  # normalized as a training run on train_dir would be
+    held = load_federation(unseen_dir, test_fraction, seed, seen[0].schema.statistics()) if unseen else []
     return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction)
 
 

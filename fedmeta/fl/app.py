@@ -10,6 +10,10 @@ is empty in simulation), and find their own data:
   seeded synthetic federation, or reads the i-th site (sorted by name) that
   :func:`fedmeta.data.federation.discover_sites` finds in a CSV federation.
 
+Numeric features the schema leaves without ``mean``/``std`` are normalized
+with the statistics each message carries, which the server combined from
+the sites' roll-call sums (:mod:`fedmeta.fl.normalization`).
+
 The server loop is ours rather than ``Strategy.start`` because Flower has no
 checkpoint/resume and keeps optimizer state on the strategy object: each
 round here ends with an atomic checkpoint of everything needed to continue.
@@ -33,6 +37,7 @@ from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import exchange as wire
+from fedmeta.fl import normalization
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, keys_digest, make_codec
 from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
@@ -61,12 +66,20 @@ def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
 
 
 @lru_cache(maxsize=8)
-def _site_from_files(data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None) -> SiteData:
-    return load_site(data_path, Schema.load(schema_path), name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
+def _site_from_files(
+    data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None, statistics: str | None = None
+) -> SiteData:
+    schema = Schema.load(schema_path)
+    if statistics:
+        schema = schema.with_statistics(normalization.from_text(statistics))
+    return load_site(data_path, schema, name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
 
 
-def site_for(context: Context, config: RunConfig) -> SiteData:
-    """The site's own data, found from its node config; also sets the threads this worker may use."""
+def site_for(context: Context, config: RunConfig, statistics: str | None = None) -> SiteData:
+    """The site's own data, found from its node config, normalized with the federation's ``statistics`` (JSON) if given.
+
+    Also sets the threads this worker may use.
+    """
     node = context.node_config
     limit_threads(site_threads(config.simulation.cpus_per_site if "partition-id" in node else None))
     fed = config.federation
@@ -74,11 +87,22 @@ def site_for(context: Context, config: RunConfig) -> SiteData:
         if "schema-path" not in node:
             raise ValueError("node config has data-path but no schema-path; pass both with --node-config")
         test_path = str(node["test-path"]) if "test-path" in node else None
-        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed, test_path)
+        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed, test_path, statistics or None)
     partition = int(node["partition-id"])
     if fed.kind == "csv":
-        return csv_site(config, partition)
+        return csv_site(config, partition, statistics or None)
     return _synthetic_federation(fed.model_dump_json())[partition]
+
+
+def normalized_site(context: Context, config: RunConfig, statistics: str | None) -> SiteData:
+    """:func:`site_for` for a message that carries a model: every numeric feature must then be normalized."""
+    site = site_for(context, config, statistics)
+    if site.schema.unnormalized:
+        raise RuntimeError(
+            f"site {site.name}: the schema leaves the mean and std of {site.schema.unnormalized} to the federation, "
+            "but the message carries no statistics for them; refusing to train or score on raw values"
+        )
+    return site
 
 
 client_app = ClientApp(mods=[secure_aggregation_mod])
@@ -91,12 +115,14 @@ def _reply(message: Message, site: SiteData, arrays: dict | None, metrics: dict)
     return Message(content=content, reply_to=message)
 
 
-def _site_round(config: RunConfig, round_: int, received: dict[str, torch.Tensor], evaluate_received: bool, context: Context) -> tuple[SiteData, dict, dict]:
+def _site_round(
+    config: RunConfig, round_: int, received: dict[str, torch.Tensor], evaluate_received: bool, context: Context, statistics: str | None
+) -> tuple[SiteData, dict, dict]:
     """A site's work in a training round: score the model it received (if asked), train, release the update."""
     partition = int(context.node_config.get("partition-id", -1))
     if partition in config.simulation.failing_sites:
         raise RuntimeError(f"simulated failure of partition {partition} (simulation.failing_sites)")
-    site = site_for(context, config)
+    site = normalized_site(context, config, statistics)
     metrics = {}
     if evaluate_received:
         # The previous round's model, scored in this same process: one exchange per evaluated round.
@@ -120,7 +146,8 @@ def train(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     round_ = int(message.content["config"]["round"])
     received = received_model(message)
-    site, update, metrics = _site_round(config, round_, received, bool(message.content["config"].get("evaluate-received", False)), context)
+    settings = message.content["config"]
+    site, update, metrics = _site_round(config, round_, received, bool(settings.get("evaluate-received", False)), context, settings.get(normalization.STATISTICS))
     reply = _reply(message, site, compress(config, update, context), metrics)
     if config.compression.upload != "none":
         # Packed arrays name no keys; the server knows which it sent, and checks this fingerprint of their order.
@@ -131,7 +158,8 @@ def train(message: Message, context: Context) -> Message:
 def _secure_train(message: Message, context: Context) -> Message:
     """A SecAgg+ training round: the update leaves the site masked, inside one fixed-layout vector."""
     config, round_, evaluate_received, received, keys = received_state(message)
-    site, update, metrics = _site_round(config, round_, received, evaluate_received, context)
+    statistics = message.content["fitins.config"].get(normalization.STATISTICS)
+    site, update, metrics = _site_round(config, round_, received, evaluate_received, context, statistics)
     return secure_reply(message, secure_vector(config, keys, update, site_examples(metrics)), {**metrics, "site-name": site.name})
 
 
@@ -154,17 +182,20 @@ def compress(config: RunConfig, update: dict[str, torch.Tensor], context: Contex
 
 @client_app.query()
 def roll_call(message: Message, context: Context) -> Message:
-    """The server asks who this site is: its name and labelled training rows per task (no rows, no model)."""
+    """The server asks who this site is: its name, labelled training rows per task, and its sums for the
+    federation's normalization (:mod:`fedmeta.fl.normalization`); no rows, no model."""
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     site = site_for(context, config)
-    return _reply(message, site, None, {f"examples.{t}": site.n_labelled(t, train=True) for t in site.tasks})
+    reply = _reply(message, site, None, {f"examples.{t}": site.n_labelled(t, train=True) for t in site.tasks})
+    reply.content["site"][normalization.SUMS] = normalization.site_sums(site)
+    return reply
 
 
 @client_app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     round_ = int(message.content["config"]["round"])
-    site = site_for(context, config)
+    site = normalized_site(context, config, message.content["config"].get(normalization.STATISTICS))
     received = received_model(message)
     metrics = evaluate_site(config, site, received, seed=config.seed + round_)
     return _reply(message, site, None, metrics)
@@ -267,6 +298,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         optimizer.load_state_dict(ckpt.optimizer)
         strategy.rng.setstate(ckpt.rng_state)
         strategy.node_tasks = dict(ckpt.node_tasks)
+        strategy.statistics = ckpt.statistics
         torch.set_rng_state(ckpt.torch_rng)
         if account is not None and ckpt.privacy:
             account.load_state_dict(ckpt.privacy)
@@ -322,7 +354,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         run_dir.save_checkpoint(
             Checkpoint(
                 round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,
-                account.state_dict() if account is not None else None,
+                account.state_dict() if account is not None else None, strategy.statistics,
             )
         )
         last_round = round_
@@ -339,7 +371,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         observer.evaluated(last_round, evaluation)
     observer.stop()
     privacy = account.summary() if account is not None else privacy_note(config)
-    run_dir.save_base_model(state, config, last_round, privacy)
+    run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
     return state
 
 

@@ -4,10 +4,12 @@ Layout of ``RUN_DIR``::
 
     config.toml        the run's configuration (resume reads it back)
     checkpoint.pt      last completed round: global state, server-optimizer state,
-                       round, RNG state, config hash (written atomically)
+                       round, RNG state, config hash, the federation's
+                       normalization statistics (written atomically)
     metrics.jsonl      one row per round and site (phase train/evaluate), plus
                        one aggregated row per round (site "*")
-    base_model.pt      the global base model after the last round
+    base_model.pt      the global base model after the last round, with the
+                       normalization statistics the federation computed
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Checkpoint:
     config_digest: str
     node_tasks: dict
     privacy: dict | None = None  # the privacy accountant's state, when DP noise is on
+    statistics: dict | None = None  # the federation's normalization, {feature: (mean, std)} (fedmeta.fl.normalization)
 
 
 class RunDir:
@@ -82,10 +85,14 @@ class RunDir:
             raise ConfigError(f"cannot read checkpoint {self.checkpoint_path}: {e}") from None
         return Checkpoint(**data)
 
-    def save_base_model(self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None) -> None:
-        """The global base model; ``privacy`` records the (epsilon, delta) spent to make it."""
+    def save_base_model(
+        self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None, statistics: dict | None = None
+    ) -> None:
+        """The global base model; ``privacy`` records the (epsilon, delta) spent to make it, ``statistics`` the
+        normalization the federation computed (``{feature: [mean, std]}``, :mod:`fedmeta.fl.normalization`)."""
         buf = io.BytesIO()
-        torch.save({"state": state, "config": config.model_dump(mode="json"), "round": round_, "privacy": privacy}, buf)
+        normalization = {k: [float(m), float(sd)] for k, (m, sd) in statistics.items()} if statistics else None
+        torch.save({"state": state, "config": config.model_dump(mode="json"), "round": round_, "privacy": privacy, "normalization": normalization}, buf)
         atomic_write_bytes(self.base_model_path, buf.getvalue())
 
     # --- metrics --------------------------------------------------------------

@@ -43,6 +43,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from fedmeta.fl.aggregation import FlatState, head_task
 from fedmeta.fl.compression import BROADCAST_ARRAYS, BROADCAST_LAYOUT, decode_broadcast, dense_bytes, encode_broadcast
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.normalization import STATISTICS, Statistics, to_text
 
 log = logging.getLogger("flwr.fedmeta")
 
@@ -140,10 +141,15 @@ class SecureRound(LegacyStrategy):
         return None
 
 
-def secure_fit_ins(config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], evaluate_received: bool) -> tuple[FitIns, int]:
-    """What each site of a SecAgg+ round receives (the model, int8-packed if so configured), and its bytes."""
+def secure_fit_ins(
+    config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], evaluate_received: bool, statistics: Statistics | None = None
+) -> tuple[FitIns, int]:
+    """What each site of a SecAgg+ round receives (the model, int8-packed if so configured, and the federation's
+    normalization statistics), and its bytes."""
     keys = sorted(state)
     fit_config = {"run-config": config.model_dump_json(), "round": server_round, "keys": json.dumps(keys), "evaluate-received": evaluate_received}
+    if statistics:
+        fit_config[STATISTICS] = to_text(statistics)
     if config.compression.broadcast == "int8":
         packed, fit_config[BROADCAST_LAYOUT] = encode_broadcast(state)
         arrays = [packed[name].numpy() for name in BROADCAST_ARRAYS]
@@ -152,11 +158,14 @@ def secure_fit_ins(config: RunConfig, server_round: int, state: Mapping[str, tor
     return FitIns(ndarrays_to_parameters(arrays), fit_config), ArrayRecord(arrays).count_bytes()
 
 
-def run_secure_round(grid, context: Context, config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], nodes: list[int], evaluate_received: bool) -> SecureRound:
+def run_secure_round(
+    grid, context: Context, config: RunConfig, server_round: int, state: Mapping[str, torch.Tensor], nodes: list[int], evaluate_received: bool,
+    statistics: Statistics | None = None,
+) -> SecureRound:
     """One SecAgg+ training round over ``nodes``; ``.aggregate`` stays None if the protocol halted."""
     secure = SecureRound(grid, context.run_id)
     secure.nodes = nodes
-    secure.fit_ins, sent = secure_fit_ins(config, server_round, state, evaluate_received)
+    secure.fit_ins, sent = secure_fit_ins(config, server_round, state, evaluate_received, statistics)
     secure.broadcast_bytes = len(nodes) * sent
     secure.broadcast_dense_bytes = len(nodes) * dense_bytes(state)
     s = config.secure

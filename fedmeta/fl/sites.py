@@ -17,6 +17,7 @@ from fedmeta.data.federation import SiteFiles, discover_sites, federation_schema
 from fedmeta.data.schema import Schema, SchemaError
 from fedmeta.data.site import SiteData
 from fedmeta.fl.config import ConfigError, RunConfig
+from fedmeta.fl.normalization import from_text
 
 
 @lru_cache(maxsize=8)
@@ -30,17 +31,21 @@ def _schema(data_dir: str) -> Schema:
 
 
 @lru_cache(maxsize=32)
-def _load(site: SiteFiles, data_dir: str, test_fraction: float, seed: int) -> SiteData:
-    return load_federation_site(site, _schema(data_dir), test_fraction, seed)
+def _load(site: SiteFiles, data_dir: str, test_fraction: float, seed: int, statistics: str | None) -> SiteData:
+    schema = _schema(data_dir)
+    if statistics:
+        schema = schema.with_statistics(from_text(statistics))
+    return load_federation_site(site, schema, test_fraction, seed)
 
 
-def csv_site(config: RunConfig, partition: int) -> SiteData:
-    """The rows of partition ``partition`` of a CSV federation: the i-th site found, sorted by name."""
+def csv_site(config: RunConfig, partition: int, statistics: str | None = None) -> SiteData:
+    """The rows of partition ``partition`` of a CSV federation: the i-th site found, sorted by name,
+    normalized with the federation's ``statistics`` (JSON, :mod:`fedmeta.fl.normalization`) if given."""
     fed = config.federation
     sites = _sites(fed.data_dir)
     if not 0 <= partition < len(sites):
         raise ValueError(f"partition {partition} has no site in {fed.data_dir} ({len(sites)} sites)")
-    return _load(sites[partition], fed.data_dir, fed.test_fraction, fed.seed)
+    return _load(sites[partition], fed.data_dir, fed.test_fraction, fed.seed, statistics)
 
 
 def prepare_federation(config: RunConfig) -> tuple[RunConfig, list[SiteData]]:

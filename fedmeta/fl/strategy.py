@@ -37,6 +37,7 @@ from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadca
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.exchange import TooFewSitesError, wait_for_nodes
+from fedmeta.fl.normalization import STATISTICS, SUMS, combine_site_sums, to_text
 from fedmeta.fl.privacy import PrivacyAccount, clip_update, noisy_mean, secure_normal
 from fedmeta.fl.robust import robust_mean
 from fedmeta.fl.secagg import SecureRound, run_secure_round, weighted_sums
@@ -84,6 +85,9 @@ class MetaStrategy(Strategy):
         self.sent_keys: dict[int, list[str]] = {}  # the keys each node was last sent, in order
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
+        self.site_sums: dict[str, str] = {}  # each site's roll-call sums for the federation's normalization
+        # {feature: (mean, std)} once settled before the first sample (None until then; {} if the schema states all).
+        self.statistics: dict[str, tuple[float, float]] | None = None
         self.current: FlatState = {}
         self.site_rows: list[dict] = []
         self.failures: list[str] = []
@@ -129,6 +133,9 @@ class MetaStrategy(Strategy):
             raise TooFewSitesError(
                 f"only {len(by_site)} of {len(nodes)} connected site(s) answered the roll call; the run needs at least {s.min_sites} (server.min_sites)"
             )
+        if self.statistics is None:
+            # Fixed from the sites present at the first sample: a site joining later is encoded the same way.
+            self.statistics = combine_site_sums({site: self.site_sums[site] for site in by_site if site in self.site_sums})
         size = min(len(by_site), max(s.min_sites, math.ceil(fraction * len(by_site))))
         if phase == "train":
             self.last_sample = (size, len(by_site))
@@ -151,6 +158,8 @@ class MetaStrategy(Strategy):
                 continue
             self.node_sites[node] = str(reply.content["site"]["name"])
             self.node_tasks[node] = sorted(site_examples(reply.content["metrics"]))
+            if SUMS in reply.content["site"]:
+                self.site_sums[self.node_sites[node]] = str(reply.content["site"][SUMS])
         silent = set(nodes) - {r.metadata.src_node_id for r in replies}
         if silent:
             # A SuperNode killed without notice stays listed for a while: do not wait for it again every round.
@@ -166,7 +175,10 @@ class MetaStrategy(Strategy):
             config["evaluate-received"] = True
         messages = []
         self.broadcast_bytes = self.broadcast_dense_bytes = 0
-        for node in self._sample(grid, fraction, phase):
+        nodes = self._sample(grid, fraction, phase)
+        if self.statistics:
+            config[STATISTICS] = to_text(self.statistics)
+        for node in nodes:
             flat = self.current if node not in self.node_tasks else select_for_tasks(self.current, self.node_tasks[node])
             arrays, node_config = self._broadcast(flat, config)
             content = RecordDict({"arrays": arrays, "config": node_config})
@@ -218,7 +230,7 @@ class MetaStrategy(Strategy):
         """A SecAgg+ training round: sample sites, run the protocol, step from the unmasked sums."""
         self.current = dict(state)
         nodes = self._sample(grid, self.config.server.fraction_train)
-        secure = run_secure_round(grid, context, self.config, server_round, self.current, nodes, self.evaluate_received)
+        secure = run_secure_round(grid, context, self.config, server_round, self.current, nodes, self.evaluate_received, self.statistics)
         return self.aggregate_secure(server_round, secure)
 
     def aggregate_secure(self, server_round: int, secure: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:

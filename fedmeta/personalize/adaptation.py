@@ -21,7 +21,7 @@ from fedmeta.data.site import SiteData
 from fedmeta.meta.inner import make_loss, sgd_update
 from fedmeta.models import head_prefix, is_body_param
 from fedmeta.personalize.all_rows import ALL_ROWS_LR, fit_all_rows
-from fedmeta.personalize.base import PersonalizationError
+from fedmeta.personalize.base import PersonalizationError, check_normalization
 from fedmeta.scoring import task_scores
 from fedmeta.trained import TrainedModel
 
@@ -159,6 +159,7 @@ def personalize(
         raise PersonalizationError(f"need shots >= 1 (or 'all') and lr > 0; got shots={shots!r}, lr={lr}")
     if every_row and mode == "metasgd":
         raise PersonalizationError("mode 'metasgd' adapts with the rates learned for K-shot steps; with shots 'all' use mode 'all' or 'head'")
+    check_normalization(base, site)
     tasks = [t for t in site.tasks if t in base.tasks]
     if not tasks:
         raise PersonalizationError(

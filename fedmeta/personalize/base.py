@@ -11,9 +11,11 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedmeta.data.schema import Schema
+from fedmeta.data.site import SiteData
 from fedmeta.fl.aggregation import unflatten_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.manifest import Manifest, sha256_bytes
@@ -38,6 +40,7 @@ class GlobalBase:
     source: str
     version: int | None = None
     privacy: dict | None = None
+    statistics: dict[str, tuple[float, float]] | None = None  # the normalization the federation computed
 
     @property
     def sha256(self) -> str:
@@ -57,19 +60,55 @@ class GlobalBase:
         ev = self.config.evaluation
         return {"shots": ev.shots, "steps": ev.steps, "lr": ev.lr if ev.lr is not None else self.config.algorithm.lr}
 
+    def schema_for(self, schema: Schema, source: str = "the schema") -> Schema:
+        """``schema`` with the normalization the federation computed for this base.
+
+        Raises :class:`~fedmeta.data.SchemaError` naming the feature when
+        ``schema`` states a mean or std other than the base's: a model fed
+        rows normalized another way than in training answers nonsense.
+        """
+        if not self.statistics:
+            return schema
+        schema.check_statistics(self.statistics, source, f"base model {self.source}")
+        return schema.with_statistics(self.statistics)
+
     def for_schema(self, schema: Schema) -> TrainedModel:
-        """The base's weights paired with a site's schema (which must describe the same features and tasks)."""
+        """The base's weights paired with a site's schema (which must describe the same features and tasks),
+        normalized as the federation normalized (:meth:`schema_for`)."""
+        schema = self.schema_for(schema)
         try:
             return TrainedModel(schema, self.hidden, {g: dict(v) for g, v in self.state.items()}, {"base": self.source, "algorithm": self.config.algorithm.name})
         except ModelMismatchError as e:
             raise ModelMismatchError(f"base model {self.source}: {e}. Use the federation's schema; for a task new to it, use `fedmeta heads add`") from None
 
 
+def check_normalization(model: TrainedModel, site: SiteData) -> None:
+    """Refuse a site whose rows were encoded with other normalization statistics than ``model``'s schema states.
+
+    Such rows reach the model shifted and scaled differently from training; this
+    happens when a site is loaded with a schema that leaves ``mean``/``std`` to
+    the federation (load it with :meth:`GlobalBase.schema_for` instead).
+    """
+    ours, theirs = model.schema.statistics(), site.schema.statistics()
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in ours or name not in theirs or not np.allclose(ours[name], theirs[name], rtol=1e-6, atol=1e-9):
+            raise PersonalizationError(
+                f"site {site.name!r}: feature {name!r} was normalized with {_stats_text(theirs.get(name))} but the model "
+                f"expects {_stats_text(ours.get(name))}; load the site's rows with the base's schema: "
+                "load_site(path, base.schema_for(Schema.load(schema_path)))"
+            )
+
+
+def _stats_text(stats: tuple[float, float] | None) -> str:
+    return "no statistics (raw values)" if stats is None else f"mean {stats[0]:.6g}, std {stats[1]:.6g}"
+
+
 def _read_base(data: bytes, source: str, version: int | None = None) -> GlobalBase:
     try:
         raw = torch.load(io.BytesIO(data), weights_only=True)
         config = RunConfig.from_dict(raw["config"], source=source)
-        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"))
+        statistics = {k: (float(v[0]), float(v[1])) for k, v in (raw.get("normalization") or {}).items()}
+        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"), statistics or None)
     except Exception as e:
         raise PersonalizationError(f"{source} is not a fedmeta base model: {e}") from None
 

@@ -43,7 +43,7 @@ import torch
 from fedmeta.data.site import SiteData
 from fedmeta.meta.inner import make_loss
 from fedmeta.personalize.adaptation import Personalization, check_shots
-from fedmeta.personalize.base import PersonalizationError
+from fedmeta.personalize.base import PersonalizationError, check_normalization
 from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
 from fedmeta.scoring import task_scores
 from fedmeta.trained import TrainedModel
@@ -140,6 +140,7 @@ def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, l
     (True, True)
     """
     start = time.perf_counter()
+    check_normalization(base, site)
     tasks = [t for t in site.tasks if t in base.tasks]
     if not tasks:
         raise PersonalizationError(
