@@ -6,12 +6,17 @@ sites, the mean held-out accuracy (and worst tenth) of each candidate used for e
 validation choice (what ``fedmeta personalize`` does), and of a perfect per-site choice: the ceiling of
 the candidate pool.
 
-    python benchmarks/choice_diagnostic.py DIR/fedprox_1_1 [--algorithm reptile] [--shots 5]
+    python benchmarks/choice_diagnostic.py DIR/fedprox_1_1 [--algorithm reptile] [--shots 5] [--dump sites.json]
+
+``--dump`` writes, per site, every candidate's mean validation scores, its held-out accuracy, and for the
+all-rows fine-tunes (plain, Ditto, heads) also the held-out accuracy when the refit chooses its steps again
+on all the training rows (label suffixed ``*``): enough to compare choice rules without refitting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -20,7 +25,7 @@ import numpy as np
 from fedmeta.data import load_federation
 from fedmeta.evaluate.site_scores import shots_for
 from fedmeta.personalize import load_base
-from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
+from fedmeta.personalize.candidates import Candidate, _all_rows_runs, _one, fit_candidates, refit
 from fedmeta.personalize.choice import FOLDS, _feasible_shots, _rank, held_out_metrics, validation_scores, validation_split
 from fedmeta.threads import limit_threads
 
@@ -35,7 +40,9 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--algorithm", default="reptile")
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--dump", type=Path, default=None)
     args = parser.parse_args()
+    records = []
     limit_threads(1)
     base = load_base(args.folder / "runs" / args.algorithm)
     held_out: dict[str, list[float]] = {}
@@ -48,7 +55,8 @@ def main() -> None:
             rows = validation_split(site, 0, fold)
             for c in fit_candidates(trained, rows, tasks, _feasible_shots(rows, tasks, shots_for(site, args.shots)), base.adaptation["lr"], 0):
                 by_label.setdefault(c.label, []).append((c, validation_scores(c.model, rows, tasks)))
-        scores, ranks = {}, {}
+        scores, ranks, record = {}, {}, {}
+        n_validation = sum(validation_split(site, 0, f).n_labelled(t, train=False) for f in range(FOLDS) for t in tasks)
         for label, items in by_label.items():
             knobs = dict(items[0][0].knobs)
             for k in ("steps", "local_steps"):
@@ -61,6 +69,12 @@ def main() -> None:
             scores[label] = float(np.mean(accs))
             means = {k: float(np.mean([s[k] for _, s in items if k in s])) for k in ("acc", "loss") if any(k in s for _, s in items)}
             ranks[label] = _rank(means)
+            record[label] = {**means, "held_out": scores[label]}
+            if args.dump and items[0][0].name in ("all_rows", "ditto", "head"):
+                specs = [sp for sp in _all_rows_runs(trained, site.tasks) if sp[0] == items[0][0].name and sp[1].get("lambda") == knobs.get("lambda")]
+                again = _one(trained, specs[0], site, site.tasks, 0, None)
+                accs = [v for k, v in held_out_metrics(trained, again.model, site, site.tasks).items() if k.endswith(".personalized.acc")]
+                record[label]["held_out_rechosen"] = float(np.mean(accs))
         if len(scores) != len(by_label):
             continue  # no classification task to score
         for label, value in scores.items():
@@ -68,11 +82,14 @@ def main() -> None:
         labels = list(scores)
         chosen.append(scores[min(labels, key=lambda lab: (ranks[lab], labels.index(lab)))])
         ceiling.append(max(scores.values()))
+        records.append({"site": site.name, "n_validation": n_validation, "candidates": record})
     print(f"{args.folder.name}, {len(chosen)} training sites: mean held-out accuracy (worst tenth)")
     for label, values in held_out.items():
         print(f"  every site {label:14s} {np.mean(values):.4f} ({worst10(values):.4f})")
     print(f"  validation choice         {np.mean(chosen):.4f} ({worst10(chosen):.4f})")
     print(f"  perfect per-site choice   {np.mean(ceiling):.4f} ({worst10(ceiling):.4f})")
+    if args.dump:
+        args.dump.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

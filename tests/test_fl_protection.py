@@ -117,6 +117,7 @@ INSPECT = textwrap.dedent(
                     "arrays": {k: [list(v.shape), v.dtype] for k, v in (content["arrays"].items() if "arrays" in content else [])},
                     "metrics": {k: type(v).__name__ for k, v in content["metrics"].items()},
                     "site": {k: type(v).__name__ for k, v in content["site"].items()},
+                    "sums": content["site"].get("feature-sums"),
                 })
         return replies
 
@@ -138,7 +139,13 @@ def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path
     allowed = re.compile(r"^(evaluation\.)?(loss|seconds|examples|examples\.\w+|\w+\.(global|personalized)\.(acc|auc|mse))$")
     for message in seen:
         assert set(message["records"]) <= {"arrays", "metrics", "site"}
-        assert message["site"] == {"name": "str"}
+        if message["phase"] == "roll-call":
+            # Besides its name, the roll call's only other answer: per feature the federation normalizes, three numbers.
+            assert message["site"] == {"name": "str", "feature-sums": "str"}
+            sums = json.loads(message["sums"])
+            assert all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in sums.values()), sums
+        else:
+            assert message["site"] == {"name": "str"}
         # Every number a site reports is one scalar about the site, never a list of per-row values.
         assert all(kind in ("int", "float") for kind in message["metrics"].values()), message["metrics"]
         assert all(allowed.match(key) for key in message["metrics"]), sorted(message["metrics"])

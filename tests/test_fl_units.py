@@ -195,3 +195,38 @@ def test_a_sites_app_process_does_not_import_the_privacy_accountant():
     code = "import sys, fedmeta.fl.app; print(sorted(m for m in ('dp_accounting', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
     assert out.strip() == "[]", out
+
+
+def _sums_text(site):
+    import json
+
+    return json.dumps({name: list(v) for name, v in site.training_sums().items()})
+
+
+def test_the_federations_normalization_from_roll_call_sums_equals_numpy_over_the_training_rows_together():
+    import numpy as np
+
+    from fedmeta.data import SiteData
+    from fedmeta.data.schema import numeric_schema
+    from fedmeta.data.synthetic import fedprox_schema
+    from fedmeta.fl.normalization import combine_site_sums
+
+    rng = np.random.default_rng(0)
+    schema = numeric_schema(3, fedprox_schema().tasks)
+    sites = [SiteData.from_arrays(f"s{i}", schema, rng.normal(10 * i, i + 1, size=(40 + 30 * i, 3)), {}, 0.25, 0) for i in range(3)]
+    statistics = combine_site_sums({s.name: _sums_text(s) for s in sites})
+    rows = np.concatenate([s.x[~s.test_mask] for s in sites]).astype(np.float64)  # training rows only: held-out rows take no part
+    for j in range(3):
+        assert statistics[f"x{j}"] == pytest.approx((rows[:, j].mean(), rows[:, j].std()), rel=1e-9)
+    everything = np.concatenate([s.x for s in sites]).astype(np.float64)
+    assert statistics["x0"][0] != pytest.approx(everything[:, 0].mean(), rel=1e-6), "the control: held-out rows would move the mean"
+
+
+def test_roll_call_sums_that_cannot_be_real_are_left_out_and_sites_with_other_schemas_stop_the_run():
+    from fedmeta.fl.normalization import NormalizationError, combine_site_sums
+
+    good = {"a": '{"age": [2, 100.0, 5000.0]}', "b": '{"age": [2, 140.0, 9800.0]}'}
+    for bad in ('{"age": [2, 100.0, 10.0]}', '{"age": [1, 5.0, 25.0]}', '{"age": [2, NaN, 5.0]}', '{"age": [2, 1e400, 5.0]}', "not json", '{"age": 3}'):
+        assert combine_site_sums({**good, "liar": bad}) == {"age": (60.0, 10.0)}, bad
+    with pytest.raises(NormalizationError, match=r"sites disagree .* a sends sums for \['age'\], c for \['age', 'sodium'\]"):
+        combine_site_sums({**good, "c": '{"age": [2, 1.0, 1.0], "sodium": [2, 280.0, 39200.0]}'})

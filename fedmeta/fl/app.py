@@ -98,8 +98,10 @@ def normalized_site(context: Context, config: RunConfig, statistics: str | None)
     """:func:`site_for` for a message that carries a model: every numeric feature must then be normalized."""
     site = site_for(context, config, statistics)
     if site.schema.unnormalized:
+        names = site.schema.unnormalized
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise RuntimeError(
-            f"site {site.name}: the schema leaves the mean and std of {site.schema.unnormalized} to the federation, "
+            f"site {site.name}: the schema leaves the mean and std of {shown} to the federation, "
             "but the message carries no statistics for them; refusing to train or score on raw values"
         )
     return site
