@@ -11,7 +11,7 @@ import torch
 from fedmeta.data import hospital_federation
 from fedmeta.personalize.candidates import fit_base, fit_ditto, fit_few_shot, fit_head, fit_local, mixed_model
 from fedmeta.personalize.choice import _rank, choose, choose_personalization, validation_scores, validation_split
-from fedmeta.personalize.candidates import fit_candidates
+from fedmeta.personalize.candidates import CANDIDATES, fit_candidates
 from fedmeta.registry import SiteHome
 from fedmeta.trained import TrainedModel
 
@@ -27,7 +27,7 @@ def base(site):
 
 
 def test_the_chosen_candidate_scores_at_least_the_base_on_the_same_validation_rows(site, base):
-    folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
+    folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0, names=CANDIDATES), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
     chosen, scores = choose(folds, site.tasks)
     assert _rank(scores[chosen.label]) <= _rank(scores["base"])
     base_scores = [validation_scores(fit_base(base).model, rows, site.tasks) for _, rows in folds]
@@ -138,9 +138,12 @@ def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_p
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "folds (each row validates once)" in done.stdout and "chosen" in done.stdout and "mix(α=1)" in done.stdout
+    assert "folds (each row validates once)" in done.stdout and "chosen" in done.stdout
     version = SiteHome(tmp_path).registry.current("hospital_001")
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]
     assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
+    assert sorted(why["validation"]) == ["all_rows", "base", "ditto(λ=10)", "head"] and sorted(why["candidates"]) == ["all_rows", "base", "ditto", "head"]
     json.dumps(why)
+    refused = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--candidates", "head,mix,guess"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "error: candidates must be some of base, few_shot, all_rows, ditto, head, mix; got head, mix, guess" in refused.stdout

@@ -92,9 +92,14 @@ def personalize(
     ),
     lr: float = typer.Option(None, "--lr", help="Fine-tuning rate. Default: the run's adaptation rate (with --shots all, Adam at 0.001)."),
     mode: str = typer.Option(
-        "auto", "--mode", help="auto (default): per site, the best of the unadapted base, few-shot, all rows, Ditto, heads only and a base/local mix "
-        "on validation rows split from the training rows; or one adaptation: all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates). "
+        "auto", "--mode", help="auto (default): per site, the best of --candidates on validation folds of the training rows; "
+        "or one adaptation: all (every layer), head (task heads only) or metasgd (Meta-SGD's learned rates). "
         "--shots all or a number of --steps with auto means all.",
+    ),
+    candidates: str = typer.Option(
+        "base,all_rows,ditto,head", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
+        "(every layer on all rows), ditto (the same, pulled toward the base, λ = 10), head (heads retrained on the frozen body), few_shot "
+        "(K shots, as meta-trained), mix (base/local predictions mixed, α 0.25-1).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
     test_fraction: float = typer.Option(
@@ -128,7 +133,10 @@ def personalize(
         site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
         choosing = mode == "auto" and k != "all" and steps == "auto"
         if choosing:
-            result = choose_personalization(global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed)
+            result = choose_personalization(
+                global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed,
+                candidates=[c.strip() for c in candidates.split(",") if c.strip()],
+            )
         else:
             result = run_personalize(
                 global_base.for_schema(site_data.schema),

@@ -45,8 +45,9 @@ class Feature(BaseModel):
             raise ValueError(f"feature {self.name!r}: categorical features need a non-empty 'categories' list")
         if self.type == "numeric" and self.categories:
             raise ValueError(f"feature {self.name!r}: numeric features take no 'categories'")
-        if self.type == "categorical" and (self.mean is not None or self.std is not None):
-            raise ValueError(f"feature {self.name!r}: categorical features take no 'mean'/'std'")
+        if self.type == "categorical":
+            # Schemas written before statistics were optional carry mean 0, std 1 on every feature: they mean nothing here.
+            self.mean = self.std = None
         if (self.mean is None) != (self.std is None):
             raise ValueError(f"feature {self.name!r}: give both 'mean' and 'std', or neither (the federation computes them)")
         if self.std is not None and not (self.std > 0 and np.isfinite(self.std) and np.isfinite(self.mean)):

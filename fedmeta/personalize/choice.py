@@ -12,19 +12,23 @@ is. :func:`choose_personalization`:
    90-row site is 18 rows, too few to tell candidates apart. The held-out (or
    test) rows are not even handed to the candidates: they work on a copy of
    the site that holds only training rows.
-2. **Fits** every candidate of :mod:`fedmeta.personalize.candidates` on the
-   fitting rows of each fold: the unadapted base, few-shot adaptation as the base was
+2. **Fits** each candidate of :mod:`fedmeta.personalize.candidates` on the
+   fitting rows of each fold. By default three: the unadapted base, the
+   heads retrained on the frozen meta-learned body (FedRep, Collins et al.
+   2021; FedPer, Arivazhagan et al. 2019; ANIL) and every layer fine-tuned on
+   all rows, early-stopped (FedBABU's fine-tune, Oh et al. 2022; FedAvg +
+   fine-tuning). ``candidates`` adds few-shot adaptation as the base was
    meta-trained (Per-FedAvg, Fallah et al. 2020; Meta-SGD's rates, ANIL's
-   heads), all rows early-stopped (FedBABU's fine-tune, Oh et al. 2022),
-   Ditto's proximal fine-tune (Li et al. 2021) for each λ, the heads on the
-   frozen body (FedRep, Collins et al. 2021; FedPer, Arivazhagan et al. 2019)
-   and APFL's mix of base and local predictions (Deng et al. 2020) for each α.
+   heads), Ditto's proximal fine-tune (Li et al. 2021) for each λ and APFL's
+   mix of base and local predictions (Deng et al. 2020) for each α.
 3. **Chooses** the one with the best validation score, averaged over the
    folds: mean accuracy over the site's classification tasks, ties broken by the mean validation loss
    (cross-entropy, or MSE for regression), and remaining ties by the order
    above, base first. A site whose tasks are all regression is chosen by loss.
 4. **Refits** the chosen candidate on all the training rows with the knobs it
-   was chosen with (λ, α, and the median over folds of its steps), and scores base and chosen model on the
+   was chosen with (λ, α; the heads' median step count over folds; the
+   every-layer fine-tunes choose their steps again on all the rows, see
+   :func:`~fedmeta.personalize.candidates.refit`), and scores base and chosen model on the
    held-out rows, which nothing above looked at.
 
 The result records every candidate's validation scores: why the site got
@@ -44,7 +48,7 @@ from fedmeta.data.site import SiteData
 from fedmeta.meta.inner import make_loss
 from fedmeta.personalize.adaptation import Personalization, check_shots
 from fedmeta.personalize.base import PersonalizationError, check_normalization
-from fedmeta.personalize.candidates import Candidate, fit_candidates, refit
+from fedmeta.personalize.candidates import DEFAULT_CANDIDATES, Candidate, check_candidates, fit_candidates, refit
 from fedmeta.scoring import task_scores
 from fedmeta.trained import TrainedModel
 
@@ -126,11 +130,15 @@ def choose(folds: list[tuple[list[Candidate], SiteData]], tasks: list[str]) -> t
     return chosen, {label: {k: round(v, 5) for k, v in m.items()} for label, m in means.items()}
 
 
-def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0) -> Personalization:
-    """Fit every candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
+def choose_personalization(
+    base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0, candidates=DEFAULT_CANDIDATES
+) -> Personalization:
+    """Fit each candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
 
-    ``shots`` is K for the few-shot candidate (refused if the training rows
-    cannot supply it, lowered to what the fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
+    ``candidates`` are the kinds weighed (:data:`~fedmeta.personalize.candidates.CANDIDATES`;
+    default base, head, all_rows). ``shots`` is K for the few-shot adaptation
+    (refused if the training rows cannot supply it, lowered to what the
+    fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
     the site's held-out (or test) rows, as :func:`~fedmeta.personalize.personalize` does.
 
     >>> from fedmeta.data import hospital_federation
@@ -140,6 +148,10 @@ def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, l
     (True, True)
     """
     start = time.perf_counter()
+    try:
+        candidates = check_candidates(candidates)
+    except ValueError as e:
+        raise PersonalizationError(str(e)) from None
     check_normalization(base, site)
     tasks = [t for t in site.tasks if t in base.tasks]
     if not tasks:
@@ -160,11 +172,11 @@ def choose_personalization(base: TrainedModel, site: SiteData, shots: int = 5, l
         folds = []
         for fold in range(FOLDS):
             rows = validation_split(site, seed, fold)
-            folds.append((fit_candidates(base, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed), rows))
+            folds.append((fit_candidates(base, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed, candidates), rows))
         chosen, scores = choose(folds, fit_tasks)
         candidate = refit(chosen, base, site, tasks, seed)
         why = {"chosen": chosen.label, "knobs": chosen.knobs, "validation": scores, "validation_rows": n_validation,
-               "folds": FOLDS}
+               "folds": FOLDS, "candidates": list(candidates)}
     metrics = held_out_metrics(base, candidate.model, site, tasks)
     steps = candidate.knobs.get("steps", 0)
     return Personalization(candidate.model, metrics, tasks, candidate.knobs.get("shots", "all"), int(steps), float(lr),
