@@ -147,3 +147,15 @@ def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_p
     json.dumps(why)
     refused = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--candidates", "head,mix,guess"], capture_output=True, text=True)
     assert refused.returncode == 2 and "error: candidates must be some of base, few_shot, all_rows, ditto, head, mix; got head, mix, guess" in refused.stdout
+
+
+def test_the_refit_takes_the_folds_steps_scaled_to_all_rows_or_more_where_all_rows_ask_for_more(site, base):
+    from fedmeta.personalize.candidates import Candidate, fit_all_rows_candidate, refit
+
+    tasks = site.tasks
+    head = refit(Candidate("head", base, {"lr": 0.01, "steps": 20}), base, site, tasks, seed=0)
+    assert head.knobs["steps"] == 30  # 1.5 x the folds' median: the folds fit on two-thirds of the rows
+    rechosen = fit_all_rows_candidate(base, site, tasks, seed=0).knobs["steps"]  # a validation fifth of all rows
+    for folds_median in (4, rechosen + 20):
+        fine_tune = refit(Candidate("all_rows", base, {"lr": 1e-3, "steps": folds_median}), base, site, tasks, seed=0)
+        assert fine_tune.knobs["steps"] == max(rechosen, round(1.5 * folds_median))

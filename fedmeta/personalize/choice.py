@@ -26,10 +26,11 @@ is. :func:`choose_personalization`:
    (cross-entropy, or MSE for regression), and remaining ties by the order
    above, base first. A site whose tasks are all regression is chosen by loss.
 4. **Refits** the chosen candidate on all the training rows with the knobs it
-   was chosen with (λ, α; the heads' median step count over folds; the
-   every-layer fine-tunes choose their steps again on all the rows, see
-   :func:`~fedmeta.personalize.candidates.refit`), and scores base and chosen model on the
-   held-out rows, which nothing above looked at.
+   was chosen with (λ, α) and 1.5 times the folds' median step count (the
+   folds fit on two-thirds of the rows); the every-layer fine-tunes take
+   more if a choice on a validation fifth of all the rows asks for more
+   (:func:`~fedmeta.personalize.candidates.refit`). Base and chosen model
+   are scored on the held-out rows, which nothing above looked at.
 
 The result records every candidate's validation scores: why the site got
 what it got.
