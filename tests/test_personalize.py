@@ -122,17 +122,26 @@ def _sepsis_rows(hospitals, n):
 def test_new_head_on_the_frozen_body_is_scored_on_held_out_rows_and_registered(tmp_path, hospitals, base_run):
     assert _personalize_cli(tmp_path, hospitals, base_run).exit_code == 0
     rows = tmp_path / "sepsis.csv"
-    _sepsis_rows(hospitals, 80).to_csv(rows, index=False)
+    _sepsis_rows(hospitals, 200).to_csv(rows, index=False)
     result = runner.invoke(app, ["heads", "add", "--task", "sepsis", "--kind", "binary", "--data", str(rows), "--site-home", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "scored on 20 held-out rows of 80" in " ".join(result.output.split())
+    assert "scored on 50 held-out rows of 200" in " ".join(result.output.split())
     home = SiteHome(tmp_path)
     head = home.registry.get(3)
     assert (head.kind, head.parent, head.site) == ("head", 2, "hospital_002")
     manifest, _ = home.load(head)
     sepsis = next(t for t in manifest.tasks if t.name == "sepsis")
     assert sepsis.classes == ["no", "yes"] and sepsis.personalized
-    assert manifest.metrics["sepsis.head.auc"] > 0.7  # wbc is a model input: the body's features rank by it
+    # The control: the same rows with the labels shuffled give a head that ranks by nothing.
+    shuffled = _sepsis_rows(hospitals, 200)
+    shuffled["sepsis"] = shuffled["sepsis"].sample(frac=1.0, random_state=0).to_numpy()
+    shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
+    control = runner.invoke(app, ["heads", "add", "--task", "sepsis", "--kind", "binary", "--data", str(tmp_path / "shuffled.csv"),
+                                  "--site-home", str(tmp_path), "--from", "v2"])
+    assert control.exit_code == 0, control.output
+    control_auc = home.load(home.registry.get(4))[0].metrics["sepsis.head.auc"]
+    print(f"sepsis head AUC {manifest.metrics['sepsis.head.auc']:.3f}, shuffled-label control {control_auc:.3f}")
+    assert manifest.metrics["sepsis.head.auc"] > control_auc + 0.15  # wbc is a model input: the body's features rank by it
     from fedmeta.personalize import load_trained
 
     before, after = load_trained(home, home.registry.get(2)), load_trained(home, head)
