@@ -69,10 +69,7 @@ def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
 def _site_from_files(
     data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None, statistics: str | None = None
 ) -> SiteData:
-    schema = Schema.load(schema_path)
-    if statistics:
-        schema = schema.with_statistics(normalization.from_text(statistics))
-    return load_site(data_path, schema, name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
+    return load_site(data_path, normalization.applied(Schema.load(schema_path), statistics), name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
 
 
 def site_for(context: Context, config: RunConfig, statistics: str | None = None) -> SiteData:

@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Mapping
 
-from fedmeta.data.schema import combine_sums
+from fedmeta.data.schema import Schema, combine_sums
 from fedmeta.data.site import SiteData
 
 log = logging.getLogger("flwr.fedmeta")
@@ -101,6 +101,12 @@ def combine_site_sums(sums: Mapping[str, str]) -> Statistics:
 
 def to_text(statistics: Statistics) -> str:
     return json.dumps({k: list(v) for k, v in statistics.items()})
+
+
+def applied(schema: Schema, text: str | None) -> Schema:
+    """``schema`` with the statistics a message carries (unchanged when it carries none)."""
+    statistics = from_text(text)
+    return schema.with_statistics(statistics) if statistics else schema
 
 
 def from_text(text: str | None) -> Statistics | None:

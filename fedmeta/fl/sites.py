@@ -17,7 +17,7 @@ from fedmeta.data.federation import SiteFiles, discover_sites, federation_schema
 from fedmeta.data.schema import Schema, SchemaError
 from fedmeta.data.site import SiteData
 from fedmeta.fl.config import ConfigError, RunConfig
-from fedmeta.fl.normalization import from_text
+from fedmeta.fl.normalization import applied
 
 
 @lru_cache(maxsize=8)
@@ -32,10 +32,7 @@ def _schema(data_dir: str) -> Schema:
 
 @lru_cache(maxsize=32)
 def _load(site: SiteFiles, data_dir: str, test_fraction: float, seed: int, statistics: str | None) -> SiteData:
-    schema = _schema(data_dir)
-    if statistics:
-        schema = schema.with_statistics(from_text(statistics))
-    return load_federation_site(site, schema, test_fraction, seed)
+    return load_federation_site(site, applied(_schema(data_dir), statistics), test_fraction, seed)
 
 
 def csv_site(config: RunConfig, partition: int, statistics: str | None = None) -> SiteData:

@@ -194,11 +194,12 @@ def choose_steps(
 def fit_all_rows_batch(
     model: MultiTaskModel, runs: Sequence[Run], site: SiteData, tasks: list[str], seed: int = 0,
     max_steps: int = 1000, check_every: int = 10, patience: int = 5, batch_rows: int = 128,
-    steps: Sequence[int | None] | None = None,
+    steps: Sequence[int | None] | None = None, at_least: int = 0,
 ) -> list[tuple[Params, int, dict]]:
     """:func:`fit_all_rows` for several runs on the same rows at once; per run (parameters, step count, how it was chosen).
 
     A run's given step count (``steps[i]``) skips its choice: that many steps on all the rows.
+    A chosen step count is raised to ``at_least`` when it is lower.
     """
     steps = list(steps) if steps is not None else [None] * len(runs)
     rng = np.random.default_rng(seed)
@@ -210,13 +211,13 @@ def fit_all_rows_batch(
     if choose and not valid:
         # Too few rows to validate on: a short, fixed fine-tune on all of them.
         for i in choose:
-            steps[i] = min(max_steps, 50)
+            steps[i] = max(min(max_steps, 50), at_least)
             how[i] = {"note": f"too few labelled rows to set {VALIDATION_FRACTION:.0%} aside for validation: {steps[i]} steps", "rows": n_rows}
     elif choose:
         chosen = choose_steps(model, [runs[i] for i in choose], fit, valid, max_steps, seed, batch_rows, check_every, patience)
         n_valid = int(sum(len(y) for _, y in valid.values()))
         for i, (best, curve) in zip(choose, chosen):
-            steps[i] = best
+            steps[i] = max(best, at_least)
             how[i] = {
                 "steps": best, "validation_rows": n_valid, "rows": n_rows, "lr": runs[i].lr,
                 "curve": {k: round(v, 5) for k, v in curve.items() if k == best or k % (check_every * 5) == 0 or k == max(curve)},

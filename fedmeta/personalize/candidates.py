@@ -144,7 +144,9 @@ def _local_run(base: TrainedModel, tasks: list[str], seed: int) -> Run:
     return Run(start.params, _body_and_heads(start, tasks), LOCAL_LR)
 
 
-def _fit(base: TrainedModel, runs: list[Run], site: SiteData, tasks: list[str], seed: int, steps: list[int | None]) -> list[tuple[dict, int]]:
+def _fit(
+    base: TrainedModel, runs: list[Run], site: SiteData, tasks: list[str], seed: int, steps: list[int | None], at_least: int = 0
+) -> list[tuple[dict, int]]:
     """Each run's (parameters, steps): runs with the same parameter names train as one batch, sharing every minibatch."""
     out: list[tuple[dict, int] | None] = [None] * len(runs)
     groups: dict[tuple[str, ...], list[int]] = {}
@@ -152,7 +154,7 @@ def _fit(base: TrainedModel, runs: list[Run], site: SiteData, tasks: list[str], 
         groups.setdefault(tuple(run.start), []).append(i)
     for members in groups.values():
         fitted = fit_all_rows_batch(base.module(), [runs[i] for i in members], site, tasks, seed, max_steps=MAX_STEPS,
-                                    steps=[steps[i] for i in members])
+                                    steps=[steps[i] for i in members], at_least=at_least)
         for i, (params, n_steps, _) in zip(members, fitted):
             out[i] = (params, n_steps)
     return out
@@ -162,9 +164,11 @@ def _candidate(name: str, knobs: dict, base: TrainedModel, params: dict, steps: 
     return Candidate(name, _with_params(base, _finite_or_base(params, base), name), {**knobs, "steps": steps})
 
 
-def _one(base: TrainedModel, spec: tuple[str, dict, Run], site: SiteData, tasks: list[str], seed: int, steps: int | None) -> Candidate:
+def _one(
+    base: TrainedModel, spec: tuple[str, dict, Run], site: SiteData, tasks: list[str], seed: int, steps: int | None, at_least: int = 0
+) -> Candidate:
     name, knobs, run = spec
-    [(params, steps)] = _fit(base, [run], site, tasks, seed, [steps])
+    [(params, steps)] = _fit(base, [run], site, tasks, seed, [steps], at_least)
     return _candidate(name, knobs, base, params, steps)
 
 
@@ -292,5 +296,4 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
     if candidate.name not in ("all_rows", "ditto"):
         raise ValueError(f"unknown candidate {candidate.name!r}")
     spec = next(sp for sp in _all_rows_runs(base, tasks, (k.get("lambda", DITTO_LAMBDAS[0]),)) if sp[0] == candidate.name)
-    again = _one(base, spec, site, tasks, seed, None)
-    return again if again.knobs["steps"] >= scaled else _one(base, spec, site, tasks, seed, scaled)
+    return _one(base, spec, site, tasks, seed, None, at_least=scaled)
