@@ -136,7 +136,7 @@ def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path
     model = torch.load(tmp_path / "run" / "base_model.pt", weights_only=True)["state"]
     shapes = {k: list(v.shape) for k, v in model.items()}
     assert {m["phase"] for m in seen} == {"roll-call", "train", "evaluate"} and len(seen) == 3 + 3 * 2 + 3
-    allowed = re.compile(r"^(evaluation\.)?(loss|seconds|examples|examples\.\w+|\w+\.(global|personalized)\.(acc|auc|mse))$")
+    allowed = re.compile(r"^(evaluation\.)?(loss|seconds|restarts|examples|examples\.\w+|\w+\.(global|personalized)\.(acc|auc|mse))$")
     for message in seen:
         assert set(message["records"]) <= {"arrays", "metrics", "site"}
         if message["phase"] == "roll-call":

@@ -5,7 +5,9 @@ episodes (tasks in turn) and returns an update the server treats as a
 gradient: the mean meta-gradient along the local path for the MAML family,
 the negated parameter change for Reptile and for the FedAvg baseline (plain
 minibatch SGD). With one local step the MAML-family update is exactly the
-meta-gradient.
+meta-gradient. A run whose loss or update is not finite (a noisy model can
+make a step overshoot) restarts from the received model with half the step,
+at most :data:`MAX_RESTARTS` times; the metrics count the restarts.
 
 :func:`evaluate_site` scores the global model on the site's held-out rows as
 is and after K-shot adaptation on support rows from its training split.
@@ -60,9 +62,42 @@ def _fedavg_steps(config: RunConfig, site: SiteData, model: MultiTaskModel, stat
     return losses
 
 
+#: How many times a site restarts a diverged local run, each time with half the previous step.
+MAX_RESTARTS = 3
+
+
 def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, torch.Tensor], round_seed: int) -> tuple[FlatState, dict[str, float]]:
-    """Local meta-training on one site; returns the update and metrics (loss, examples per task, seconds)."""
+    """Local meta-training on one site; returns the update and metrics (loss, examples per task, seconds, restarts).
+
+    On a non-finite loss or update the run starts again from ``global_flat``
+    with the inner and local learning rates halved (Meta-SGD's learned inner
+    rates are part of the model and stay). If every restart diverges too, the
+    last update is returned as it is: :func:`outgoing_update` refuses to
+    release it, and the site sits out the round.
+    """
     start = time.perf_counter()
+    for restarts in range(MAX_RESTARTS + 1):
+        update, metrics = _local_run(_smaller_steps(config, 0.5**restarts), site, global_flat, round_seed)
+        if _finite(update, metrics["loss"]):
+            break
+    metrics.update(restarts=restarts, seconds=time.perf_counter() - start)
+    return update, metrics
+
+
+def _smaller_steps(config: RunConfig, factor: float) -> RunConfig:
+    if factor == 1.0:
+        return config
+    algorithm = config.algorithm.model_copy(update={"lr": config.algorithm.lr * factor})
+    local = config.local.model_copy(update={"lr": config.local.lr * factor})
+    return config.model_copy(update={"algorithm": algorithm, "local": local})
+
+
+def _finite(update: Mapping[str, torch.Tensor], loss: float) -> bool:
+    return bool(np.isfinite(loss)) and all(bool(torch.isfinite(t).all()) for t in update.values())
+
+
+def _local_run(config: RunConfig, site: SiteData, global_flat: Mapping[str, torch.Tensor], round_seed: int) -> tuple[FlatState, dict[str, float]]:
+    """One attempt at :func:`local_update`, at the step sizes ``config`` gives."""
     torch.manual_seed(round_seed)
     rng = np.random.default_rng(round_seed)
     model = build_model(config, site)
@@ -89,7 +124,7 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
     local_flat = flatten_state(state)
     scale = 1.0 if config.algorithm.name in ("reptile", "fedavg") else 1.0 / (lr * config.local.steps)
     update = {k: (global_flat[k] - local_flat[k]) * scale for k in global_flat}
-    metrics = {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+    metrics = {"loss": float(np.mean(losses))}
     for t in tasks:
         metrics[f"examples.{t}"] = site.n_labelled(t, train=True)
     metrics["examples"] = site.n_rows - int(site.test_mask.sum())
@@ -98,6 +133,10 @@ def local_update(config: RunConfig, site: SiteData, global_flat: Mapping[str, to
 
 class SiteDiverged(RuntimeError):
     """A site's local training produced non-finite numbers: it releases nothing this round."""
+
+
+#: How a :class:`SiteDiverged` reason ends: the server's reports tell a site that sat out from one that failed.
+SAT_OUT = "this site sits out the round"
 
 
 def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> FlatState:
@@ -111,7 +150,7 @@ def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> Fla
     if partition not in sim.byzantine_sites and not all(bool(torch.isfinite(t).all()) for t in update.values()):
         # The server drops a non-finite update it can see, but under SecAgg+ it sees only the sum, which one
         # NaN would ruin (and a NaN norm passes clipping). The site sits the round out instead.
-        raise SiteDiverged("local training diverged (non-finite update); this site sits out the round")
+        raise SiteDiverged(f"local training diverged (non-finite update, also after {MAX_RESTARTS} restarts with smaller steps); {SAT_OUT}")
     if partition in sim.byzantine_sites:
         if sim.attack == "sign_flip":
             return {k: -10.0 * t for k, t in update.items()}
@@ -130,7 +169,7 @@ def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, t
     ev = config.evaluation
     rng = np.random.default_rng(seed)
     metrics: dict[str, float] = {}
-    for task in site.tasks:
+    for task in site.scored_tasks:
         x_test, y_test = site.split(task, train=False)
         for name, value in task_scores(model, state["params"], task, x_test, y_test).items():
             metrics[f"{task}.global.{name}"] = value
