@@ -325,6 +325,9 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
             if strategy.failures:
                 observer.sites_failed(round_, site_failures(strategy))
             rows += strategy.site_rows
+            for row in strategy.site_rows:
+                if row.get("restarts"):
+                    log.warning("round %d: site %s restarted its local training %d time(s) with a smaller step (non-finite loss or update)", round_, row["site"], int(row["restarts"]))
             if strategy.evaluate_received:
                 eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
                 rows += eval_rows
