@@ -1,7 +1,10 @@
 """The site's head-job queue: one job runs at a time, ``head_queue_limit`` may wait, each in its own process.
 
 A second request for a task that is already queued or running gets 409; a
-full queue gets 429. Every request is written to the audit log. A job runs
+full queue gets 429. A job is visible only to the key that asked for it and
+to admin keys (:meth:`HeadJobs.visible`): to any other key it is answered
+exactly as an unknown id is, so job ids cannot be probed, and a 409 names
+the blocking job only to those who may read it. Every request is written to the audit log. A job runs
 :mod:`serving.head_worker` in a spawned process, so cancelling it is
 terminating that process; :meth:`HeadJobs.shutdown` does that when the
 server stops and says so in the job's status, the log and the audit log.
@@ -20,7 +23,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from serving.auth import ApiKey
+from serving.auth import RANK, ApiKey
 from serving.errors import ApiError
 from serving.store import LoadedModel, ModelStore
 
@@ -34,6 +37,7 @@ class HeadJob:
     id: str
     task: str
     requested_by: str
+    owner: str  # the id of the key that asked for it (names need not be unique)
     status: str = "queued"  # queued | running | succeeded | failed | cancelled
     submitted_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -44,7 +48,10 @@ class HeadJob:
     error: str | None = None
 
     def describe(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "owner"}
+
+    def visible_to(self, key: ApiKey) -> bool:
+        return key.id == self.owner or RANK[key.role] >= RANK["admin"]
 
 
 class HeadJobs:
@@ -69,10 +76,11 @@ class HeadJobs:
             active = [j for j in self.jobs.values() if j.status in ("queued", "running")]
             same = [j for j in active if j.task == request.task]
             if same:
-                raise ApiError(409, f"a head job for task {request.task!r} is already {same[0].status} (job {same[0].id}); wait for it")
+                which = f" (job {same[0].id})" if same[0].visible_to(key) else ""
+                raise ApiError(409, f"a head job for task {request.task!r} is already {same[0].status}{which}; wait for it")
             if len(active) > self.queue_limit:
                 raise ApiError(429, f"{len(active)} head jobs are queued or running (limit: 1 running + {self.queue_limit} waiting); retry later", {"Retry-After": "30"})
-            job = HeadJob(id=uuid.uuid4().hex[:12], task=request.task, requested_by=key.name)
+            job = HeadJob(id=uuid.uuid4().hex[:12], task=request.task, requested_by=key.name, owner=key.id)
             self.jobs[job.id] = job
         try:
             self.store.home.registry.record(
@@ -94,10 +102,18 @@ class HeadJobs:
         return job
 
     def get(self, job_id: str) -> HeadJob:
+        """Any job, for the server itself; a request goes through :meth:`visible`."""
         try:
             return self.jobs[job_id]
         except KeyError:
             raise ApiError(404, f"no head job {shown_id(job_id)}") from None
+
+    def visible(self, job_id: str, key: ApiKey) -> HeadJob:
+        """The job if ``key`` asked for it or is an admin's; otherwise the same 404 as an unknown id."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.visible_to(key):
+            raise ApiError(404, f"no head job {shown_id(job_id)}")
+        return job
 
     # --- the worker thread ---------------------------------------------------------
     def _loop(self) -> None:

@@ -15,7 +15,8 @@ advance (the head's outputs are not finite, say), never for bad input:
   classes for classification, finite numbers within float32 range for
   regression.
 
-Promotion is the admin's: a department key's ``promote: true`` gets 403
+A job's status is readable by the key that requested it and by admin keys;
+any other key gets the 404 an unknown id gets. Promotion is the admin's: a department key's ``promote: true`` gets 403
 unless the site policy allows it (:mod:`serving.policy`). The job itself
 (:mod:`serving.head_jobs`) registers the version; the registry then decides
 what is served.
@@ -209,7 +210,8 @@ JOB_RESPONSE = {
 }
 
 
-@router.get("/v1/heads/jobs/{job_id}", summary="Status and metrics of a head job", responses={**responses(401, 403, 404, 422), 200: JOB_RESPONSE})
-async def head_job(job_id: str, request: Request, _=Depends(role("department"))) -> Response:
-    return json_response(state(request).jobs.get(job_id).describe())
+@router.get("/v1/heads/jobs/{job_id}", summary="Status and metrics of a head job (the key that requested it, or admin)",
+            responses={**responses(401, 403, 404, 422), 200: JOB_RESPONSE})
+async def head_job(job_id: str, request: Request, key: ApiKey = Depends(role("department"))) -> Response:
+    return json_response(state(request).jobs.visible(job_id, key).describe())
 

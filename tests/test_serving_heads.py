@@ -4,6 +4,7 @@ import time
 
 import httpx
 
+from serving.auth import KeyStore
 from site_server import ROW, SITE, auth, running, sepsis_rows, settings, site_home, wait_for_job  # noqa: F401
 
 
@@ -93,3 +94,23 @@ def test_shutdown_cancels_a_running_head_job_and_says_so(site_home, caplog):
     assert len(home.registry.versions()) == 3  # nothing was registered
     assert any('"event": "head_job_cancelled"' in r.getMessage() for r in caplog.records)
     assert [e.detail["job"] for e in home.registry.audit() if e.action == "head_cancelled"] == [job_id]
+
+
+def test_a_head_job_is_visible_only_to_the_key_that_asked_for_it_and_to_admins(site_home):
+    """Issue 23, defect 6: another department's key gets the answer an unknown id gets, so job ids cannot be probed."""
+    home, keys = site_home
+    oncology = KeyStore(home.path).create("oncology-app", "department")[1]
+    body = {"task": "sepsis", "kind": "binary", "rows": sepsis_rows(), "steps": 5000}
+    with running(settings(home)) as (url, _):
+        r = httpx.post(f"{url}/v1/heads", json=body, headers=auth(keys["department"]))
+        assert r.status_code == 202, r.text
+        job_id, job_url = r.json()["job"], r.json()["status_url"]
+        by_other = httpx.get(url + job_url, headers=auth(oncology))
+        unknown = httpx.get(f"{url}/v1/heads/jobs/{job_id[::-1]}", headers=auth(oncology))
+        conflict = httpx.post(f"{url}/v1/heads", json=body, headers=auth(oncology))  # the same task while the job is queued or running
+        by_owner = httpx.get(url + job_url, headers=auth(keys["department"]))
+        by_admin = httpx.get(url + job_url, headers=auth(keys["admin"]))
+    assert unknown.status_code == 404 and unknown.json()["error"] == f"no head job {job_id[::-1]!r}"
+    assert by_other.status_code == 404 and by_other.json()["error"] == f"no head job {job_id!r}", by_other.text
+    assert conflict.status_code == 409 and job_id not in conflict.text, conflict.text
+    assert by_owner.status_code == by_admin.status_code == 200 and by_owner.json()["id"] == by_admin.json()["id"] == job_id
