@@ -24,6 +24,7 @@ class ProgressObserver:
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console
         )
         self.failed: dict[str, dict[int, str]] = {}  # site -> round -> reason
+        self.sat_out: dict[str, dict[int, str]] = {}  # site -> round -> reason, for sites whose training diverged on every restart
 
     def start(self, first_round: int, rounds: int) -> None:
         import time
@@ -58,11 +59,14 @@ class ProgressObserver:
         from rich.markup import escape
 
         from fedmeta.cli.errors import without_values
+        from fedmeta.fl.site_training import SAT_OUT
 
         for site, reason in failures:
             reason = without_values(reason)
-            self.failed.setdefault(site, {})[round_] = reason
-            self.progress.console.print(f"[yellow]round {round_}: site {escape(site)} failed: {escape(reason)}[/]")
+            # A site that sits out by design (a diverged update is never released) has not failed: the run stays whole.
+            sat_out = SAT_OUT in reason
+            (self.sat_out if sat_out else self.failed).setdefault(site, {})[round_] = reason
+            self.progress.console.print(f"[yellow]round {round_}: site {escape(site)} {'sat out' if sat_out else 'failed'}: {escape(reason)}[/]")
 
     def unplanned_failures(self) -> dict[str, dict[int, str]]:
         """Failed sites, leaving out the failures a run asked for (``simulation.failing_sites``, chaos testing)."""

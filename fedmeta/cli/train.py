@@ -69,10 +69,34 @@ def train(
         if last["round"] < rd.load_config().rounds:
             console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
     console.print(f"base model: {rd.base_model_path}")
+    for line in diverged_sites(observer.sat_out, rd.read_metrics()):
+        console.print(f"[yellow]{line}[/]", highlight=False)
+    # A site that raised is a fault to fix (a file, a bug): the model lacks its data, so scripts must notice. A site
+    # that sat out a diverged round did what the protocol asks, and the run is whole.
     failed = observer.unplanned_failures()
     if failed:
         listed = "; ".join(f"{site} (round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, sorted(rounds)))}: {rounds[max(rounds)]})" for site, rounds in sorted(failed.items()))
         raise fail(f"{len(failed)} site(s) failed during training and the base model was made without them in those rounds: {listed}", 1)
+
+
+def _rounds(rounds) -> str:
+    return f"round{'s' if len(rounds) > 1 else ''} " + ", ".join(map(str, sorted(rounds)))
+
+
+def diverged_sites(sat_out: dict[str, dict[int, str]], rows: list[dict]) -> list[str]:
+    """What diverged local training cost a run: the sites that restarted with a smaller step, and those that sat out anyway."""
+    restarted: dict[str, dict[int, int]] = {}
+    for row in rows:
+        if row["phase"] == "train" and row["site"] != "*" and row.get("restarts"):
+            restarted.setdefault(row["site"], {})[row["round"]] = int(row["restarts"])
+    lines = []
+    if restarted:
+        listed = "; ".join(f"{site} ({_rounds(r)}: {', '.join(str(r[k]) for k in sorted(r))} restart(s))" for site, r in sorted(restarted.items()))
+        lines.append(f"{len(restarted)} site(s) restarted their local training with a smaller step after a non-finite loss or update: {listed}")
+    if sat_out:
+        listed = "; ".join(f"{site} ({_rounds(r)})" for site, r in sorted(sat_out.items()))
+        lines.append(f"{len(sat_out)} site(s) sat out a round, their local training diverged on every restart; the run completed without their update there: {listed}")
+    return lines
 
 
 def _federation_line(cfg) -> str:
