@@ -23,13 +23,18 @@ mortality), of the global model and after K-shot personalization.
 With ``--json`` the last line holds ``dp_eps8_acc_drop``,
 ``byzantine_robust_acc_drop``, ``byzantine_mean_acc_drop``,
 ``compression_ratio`` and ``compression_acc_drop`` (drops in accuracy
-points, personalized).
+points, personalized). A run goes on when a site sits a round out (its local
+training diverged on every restart) or fails; the JSON line always comes,
+with ``sat_out`` and ``restarts`` per run where any happened, and
+``failed_runs`` naming each run that did not complete, with its reason (the
+figures that need it are then left out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,7 +82,7 @@ CLIP = 0.3
 
 
 def run(work: Path, name: str, sites: int, rounds: int, fraction: float, overrides: list[str]) -> dict:
-    """Train one configuration; its final accuracies, upload bytes and seconds."""
+    """Train one configuration; its row (:func:`read_run`)."""
     config = work / f"{name}.toml"
     fraction_evaluate = min(1.0, 100 / sites)
     config.write_text(BASE.format(rounds=rounds, sites=sites, fraction=fraction, fraction_evaluate=fraction_evaluate))
@@ -87,10 +92,33 @@ def run(work: Path, name: str, sites: int, rounds: int, fraction: float, overrid
         args += ["--set", item]
     started = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in rows if r["site"] == "*" and r["phase"] == "evaluate"][-1]
+    return read_run(name, run_dir, result.returncode, result.stdout + result.stderr, time.perf_counter() - started)
+
+
+#: How `fedmeta train` reports a site's round: ``round 19: site hospital_488 sat out: ...`` (or ``failed: ...``).
+SITE_LINE = re.compile(r"^round (\d+): site (\S+) (sat out|failed): (.*)$", re.MULTILINE)
+
+
+def read_run(name: str, run_dir: Path, returncode: int, output: str, seconds: float) -> dict:
+    """One run's row: final accuracies, upload bytes, seconds, and the sites that sat out, failed or restarted.
+
+    A run that left no base model or final evaluation is a row with its reason
+    in ``failed`` and no figures. A run that completed is kept even when
+    `fedmeta train` ended with exit 1 (a site raised): the sites are listed.
+    """
+    sites = {"sat out": [], "failed": []}
+    for round_, site, outcome, reason in SITE_LINE.findall(output):
+        sites[outcome].append({"round": int(round_), "site": site, "reason": reason.strip()})
+    row = {"name": name, "seconds": seconds, "sat_out": sites["sat out"], "failed_sites": sites["failed"]}
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    evaluations = [r for r in rows if r["site"] == "*" and r["phase"] == "evaluate"]
+    if not (run_dir / "base_model.pt").exists() or not evaluations:
+        errors = [line.strip() for line in output.splitlines() if line.strip().startswith("error:")]
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        row["failed"] = (errors or lines or [f"fedmeta train exited with {returncode}"])[-1]
+        return row
+    final = evaluations[-1]
     trained = [r for r in rows if r["site"] == "*" and r["phase"] == "train" and not r.get("skipped")]
     weights = {t: sum(r.get(f"examples.{t}", 0) for r in rows if r["phase"] == "evaluate" and r["site"] != "*" and r["round"] == final["round"]) for t in CLASSIFICATION}
     total = sum(weights.values())
@@ -99,15 +127,55 @@ def run(work: Path, name: str, sites: int, rounds: int, fraction: float, overrid
         return sum(final[f"{t}.{kind}.acc"] * weights[t] for t in CLASSIFICATION) / total
 
     return {
-        "name": name,
+        **row,
         "global_acc": acc("global"),
         "personalized_acc": acc("personalized"),
         "upload_bytes": sum(r.get("upload_bytes", 0) for r in trained),  # none under SecAgg+: the server never sees one site's update
         "broadcast_bytes": sum(r.get("broadcast_bytes", 0) for r in trained),
         "rounds": len(trained),
         "epsilon": trained[-1].get("epsilon") if trained else None,
-        "seconds": time.perf_counter() - started,
+        "restarts": sum(int(r.get("restarts", 0)) for r in rows if r["phase"] == "train" and r["site"] != "*"),
     }
+
+
+def completed(row: dict | None) -> bool:
+    return row is not None and "failed" not in row
+
+
+def summary(results: list[dict]) -> dict:
+    """The JSON line's figures from the runs that completed, and what the others and their sites went through."""
+    done = [r for r in results if completed(r)]
+    byzantine = [r for r in done if r["section"] == "byzantine" and "rule" in r and "acc_drop" in r]
+    robust = [r for r in byzantine if r["rule"] != "mean"]
+    by_name = {r["name"]: r for r in done}
+    out = {f"dp_eps{e}_acc_drop": by_name[f"dp_eps{e}"]["acc_drop"] for e in (8, 4, 1) if "acc_drop" in by_name.get(f"dp_eps{e}", {})}
+    if robust:
+        # The robust figure is the worst attack for the best rule; the mean's is its worst attack.
+        worst = {rule: max(r["acc_drop"] for r in robust if r["rule"] == rule) for rule in {r["rule"] for r in robust}}
+        out["byzantine_robust_rule"] = min(worst, key=worst.get)
+        out["byzantine_robust_acc_drop"] = min(worst.values())
+    if any(r["rule"] == "mean" for r in byzantine):
+        out["byzantine_mean_acc_drop"] = max(r["acc_drop"] for r in byzantine if r["rule"] == "mean")
+    if "acc_drop" in by_name.get("secagg", {}):
+        out["secagg_acc_drop"] = by_name["secagg"]["acc_drop"]
+        out["secagg_seconds"] = by_name["secagg"]["seconds"]
+        out["plain_seconds"] = by_name["clean"]["seconds"]  # a secagg row has a drop only if the clean run completed
+    for codec, prefix in (("topk", "compression"), ("int8", "int8")):
+        if "ratio" in by_name.get(f"compress_{codec}", {}):
+            out[f"{prefix}_ratio"] = by_name[f"compress_{codec}"]["ratio"]
+            out[f"{prefix}_acc_drop"] = by_name[f"compress_{codec}"]["acc_drop"]
+    for codec in ("broadcast_int8", "topk_broadcast_int8"):
+        if "ratio" in by_name.get(f"compress_{codec}", {}):
+            row = by_name[f"compress_{codec}"]
+            out.update({f"{codec}_ratio": row["broadcast_ratio"], f"{codec}_total_ratio": row["total_ratio"], f"{codec}_acc_drop": row["acc_drop"]})
+    sat_out = {r["name"]: [f"{s['site']} (round {s['round']})" for s in r["sat_out"]] for r in results if r.get("sat_out")}
+    failed_sites = {r["name"]: [f"{s['site']} (round {s['round']}): {s['reason']}" for s in r["failed_sites"]] for r in results if r.get("failed_sites")}
+    restarts = {r["name"]: r["restarts"] for r in done if r.get("restarts")}
+    failed_runs = {r["name"]: r["failed"] for r in results if not completed(r)}
+    for key, value in (("sat_out", sat_out), ("failed_sites", failed_sites), ("restarts", restarts), ("failed_runs", failed_runs)):
+        if value:
+            out[key] = value
+    return out
 
 
 def main() -> None:
@@ -124,10 +192,14 @@ def main() -> None:
 
     def record(section: str, label: str, row: dict, reference: dict | None) -> dict:
         row.update(section=section, label=label)
-        if reference is not None:
-            row["acc_drop"] = 100 * (reference["personalized_acc"] - row["personalized_acc"])
         results.append(row)
-        print(f"{section:12s} {label:34s} pers acc {row['personalized_acc']:.3f}  global acc {row['global_acc']:.3f}  {row['seconds']:.0f} s", file=sys.stderr)
+        if not completed(row):
+            print(f"{section:12s} {label:34s} failed: {row['failed']}", file=sys.stderr)
+            return row
+        if completed(reference):
+            row["acc_drop"] = 100 * (reference["personalized_acc"] - row["personalized_acc"])
+        diverged = f"  {len(row['sat_out'])} sat out, {row['restarts']} restart(s)" if row["sat_out"] or row["restarts"] else ""
+        print(f"{section:12s} {label:34s} pers acc {row['personalized_acc']:.3f}  global acc {row['global_acc']:.3f}  {row['seconds']:.0f} s{diverged}", file=sys.stderr)
         return row
 
     with tempfile.TemporaryDirectory(prefix="fedmeta-robustness-") as tmp:
@@ -140,7 +212,8 @@ def main() -> None:
             sigma = noise_multiplier_for(epsilon, DELTA, rounds, dp_sampled, dp_sites)
             row = run(work, f"dp_eps{epsilon}", dp_sites, rounds, fraction, [f"privacy.clip_norm={CLIP}", f"privacy.noise_multiplier={sigma}", f"privacy.delta={DELTA}"])
             row["noise_multiplier"] = sigma
-            record("dp", f"epsilon {row['epsilon']:.2f} (sigma {sigma:.2f}, C {CLIP})", row, dp_clean)
+            spent = f"{row['epsilon']:.2f}" if completed(row) and row["epsilon"] is not None else f"{epsilon} (target)"
+            record("dp", f"epsilon {spent} (sigma {sigma:.2f}, C {CLIP})", row, dp_clean)
         # --- Byzantine sites --------------------------------------------------------------------
         clean = record("byzantine", "no attack, mean", run(work, "clean", sites, rounds, 1.0, []), None)
         rules = {"mean": [], "median": ['aggregation.rule="median"'], "trimmed_mean": ['aggregation.rule="trimmed_mean"', "aggregation.trim_fraction=0.2"],
@@ -159,6 +232,9 @@ def main() -> None:
         codecs = {"int8": ['compression.upload="int8"'], "topk": topk, "broadcast_int8": int8_down, "topk_broadcast_int8": topk + int8_down}
         for codec, options in codecs.items() if "compression" in sections else ():
             row = run(work, f"compress_{codec}", sites, rounds, 1.0, options)
+            if not (completed(row) and completed(clean)):
+                record("compression", codec, row, clean)
+                continue
             row["ratio"] = clean["upload_bytes"] / row["upload_bytes"]
             row["broadcast_ratio"] = clean["broadcast_bytes"] / row["broadcast_bytes"]
             row["total_ratio"] = (clean["upload_bytes"] + clean["broadcast_bytes"]) / (row["upload_bytes"] + row["broadcast_bytes"])
@@ -166,34 +242,15 @@ def main() -> None:
 
     print(f"{'section':12s} {'setting':48s} {'pers acc':>8s} {'global acc':>10s} {'drop (pts)':>10s} {'upload MB':>9s} {'bcast MB':>8s} {'s':>5s}")
     for r in results:
+        if not completed(r):
+            print(f"{r['section']:12s} {r['label']:48s} failed: {r['failed']}")
+            continue
         drop = f"{r['acc_drop']:+.1f}" if "acc_drop" in r else "—"
         upload = f"{r['upload_bytes'] / 1e6:.2f}" if r["upload_bytes"] else "—"  # SecAgg+: no single site's bytes to count
         print(f"{r['section']:12s} {r['label']:48s} {r['personalized_acc']:8.3f} {r['global_acc']:10.3f} {drop:>10s} {upload:>9s} "
               f"{r['broadcast_bytes'] / 1e6:8.2f} {r['seconds']:5.0f}")
     if args.json:
-        byzantine = [r for r in results if r["section"] == "byzantine" and "rule" in r]
-        robust = [r for r in byzantine if r["rule"] != "mean"]
-        by_name = {r["name"]: r for r in results}
-        summary = {f"dp_eps{e}_acc_drop": by_name[f"dp_eps{e}"]["acc_drop"] for e in (8, 4, 1) if f"dp_eps{e}" in by_name}
-        if robust:
-            # The robust figure is the worst attack for the best rule; the mean's is its worst attack.
-            worst = {rule: max(r["acc_drop"] for r in robust if r["rule"] == rule) for rule in {r["rule"] for r in robust}}
-            summary["byzantine_robust_rule"] = min(worst, key=worst.get)
-            summary["byzantine_robust_acc_drop"] = min(worst.values())
-            summary["byzantine_mean_acc_drop"] = max(r["acc_drop"] for r in byzantine if r["rule"] == "mean")
-        if "secagg" in by_name:
-            summary["secagg_acc_drop"] = by_name["secagg"]["acc_drop"]
-            summary["secagg_seconds"] = by_name["secagg"]["seconds"]
-            summary["plain_seconds"] = by_name["clean"]["seconds"]
-        for codec, prefix in (("topk", "compression"), ("int8", "int8")):
-            if f"compress_{codec}" in by_name:
-                summary[f"{prefix}_ratio"] = by_name[f"compress_{codec}"]["ratio"]
-                summary[f"{prefix}_acc_drop"] = by_name[f"compress_{codec}"]["acc_drop"]
-        for codec in ("broadcast_int8", "topk_broadcast_int8"):
-            if f"compress_{codec}" in by_name:
-                row = by_name[f"compress_{codec}"]
-                summary.update({f"{codec}_ratio": row["broadcast_ratio"], f"{codec}_total_ratio": row["total_ratio"], f"{codec}_acc_drop": row["acc_drop"]})
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary(results).items()}))
 
 
 if __name__ == "__main__":
