@@ -6,12 +6,15 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from test_fl_simulation import base_state, fedmeta, train_rows, write_config
 
 from fedmeta.data import hospital_federation
+from fedmeta.data.site import held_out_mask
 from fedmeta.fl.app import initial_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.site_training import evaluate_site
@@ -43,10 +46,14 @@ def test_dp_reports_epsilon_every_round_stops_at_the_budget_and_records_it(tmp_p
     )
     rows = train_rows(tmp_path / "run")
     epsilons = [r["epsilon"] for r in rows]
-    assert len(rows) == 4, "sigma 4 over all 4 sites spends 4.73 after 4 rounds and would reach 5.38 in a fifth"
+    # The exact Gaussian (full participation, no amplification): 4.98 after 5 rounds, 5.55 after a sixth.
+    assert len(rows) == 5, "sigma 4 over all 4 sites spends 4.98 after 5 rounds and would reach 5.55 in a sixth"
     assert all(a < b for a, b in zip(epsilons, epsilons[1:])) and epsilons[-1] <= 5.0
+    # Every site is in every sample: knowing the sample gains an attacker nothing.
+    assert all(r["epsilon_known_sample"] == pytest.approx(r["epsilon"], rel=1e-9) for r in rows)
     printed = " ".join(result.stdout.split())  # rich wraps long lines
     assert f"after {len(rows)} round(s)" in printed and "would exceed privacy.max_epsilon" in printed
+    assert "against anyone who sees only the released models" in printed and "against a participating site that learns who was sampled" in printed
     base = load_base(tmp_path / "run")
     assert base.round == len(rows) and base.privacy["epsilon"] == epsilons[-1] and base.privacy["delta"] == 1e-5
     version = register_base(SiteHome(tmp_path / "home"), base)
@@ -118,6 +125,7 @@ INSPECT = textwrap.dedent(
                     "metrics": {k: type(v).__name__ for k, v in content["metrics"].items()},
                     "site": {k: type(v).__name__ for k, v in content["site"].items()},
                     "sums": content["site"].get("feature-sums"),
+                    "name": content["site"].get("name"),
                 })
         return replies
 
@@ -129,9 +137,30 @@ INSPECT = textwrap.dedent(
 )
 
 
+def _hospitals_leaving_age_to_the_federation(folder, n_sites, seed=0):
+    """The hospitals as CSV sites whose schema states every numeric feature's mean and std but age's; returns the frames."""
+    from fedmeta.data.synthetic import hospital_federation_frames
+
+    schema, frames = hospital_federation_frames(n_sites, seed)
+    rows = pd.concat(frames.values())
+    stated = {f.name: (rows[f.name].mean(), rows[f.name].std(ddof=0) or 1.0) for f in schema.features if f.type == "numeric" and f.name != "age"}
+    schema = schema.with_statistics(stated)
+    schema = schema.model_copy(update={"features": [f.model_copy(update={"mean": None, "std": None}) if f.name == "age" else f for f in schema.features]})
+    folder.mkdir()
+    schema.save(folder / "schema.json")
+    for name, frame in frames.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+    assert schema.unnormalized == ["age"]
+    return frames
+
+
 def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path):
     config_path = write_config(tmp_path, rounds=2, sites=3, min_sites=2, every=1)
-    out = subprocess.run([sys.executable, "-c", INSPECT, config_path, tmp_path / "run"], capture_output=True, text=True, check=True)
+    # Age's statistics are left to the federation, so the roll call's sums branch carries data.
+    frames = _hospitals_leaving_age_to_the_federation(tmp_path / "sites", n_sites=3)
+    on_disk = ['federation.kind="csv"', f'federation.data_dir="{tmp_path / "sites"}"']
+    out = subprocess.run([sys.executable, "-c", INSPECT, config_path, tmp_path / "run", *on_disk], capture_output=True, text=True, check=True)
+    federation = RunConfig.load(config_path, on_disk).federation
     seen = json.loads(out.stdout.split("SEEN ", 1)[1])
     model = torch.load(tmp_path / "run" / "base_model.pt", weights_only=True)["state"]
     shapes = {k: list(v.shape) for k, v in model.items()}
@@ -142,8 +171,10 @@ def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path
         if message["phase"] == "roll-call":
             # Besides its name, the roll call's only other answer: per feature the federation normalizes, three numbers.
             assert message["site"] == {"name": "str", "feature-sums": "str"}
-            sums = json.loads(message["sums"])
-            assert all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in sums.values()), sums
+            # Age's count, sum and sum of squares over the site's training rows; nothing for the stated features.
+            frame = frames[message["name"]]
+            age = frame["age"].to_numpy(np.float64)[~held_out_mask(message["name"], len(frame), federation.test_fraction, federation.seed)]
+            assert json.loads(message["sums"]) == {"age": pytest.approx([len(age), age.sum(), (age**2).sum()], rel=1e-9)}
         else:
             assert message["site"] == {"name": "str"}
         # Every number a site reports is one scalar about the site, never a list of per-row values.
@@ -156,5 +187,8 @@ def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path
                 assert dtype == "float32"
         else:
             assert message["arrays"] == {}, "roll-call and evaluation replies carry metrics only"
-    config = RunConfig.load(config_path)
-    assert config.federation.kind == "hospitals"
+    assert sorted(m["name"] for m in seen if m["phase"] == "roll-call") == sorted(frames)
+    # The base model normalizes age with those sums combined: the mean and population std of every training row.
+    training = np.concatenate([f["age"].to_numpy(np.float64)[~held_out_mask(name, len(f), federation.test_fraction, federation.seed)] for name, f in frames.items()])
+    normalization = torch.load(tmp_path / "run" / "base_model.pt", weights_only=True)["normalization"]
+    assert normalization["age"] == pytest.approx([training.mean(), training.std()], rel=1e-6)

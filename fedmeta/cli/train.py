@@ -65,7 +65,10 @@ def train(
     trained = [r for r in rd.read_metrics() if r["site"] == "*" and r["phase"] == "train"]
     if trained and "epsilon" in trained[-1]:
         last = trained[-1]
-        console.print(f"privacy: client-level (site) DP, epsilon = {last['epsilon']:.3f} at delta = {last['delta']:g} after {last['round']} round(s)")
+        console.print(f"privacy: client-level (site) DP at delta = {last['delta']:g} after {last['round']} round(s):")
+        console.print(f"  epsilon = {last['epsilon']:.3f} against anyone who sees only the released models (the secret sample's amplification)")
+        if "epsilon_known_sample" in last:
+            console.print(f"  epsilon = {last['epsilon_known_sample']:.3f} against a participating site that learns who was sampled (SecAgg+ tells it)")
         if last["round"] < rd.load_config().rounds:
             console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
     console.print(f"base model: {rd.base_model_path}")

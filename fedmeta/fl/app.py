@@ -44,7 +44,8 @@ from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
-from fedmeta.fl.run_dir import Checkpoint, RunDir, fresh_rng
+from fedmeta.fl.run_dir import Checkpoint, RunDir
+from fedmeta.fl.sampling import restore_sampler, site_sampler
 from fedmeta.fl.sites import csv_site
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
@@ -285,7 +286,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         raise ValueError("secure.secagg needs the ServerApp's context")
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
     account = privacy_account(config)
-    strategy = MetaStrategy(config, optimizer, fresh_rng(config.seed), account)
+    strategy = MetaStrategy(config, optimizer, site_sampler(config), account)
     ckpt = run_dir.load_checkpoint()
     if ckpt is None:
         state, first = initial_state(config), 1
@@ -295,7 +296,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
             raise RuntimeError(f"{run_dir.path}: the configuration changed since the checkpoint (hash mismatch); refusing to resume")
         state, first = ckpt.state, ckpt.round + 1
         optimizer.load_state_dict(ckpt.optimizer)
-        strategy.rng.setstate(ckpt.rng_state)
+        strategy.rng = restore_sampler(config, ckpt.rng_state)
         strategy.node_tasks = dict(ckpt.node_tasks)
         strategy.statistics = ckpt.statistics
         torch.set_rng_state(ckpt.torch_rng)
@@ -348,10 +349,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         if train_metrics is not None:
             summary.update(dict(train_metrics))
             if account is not None:
-                account.spend(*strategy.last_sample)
+                account.spend(*strategy.last_sample, sites=strategy.last_sampled_sites)
         if account is not None:
-            summary.update({"epsilon": account.epsilon, "delta": account.delta})
-            log.info("round %d: privacy spent epsilon = %.3f at delta = %g", round_, account.epsilon, account.delta)
+            summary.update({"epsilon": account.epsilon, "epsilon_known_sample": account.epsilon_known_sample, "delta": account.delta})
+            log.info(
+                "round %d: privacy spent epsilon = %.3f against the released models, %.3f against a site that knows the sample, at delta = %g",
+                round_, account.epsilon, account.epsilon_known_sample, account.delta,
+            )
         run_dir.append_metrics(rows + [summary])
         run_dir.save_checkpoint(
             Checkpoint(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +118,3 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r.get("logged_in_round", r["round"]) <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
-
-def fresh_rng(seed: int) -> random.Random:
-    return random.Random(seed)

@@ -70,7 +70,8 @@ class MetaStrategy(Strategy):
     optimizer : ServerSGD or ServerAdam
         Applied to the weighted mean update with the server learning rate.
     rng : random.Random
-        Site sampling (over sorted site names); its state is checkpointed.
+        Site sampling (over sorted site names); its state is checkpointed. Under
+        DP it is secret (:func:`fedmeta.fl.sampling.site_sampler`).
     account : PrivacyAccount or None
         Under DP noise, each training sample is checked against its budget.
     """
@@ -81,6 +82,7 @@ class MetaStrategy(Strategy):
         self.rng = rng
         self.account = account
         self.last_sample: tuple[int, int] | None = None  # (sampled, population) of the last training round
+        self.last_sampled_sites: list[str] = []  # who that sample named (the privacy account charges them)
         self.silent_nodes: dict[int, float] = {}  # nodes that missed a roll call -> when to ask them again
         self.sent_keys: dict[int, list[str]] = {}  # the keys each node was last sent, in order
         self.node_tasks: dict[int, list[str]] = {}
@@ -142,6 +144,8 @@ class MetaStrategy(Strategy):
             if self.account is not None:
                 self.account.check_budget(size, len(by_site))
         chosen = self.rng.sample(sorted(by_site), size)
+        if phase == "train":
+            self.last_sampled_sites = sorted(chosen)
         return sorted(by_site[site] for site in chosen)
 
     def roll_call(self, grid: Grid, nodes: list[int]) -> None:
