@@ -8,9 +8,11 @@ Run it with the connection guard and a bounded drain (:mod:`serving.server`)::
 command line cannot select the guarded protocol, so that server runs
 without its header, time and connection bounds: put a reverse proxy with
 the README's limits in front of it.
-The promoted version is loaded and its SHA-256 verified before the app
-exists: a mismatch raises :class:`fedmeta.manifest.ManifestError`, so a
-server with a tampered model never starts.
+The registry's audit chain is verified before anything else (a break
+raises :class:`fedmeta.registry.AuditChainError`), then the promoted version
+is loaded and its SHA-256 verified: a mismatch raises
+:class:`fedmeta.manifest.ManifestError`. Either way a server on a tampered
+registry or model never starts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fedmeta.registry import REGISTRY_FILE, SiteHome, SQLiteRegistry
+from fedmeta.registry import REGISTRY_FILE, AuditChainError, SiteHome, SQLiteRegistry
 from serving import heads, models, openapi, predict, v2
 from serving.auth import KeyStore
 from serving.deps import ServerState, role
@@ -91,8 +93,19 @@ def configure_logging(access_log: bool = False, level: int = logging.INFO) -> No
     logging.getLogger("fedmeta.serving.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
 
+def verified_registry(settings: ServingSettings) -> SQLiteRegistry:
+    """The site home's registry, if its audit chain verifies; else :class:`AuditChainError` naming the file and the first break."""
+    path = Path(settings.site_home) / REGISTRY_FILE
+    registry = SQLiteRegistry(path, timeout=settings.registry_timeout)
+    problems = registry.verify().problems
+    if problems:
+        more = f" (and {len(problems) - 1} more; see `fedmeta models audit --verify`)" if len(problems) > 1 else ""
+        raise AuditChainError(f"{path}: the audit log does not verify: {problems[0]}{more}")
+    return registry
+
+
 def create_app(settings: ServingSettings) -> FastAPI:
-    home = SiteHome(settings.site_home, registry=SQLiteRegistry(Path(settings.site_home) / REGISTRY_FILE, timeout=settings.registry_timeout))
+    home = SiteHome(settings.site_home, registry=verified_registry(settings))
     site = settings.site or home.only_site()
     policy = SitePolicy.load(settings.site_home)
     store = ModelStore(home, site, settings.max_rows, settings.ort_threads)  # verifies the hash, or raises

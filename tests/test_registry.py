@@ -193,3 +193,21 @@ def test_a_private_file_is_never_readable_by_others_and_a_plain_one_gets_the_usu
     assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~_UMASK  # the process's umask, read at import
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left behind"
+
+
+def test_a_new_site_home_is_private_to_its_owner(tmp_path):
+    home = SiteHome(tmp_path / "new" / "home")
+    _store(home, b"one")
+    assert (home.path.stat().st_mode & 0o777) == 0o700
+    assert ((home.path / "registry.sqlite").stat().st_mode & 0o777) == 0o600
+
+
+def test_an_existing_home_with_wider_modes_keeps_working(tmp_path):
+    home = SiteHome(tmp_path / "home")
+    v1, _ = _store(home, b"one")
+    home.path.chmod(0o755)
+    (home.path / "registry.sqlite").chmod(0o644)
+    reopened = SiteHome.existing(tmp_path / "home")
+    v2, created = _store(reopened, b"two", parent=v1.version)
+    assert created and reopened.registry.verify().ok
+    assert (home.path.stat().st_mode & 0o777) == 0o755  # an operator's choice of mode is left alone

@@ -111,18 +111,35 @@ def models_audit(
     site: str = typer.Option(None, "--site", help="Only this site's entries."),
     limit: int = typer.Option(50, "--limit", min=1, help="Most recent entries to show."),
     verify: bool = typer.Option(False, "--verify", help="Check the hash chain, the versions and promotions against it, and every version's files; exit 1 on any break."),
+    expect: str = typer.Option(None, "--expect", metavar="COUNT:SHA256",
+                               help="With --verify: also fail unless entry COUNT still has this hash (a head printed by --head and kept elsewhere)."),
+    head: bool = typer.Option(False, "--head", help="Print only the chain head, COUNT:SHA256, after checking the chain; keep it outside this machine."),
     site_home: Path = SITE_HOME_OPTION,
 ) -> None:
     """Show the audit log (who did what, when, to which version, with which hash) and its chain head."""
     from rich.markup import escape
     from rich.table import Table
 
+    from fedmeta.registry import REGISTRY_FILE, ChainHead
+
+    anchor = None if expect is None else ChainHead.parse(expect)  # a malformed head is a usage error (exit 2) before anything is read
+    if anchor is not None and not verify:
+        raise fail("--expect needs --verify: `fedmeta models audit --verify --expect COUNT:SHA256`")
     home = _home(site_home)
-    if verify:
+    if head:
         result = home.registry.verify()
+        if not result.ok:  # a head is recorded to vouch for the chain: never print one for a chain that does not verify
+            raise fail(f"{home.path / REGISTRY_FILE}: no chain head printed, the audit log does not verify: {result.problems[0]}", 1)
+        typer.echo(str(result.chain_head))
+        return
+    if verify:
+        result = home.registry.verify(expect=anchor)
         problems = list(result.problems)
         for v in home.registry.versions():
             problems += home.verify_files(v)
+        if len(problems) == 1:
+            console.print(f"[red]audit verification failed:[/] {escape(problems[0])}", soft_wrap=True)
+            raise typer.Exit(1)
         for problem in problems[:20]:
             console.print(f"[red]broken:[/] {escape(problem)}", soft_wrap=True)
         if problems:
@@ -130,7 +147,9 @@ def models_audit(
             console.print(f"[red]audit verification failed: {len(problems)} problem(s){more}[/]", soft_wrap=True)
             raise typer.Exit(1)
         console.print(f"audit log verified: {result.entries} entries, {result.versions} versions and their files, {result.promotions} promotions", soft_wrap=True)
-        console.print(f"chain head {result.head}", soft_wrap=True)
+        if anchor is not None:
+            console.print(f"reaches the expected head {anchor.short}", soft_wrap=True)
+        console.print(f"chain head {result.chain_head}", soft_wrap=True)
         return
     entries = home.registry.audit(site=site, limit=limit)
     table = Table(title="audit log")
@@ -140,4 +159,4 @@ def models_audit(
         detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if k not in ("path", "files", "row") and v is not None)
         table.add_row(str(e.id), e.at[:19].replace("T", " "), e.actor, e.action, e.site or "", f"v{e.version}" if e.version else "", (e.sha256 or "")[:12], detail)
     console.print(table)
-    console.print(f"chain head {home.registry.chain_head()} (record it outside this machine; `--verify` checks the chain up to it)", soft_wrap=True)
+    console.print(f"chain head {home.registry.chain_head()} (keep it outside this machine; `--verify --expect` checks the log still reaches it)", soft_wrap=True)

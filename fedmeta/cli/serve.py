@@ -20,6 +20,7 @@ def serve(
     access_log: bool = typer.Option(False, "--access-log", help="Log one JSON line per request."),
 ) -> None:
     """Serve the site's promoted model: predictions, Open Inference Protocol v2, head requests, metrics."""
+    from fedmeta.registry import AuditChainError
     from serving import ServingSettings, create_app
     from serving.app import configure_logging
     from serving.server import run
@@ -31,6 +32,8 @@ def serve(
     configure_logging(access_log)
     try:
         app_ = create_app(ServingSettings(site_home=home, site=site, max_rows=max_rows))
+    except AuditChainError as e:
+        raise fail(f"refusing to start: {e}") from None
     except user_errors() as e:
         raise fail(e) from None
     except integrity_errors() as e:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 class RegistryError(RuntimeError):
     """A registry request that cannot be carried out (unknown version, nothing to roll back to, ...)."""
+
+
+class AuditChainError(RegistryError):
+    """The audit log does not verify, so nothing that trusts the registry (a server) may start on it."""
 
 
 def current_user() -> str:
@@ -85,6 +90,37 @@ class AuditEntry:
     row_hash: str | None = None
 
 
+_HEAD = re.compile(r"([0-9]{1,19}):([0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The audit chain's head as an operator records it elsewhere: the entry count and the newest entry's hash.
+
+    >>> head = ChainHead.parse("37:" + "ab" * 32)
+    >>> head.entries, str(head) == "37:" + "ab" * 32
+    (37, True)
+    """
+
+    entries: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.entries}:{self.hash}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.entries}:{self.hash[:16]}..."
+
+    @classmethod
+    def parse(cls, text: str) -> ChainHead:
+        match = _HEAD.fullmatch(text.strip())
+        if match is None:
+            shown = text if len(text) <= 80 else text[:80] + "..."
+            raise RegistryError(f"not a chain head: {shown!r} (expected COUNT:SHA256, as printed by `fedmeta models audit --head`)")
+        return cls(int(match[1]), match[2])
+
+
 @dataclass(frozen=True)
 class AuditVerification:
     """The result of walking the audit chain: its head, and every break found (empty when intact)."""
@@ -98,6 +134,10 @@ class AuditVerification:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def chain_head(self) -> ChainHead:
+        return ChainHead(self.entries, self.head)
 
 
 class Registry(ABC):
@@ -149,5 +189,5 @@ class Registry(ABC):
     def audit(self, site: str | None = None, limit: int | None = None) -> list[AuditEntry]: ...
 
     @abstractmethod
-    def verify(self) -> AuditVerification:
-        """Walk the audit chain and cross-check the versions and promotions against it."""
+    def verify(self, expect: ChainHead | None = None) -> AuditVerification:
+        """Walk the audit chain and cross-check the versions and promotions against it (and, with ``expect``, that it still reaches that head)."""

@@ -43,12 +43,14 @@ class SiteHome:
     """A site's home folder: the registry plus one folder of files per model version.
 
     ``SiteHome(path)`` creates the home if it is missing (the first
-    ``fedmeta personalize`` at a site); :meth:`existing` refuses a missing
-    one, for everything that only reads.
+    ``fedmeta personalize`` at a site), readable by its owner only (0700,
+    the registry file 0600); :meth:`existing` refuses a missing one, for
+    everything that only reads.
     """
 
     def __init__(self, path: str | Path | None = None, registry: Registry | None = None):
         self.path = Path(path) if path is not None else default_site_home()
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # models, keys and the audit log are the site's alone; an existing home keeps its mode
         self.registry = registry if registry is not None else SQLiteRegistry(self.path / REGISTRY_FILE)
 
     @classmethod

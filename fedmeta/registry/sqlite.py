@@ -4,33 +4,38 @@ WAL mode and every write in a ``BEGIN IMMEDIATE`` transaction, so concurrent
 writers queue instead of corrupting it. Every change is written to the audit
 log in the same transaction as the change itself.
 
-Tamper evidence. Every audit row carries ``prev_hash`` and ``row_hash =
-sha256(prev_hash + canonical JSON of the row)``, a hash chain;
-``register`` rows also hold the hash of the ``versions`` row they wrote and
-``promote``/``rollback`` rows the hash of their ``promotions`` row.
-:meth:`SQLiteRegistry.verify` walks the chain and cross-checks both tables.
-Triggers refuse UPDATE and DELETE on all three tables and any INSERT over an
-existing id (which is what ``INSERT OR REPLACE`` / ``REPLACE INTO`` would do;
-their implicit deletes do not fire delete triggers). None of this stops
-someone who can write the file from dropping the triggers and rewriting the
-whole chain consistently: only the chain head, recorded somewhere they cannot
-write (printed by ``fedmeta models audit``), detects that.
+Tamper evidence. Every audit row is an entry of a hash chain
+(:mod:`fedmeta.registry.chain`); ``register`` rows also hold the hash of the
+``versions`` row they wrote and ``promote``/``rollback`` rows the hash of
+their ``promotions`` row. :meth:`SQLiteRegistry.verify` walks the chain and
+cross-checks both tables. Triggers refuse UPDATE and DELETE on all three
+tables and any INSERT over an existing id (which is what ``INSERT OR
+REPLACE`` / ``REPLACE INTO`` would do; their implicit deletes do not fire
+delete triggers). None of this stops someone who can write the file from
+dropping the triggers and rewriting or cutting the chain consistently: only
+the chain head, recorded somewhere they cannot write (``fedmeta models audit
+--head``) and checked with ``--verify --expect``, detects that.
+
+The file is created 0600 in a folder created 0700: the log is evidence, and
+nobody else on the machine needs to read it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fedmeta.manifest import utc_now
-from fedmeta.registry.interface import AuditEntry, AuditVerification, ModelVersion, Registry, RegistryError
+from fedmeta.registry.chain import AUDIT_FIELDS, GENESIS, MIGRATE, canonical, digest, fields, legacy_hashes, link, reaches, walk
+from fedmeta.registry.interface import AuditEntry, AuditVerification, ChainHead, ModelVersion, Registry, RegistryError, current_user
 
-GENESIS = "0" * 64  # prev_hash of the first audit row
 
+_AUDIT_UPDATE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -67,15 +72,14 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT,
     row_hash  TEXT
 );
-CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+%s
 CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS promotions_append_only_update BEFORE UPDATE ON promotions
     BEGIN SELECT RAISE(ABORT, 'promotion history is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS promotions_append_only_delete BEFORE DELETE ON promotions
     BEGIN SELECT RAISE(ABORT, 'promotion history is append-only'); END;
-"""
+""" % _AUDIT_UPDATE_TRIGGER
 
 # Added after the first release: triggers that only mention ids and hashes,
 # created on new and old databases alike (after the migration's ALTER TABLE).
@@ -98,25 +102,8 @@ CREATE TRIGGER IF NOT EXISTS promotions_no_overwrite BEFORE INSERT ON promotions
 _MIGRATIONS = {"versions": [("files", "TEXT")], "audit": [("prev_hash", "TEXT"), ("row_hash", "TEXT")]}
 
 
-def _canonical(row: dict) -> str:
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _chain(prev_hash: str, row: dict) -> str:
-    return _digest(prev_hash + _canonical(row))
-
-
-_AUDIT_FIELDS = ("id", "at", "actor", "action", "site", "version", "sha256", "detail")
 _VERSION_FIELDS = ("version", "kind", "site", "path", "sha256", "parent", "created_at", "created_by", "metrics", "lineage", "files")
 _PROMOTION_FIELDS = ("id", "site", "version", "previous", "at", "actor")
-
-
-def _fields(row: sqlite3.Row, names: tuple[str, ...]) -> dict:
-    return {name: row[name] for name in names}
 
 
 def _version(row: sqlite3.Row) -> ModelVersion:
@@ -150,7 +137,14 @@ class SQLiteRegistry(Registry):
     def __init__(self, path: str | Path, timeout: float = 30.0):
         self.path = Path(path)
         self.timeout = timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # An empty file is an empty SQLite database: creating it here, not in connect, is what sets its mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass  # an existing registry keeps the mode its operator gave it
+        except OSError as e:
+            raise RegistryError(f"cannot create the registry {self.path}: {e.strerror}") from None
         try:
             self._create()
         except sqlite3.DatabaseError as e:
@@ -162,18 +156,36 @@ class SQLiteRegistry(Registry):
             con.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
             con.execute("BEGIN IMMEDIATE")
             try:
+                added = set()
                 for table, columns in _MIGRATIONS.items():
                     have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
                     for name, kind in columns:
                         if name not in have:
                             con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                            added.add(f"{table}.{name}")
                 for statement in _IMMUTABLE.split("END;"):
                     if statement.strip():
                         con.execute(statement + "END;")
+                self._migrate_legacy_log(con, columns_added="audit.row_hash" in added)
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+
+    @classmethod
+    def _migrate_legacy_log(cls, con: sqlite3.Connection, columns_added: bool) -> None:
+        """Hash a pre-chain log once and record it; the update trigger is lifted only inside this transaction."""
+        if con.execute("SELECT 1 FROM audit WHERE row_hash IS NULL AND prev_hash IS NULL LIMIT 1").fetchone() is None:
+            return
+        hashes = legacy_hashes(con.execute("SELECT * FROM audit ORDER BY id").fetchall(), columns_added)
+        if not hashes:
+            return
+        con.execute("DROP TRIGGER IF EXISTS audit_append_only_update")
+        con.executemany("UPDATE audit SET prev_hash = ?, row_hash = ? WHERE id = ?", hashes)
+        con.execute(_AUDIT_UPDATE_TRIGGER)
+        cls._audit(con, current_user(), MIGRATE, None, None, None, {
+            "hashed_entries": len(hashes), "why": "written before the audit log was hash-chained; hashed once, when this registry was first opened with the chain",
+        })
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -201,16 +213,14 @@ class SQLiteRegistry(Registry):
 
     @staticmethod
     def _chain_head(con: sqlite3.Connection) -> tuple[int, str]:
-        """The last audit id and the chain's head hash (legacy rows without hashes are chained as they are read)."""
+        """The last audit id and its hash; an unhashed newest entry is refused, never chained onto (that would vouch for it)."""
         last = con.execute("SELECT id, row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         if last is None:
             return 0, GENESIS
-        if last["row_hash"] is not None:
-            return last["id"], last["row_hash"]
-        head = GENESIS
-        for row in con.execute("SELECT * FROM audit ORDER BY id"):
-            head = row["row_hash"] or _chain(head, _fields(row, _AUDIT_FIELDS))
-        return last["id"], head
+        if last["row_hash"] is None:
+            raise RegistryError(f"audit entry #{last['id']} has no hash: refusing to extend an audit log that does not verify "
+                                "(see `fedmeta models audit --verify`)")
+        return last["id"], last["row_hash"]
 
     @classmethod
     def _audit(cls, con: sqlite3.Connection, actor: str, action: str, site: str | None, version: int | None, sha256: str | None, detail: dict) -> None:
@@ -220,7 +230,7 @@ class SQLiteRegistry(Registry):
                "detail": json.dumps(detail, sort_keys=True)}
         con.execute(
             "INSERT INTO audit (id, at, actor, action, site, version, sha256, detail, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*[row[k] for k in _AUDIT_FIELDS], prev_hash, _chain(prev_hash, row)),
+            (*[row[k] for k in AUDIT_FIELDS], prev_hash, link(prev_hash, row)),
         )
 
     @staticmethod
@@ -248,7 +258,7 @@ class SQLiteRegistry(Registry):
             )
             version = cur.lastrowid
             written = con.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
-            detail = {"kind": kind, "parent": parent, "path": path, "files": files, "row": _digest(_canonical(_fields(written, _VERSION_FIELDS)))}
+            detail = {"kind": kind, "parent": parent, "path": path, "files": files, "row": digest(canonical(fields(written, _VERSION_FIELDS)))}
             self._audit(con, actor, "register", site, version, sha256, detail)
             return _version(written), True
 
@@ -317,7 +327,7 @@ class SQLiteRegistry(Registry):
         """Append a promotions row; returns what its audit entry records about it (its id and the hash of the row)."""
         cur = con.execute("INSERT INTO promotions (site, version, previous, at, actor) VALUES (?, ?, ?, ?, ?)", (site, version, previous, utc_now(), actor))
         row = con.execute("SELECT * FROM promotions WHERE id = ?", (cur.lastrowid,)).fetchone()
-        return {"promotion": row["id"], "row": _digest(_canonical(_fields(row, _PROMOTION_FIELDS)))}
+        return {"promotion": row["id"], "row": digest(canonical(fields(row, _PROMOTION_FIELDS)))}
 
     def record(self, actor: str, action: str, site: str | None = None, version: int | None = None, detail: dict | None = None) -> None:
         with self._transaction() as con:
@@ -337,32 +347,21 @@ class SQLiteRegistry(Registry):
             ]
         return rows[-limit:] if limit else rows
 
-    def chain_head(self) -> str:
-        """The hash of the last audit entry: record it elsewhere to detect a rewrite of the whole log."""
+    def chain_head(self) -> ChainHead:
+        """The entry count and the newest entry's hash: record it elsewhere to detect a rewrite or a cut of the log."""
         with self._transaction(write=False) as con:
-            return self._chain_head(con)[1]
+            count = con.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+            return ChainHead(count, self._chain_head(con)[1])
 
-    def verify(self) -> AuditVerification:
+    def verify(self, expect: ChainHead | None = None) -> AuditVerification:
         with self._transaction(write=False) as con:
             audit = con.execute("SELECT * FROM audit ORDER BY id").fetchall()
             versions = con.execute("SELECT * FROM versions ORDER BY version").fetchall()
             promotions = con.execute("SELECT * FROM promotions ORDER BY id").fetchall()
-        problems: list[str] = []
-        head, chained = GENESIS, False
-        for row in audit:
-            fields = _fields(row, _AUDIT_FIELDS)
-            what = f"audit entry #{row['id']} ({row['action']}{'' if row['version'] is None else ' v' + str(row['version'])})"
-            if row["row_hash"] is None:
-                if chained:
-                    problems.append(f"{what} has no hash: it was written outside fedmeta")
-                head = _chain(head, fields)  # a legacy row, from before the chain: chained as read
-                continue
-            chained = True
-            if row["prev_hash"] != head:
-                problems.append(f"{what}: the chain breaks before it (an entry was removed, inserted or rewritten)")
-            if row["row_hash"] != _chain(row["prev_hash"] or "", fields):
-                problems.append(f"{what} was rewritten: its contents do not match its hash")
-            head = row["row_hash"]
+        recomputed, problems = walk(audit)
+        if expect is not None and (missed := reaches(recomputed, expect)):
+            problems.insert(0, missed)
+        head = recomputed[-1][1] if recomputed else GENESIS
         details = [(row, _json_or_none(row["detail"])) for row in audit]
         registered = {row["version"]: (row, d) for row, d in details if row["action"] == "register" and row["version"] is not None}
         for v in versions:
@@ -373,7 +372,7 @@ class SQLiteRegistry(Registry):
             row, detail = entry
             if detail is None or row["sha256"] != v["sha256"] or detail.get("path") != v["path"] or detail.get("kind") != v["kind"] or detail.get("parent") != v["parent"]:
                 problems.append(f"version v{v['version']} differs from its register entry #{row['id']} (sha256, path, kind or parent rewritten)")
-            elif "row" in detail and detail["row"] != _digest(_canonical(_fields(v, _VERSION_FIELDS))):
+            elif "row" in detail and detail["row"] != digest(canonical(fields(v, _VERSION_FIELDS))):
                 problems.append(f"version v{v['version']} was rewritten after registration (its row no longer matches entry #{row['id']})")
         for number, (row, _) in sorted(registered.items()):
             problems.append(f"audit entry #{row['id']} registered v{number}, which is missing from the versions table")
@@ -391,7 +390,7 @@ class SQLiteRegistry(Registry):
                 problems.append(f"promotion #{p['id']} (site {p['site']!r}, v{p['version']}) has no audit entry: it was written outside fedmeta")
                 continue
             row, detail = entry
-            if row["site"] != p["site"] or row["version"] != p["version"] or detail.get("row") != _digest(_canonical(_fields(p, _PROMOTION_FIELDS))):
+            if row["site"] != p["site"] or row["version"] != p["version"] or detail.get("row") != digest(canonical(fields(p, _PROMOTION_FIELDS))):
                 problems.append(f"promotion #{p['id']} (site {p['site']!r}, v{p['version']}) was rewritten: it no longer matches audit entry #{row['id']}")
         for number, (row, _) in sorted(by_id.items()):
             problems.append(f"audit entry #{row['id']} recorded promotion #{number}, which is missing from the promotions table")
