@@ -138,8 +138,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
             await anyio.to_thread.run_sync(jobs.shutdown)
             log.info(json.dumps({"event": "stop", "site": site}))
 
-    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
-    app = FastAPI(title=f"fedmeta site server: {site}", description=DESCRIPTION, version="1", lifespan=lifespan, **docs)
+    # FastAPI's own document and docs routes take no key; serving.openapi serves them behind one.
+    app = FastAPI(title=f"fedmeta site server: {site}", description=DESCRIPTION, version="1", lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.fedmeta = server
     install_error_handlers(app)
     for router in (predict.router, v2.router, models.router, heads.router):
@@ -152,7 +153,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     async def prometheus(request: Request, _=Depends(role("predict"))) -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
-    openapi.install(app, lambda: store.current, settings.max_rows)
+    openapi.install(app, lambda: store.current, settings.max_rows, settings.docs)
     app.add_middleware(MetricsMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, server=server)
     return app
 

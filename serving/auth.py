@@ -9,9 +9,19 @@ readable by others is still used, with one warning line in the log; an
 unreadable (corrupt) key file refuses every request with the same 503 until
 it is fixed, and says why once in the log.
 
-Roles are ordered: ``predict`` (predictions, model listing, v2 inference),
-``department`` (also head requests), ``admin`` (also promote and rollback).
 Send the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+Roles are ordered, each admitted wherever a smaller one is:
+
+- no key: ``GET /v2/health/live`` only;
+- ``predict``: ``POST /v1/predict``, ``GET /v1/models``, ``GET /metrics``,
+  ``GET /v2/health/ready``, ``GET /v2/models/{name}``, ``GET
+  /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``, and the API's
+  own description, ``GET /openapi.json`` and (with ``docs`` on) ``GET /docs``;
+- ``department``: also ``POST /v1/heads`` and ``GET /v1/heads/jobs/{job_id}``,
+  for the jobs this key requested (another's is a 404, as an unknown id);
+- ``admin``: also ``POST /v1/models/{version}/promote`` and ``POST
+  /v1/models/rollback``, every head job's status, and ``"promote": true`` in
+  a head request (which a site policy may also grant departments).
 """
 
 from __future__ import annotations

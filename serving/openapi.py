@@ -1,14 +1,23 @@
 """The OpenAPI document, as strict as the server: every response documented, request schemas from the served model.
 
+The document (``/openapi.json``) and, when ``docs`` is on, the Swagger UI
+page (``/docs``, with the document inlined) need a key with the ``predict``
+role, like every route but liveness; there is no ``/redoc``.
+
 - Every error response is documented with the body the server sends,
   ``{"error": "..."}`` (:data:`ERROR_SCHEMA`), never FastAPI's default
   validation-error shape.
 - The request schemas of ``/v1/predict`` and ``/v2/models/{name}/infer``
   are built from the served model's schema: the feature names, their types,
   the categories, the tasks, float32's range and the row limit. A body
-  that fits the ``/v1/predict`` schema is accepted; one that does not gets
-  a 4xx. The document follows the served version (a promoted head adds a
-  task to the ``tasks`` enum).
+  that fits the ``/v1/predict`` schema is accepted unless a value lies
+  more than 1e6 standard deviations from the federation's mean (422); one
+  that does not fit gets a 4xx. The document follows the served version
+  (a promoted head adds a task to the ``tasks`` enum).
+- Nothing in it is derived from the federation's normalization statistics:
+  they are not noised, and value bounds built from them (mean +- 1e6 std)
+  gave away the mean and std to six digits. So the 1e6-std rule is
+  written in the field's description, not as ``minimum``/``maximum``.
 - Rules that JSON Schema cannot state are written in the operation's
   description: in the Open Inference Protocol, one tensor per input, every
   shape's batch the same and each ``data`` holding as many values as its
@@ -20,10 +29,12 @@ from __future__ import annotations
 
 import copy
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from starlette.responses import JSONResponse, Response
 
-from serving.store import feature_range
+from serving.deps import authorize
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -66,9 +77,9 @@ def _row_schema(schema: dict) -> dict:
         if f.get("type") == "categorical":
             properties[f["name"]] = {"type": "string", "enum": list(f["categories"])}
         else:
-            lo, hi = feature_range(f)
-            properties[f["name"]] = {"type": "number", "minimum": lo, "maximum": hi,
-                                     "description": "within 1e6 standard deviations of the federation's mean"}
+            properties[f["name"]] = {"type": "number", "minimum": -F32, "maximum": F32,
+                                     "description": "a float32; a value more than 1e6 standard deviations from the federation's mean is refused (422) "
+                                                    "as a unit or typing error"}
     return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": False}
 
 
@@ -181,8 +192,12 @@ def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
     return spec
 
 
-def install(app: FastAPI, current_model, max_rows: int) -> None:
-    """Serve :func:`site_openapi` for the model being served, rebuilt when the served version changes."""
+def install(app: FastAPI, current_model, max_rows: int, docs: bool) -> None:
+    """Serve :func:`site_openapi` for the model being served (rebuilt when the served version changes) to ``predict`` keys.
+
+    The app must be built with ``openapi_url``, ``docs_url`` and ``redoc_url``
+    set to None: FastAPI's own routes for them take no key.
+    """
     cache: dict = {}
 
     def openapi() -> dict:
@@ -192,3 +207,15 @@ def install(app: FastAPI, current_model, max_rows: int) -> None:
         return cache["spec"]
 
     app.openapi = openapi
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def document(request: Request) -> Response:
+        authorize(request, "predict")
+        return JSONResponse(app.openapi())
+
+    if docs:
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui(request: Request) -> Response:
+            authorize(request, "predict")
+            # Inlined: the page's own fetch of /openapi.json would carry no key.
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title}: API", swagger_ui_parameters={"spec": app.openapi()})

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fedmeta.data import load_site
+from fedmeta.data import Schema, load_site
 from fedmeta.personalize import load_base, personalize, publish, register_base
 from fedmeta.registry import SiteHome
 from serving import ServingSettings, create_app
@@ -112,8 +112,8 @@ def _read(log) -> str:
 
 
 def publish_version(home: SiteHome, hospitals: Path, base_run: Path, seed: int, promote: bool):
-    site = load_site(hospitals / f"{SITE}.csv", hospitals / "schema.json")
     base = load_base(base_run)
+    site = load_site(hospitals / f"{SITE}.csv", base.schema_for(Schema.load(hospitals / "schema.json")))
     result = personalize(base.for_schema(site.schema), site, shots=5, steps=3, lr=0.05, seed=seed)
     base_version = register_base(home, base)
     return publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, shots=5, personalized_tasks=result.tasks, promote=promote,
@@ -128,6 +128,16 @@ def site_home(tmp_path, hospitals, base_run):
     publish_version(home, hospitals, base_run, seed=2, promote=False)
     keys = {role: KeyStore(home.path).create(f"{role}-app", role)[1] for role in ("predict", "department", "admin")}
     return home, keys
+
+
+PATH_VALUES = {"name": SITE, "version": "v3", "job_id": "0123456789ab"}  # fills every served route's path parameters
+
+
+def served_routes(app) -> set[str]:
+    """Every route the app answers, as ``"GET /path"``: the documented ones and those outside the document."""
+    documented = {f"{method.upper()} {path}" for path, operations in app.openapi()["paths"].items() for method in operations}
+    outside = {f"{method} {route.path}" for route in app.routes for method in (getattr(route, "methods", None) or set()) - {"HEAD"}}
+    return documented | outside
 
 
 def auth(key: str) -> dict:

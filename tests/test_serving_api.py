@@ -13,7 +13,7 @@ import pytest
 from fedmeta.manifest import ManifestError
 from serving import create_app
 from serving.auth import KeyStore
-from site_server import ROW, SITE, auth, direct_onnx as _direct_onnx, free_port as _free_port, running, sepsis_rows as _sepsis_rows, settings, site_home  # noqa: F401
+from site_server import PATH_VALUES, ROW, SITE, auth, direct_onnx as _direct_onnx, free_port as _free_port, running, sepsis_rows as _sepsis_rows, served_routes, settings, site_home  # noqa: F401
 
 
 # --- auth -------------------------------------------------------------------------------
@@ -35,6 +35,30 @@ def test_every_route_but_liveness_needs_a_key_and_the_right_role(site_home):
         r = httpx.post(f"{url}/v1/heads", json={"task": "x"}, headers=auth(keys["predict"]))
         assert r.status_code == 403 and "'department'" in r.json()["error"]
         assert httpx.post(f"{url}/v1/predict", json={"row": ROW}, headers={"X-API-Key": keys["predict"]}).status_code == 200
+
+
+def test_the_auth_module_docstring_names_every_route_with_the_smallest_role_it_admits(site_home):
+    """``serving.auth``'s docstring is the reference for roles: each route's smallest admitted role, measured, matches it."""
+    import re
+
+    import serving.auth
+
+    home, keys = site_home
+    text = " ".join(serving.auth.__doc__.split())
+    documented = {}
+    for role, listed in re.findall(r"- (no key|``\w+``): (.*?)(?= - (?:no key|``\w+``):|$)", text):
+        for route in re.findall(r"``((?:GET|POST) /[^`]*)``", listed):
+            documented[route] = role.strip("`")
+    measured = {}
+    with running(settings(home, docs=True)) as (url, app):
+        routes = served_routes(app)
+        for route in sorted(routes):
+            method, path = route.split(" ")
+            for role, headers in [("no key", {}), *((role, auth(keys[role])) for role in ("predict", "department", "admin"))]:
+                if httpx.request(method, url + path.format(**PATH_VALUES), json={}, headers=headers).status_code not in (401, 403):
+                    measured[route] = role
+                    break
+    assert len(routes) >= 14 and documented == measured
 
 
 def test_a_revoked_key_stops_working_on_the_running_server(site_home):
@@ -257,7 +281,7 @@ def test_head_request_end_to_end_trains_registers_promotes_and_serves_the_new_ta
         assert r.status_code == 202, r.text
         job_url = url + r.json()["status_url"]
         deadline = time.time() + 120
-        while (job := httpx.get(job_url, headers=auth(keys["department"])).json())["status"] in ("queued", "running"):
+        while (job := httpx.get(job_url, headers=auth(keys["admin"])).json())["status"] in ("queued", "running"):
             assert time.time() < deadline
             time.sleep(0.1)
         assert job["status"] == "succeeded", job
@@ -323,9 +347,9 @@ def test_metrics_count_requests_by_route_and_status_and_predictions_by_task(site
 
 
 def test_openapi_docs_describe_every_route_with_examples(site_home):
-    home, _ = site_home
+    home, keys = site_home
     with running(settings(home)) as (url, _):
-        spec = httpx.get(f"{url}/openapi.json").json()
+        spec = httpx.get(f"{url}/openapi.json", headers=auth(keys["predict"])).json()
     routes = {(method.upper(), path): op for path, ops in spec["paths"].items() for method, op in ops.items()}
     expected = {("POST", "/v1/predict"), ("POST", "/v2/models/{name}/infer"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),
                 ("GET", "/v2/models/{name}"), ("GET", "/v2/models/{name}/ready"), ("GET", "/v1/models"), ("POST", "/v1/models/{version}/promote"),

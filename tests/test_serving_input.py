@@ -211,11 +211,11 @@ def test_the_key_file_is_private_and_a_readable_one_is_warned_about(site_home, c
 
 
 def test_no_page_loads_assets_from_the_internet_by_default(site_home):
-    home, _ = site_home
+    home, keys = site_home
     with running(settings(home)) as (url, _):
-        assert httpx.get(f"{url}/docs").status_code == 404
-        assert httpx.get(f"{url}/redoc").status_code == 404
-        spec = httpx.get(f"{url}/openapi.json")
+        assert httpx.get(f"{url}/docs", headers=auth(keys["predict"])).status_code == 404
+        assert httpx.get(f"{url}/redoc", headers=auth(keys["predict"])).status_code == 404
+        spec = httpx.get(f"{url}/openapi.json", headers=auth(keys["predict"]))
     assert spec.status_code == 200 and "cdn." not in spec.text
 
 
