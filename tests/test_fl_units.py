@@ -222,11 +222,73 @@ def test_the_federations_normalization_from_roll_call_sums_equals_numpy_over_the
     assert statistics["x0"][0] != pytest.approx(everything[:, 0].mean(), rel=1e-6), "the control: held-out rows would move the mean"
 
 
-def test_roll_call_sums_that_cannot_be_real_are_left_out_and_sites_with_other_schemas_stop_the_run():
+def test_roll_call_sums_that_cannot_be_real_are_left_out_and_only_a_federation_without_a_majority_stops():
     from fedmeta.fl.normalization import NormalizationError, combine_site_sums
 
     good = {"a": '{"age": [2, 100.0, 5000.0]}', "b": '{"age": [2, 140.0, 9800.0]}'}
     for bad in ('{"age": [2, 100.0, 10.0]}', '{"age": [1, 5.0, 25.0]}', '{"age": [2, NaN, 5.0]}', '{"age": [2, 1e400, 5.0]}', "not json", '{"age": 3}'):
         assert combine_site_sums({**good, "liar": bad}) == {"age": (60.0, 10.0)}, bad
-    with pytest.raises(NormalizationError, match=r"sites disagree .* a sends sums for \['age'\], c for \['age', 'sodium'\]"):
-        combine_site_sums({**good, "c": '{"age": [2, 1.0, 1.0], "sodium": [2, 280.0, 39200.0]}'})
+    # A site with another schema (other features unset) is left out: two of three agree.
+    assert combine_site_sums({**good, "c": '{"age": [2, 1.0, 1.0], "sodium": [2, 280.0, 39200.0]}'}) == {"age": (60.0, 10.0)}
+    with pytest.raises(NormalizationError, match=r"no majority agrees: a for \['age'\]; c for \['age', 'sodium'\]"):
+        combine_site_sums({"a": good["a"], "c": '{"age": [2, 1.0, 1.0], "sodium": [2, 280.0, 39200.0]}'})
+
+
+def _honest_sites(n=9):
+    """Nine hospitals' ages: means 58-66, stds 12-16, 80-400 training rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return {f"h{i}": rng.normal(58 + i, 12 + i / 2, size=80 + 40 * i) for i in range(n)}
+
+
+@pytest.mark.parametrize(
+    "liar",
+    ["[1e9, 1e15, 1e21]", "[1e9, 0, 1e33]", "[1e9, 7e10, 5.125e12]", '"other features"'],
+    ids=["mean 1e6", "std 1e12", "plausible values, a billion rows", "sums for other features"],
+)
+def test_one_malicious_site_cannot_move_the_normalization_outside_the_honest_sites_range(liar):
+    import json
+
+    import numpy as np
+
+    from fedmeta.fl.normalization import combine_site_sums
+
+    honest = _honest_sites()
+    sums = {site: json.dumps({"age": [len(v), float(v.sum()), float((v**2).sum())]}) for site, v in honest.items()}
+    attack = '{"sodium": [500, 70000.0, 9800000.0]}' if liar == '"other features"' else f'{{"age": {liar}}}'
+    mean, std = combine_site_sums({**sums, "mallory": attack})["age"]
+    site_means = [v.mean() for v in honest.values()]
+    pooled = np.concatenate(list(honest.values()))
+    assert min(site_means) <= mean <= max(site_means), mean
+    assert min(v.std() for v in honest.values()) <= std <= 1.05 * pooled.std(), std
+    if liar != '"other features"':
+        # The control: the plain pooled combination the federation used before, on the same answers.
+        n, s, ss = np.sum([json.loads(t)["age"] for t in (*sums.values(), attack)], axis=0)
+        plain_mean, plain_std = s / n, np.sqrt(max(ss / n - (s / n) ** 2, 0))
+        within = min(site_means) <= plain_mean <= max(site_means) and min(v.std() for v in honest.values()) <= plain_std <= 1.05 * pooled.std()
+        assert not within, (plain_mean, plain_std)
+
+
+def test_a_strategy_whose_roll_call_holds_a_liar_goes_on_sampling_with_the_honest_statistics():
+    import json
+    import random
+
+    from fedmeta.fl.aggregation import ServerSGD
+    from fedmeta.fl.config import RunConfig
+    from fedmeta.fl.strategy import MetaStrategy
+
+    honest = _honest_sites()
+    config = RunConfig.from_dict({"federation": {"n_sites": 10}, "server": {"fraction_train": 0.5}})
+    strategy = MetaStrategy(config, ServerSGD(1.0), random.Random(0))
+    names = [*honest, "mallory"]
+    strategy.roll_call = lambda grid, unknown: strategy.node_sites.update({n: names[n] for n in unknown})
+    strategy.site_sums = {site: json.dumps({"age": [len(v), float(v.sum()), float((v**2).sum())]}) for site, v in honest.items()}
+    strategy.site_sums["mallory"] = '{"age": [1e9, 1e15, 1e21]}'
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(10))
+
+    assert len(strategy._sample(Grid(), 0.5)) == 5
+    assert 58 <= strategy.statistics["age"][0] <= 66

@@ -21,6 +21,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedmeta.files import atomic_write_text
+from fedmeta.data.statistics import combine_sums  # noqa: F401 - re-exported: the one rule for combining sites' sums
 from fedmeta.models import TaskSpec
 from fedmeta.training_range import widened
 
@@ -269,29 +270,6 @@ class Schema(BaseModel):
     def with_normalization(self, sums: Iterable[dict[str, tuple[float, float, float]]]) -> "Schema":
         """A copy whose numeric means/stds come from per-site ``{feature: (count, sum, sum_sq)}`` (:func:`combine_sums`)."""
         return self.with_statistics(combine_sums(sums))
-
-
-def combine_sums(sums: Iterable[Mapping[str, Sequence[float]]]) -> dict[str, tuple[float, float]]:
-    """``{feature: (mean, std)}`` from per-site ``{feature: (count, sum, sum_sq)}``: the federation's normalization.
-
-    The std is the population std (``ddof=0``) of all sites' rows together; a
-    constant feature gets std 1 (it then only shifts to 0). Features with
-    fewer than two rows in all are left out.
-
-    >>> combine_sums([{"age": (2, 100.0, 5000.0)}, {"age": (2, 140.0, 9800.0)}])
-    {'age': (60.0, 10.0)}
-    """
-    total: dict[str, np.ndarray] = {}
-    for site in sums:
-        for name, stats in site.items():
-            total[name] = total.get(name, np.zeros(3)) + np.asarray(stats, dtype=np.float64)
-    out = {}
-    for name, (n, s, ss) in total.items():
-        if n > 1:
-            mean = s / n
-            std = float(np.sqrt(max(ss / n - mean**2, 0.0)))
-            out[name] = (float(mean), std if std > 1e-12 * max(1.0, abs(mean)) else 1.0)
-    return out
 
 
 def _first_row(mask: pd.Series) -> int:

@@ -8,19 +8,24 @@ normalized with statistics the federation computes itself:
    (:meth:`SiteData.training_sums <fedmeta.data.site.SiteData.training_sums>`):
    three numbers per feature, never a row;
 2. before the first sample the server checks and combines those of every
-   site that answered (:func:`combine_site_sums`); the statistics are then
-   fixed for the run and checkpointed;
+   site that answered (:func:`combine_site_sums`), bounding each site's
+   influence (:mod:`fedmeta.data.statistics`): one site cannot set the
+   federation's normalization, and one that disagrees is left out rather than
+   halting the run; the statistics are then fixed for the run and checkpointed;
 3. every training and evaluation message carries them (``statistics`` in its
    config), and a site encodes its rows with them;
 4. the base model keeps them, and personalization applies them to the site's
    schema (:meth:`GlobalBase.for_schema <fedmeta.personalize.base.GlobalBase.for_schema>`),
    refusing a schema that states other values; export and serving follow.
 
-What this releases: each site's row count and per-feature sums and sums of
-squares, to the coordinator, in the clear, outside the guarantees of DP's
-(epsilon, delta) and of SecAgg+'s masking. A federation that must not
-release them states ``mean`` and ``std`` in the schema instead
-(``fedmeta schema infer --statistics`` computes them from the files given).
+What this releases, all of it outside DP's (epsilon, delta) and SecAgg+'s
+masking: each site's row count and per-feature sums and sums of squares, to
+the coordinator, in the clear; and the combined, un-noised means and stds to
+every sampled site in every message, into ``base_model.pt``, into every
+personalized model's manifest and ONNX graph, and so to every holder of a
+served model's key. A federation that must not release them states ``mean``
+and ``std`` in the schema instead (``fedmeta schema infer --statistics``
+computes them from the training rows of the files given).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import logging
 import math
 from collections.abc import Mapping
 
-from fedmeta.data.schema import Schema, combine_sums
+from fedmeta.data.schema import Schema
+from fedmeta.data.statistics import StatisticsError, combine_sums_by_site
 from fedmeta.data.site import SiteData
 
 log = logging.getLogger("flwr.fedmeta")
@@ -62,12 +68,16 @@ def _plausible(name: str, stats) -> bool:
 
 
 def combine_site_sums(sums: Mapping[str, str]) -> Statistics:
-    """``{feature: (mean, std)}`` from ``{site: its roll-call answer}``.
+    """``{feature: (mean, std)}`` from ``{site: its roll-call answer}``, no site able to set it alone.
 
-    Raises :class:`NormalizationError` naming the sites when they disagree on
-    which features the federation normalizes (their schemas differ). A site
-    whose answer is not valid JSON of plausible sums (finite, count > 1, sum
-    of squares at least sum squared over count) is left out, with a warning.
+    An answer that is not valid JSON of plausible sums (finite, count > 1,
+    sum of squares at least sum squared over count) is left out, with a
+    warning naming the site. Sites must answer for the same features (their
+    schemas leave the same ones unset): those outside the largest group are
+    left out with a warning, and :class:`NormalizationError` is raised only
+    if no group holds a majority. The rest are combined with every site's
+    influence bounded (:func:`fedmeta.data.statistics.combine_sums_by_site`:
+    capped weights, far answers left out, trimmed across sites).
 
     >>> combine_site_sums({"a": '{"age": [2, 100.0, 5000.0]}', "b": '{"age": [2, 140.0, 9800.0]}'})
     {'age': (60.0, 10.0)}
@@ -84,18 +94,25 @@ def combine_site_sums(sums: Mapping[str, str]) -> Statistics:
         parsed[site] = answer
     if not parsed:
         return {}
-    features = {site: sorted(answer) for site, answer in parsed.items()}
-    first_site, first = next(iter(features.items()))
-    for site, names in features.items():
-        if names != first:
-            raise NormalizationError(
-                f"sites disagree on which features the federation normalizes: {first_site} sends sums for {first}, "
-                f"{site} for {names}; give every site the same schema.json (mean and std unset on the same features)"
-            )
-    statistics = combine_sums(parsed.values())
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for site, answer in parsed.items():
+        groups.setdefault(tuple(sorted(answer)), []).append(site)
+    features, agreeing = max(groups.items(), key=lambda item: (len(item[1]), item[0]))
+    if 2 * len(agreeing) <= len(parsed):
+        listed = "; ".join(f"{sites[0]}{f' and {len(sites) - 1} more' if len(sites) > 1 else ''} for {list(names)}" for names, sites in sorted(groups.items()))
+        raise NormalizationError(
+            f"sites disagree on which features the federation normalizes and no majority agrees: {listed}; "
+            "give every site the same schema.json (mean and std unset on the same features)"
+        )
+    for names, sites in sorted(groups.items()):
+        if names != features:
+            log.warning("normalization: site(s) %s left out: they send sums for %s, the majority for %s (another schema.json?)", ", ".join(sites), list(names), list(features))
+    try:
+        statistics = combine_sums_by_site({site: parsed[site] for site in agreeing})
+    except StatisticsError as e:
+        raise NormalizationError(str(e)) from None
     if statistics:
-        rows = int(sum(next(iter(a.values()))[0] for a in parsed.values()))
-        log.info("normalization: means and stds of %d feature(s) from %d site(s), %d training rows", len(statistics), len(parsed), rows)
+        log.info("normalization: means and stds of %d feature(s) from %d site(s)", len(statistics), len(agreeing))
     return statistics
 
 
