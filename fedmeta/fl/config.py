@@ -114,8 +114,11 @@ class PrivacyConfig(_Section):
     Each site clips its update to L2 norm ``clip_norm``; the server averages
     with equal site weights and adds Gaussian noise of std
     ``noise_multiplier * clip_norm`` to each sum. The (epsilon, delta) spent
-    is accounted with Renyi DP over the rounds, with amplification by the
-    sampling of ``server.fraction_train``. Off while ``clip_norm`` is unset.
+    is accounted over the rounds (:mod:`fedmeta.fl.privacy`), with
+    amplification by the sampling of ``server.fraction_train``, which is
+    then drawn from a secret generator (:mod:`fedmeta.fl.sampling`), and
+    also without it, against a site that knows the sample. Off while
+    ``clip_norm`` is unset.
     """
 
     clip_norm: float | None = Field(None, gt=0, description="L2 bound of one site's update; unset = DP off")
