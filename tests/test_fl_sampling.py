@@ -84,3 +84,12 @@ def test_the_secret_sample_is_uniform_over_sites():
     assert all(abs(c - expected) < 5 * sd for c in counts.values()), counts
     # And a draw's members are distinct (without replacement).
     assert all(len(set(draw.sample(range(SITES), 4))) == 4 for _ in range(100))
+
+
+def test_the_checkpoint_that_holds_the_secret_key_is_readable_by_its_owner_only(tmp_path):
+    from fedmeta.fl.run_dir import Checkpoint, RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.save_checkpoint(Checkpoint(1, {}, {}, SecretRandom().getstate(), torch.get_rng_state(), "digest", {}))
+    assert run.checkpoint_path.stat().st_mode & 0o777 == 0o600
+    assert isinstance(run.load_checkpoint().rng_state[1], bytes)

@@ -4,8 +4,9 @@ Layout of ``RUN_DIR``::
 
     config.toml        the run's configuration (resume reads it back)
     checkpoint.pt      last completed round: global state, server-optimizer state,
-                       round, RNG state, config hash, the federation's
-                       normalization statistics (written atomically)
+                       round, RNG state (under DP the secret sampler's key),
+                       config hash, the federation's normalization statistics
+                       (written atomically, owner-only)
     metrics.jsonl      one row per round and site (phase train/evaluate), plus
                        one aggregated row per round (site "*")
     base_model.pt      the global base model after the last round, with the
@@ -73,7 +74,8 @@ class RunDir:
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         buf = io.BytesIO()
         torch.save(ckpt.__dict__, buf)
-        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        # Under DP it holds the key of the secret site sampler (fedmeta.fl.sampling): owner-only.
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue(), private=True)
 
     def load_checkpoint(self) -> Checkpoint | None:
         if not self.checkpoint_path.exists():
