@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fedmeta.registry import REGISTRY_FILE, AuditChainError, SiteHome, SQLiteRegistry
+from fedmeta.registry import REGISTRY_FILE, SiteHome, SQLiteRegistry
 from serving import heads, models, openapi, predict, v2
 from serving.auth import KeyStore
 from serving.deps import ServerState, role
@@ -38,7 +38,7 @@ from serving.head_jobs import HeadJobs
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.policy import SitePolicy
 from serving.settings import ServingSettings
-from serving.store import ModelStore
+from serving.store import ModelStore, require_verified_chain
 
 log = logging.getLogger("fedmeta.serving")
 
@@ -93,19 +93,9 @@ def configure_logging(access_log: bool = False, level: int = logging.INFO) -> No
     logging.getLogger("fedmeta.serving.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
 
-def verified_registry(settings: ServingSettings) -> SQLiteRegistry:
-    """The site home's registry, if its audit chain verifies; else :class:`AuditChainError` naming the file and the first break."""
-    path = Path(settings.site_home) / REGISTRY_FILE
-    registry = SQLiteRegistry(path, timeout=settings.registry_timeout)
-    problems = registry.verify().problems
-    if problems:
-        more = f" (and {len(problems) - 1} more; see `fedmeta models audit --verify`)" if len(problems) > 1 else ""
-        raise AuditChainError(f"{path}: the audit log does not verify: {problems[0]}{more}")
-    return registry
-
-
 def create_app(settings: ServingSettings) -> FastAPI:
-    home = SiteHome(settings.site_home, registry=verified_registry(settings))
+    home = SiteHome(settings.site_home, registry=SQLiteRegistry(Path(settings.site_home) / REGISTRY_FILE, timeout=settings.registry_timeout))
+    require_verified_chain(home)  # before anything trusts the registry
     site = settings.site or home.only_site()
     policy = SitePolicy.load(settings.site_home)
     store = ModelStore(home, site, settings.max_rows, settings.ort_threads)  # verifies the hash, or raises

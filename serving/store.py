@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fedmeta.manifest import Manifest
-from fedmeta.registry import ModelVersion, SiteHome
+from fedmeta.registry import REGISTRY_FILE, AuditChainError, ModelVersion, SiteHome
 from fedmeta.manifest import ManifestError
 from fedmeta.training_range import RangeCheck
 from serving.errors import ApiError, shown
@@ -189,6 +189,18 @@ def load_model(home: SiteHome, version: ModelVersion, max_rows: int, threads: in
     return LoadedModel(version, manifest, session, validator, version.site or "", ranges)
 
 
+def require_verified_chain(home: SiteHome) -> None:
+    """Raise :class:`AuditChainError` naming the registry file and the first break unless the audit chain verifies.
+
+    Checked before serving the first model and before any later swap: a
+    promotion written behind fedmeta's back is never served.
+    """
+    problems = home.registry.verify().problems
+    if problems:
+        more = f" (and {len(problems) - 1} more; see `fedmeta models audit --verify`)" if len(problems) > 1 else ""
+        raise AuditChainError(f"{home.path / REGISTRY_FILE}: the audit log does not verify: {problems[0]}{more}")
+
+
 class ModelStore:
     """The currently served model: always the version the registry names as promoted.
 
@@ -216,6 +228,7 @@ class ModelStore:
             promoted = self.home.registry.current(self.site)
             if promoted is None or promoted.version == self.current.version.version:
                 return False
+            require_verified_chain(self.home)
             if loaded is None or loaded.version.version != promoted.version:
                 loaded = self.load(promoted)
             previous, self.current = self.current, loaded

@@ -125,3 +125,15 @@ def test_predictions_are_answered_while_a_promoted_model_loads(site_home, monkey
         served_after = httpx.post(f"{url}/v1/predict", json={"row": ROW}, headers=h).json()["model"]["version"]
     assert answered_while_loading and answered == ["v2"] * 20
     assert result["r"].status_code == 200 and served_after == "v3"
+
+
+def test_a_promotion_forged_while_serving_is_not_taken(site_home):
+    home, keys = site_home
+    with running(settings(home, reload_interval=0.05)) as (url, _):
+        forger = sqlite3.connect(home.path / "registry.sqlite", isolation_level=None)
+        forger.execute("INSERT INTO promotions (site, version, previous, at, actor) VALUES (?, 3, 1, 'now', 'mallory')", (SITE,))
+        forger.close()
+        assert home.registry.current(SITE).version == 3  # the registry now names v3, with no audit entry for it
+        time.sleep(0.6)  # a dozen reload intervals
+        served = httpx.post(f"{url}/v1/predict", json={"row": ROW}, headers=auth(keys["predict"])).json()["model"]["version"]
+    assert served == "v2"
