@@ -84,7 +84,7 @@ def main() -> None:
             publish(home, result.model, "personalized", site.name, base_version, base_version, result.metrics, {"site": site.name}, {}, shots=shots, feature_ranges=site.feature_ranges())
             seconds[shots].append(time.perf_counter() - started)
             supports = support_sets(site, result.tasks, shots, seed=0)  # the very rows personalization used
-            for task in result.tasks:
+            for task in (t for t in result.tasks if t in site.scored_tasks):
                 x_test, y_test = site.split(task, train=False)
                 scores = {
                     "base": {m: result.metrics[f"{task}.base.{m}"] for m in ("acc", "auc", "mse") if f"{task}.base.{m}" in result.metrics},

@@ -50,7 +50,7 @@ def _run(job: dict) -> dict:
         frame = pd.DataFrame(request["rows"])
         source = f"head request {job['id']} rows"
         column = TaskColumn.model_validate(job["plan"]["task"])
-        result = train_head(start, column, frame, source, steps=request["steps"], tune_body=request["tune_body"], seed=request["seed"])
+        result = train_head(start, column, frame, source, steps=request["steps"], tune_body=request["tune_body"], seed=request["seed"], site=job["site"])
         if not _outputs_finite(result.model, column, frame):
             return {"status": "failed", "error": FAILED_NOT_FINITE}
         published = publish(

@@ -1,21 +1,28 @@
 """Shared fixtures: a small hospital federation on disk and base models in run-folder format."""
 
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-from fedmeta.data import write_hospital_federation
+from fedmeta.data import hospital_federation, write_hospital_federation
 from fedmeta.fl.app import initial_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.run_dir import RunDir
 
 
+@lru_cache(maxsize=1)
+def hospital_statistics() -> dict[str, tuple[float, float]]:
+    """The normalization a training run on the ``hospitals`` federation computes (its sites' training rows)."""
+    return hospital_federation(n_sites=3, seed=0)[0].schema.statistics()
+
+
 def write_base(run: Path, algorithm: str = "fomaml", hidden=(16, 16), seed: int = 0) -> Path:
-    """A run folder holding a base model in the format training writes (round-0 weights)."""
+    """A run folder holding a base model in the format training writes (round-0 weights, the ``hospitals`` federation's normalization)."""
     config = RunConfig.from_dict({"name": run.name, "seed": seed, "model": {"hidden": list(hidden)}, "algorithm": {"name": algorithm}})
     run_dir = RunDir(run)
     run_dir.create(config)
-    run_dir.save_base_model(initial_state(config), config, round_=1)
+    run_dir.save_base_model(initial_state(config), config, round_=1, statistics=hospital_statistics())
     return run
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fedmeta.data import load_site
+from fedmeta.data import Schema, load_site
 from fedmeta.personalize import load_base, personalize, publish, register_base
 from fedmeta.registry import SiteHome
 from serving import ServingSettings, create_app
@@ -112,8 +112,8 @@ def _read(log) -> str:
 
 
 def publish_version(home: SiteHome, hospitals: Path, base_run: Path, seed: int, promote: bool):
-    site = load_site(hospitals / f"{SITE}.csv", hospitals / "schema.json")
     base = load_base(base_run)
+    site = load_site(hospitals / f"{SITE}.csv", base.schema_for(Schema.load(hospitals / "schema.json")))
     result = personalize(base.for_schema(site.schema), site, shots=5, steps=3, lr=0.05, seed=seed)
     base_version = register_base(home, base)
     return publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, shots=5, personalized_tasks=result.tasks, promote=promote,

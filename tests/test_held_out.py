@@ -1,10 +1,13 @@
 """One split rule: the rows a site holds out are the same wherever it is loaded, and never trained on."""
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from fedmeta.data import hospital_federation, load_site, write_hospital_federation
+from fedmeta.data import Schema, SiteData, hospital_federation, load_federation, load_site, write_hospital_federation
 from fedmeta.data.site import held_out_mask
 from fedmeta.fl import site_training
 from fedmeta.fl.app import _synthetic_federation, site_for
@@ -84,7 +87,9 @@ def test_fedmeta_personalize_scores_exactly_the_rows_training_held_out(federatio
     config = RunConfig.from_dict({"model": {"hidden": [8]}, "federation": {"kind": "csv", "data_dir": str(folder), "n_sites": 4, "seed": 7, "test_fraction": 0.3}})
     run = RunDir(tmp_path / "run")
     run.create(config)
-    run.save_base_model(initial_state(config), config, round_=1)
+    # The normalization a run on this folder computes at its roll call (the generated schema leaves it unset).
+    statistics = load_federation(folder, 0.3, 7)[0].schema.statistics()
+    run.save_base_model(initial_state(config), config, round_=1, statistics=statistics)
     (tmp_path / "home").mkdir()
     path = paths[2]
     result = CliRunner().invoke(app, ["personalize", "--data", str(path), "--schema", str(schema), "--base", str(run.path), "--site-home", str(tmp_path / "home"), "--steps", "5"])
@@ -93,3 +98,118 @@ def test_fedmeta_personalize_scores_exactly_the_rows_training_held_out(federatio
     lineage = read_manifest(home.folder(home.current(path.stem))).data
     trained = site_for(_Context({"partition-id": 2}), config)
     assert lineage["held_out_rows_sha256"] == trained.held_out_digest() and lineage["test_fraction"] == 0.3
+
+
+# --- Held-out rows never reach normalization, the choice of tasks, or a head's training -------------------------
+
+
+def _numpy_statistics(frames: dict[str, pd.DataFrame], columns: list[str], test_fraction: float, seed: int, held_out: bool = True):
+    """Mean and population std of ``columns`` over the frames' rows, without the rows held_out_mask holds out (or, as a control, with them)."""
+    kept = [f[~held_out_mask(name, len(f), test_fraction, seed)] if held_out else f for name, f in frames.items()]
+    rows = pd.concat(kept)
+    return {c: (rows[c].mean(), rows[c].std(ddof=0)) for c in columns}
+
+
+def _assert_statistics(stated: dict, expected: dict) -> None:
+    for name, (mean, std) in expected.items():
+        assert stated[name] == pytest.approx((mean, std), rel=1e-6), name
+
+
+def test_the_generators_state_no_statistics_computed_from_rows(tmp_path):
+    from fedmeta.data.synthetic import fedprox_schema, fraud_federation_frames, hospital_federation_frames
+    from fedmeta.evaluate import digits_federation_on_disk
+
+    assert hospital_federation_frames(4, seed=1)[0].statistics() == {}
+    assert fraud_federation_frames(3, seed=1)[0].statistics() == {}
+    schema_path, _ = write_hospital_federation(tmp_path / "written", n_sites=2, seed=1)
+    assert all(f["mean"] is None and f["std"] is None for f in json.loads(schema_path.read_text())["features"])
+    digits = digits_federation_on_disk(tmp_path / "digits", alpha=5.0, n_sites=5)
+    assert json.loads((digits.train_dir / "schema.json").read_text())["features"][10]["mean"] is None
+    # FedProx Synthetic's identity is the paper's choice (features used as drawn), not a statistic of any row.
+    assert set(fedprox_schema().statistics().values()) == {(0.0, 1.0)}
+
+
+def test_a_generated_federation_is_normalized_from_its_training_sites_training_rows(tmp_path):
+    from fedmeta.data import hospital_federation_frames
+    from fedmeta.evaluate import hospital_federation_on_disk
+
+    fed = hospital_federation_on_disk(tmp_path, n_sites=5, seed=4, test_fraction=0.3)  # the fifth site is unseen
+    _, frames = hospital_federation_frames(5, seed=4)
+    training_sites = {s.name: frames[s.name] for s in fed.seen}
+    numeric = ["age", "creatinine", "wbc"]
+    expected = _numpy_statistics(training_sites, numeric, 0.3, 4)
+    for site in fed.seen + fed.unseen:
+        _assert_statistics(site.schema.statistics(), expected)
+    # The control: held-out rows and the unseen site would move them.
+    for everything in (_numpy_statistics(training_sites, numeric, 0.3, 4, held_out=False), _numpy_statistics(frames, numeric, 0.3, 4)):
+        assert everything["age"][0] != pytest.approx(expected["age"][0], rel=1e-6)
+
+
+def test_the_in_memory_hospital_federation_is_normalized_from_training_rows_only():
+    from fedmeta.data import hospital_federation_frames
+
+    sites = hospital_federation(n_sites=3, seed=5, test_fraction=0.3)
+    _, frames = hospital_federation_frames(3, seed=5)
+    expected = _numpy_statistics(frames, ["age", "sodium"], 0.3, 5)
+    _assert_statistics(sites[0].schema.statistics(), expected)
+    assert _numpy_statistics(frames, ["age"], 0.3, 5, held_out=False)["age"][0] != pytest.approx(expected["age"][0], rel=1e-6)
+
+
+def test_schema_infer_statistics_are_those_of_the_training_rows_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    _, paths = write_hospital_federation(tmp_path / "fed", n_sites=3, seed=2)
+    (tmp_path / "fed" / "schema.json").unlink()
+    out = tmp_path / "inferred.json"
+    result = CliRunner().invoke(app, ["schema", "infer", str(tmp_path / "fed"), "--task", "mortality:binary:died_in_hospital",
+                                      "--ignore", "readmitted_30d", "--ignore", "length_of_stay_days", "--statistics", "--test-fraction", "0.3", "--seed", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frames = {p.stem: pd.read_csv(p) for p in paths}
+    expected = _numpy_statistics(frames, ["age", "heart_rate", "creatinine"], 0.3, 2)
+    _assert_statistics(Schema.load(out).statistics(), expected)
+    # The control: over every row of the files the statistics differ.
+    assert _numpy_statistics(frames, ["age"], 0.3, 2, held_out=False)["age"][0] != pytest.approx(expected["age"][0], rel=1e-6)
+
+
+def test_a_site_with_its_own_test_file_gives_schema_infer_every_row_of_its_training_file(tmp_path):
+    from fedmeta.data.infer import TaskRequest, infer_schema, read_tables
+    from fedmeta.data.synthetic import write_clinic_federation
+
+    folders = write_clinic_federation(tmp_path, n_sites=3, seed=0)
+    schema, _ = infer_schema(read_tables([tmp_path]), [TaskRequest("readmission", "binary", "readmitted_30d")], ignore=("died_in_hospital",), statistics=True)
+    rows = pd.concat(pd.read_csv(f / "train.csv") for f in folders)["age"]
+    assert schema.statistics()["age"] == pytest.approx((rows.mean(), rows.std(ddof=0)), rel=1e-6)
+
+
+def test_what_a_site_trains_is_decided_by_its_training_rows_alone():
+    from fedmeta.data import Feature, TaskColumn
+
+    tasks = [TaskColumn(name=n, kind="binary", label=n, classes=["0", "1"]) for n in ("seen_labels", "held_out_labels")]
+    schema = Schema(name="t", features=[Feature(name="x", mean=0.0, std=1.0)], tasks=tasks)
+    held = held_out_mask("clinic", 40, 0.25, seed=0)
+    labels = {"seen_labels": np.where(held, np.nan, np.arange(40) % 2), "held_out_labels": np.where(held, np.arange(40) % 2, np.nan)}
+    site = SiteData.from_arrays("clinic", schema, np.zeros((40, 1)), labels, 0.25, seed=0)
+    assert site.tasks == ["seen_labels"]  # held-out rows without labels do not stop it from training
+    assert site.scored_tasks == []  # ...but there is nothing to score it on
+
+
+def test_a_head_trains_only_on_rows_the_split_rule_leaves_for_training(hospitals):
+    from fedmeta.personalize import head_task, train_head
+    from fedmeta.trained import TrainedModel
+
+    site = hospital_federation(n_sites=1, seed=0)[0]
+    frame = pd.read_csv(sorted(hospitals.glob("*.csv"))[0]).head(80).copy()
+    frame["sepsis"] = np.where(frame["wbc"] > frame["wbc"].median(), "yes", "no")
+    frame.loc[frame.index % 9 == 0, "sepsis"] = None  # rows without a label still count in the split
+    held = held_out_mask("st-marys", len(frame), 0.25, seed=3)
+    frame.loc[held, "age"] = 1e6  # a held-out age that any training on it would show in the head's range
+    start = TrainedModel.initial(site.schema, (8,), seed=0)
+    task = head_task(start.schema, "sepsis", "binary", None, None, frame, "rows.csv")
+    result = train_head(start, task, frame, "rows.csv", steps=5, seed=3, site="st-marys")
+    assert result.holdout_rows == int((held & frame["sepsis"].notna()).sum()) > 0
+    assert result.feature_ranges["age"][1] < 1e3
+    # The control: another site's split puts some of those rows in training.
+    other = train_head(start, task, frame, "rows.csv", steps=5, seed=3, site="st-johns")
+    assert other.feature_ranges["age"][1] >= 1e6

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from conftest import write_base
 from fedmeta.cli import app
-from fedmeta.data import load_site
+from fedmeta.data import Schema, load_site
 from fedmeta.personalize import PersonalizationError, head_task, load_base, personalize, train_head
 from fedmeta.registry import SiteHome
 
@@ -20,8 +20,9 @@ def _personalize_cli(home, hospitals, base, *extra, site_file="hospital_002.csv"
 
 
 @pytest.fixture()
-def site(hospitals):
-    return load_site(hospitals / "hospital_002.csv", hospitals / "schema.json")
+def site(hospitals, base_run):
+    """hospital_002's rows, normalized as the base model was trained (the generated schema leaves it to the federation)."""
+    return load_site(hospitals / "hospital_002.csv", load_base(base_run).schema_for(Schema.load(hospitals / "schema.json")))
 
 
 def test_personalize_registers_promotes_and_reports_base_vs_personalized(tmp_path, hospitals, base_run):
@@ -152,7 +153,7 @@ def test_too_few_rows_for_a_held_out_score_says_so(hospitals, base_run, site):
     base = load_base(base_run).for_schema(site.schema)
     df = _sepsis_rows(hospitals, 12)
     task = head_task(base.schema, "sepsis", "binary", None, None, df, "few.csv")
-    result = train_head(base, task, df, "few.csv", steps=50)
+    result = train_head(base, task, df, "few.csv", steps=50, site=site.name)
     assert result.metrics == {} and "only 12 labelled rows: no held-out score" in result.note
     assert "sepsis" in result.model.tasks
 
@@ -161,7 +162,7 @@ def test_head_for_a_federation_task_starts_from_its_head_and_reports_the_previou
     base = load_base(base_run).for_schema(site.schema)
     df = pd.read_csv(hospitals / "hospital_002.csv").head(120)
     task = head_task(base.schema, "mortality", None, None, None, df, "m.csv")
-    result = train_head(base, task, df, "m.csv", steps=100, tune_body=True)
+    result = train_head(base, task, df, "m.csv", steps=100, tune_body=True, site=site.name)
     assert {"mortality.head.acc", "mortality.previous.acc"} <= set(result.metrics)
     assert any(not torch.equal(result.model.params[k], base.params[k]) for k in base.params if k.startswith("body."))
 
@@ -174,7 +175,7 @@ def test_new_task_needs_a_kind_and_both_classes(hospitals, base_run, site):
     one_class = df.assign(sepsis="yes")
     task = head_task(base.schema, "sepsis", "binary", None, ["no", "yes"], one_class, "s.csv")
     with pytest.raises(PersonalizationError, match="at least two classes"):
-        train_head(base, task, one_class, "s.csv")
+        train_head(base, task, one_class, "s.csv", site=site.name)
 
 
 @pytest.mark.slow  # whole `fedmeta personalize` runs through the CLI, several per test

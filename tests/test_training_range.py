@@ -75,10 +75,10 @@ def test_the_server_answers_and_flags_rows_outside_the_training_range_per_featur
 
 def test_a_model_that_records_no_range_says_so_with_null(site_home, hospitals, base_run):
     home, keys = site_home
-    site = load_site(hospitals / f"{SITE}.csv", hospitals / "schema.json")
     from fedmeta.personalize import load_base, personalize, register_base
 
     base = load_base(base_run)
+    site = load_site(hospitals / f"{SITE}.csv", base.schema_for(Schema.load(hospitals / "schema.json")))
     result = personalize(base.for_schema(site.schema), site, shots=5, steps=3, lr=0.05, seed=3)
     base_version = register_base(home, base)
     publish(home, result.model, "personalized", SITE, base_version, base_version, result.metrics, {}, {}, promote=True)  # no feature_ranges
@@ -96,7 +96,7 @@ def test_a_head_covers_its_parents_range_and_its_own_rows(site_home, hospitals):
     rows = pd.DataFrame([{**ROW, "age": float(a), "wbc": float(w), "sepsis": "yes" if w > 8.5 else "no"}
                          for a, w in zip(rng.uniform(110, 120, 40), rng.lognormal(2.1, 0.35, 40))])
     column = head_task(start.schema, "sepsis", "binary", None, None, rows, "rows")
-    result = train_head(start, column, rows, "rows", steps=5)
+    result = train_head(start, column, rows, "rows", steps=5, site=SITE)
     published = publish(home, result.model, "head", SITE, parent=parent, base=base_of(home, parent), metrics={}, data={}, training={},
                         personalized_tasks=["sepsis"], feature_ranges=result.feature_ranges)
     ranges = published.manifest.feature_ranges

@@ -40,7 +40,7 @@ def _site_baselines(site_data, tasks: list[str]) -> tuple[dict[str, float], dict
 
     kinds = {t.name: t for t in site_data.schema.tasks}
     scores, rows = {}, {}
-    for task in tasks:
+    for task in (t for t in tasks if t in site_data.scored_tasks):
         _, y_fit = site_data.split(task, train=True)
         _, y_held_out = site_data.split(task, train=False)
         rows[task] = len(y_held_out)
@@ -247,7 +247,7 @@ def heads_add(
         already = [t.name for t in home.load(parent)[0].tasks if t.personalized and t.name != task]
         frame = read_table(data)
         column = head_task(start.schema, task, kind, label, [c.strip() for c in classes.split(",")] if classes else None, frame, str(data))
-        result = train_head(start, column, frame, str(data), steps=steps, lr=lr, tune_body=tune_body, seed=seed)
+        result = train_head(start, column, frame, str(data), steps=steps, lr=lr, tune_body=tune_body, seed=seed, site=site)
         published = publish(
             home,
             result.model,

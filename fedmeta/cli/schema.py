@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fedmeta.cli.errors import UsageProblem
 from fedmeta.cli.output import console
 
 app = typer.Typer(help="Write and check the federation schema (features, their encoding and normalization, tasks).", no_args_is_help=True)
@@ -21,26 +22,35 @@ def infer(
     ignore: list[str] = typer.Option([], "--ignore", help="Leave this column out of the features, e.g. an identifier (repeatable)."),
     max_categories: int = typer.Option(50, "--max-categories", min=2, help="A text column with more distinct values is ignored (an identifier?) unless --categorical."),
     statistics: bool = typer.Option(
-        False, "--statistics", help="Write numeric features' means and stds computed from the training files given. Default: leave them to "
-        "the federation, which computes them from every site's training rows before round 1."
+        False, "--statistics", help="Write numeric features' means and stds computed from the training rows of the files given (rows "
+        "held out by --test-fraction and --seed left out). Default: leave them to the federation, which computes them from every site's training rows before round 1."
     ),
+    test_fraction: float = typer.Option(
+        0.25, "--test-fraction", help="With --statistics: the run's federation.test_fraction, so that the rows it will hold out stay out of the statistics."
+    ),
+    seed: int = typer.Option(0, "--seed", help="With --statistics: the run's federation.seed (the held-out rows follow from it and each site's name)."),
 ) -> None:
     """Propose a schema from site files: numeric vs categorical features (with categories), task classes, and how numbers are normalized."""
     from fedmeta.data.infer import TaskRequest, infer_schema, read_tables
 
+    if not 0 < test_fraction < 1:
+        raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction:g}")
     requests = [TaskRequest.parse(t) for t in task]
     tables = read_tables(data)
     if name is None:
         folders = [p for p in data if p.is_dir()]
         name = folders[0].resolve().name if len(folders) == 1 else "federation"
     schema, decisions = infer_schema(
-        tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories, statistics=statistics
+        tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories, statistics=statistics,
+        test_fraction=test_fraction, seed=seed,
     )
     for d in decisions:
         console.print(f"  {d.role:12s} {d.column:24s} {d.detail}", markup=False, highlight=False)
     numeric = sum(f.type == "numeric" for f in schema.features)
+    training = sum(len(t) for t in tables.training_rows(test_fraction, seed).values())
     source = (
-        f"computed from the {len(tables.train)} training file(s) given ({tables.rows} rows)"
+        f"computed from the training rows of the {len(tables.train)} training file(s) given ({training} of {tables.rows} rows: "
+        f"those a run with test_fraction {test_fraction:g} and seed {seed} holds out are left out)"
         if statistics
         else "left to the federation: `fedmeta train` computes them from every site's training rows before round 1 (--statistics to write them now)"
     )

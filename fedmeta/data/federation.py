@@ -21,7 +21,7 @@ name, so partition i of a simulation is always the i-th of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,17 @@ def load_federation_site(site: SiteFiles, schema: Schema, test_fraction: float, 
     return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test)
 
 
+def federation_statistics(sites: Iterable[SiteData]) -> dict[str, tuple[float, float]]:
+    """``{feature: (mean, std)}`` of the features the sites' schema leaves unset, from their training rows only.
+
+    What a training run's roll call computes (:mod:`fedmeta.fl.normalization`):
+    held-out and test rows never reach it.
+    """
+    sites = list(sites)
+    unset = set(sites[0].schema.unnormalized) if sites else set()
+    return {k: v for k, v in combine_sums(s.training_sums() for s in sites).items() if k in unset}
+
+
 def load_federation(
     data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0, statistics: Mapping[str, Sequence[float]] | None = None
 ) -> list[SiteData]:
@@ -105,8 +116,7 @@ def load_federation(
     schema = federation_schema(data_dir)
     files = discover_sites(data_dir)
     if statistics is None and schema.unnormalized:
-        raw = [load_federation_site(site, schema, test_fraction, seed) for site in files]
-        statistics = {k: v for k, v in combine_sums(s.training_sums() for s in raw).items() if k in schema.unnormalized}
+        statistics = federation_statistics([load_federation_site(site, schema, test_fraction, seed) for site in files])
     if statistics:
         schema = schema.with_statistics(statistics)
     return [load_federation_site(site, schema, test_fraction, seed) for site in files]

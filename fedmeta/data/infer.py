@@ -14,11 +14,15 @@
 Numeric features' means and stds are left to the federation, which computes
 them from every site's training rows before round 1
 (:mod:`fedmeta.fl.normalization`); with ``statistics=True`` they come from
-the **training** tables given instead, combined from per-table counts, sums
-and sums of squares (:func:`~fedmeta.data.schema.feature_sums`), the rule
-the federation uses. Regression targets' mean and std always come from the
-training tables given. Test tables only add categories and classes, so that
-scoring them never meets an unknown value.
+the **training rows** of the tables given instead: a site with its own test
+file trains on every row of its training file, any other on the rows the one
+split rule leaves it (:func:`~fedmeta.data.site.held_out_mask` of the site's
+name, ``test_fraction`` and ``seed``, which must be the run's). They are
+combined from per-table counts, sums and sums of squares
+(:func:`~fedmeta.data.schema.feature_sums`), the rule the federation uses.
+Regression targets' mean and std always come from the training tables given.
+Test tables only add categories and classes, so that scoring them never meets
+an unknown value.
 
 >>> import pandas as pd
 >>> site = pd.DataFrame({"age": [50, 70], "ward": ["icu", "medical"], "died": [0, 1]})
@@ -31,7 +35,7 @@ scoring them never meets an unknown value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,7 @@ import pandas as pd
 
 from fedmeta.data.federation import discover_sites
 from fedmeta.data.schema import Feature, Schema, SchemaError, TaskColumn, feature_sums
-from fedmeta.data.site import TABLE_SUFFIXES, read_table
+from fedmeta.data.site import TABLE_SUFFIXES, held_out_mask, read_table, site_name
 
 KINDS = ("binary", "multiclass", "regression")
 MAX_CATEGORIES = 50
@@ -79,26 +83,46 @@ class Decision:
 
 @dataclass
 class Tables:
-    """The tables a schema is inferred from: training tables (statistics) and test tables (values only)."""
+    """The tables a schema is inferred from: training tables (statistics) and test tables (values only).
+
+    ``sites`` names the site of a training table (default: :func:`~fedmeta.data.site.site_name`
+    of its path); ``scored_apart`` holds the training tables whose site has its own test file.
+    """
 
     train: dict[str, pd.DataFrame]
     test: dict[str, pd.DataFrame]
+    sites: dict[str, str] = field(default_factory=dict)
+    scored_apart: set[str] = field(default_factory=set)
 
     @property
     def rows(self) -> int:
         return sum(len(t) for t in self.train.values())
+
+    def training_rows(self, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+        """Each training table's rows that a run with ``test_fraction`` and ``seed`` trains on (held-out rows dropped)."""
+        out = {}
+        for source, table in self.train.items():
+            if source in self.scored_apart:
+                out[source] = table
+            else:
+                out[source] = table[~held_out_mask(self.sites.get(source) or site_name(source), len(table), test_fraction, seed)]
+        return out
 
 
 def read_tables(paths: list[str | Path]) -> Tables:
     """Tables from files and federation folders (every site's training file, and its test file if any)."""
     train: dict[str, pd.DataFrame] = {}
     test: dict[str, pd.DataFrame] = {}
+    sites: dict[str, str] = {}
+    scored_apart: set[str] = set()
     for path in map(Path, paths):
         if path.is_dir():
             for site in discover_sites(path):
                 train[str(site.train)] = read_table(site.train)
+                sites[str(site.train)] = site.name
                 if site.test is not None:
                     test[str(site.test)] = read_table(site.test)
+                    scored_apart.add(str(site.train))
         elif path.suffix.lower() in TABLE_SUFFIXES or not path.exists():
             train[str(path)] = read_table(path)
         else:
@@ -108,7 +132,7 @@ def read_tables(paths: list[str | Path]) -> Tables:
             raise SchemaError(f"{source}: the file has no rows")
     if not train:
         raise SchemaError("no data given: name CSV/Parquet files or a federation folder")
-    return Tables(train, test)
+    return Tables(train, test, sites, scored_apart)
 
 
 def _label_values(column: pd.Series) -> pd.Series:
@@ -162,12 +186,15 @@ def infer_schema(
     ignore: tuple[str, ...] = (),
     max_categories: int = MAX_CATEGORIES,
     statistics: bool = False,
+    test_fraction: float = 0.25,
+    seed: int = 0,
 ) -> tuple[Schema, list[Decision]]:
     """A schema for ``tables`` (training tables, or :class:`Tables` with test tables too), and the decision made for each column.
 
     Numeric features get no ``mean``/``std`` (a training run computes them from
     the sites' training rows, :mod:`fedmeta.fl.normalization`) unless
-    ``statistics``: then they are computed from the training tables given.
+    ``statistics``: then they are computed from the training rows of the
+    tables given, held out as a run with ``test_fraction`` and ``seed`` holds them out.
 
     Raises :class:`~fedmeta.data.schema.SchemaError` (one line naming the file,
     column or task) for a label column found nowhere, a binary label without
@@ -222,7 +249,7 @@ def infer_schema(
         raise SchemaError("no feature column left: every column is a label or ignored")
     schema = Schema(name=name, features=features, tasks=task_columns)
     if statistics:
-        schema = schema.with_normalization(feature_sums(t, schema) for t in tables.train.values())
+        schema = schema.with_normalization(feature_sums(t, schema) for t in tables.training_rows(test_fraction, seed).values())
     for f in schema.features:
         if f.type == "numeric":
             decisions.append(Decision(f.name, "numeric", f"mean {f.mean:.4g}, std {f.std:.4g}" if f.mean is not None else "mean and std: the federation's"))

@@ -21,6 +21,10 @@ from fedmeta.data.schema import Schema, SchemaError
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 TRAIN_STEM = "train"
+#: A task is trained at a site with at least this many labelled training rows.
+MIN_TRAINING_ROWS = 4
+#: A trained task is scored at a site with at least this many labelled held-out rows.
+MIN_SCORED_ROWS = 2
 
 
 def site_name(path: str | Path) -> str:
@@ -99,8 +103,17 @@ class SiteData:
 
     @property
     def tasks(self) -> list[str]:
-        """Tasks with at least a few labelled rows on each side of the split."""
-        return [t for t in self.labels if self.n_labelled(t, train=True) >= 4 and self.n_labelled(t, train=False) >= 2]
+        """The tasks this site trains: those with at least :data:`MIN_TRAINING_ROWS` labelled training rows.
+
+        Decided on the training rows alone: whether a held-out row carries a
+        label must not change what the site trains (it is scored, not seen).
+        """
+        return [t for t in self.labels if self.n_labelled(t, train=True) >= MIN_TRAINING_ROWS]
+
+    @property
+    def scored_tasks(self) -> list[str]:
+        """The trained tasks that also have at least :data:`MIN_SCORED_ROWS` labelled held-out rows to be scored on."""
+        return [t for t in self.tasks if self.n_labelled(t, train=False) >= MIN_SCORED_ROWS]
 
     def held_out_digest(self) -> str:
         """SHA-256 of the held-out row numbers: lets a manifest say which rows were scored without holding them."""

@@ -2,6 +2,12 @@
 
 Everything here is a pure function of its seed, so every site of a
 simulation can regenerate its own partition without files.
+
+The hospital and fraud schemas leave their numeric features' means and stds
+unset: a federation computes them from its training sites' training rows
+(:func:`~fedmeta.data.federation.federation_statistics`), so held-out rows
+and sites kept unseen never reach the normalization. FedProx Synthetic states
+identity statistics: the paper feeds its features to the model as drawn.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import pandas as pd
 import torch
 
 from fedmeta.data.episodes import EpisodeBatch
-from fedmeta.data.schema import Feature, Schema, TaskColumn, feature_sums, numeric_schema
-from fedmeta.data.site import SiteData
+from fedmeta.data.federation import federation_statistics
+from fedmeta.data.schema import Feature, Schema, TaskColumn, numeric_schema
+from fedmeta.data.site import SiteData, held_out_mask
 from fedmeta.files import atomic_write_bytes
 
 # --------------------------------------------------------------------------
@@ -186,18 +193,19 @@ def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema
             if not recorded:
                 df[col] = np.nan
         frames[f"hospital_{k:03d}"] = df
-    schema = hospital_schema().with_normalization(feature_sums(df, hospital_schema()) for df in frames.values())
-    return schema, frames
+    return hospital_schema(), frames
 
 
 def hospital_federation(n_sites: int = 20, seed: int = 0, test_fraction: float = 0.25) -> list[SiteData]:
-    """The hospital federation, encoded, as in-memory sites."""
+    """The hospital federation, encoded, as in-memory sites, normalized as a training run on all of them would normalize them."""
     schema, frames = hospital_federation_frames(n_sites, seed)
+    raw = [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed) for name, df in frames.items()]
+    schema = schema.with_statistics(federation_statistics(raw))
     return [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed) for name, df in frames.items()]
 
 
 def write_hospital_federation(out_dir: str | Path, n_sites: int = 20, seed: int = 0) -> tuple[Path, list[Path]]:
-    """Write one CSV per site plus ``schema.json``, the way real sites bring data."""
+    """Write one CSV per site plus ``schema.json`` (means and stds left to the federation), the way real sites bring data."""
     return write_federation(out_dir, *hospital_federation_frames(n_sites, seed))
 
 
@@ -221,7 +229,9 @@ def write_clinic_federation(out_dir: str | Path, n_sites: int = 8, seed: int = 0
     with two tasks, readmission (``readmitted_30d``) and mortality
     (``died_in_hospital``): a clinic may not record one of them at all, and
     ``missing_labels`` of the remaining labels are blank. Clinics that
-    record neither are left out. Returns the clinic folders.
+    record neither are left out. A clinic's test file holds the rows the one
+    split rule holds out (:func:`~fedmeta.data.site.held_out_mask` of the
+    clinic's name, ``test_fraction`` and ``seed``). Returns the clinic folders.
     """
     _, frames = hospital_federation_frames(n_sites, seed)
     rng = np.random.default_rng([seed, 14])
@@ -233,9 +243,8 @@ def write_clinic_federation(out_dir: str | Path, n_sites: int = 8, seed: int = 0
             continue
         for column in labels:
             df.loc[rng.random(len(df)) < missing_labels, column] = np.nan
-        test = np.zeros(len(df), bool)
-        test[rng.permutation(len(df))[: int(round(len(df) * test_fraction))]] = True
         folder = Path(out_dir) / name.replace("hospital", "clinic")
+        test = held_out_mask(folder.name, len(df), test_fraction, seed)
         atomic_write_bytes(folder / "train.csv", df[~test].to_csv(index=False).encode())
         atomic_write_bytes(folder / "test.csv", df[test].to_csv(index=False).encode())
         folders.append(folder)
@@ -307,8 +316,7 @@ def fraud_federation_frames(n_banks: int = 12, seed: int = 0) -> tuple[Schema, d
                 "is_fraud": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int),
             }
         )
-    schema = fraud_schema().with_normalization(feature_sums(df, fraud_schema()) for df in frames.values())
-    return schema, frames
+    return fraud_schema(), frames
 
 
 def write_fraud_federation(out_dir: str | Path, n_banks: int = 12, seed: int = 0) -> tuple[Path, list[Path]]:

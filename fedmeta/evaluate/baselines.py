@@ -69,7 +69,7 @@ def local_only_k(site: SiteData, shots: int, seed: int = 0) -> dict[str, dict[st
 
     scores = {}
     supports = support_sets(site, site.tasks, shots, seed)
-    for task, (x, y, w) in supports.items():
+    for task, (x, y, w) in ((t, s) for t, s in supports.items() if t in site.scored_tasks):
         keep = w.numpy() > 0
         x, y, w = x.numpy()[keep], y.numpy()[keep], w.numpy()[keep]
         x_test, y_test = site.split(task, train=False)
@@ -141,7 +141,7 @@ def pooled_oracle(sites: list[SiteData], hidden: tuple[int, ...], steps: int = 1
     out = {}
     for i, site in enumerate(sites):
         scores = {}
-        for task in site.tasks:
+        for task in site.scored_tasks:
             x, y = site.split(task, train=False)
             with torch.no_grad():
                 logits = functional_call(shape.model, params, (torch.from_numpy(with_site(x, i)),), {"task": task})

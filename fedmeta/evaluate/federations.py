@@ -1,4 +1,10 @@
-"""Federations on disk: sites written as CSV files (training sites and unseen ones), as Flower's csv federation reads them."""
+"""Federations on disk: sites written as CSV files (training sites and unseen ones), as Flower's csv federation reads them.
+
+The schemas written leave numeric means and stds unset (FedProx Synthetic's
+identity statistics excepted: the paper uses its features as drawn), so the
+sites are normalized as a training run normalizes them: from the training
+sites' training rows only, never from held-out rows or unseen sites.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import pandas as pd
 
 from fedmeta.data import SiteData, hospital_federation_frames, load_federation
 from fedmeta.data.federation import SCHEMA_FILE, discover_sites, federation_schema
-from fedmeta.data.schema import Schema, SchemaError, TaskColumn, feature_sums, numeric_schema
+from fedmeta.data.schema import Schema, SchemaError, TaskColumn, numeric_schema
 from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
 from fedmeta.files import atomic_write_bytes
 
@@ -85,7 +91,7 @@ def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_f
 
 
 def fedprox_federation_on_disk(out: Path, alpha: float, beta: float, n_sites: int = 30, seed: int = 0) -> Federation:
-    """FedProx Synthetic(α, β) as CSV sites (features x0..x59, label y), normalized federatedly."""
+    """FedProx Synthetic(α, β) as CSV sites (features x0..x59, label y), with the generator's identity statistics (:func:`~fedmeta.data.synthetic.fedprox_schema`)."""
     sites = fedprox_synthetic(alpha, beta, n_sites, seed)
     schema = fedprox_schema()
     frames = {}
@@ -93,7 +99,6 @@ def fedprox_federation_on_disk(out: Path, alpha: float, beta: float, n_sites: in
         frame = pd.DataFrame(site.x, columns=[f.name for f in schema.features])
         frame["y"] = site.labels["label"].astype(int)
         frames[site.name] = frame
-    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
     return federation_on_disk(out, schema, frames, seed)
 
 
@@ -128,5 +133,4 @@ def digits_federation_on_disk(out: Path, alpha: float, n_sites: int = 20, seed: 
         frame = pd.DataFrame(x[rows], columns=[f.name for f in schema.features])
         frame["digit"] = y[rows]
         frames[f"site_{site:03d}"] = frame
-    schema = schema.with_normalization(feature_sums(f, schema) for f in frames.values())
     return federation_on_disk(out, schema, frames, seed)

@@ -33,7 +33,7 @@ def site_summary(scores: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def model_scores(trained: TrainedModel, params, site: SiteData) -> dict[str, dict[str, float]]:
     model = trained.module()
-    return {t: task_scores(model, params, t, *site.split(t, train=False)) for t in site.tasks if t in trained.tasks}
+    return {t: task_scores(model, params, t, *site.split(t, train=False)) for t in site.scored_tasks if t in trained.tasks}
 
 
 def aggregate(per_site: dict[str, dict[str, float]]) -> dict[str, float]:

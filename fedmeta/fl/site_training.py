@@ -169,7 +169,7 @@ def evaluate_site(config: RunConfig, site: SiteData, global_flat: Mapping[str, t
     ev = config.evaluation
     rng = np.random.default_rng(seed)
     metrics: dict[str, float] = {}
-    for task in site.tasks:
+    for task in site.scored_tasks:
         x_test, y_test = site.split(task, train=False)
         for name, value in task_scores(model, state["params"], task, x_test, y_test).items():
             metrics[f"{task}.global.{name}"] = value

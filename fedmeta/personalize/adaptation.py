@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedmeta.data.site import SiteData
+from fedmeta.data.site import MIN_TRAINING_ROWS, SiteData
 from fedmeta.meta.inner import make_loss, sgd_update
 from fedmeta.models import head_prefix, is_body_param
 from fedmeta.personalize.all_rows import ALL_ROWS_LR, fit_all_rows
@@ -164,7 +164,7 @@ def personalize(
     if not tasks:
         raise PersonalizationError(
             f"site {site.name!r} has no task with enough labelled rows to personalize "
-            f"(each needs >= 4 training and >= 2 held-out rows; model tasks: {base.tasks})"
+            f"(each needs >= {MIN_TRAINING_ROWS} labelled training rows; model tasks: {base.tasks})"
         )
     if not every_row:
         for t in tasks:
@@ -204,7 +204,7 @@ def _scored(base: TrainedModel, site: SiteData, tasks: list[str], params, shots,
     personalized = TrainedModel(base.schema, base.hidden, {**base.state, "params": params}, dict(base.info))
     model = base.module()
     metrics: dict[str, float] = {}
-    for t in tasks:
+    for t in (t for t in tasks if t in site.scored_tasks):
         x_test, y_test = site.split(t, train=False)
         for label, p in (("base", base.params), ("personalized", params)):
             for name, value in task_scores(model, p, t, x_test, y_test).items():

@@ -45,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-from fedmeta.data.site import SiteData
+from fedmeta.data.site import MIN_TRAINING_ROWS, SiteData
 from fedmeta.meta.inner import make_loss
 from fedmeta.personalize.adaptation import Personalization, check_shots
 from fedmeta.personalize.base import PersonalizationError, check_normalization
@@ -158,7 +158,7 @@ def choose_personalization(
     if not tasks:
         raise PersonalizationError(
             f"site {site.name!r} has no task with enough labelled rows to personalize "
-            f"(each needs >= 4 training and >= 2 held-out rows; model tasks: {base.tasks})"
+            f"(each needs >= {MIN_TRAINING_ROWS} labelled training rows; model tasks: {base.tasks})"
         )
     for t in tasks:
         check_shots(site, t, shots)
@@ -189,7 +189,7 @@ def held_out_metrics(base: TrainedModel, personalized: TrainedModel, site: SiteD
     metrics = {}
     for label, model in (("base", base), ("personalized", personalized)):
         module = model.module()
-        for t in tasks:
+        for t in (t for t in tasks if t in site.scored_tasks):
             for name, value in task_scores(module, model.params, t, *site.split(t, train=False)).items():
                 metrics[f"{t}.{label}.{name}"] = value
     return metrics

@@ -1,7 +1,8 @@
 """Task heads for a department's question: fitted on a few labelled rows on the meta-learned body (ANIL-style).
 
 The task may be one the federation knows (training starts from its head) or
-brand new; the body stays frozen or is lightly tuned.
+brand new; the body stays frozen or is lightly tuned. The rows scored are
+held out by the one split rule (:func:`~fedmeta.data.site.held_out_mask`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pandas as pd
 import torch
 
 from fedmeta.data.schema import Schema, SchemaError, TaskColumn
+from fedmeta.data.site import held_out_mask
 from fedmeta.meta.inner import make_loss, per_row_loss
 from fedmeta.models import TaskSpec, head_prefix
 from fedmeta.personalize.base import PersonalizationError
@@ -21,6 +23,9 @@ from fedmeta.scoring import baseline_scores, task_scores
 from fedmeta.trained import TrainedModel
 
 MIN_HOLDOUT_ROWS = 20
+MIN_CLASS_ROWS = 4
+#: Share of a head request's rows held out for its score.
+HEAD_TEST_FRACTION = 0.25
 
 
 @dataclass
@@ -69,25 +74,20 @@ def head_task(schema: Schema, name: str, kind: str | None, label: str | None, cl
         raise PersonalizationError(f"{source}: task {name!r} ({kind}) cannot use label column {label!r}: {e}") from None
 
 
-def _holdout_split(y: np.ndarray, classification: bool, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Stratified 75/25 split when the rows allow a meaningful held-out score, else None."""
-    n = len(y)
-    if n < MIN_HOLDOUT_ROWS:
+def _held_out(labelled: np.ndarray, y: np.ndarray, classification: bool, site: str, seed: int) -> np.ndarray | None:
+    """Which labelled rows are held out, by :func:`held_out_mask` over all the request's rows; None when no meaningful score exists.
+
+    ``labelled`` marks the request's rows that carry a label. Rows are held
+    out only with at least :data:`MIN_HOLDOUT_ROWS` labelled rows (and
+    :data:`MIN_CLASS_ROWS` per class), and only if the rows left to train on
+    still show every class.
+    """
+    if len(y) < MIN_HOLDOUT_ROWS or classification and np.unique(y, return_counts=True)[1].min() < MIN_CLASS_ROWS:
         return None
-    rng = np.random.default_rng(seed)
-    if not classification:
-        order = rng.permutation(n)
-        cut = int(round(n * 0.25))
-        return np.sort(order[cut:]), np.sort(order[:cut])
-    train, test = [], []
-    for c in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        if len(rows) < 4:
-            return None
-        cut = max(1, int(round(len(rows) * 0.25)))
-        test += list(rows[:cut])
-        train += list(rows[cut:])
-    return np.sort(train), np.sort(test)
+    held = held_out_mask(site, len(labelled), HEAD_TEST_FRACTION, seed)[labelled]
+    if not held.any() or held.all() or classification and len(np.unique(y[~held])) < len(np.unique(y)):
+        return None
+    return held
 
 
 def train_head(
@@ -99,15 +99,18 @@ def train_head(
     lr: float = 0.05,
     tune_body: bool = False,
     seed: int = 0,
+    *,
+    site: str,
 ) -> HeadResult:
-    """Fit ``task``'s head on the labelled rows of ``frame`` on top of ``start``'s body.
+    """Fit ``task``'s head on the labelled rows of ``frame`` (rows of ``site``) on top of ``start``'s body.
 
     The body stays frozen (ANIL-style), or with ``tune_body`` moves at a
     tenth of the head's rate. A task the model already has starts from its
     current head; a new task from a zero head. With at least 20 labelled rows
-    (and 4 per class) a stratified quarter is held out and scored, and the
-    old head, if any, is scored on the same rows; otherwise the note says
-    that no held-out score exists.
+    (and 4 per class) the rows the one split rule holds out of ``frame``
+    (:func:`held_out_mask` of ``site``, a quarter, ``seed``) are scored and
+    never trained on, and the old head, if any, is scored on the same rows;
+    otherwise the note says that no held-out score exists.
     """
     began = time.perf_counter()
     schema = start.schema
@@ -118,7 +121,8 @@ def train_head(
     schema.validate_frame(frame, source)
     if task.label not in frame.columns:
         raise SchemaError(f"{source}: missing label column {task.label!r} for task {task.name!r}")
-    labelled = frame[frame[task.label].notna()]
+    has_label = frame[task.label].notna().to_numpy()
+    labelled = frame[has_label]
     if labelled.empty:
         raise SchemaError(f"{source}: label column {task.label!r} has no values")
     x = schema.encode(labelled)
@@ -128,8 +132,10 @@ def train_head(
         present = np.unique(y)
         if len(present) < 2:
             raise PersonalizationError(f"{source}: task {task.name!r} needs rows of at least two classes; all labelled rows are {task.classes[present[0]]!r}")
-    split = _holdout_split(y, task.is_classification, seed)
-    train_idx, test_idx = split if split is not None else (np.arange(len(y)), np.array([], np.int64))
+    held = _held_out(has_label, y, task.is_classification, site, seed)
+    if held is None:
+        held = np.zeros(len(y), bool)
+    train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
 
     spec = TaskSpec(name=task.name, kind=task.kind, n_classes=task.n_classes)
     model = start.module()
@@ -178,11 +184,11 @@ def train_head(
                 metrics[f"{task.name}.previous.{name}"] = value
         for name, value in baseline_scores(y[train_idx], ys, task.is_classification).items():
             metrics[f"{task.name}.baseline.{name}"] = value
-        note = f"scored on {len(test_idx)} held-out rows of {len(y)} (stratified quarter)"
+        note = f"scored on {len(test_idx)} held-out rows of {len(y)} (the site's split rule: a quarter of its rows)"
     else:
         note = (
             f"only {len(y)} labelled rows: no held-out score (needs >= {MIN_HOLDOUT_ROWS} rows"
-            + (" and >= 4 per class)" if task.is_classification else ")")
+            + (f" and >= {MIN_CLASS_ROWS} per class, every class left to train on)" if task.is_classification else ")")
             + "; the head was trained on all of them"
         )
     state = {"params": new_params}
