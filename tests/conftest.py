@@ -1,5 +1,6 @@
 """Shared fixtures: a small hospital federation on disk and base models in run-folder format."""
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +10,18 @@ from fedmeta.data import hospital_federation, write_hospital_federation
 from fedmeta.fl.app import initial_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.run_dir import RunDir
+
+
+@pytest.fixture(autouse=True)
+def _server_loggers_restored():
+    """A test that runs `fedmeta serve` in-process configures the server's loggers (no propagation to the root
+    logger): restore them, or later tests in the same worker lose their log records to caplog."""
+    loggers = [logging.getLogger(name) for name in ("fedmeta.serving", "fedmeta.serving.access", "uvicorn")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
 
 
 @lru_cache(maxsize=1)
