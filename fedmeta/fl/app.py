@@ -66,6 +66,11 @@ def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
     return tuple(fedprox_synthetic(fed.alpha, fed.beta, fed.n_sites, fed.seed, fed.test_fraction))
 
 
+def _synthetic_schema(kind: str) -> Schema:
+    """The generator's own schema: which statistics it states and which it leaves to the federation."""
+    return hospital_schema() if kind == "hospitals" else fedprox_schema()
+
+
 @lru_cache(maxsize=8)
 def _site_from_files(
     data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None, statistics: str | None = None
@@ -187,7 +192,11 @@ def roll_call(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     site = site_for(context, config)
     reply = _reply(message, site, None, {f"examples.{t}": site.n_labelled(t, train=True) for t in site.tasks})
-    reply.content["site"][normalization.SUMS] = normalization.site_sums(site)
+    # A synthetic federation's sites are encoded in memory with the statistics the same rule computes from the
+    # same rows (:func:`hospital_federation`); they still report the sums, so the base model records them.
+    synthetic = config.federation.kind != "csv" and "data-path" not in context.node_config
+    features = _synthetic_schema(config.federation.kind).unnormalized if synthetic else None
+    reply.content["site"][normalization.SUMS] = normalization.site_sums(site, features)
     return reply
 
 

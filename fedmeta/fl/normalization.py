@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fedmeta.data.schema import Schema
 from fedmeta.data.statistics import StatisticsError, combine_sums_by_site
@@ -53,9 +53,10 @@ class NormalizationError(RuntimeError):
     """Sites whose sums cannot be combined into one normalization."""
 
 
-def site_sums(site: SiteData) -> str:
-    """What a site answers at the roll call: its sums over training rows for the features its schema leaves unset."""
-    wanted = set(site.schema.unnormalized)
+def site_sums(site: SiteData, features: Sequence[str] | None = None) -> str:
+    """What a site answers at the roll call: its sums over training rows for ``features`` (default: those its
+    schema leaves unset)."""
+    wanted = set(site.schema.unnormalized if features is None else features)
     return json.dumps({name: list(v) for name, v in site.training_sums().items() if name in wanted})
 
 
