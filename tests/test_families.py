@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from fedmeta.evaluate.families import FAMILIES, FRESH_SEEDS, SELECTION_SEEDS, family_federation_on_disk
+from fedmeta.data.site import held_out_mask
+from fedmeta.evaluate.families import FAMILIES, FRESH_SEEDS, SELECTION_SEEDS, TEST_FRACTION, _draw_classes, family_federation_on_disk
 
 
 def _same(a, b) -> bool:
@@ -38,6 +39,14 @@ def test_a_family_loads_back_with_16_seen_and_4_unseen_sites_each_able_to_fit_ev
                 # Under label shift a site's priors may all but exclude classes; everywhere else every class is there.
                 need = 2 if family == "label_shift" else task.n_classes
                 assert len(np.unique(y)) >= need, (site.name, task.name, np.bincount(y))
+
+
+def test_a_site_s_labels_are_drawn_again_until_its_training_rows_hold_every_class():
+    # At the families' seeds this rarely has to redraw, so a rare class at a 10-row site shows the rule at work.
+    probabilities = np.tile([0.97, 0.03], (10, 1))
+    y = _draw_classes(np.random.default_rng(0), probabilities, "site_007", seed=1)
+    training = ~held_out_mask("site_007", 10, TEST_FRACTION, seed=1)
+    assert set(y[training]) == {0, 1}
 
 
 def test_quantity_skew_spans_ten_to_ten_thousand_rows():
