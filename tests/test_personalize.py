@@ -79,7 +79,7 @@ def test_metasgd_mode_uses_the_learned_rates(tmp_path, hospitals, site):
 
 
 def test_more_shots_than_rows_is_a_clear_error(tmp_path, hospitals, base_run):
-    result = _personalize_cli(tmp_path, hospitals, base_run, "--shots", "400")
+    result = _personalize_cli(tmp_path, hospitals, base_run, "--shots", "400", "--mode", "all")
     assert result.exit_code == 2
     assert "site 'hospital_002', task 'readmission_30d': K=400 shots per class x 2 classes need 800 labelled training rows, the site has" in " ".join(result.output.split())
     assert not (tmp_path / "models").exists()

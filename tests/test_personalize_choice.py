@@ -11,7 +11,7 @@ import torch
 from fedmeta.data import hospital_federation
 from fedmeta.personalize.candidates import fit_ditto, fit_few_shot, fit_head, fit_local, mixed_model
 from fedmeta.personalize.choice import choose, choose_personalization, validation_split
-from fedmeta.personalize.candidates import CANDIDATES, fit_candidates
+from fedmeta.personalize.candidates import CANDIDATES, DEFAULT_CANDIDATES, fit_candidates
 from fedmeta.registry import SiteHome
 from fedmeta.trained import TrainedModel
 
@@ -151,19 +151,38 @@ def test_the_choice_never_looks_at_held_out_rows(site, base):
     assert poisoned.steps_selection["chosen"] == clean.steps_selection["chosen"]
 
 
-def test_personalize_without_a_mode_reports_every_candidate_and_the_choice(tmp_path, hospitals, base_run):
+def test_personalize_without_a_mode_reports_every_candidate_the_choice_and_the_sites_own_model(tmp_path, hospitals, base_run):
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "folds (each row validates once)" in done.stdout and "chosen" in done.stdout
+    assert "alone: the site's own model" in " ".join(done.stdout.split())
     version = SiteHome(tmp_path).registry.current("hospital_001")
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]
     assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
-    assert sorted(why["validation"]) == ["all_rows", "base", "ditto(λ=10)", "head"] and sorted(why["candidates"]) == ["all_rows", "base", "ditto", "head"]
+    assert sorted(why["validation"]) == ["all_rows", "base", "ditto(λ=10)", "head", "linear", "wide"]
+    assert sorted(why["candidates"]) == sorted(DEFAULT_CANDIDATES) == ["all_rows", "base", "ditto", "head", "linear", "wide"]
+    scored = {k.replace(".personalized.", ".alone.") for k in manifest.metrics if ".personalized." in k}
+    assert scored and scored <= set(manifest.metrics), "every personalized score has the site's own model's beside it"
     json.dumps(why)
     refused = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--candidates", "head,mix,guess"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "error: candidates must be some of base, few_shot, all_rows, ditto, head, mix; got head, mix, guess" in refused.stdout
+    assert refused.returncode == 2 and "error: candidates must be some of base, few_shot, all_rows, ditto, head, mix, linear, wide; got head, mix, guess" in refused.stdout
+
+
+def test_shots_with_the_default_choice_is_refused_in_one_line_unless_few_shot_is_weighed(tmp_path, hospitals, base_run):
+    args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
+    refused = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--shots", "10"], capture_output=True, text=True)
+    out = " ".join(refused.stdout.split())
+    assert refused.returncode == 2 and "error: --shots 10 has no effect on the default choice" in out, refused.stdout + refused.stderr
+    assert len([line for line in refused.stdout.splitlines() if line.startswith("error:")]) == 1
+    assert SiteHome(tmp_path).registry.current("hospital_001") is None
+    weighed = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--shots", "3", "--candidates", "base,few_shot", "--no-alone"],
+                             capture_output=True, text=True)
+    assert weighed.returncode == 0, weighed.stdout + weighed.stderr
+    manifest, _ = SiteHome(tmp_path).load(SiteHome(tmp_path).registry.current("hospital_001"))
+    assert manifest.training["steps_selection"]["candidates"] == ["base", "few_shot"]
+    assert not any(".alone." in k for k in manifest.metrics)
 
 
 def test_the_refit_takes_the_folds_steps_scaled_to_all_rows_or_more_where_all_rows_ask_for_more(site, base):

@@ -54,7 +54,7 @@ def _personalize(clinics, home, site, *extra):
 
 def test_the_site_is_named_by_its_folder_and_scored_on_its_test_file_only(clinics, tmp_path):
     test_file = clinics / "data" / "clinic_001" / "test.csv"
-    result = _personalize(clinics, tmp_path, "clinic_001", "--test", test_file, "--shots", "5")
+    result = _personalize(clinics, tmp_path, "clinic_001", "--test", test_file)
     assert result.returncode == 0, result.stdout + result.stderr
     home = SiteHome(tmp_path)
     version = home.registry.current("clinic_001")
@@ -124,7 +124,7 @@ def test_bad_personalization_requests_are_one_line(clinics, tmp_path, extra, exp
 def test_the_site_is_normalized_as_the_federation_was_and_a_schema_stating_other_statistics_is_refused(clinics, tmp_path):
     base = load_base(clinics / "run")
     folder = clinics / "data" / "clinic_002"
-    result = _personalize(clinics, tmp_path / "home", "clinic_002", "--test", folder / "test.csv", "--shots", "5")
+    result = _personalize(clinics, tmp_path / "home", "clinic_002", "--test", folder / "test.csv")
     assert result.returncode == 0, result.stdout + result.stderr
     home = SiteHome(tmp_path / "home")
     manifest, _ = home.load(home.registry.current("clinic_002"))
@@ -137,7 +137,7 @@ def test_the_site_is_normalized_as_the_federation_was_and_a_schema_stating_other
     stated = stated.with_statistics({"sodium": (mean + 2.0, std)})
     stated.save(tmp_path / "stated.json")
     refused = fedmeta("personalize", "--data", folder / "train.csv", "--test", folder / "test.csv", "--schema", tmp_path / "stated.json",
-                      "--base", clinics / "run", "--site-home", tmp_path / "refused", "--shots", "5")
+                      "--base", clinics / "run", "--site-home", tmp_path / "refused")
     out = " ".join(refused.stdout.split())
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert f"feature 'sodium' has mean {mean + 2.0:.6g}, std {std:.6g}, but base model" in out and f"trained with mean {mean:.6g}" in out

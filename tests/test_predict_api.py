@@ -31,7 +31,7 @@ def workspace(tmp_path_factory):
     RunDir(root / "run").save_base_model(initial_state(config), config, round_=1)
     site = root / "clinics" / "clinic_003"
     done = fedmeta_cli("personalize", "--data", site / "train.csv", "--test", site / "test.csv", "--schema", root / "clinics" / "schema.json",
-                       "--base", root / "run", "--site-home", root / "site-home", "--shots", "5")
+                       "--base", root / "run", "--site-home", root / "site-home")
     assert done.returncode == 0, done.stdout + done.stderr
     return root
 

@@ -14,12 +14,14 @@ heads_app = typer.Typer(help="Train task heads for departments on the meta-learn
 
 
 def _metrics_table(metrics: dict[str, float], before: str, after: str, title: str, held_out: dict[str, int]):
-    """Scores before and after, beside what ignoring the features scores (``<task>.baseline.<metric>``) and the rows they are measured on."""
+    """Scores before and after, beside what ignoring the features scores (``<task>.baseline.<metric>``), what the site
+    builds alone (``<task>.alone.<metric>``, where measured) and the rows they are measured on."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD)  # fits 80 columns
-    for column in ("task", "metric", "baseline", before, after, "change", "rows"):
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)  # fits 80 columns
+    alone = any(k.split(".")[1:2] == ["alone"] for k in metrics)
+    for column in ("task", "metric", "baseline", *(("alone",) if alone else ()), before, after, "change", "rows"):
         table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
     keys = sorted({(k.split(".")[0], k.split(".")[2]) for k in metrics if k.count(".") == 2})
     for task, metric in keys:
@@ -29,8 +31,9 @@ def _metrics_table(metrics: dict[str, float], before: str, after: str, title: st
         baseline = metrics.get(f"{task}.baseline.{metric}", 0.5 if metric == "auc" else None)
         change = "" if b is None else f"{a - b:+.4f}"
         rows = held_out.get(task)
-        table.add_row(task, metric, "" if baseline is None else f"{baseline:.4f}", "" if b is None else f"{b:.4f}", f"{a:.4f}", change,
-                      "" if rows is None else str(rows))
+        by_itself = metrics.get(f"{task}.alone.{metric}")
+        table.add_row(task, metric, "" if baseline is None else f"{baseline:.4f}", *(("" if by_itself is None else f"{by_itself:.4f}",) if alone else ()),
+                      "" if b is None else f"{b:.4f}", f"{a:.4f}", change, "" if rows is None else str(rows))
     return table
 
 
@@ -47,6 +50,14 @@ def _site_baselines(site_data, tasks: list[str]) -> tuple[dict[str, float], dict
         for metric, value in baseline_scores(y_fit, y_held_out, kinds[task].is_classification).items():
             scores[f"{task}.baseline.{metric}"] = value
     return scores, rows
+
+
+def _alone_scores(site_data, hidden: tuple[int, ...], tasks: list[str], seed: int) -> tuple[dict[str, float], str]:
+    """``<task>.alone.<metric>`` on the held-out rows: the local model (logistic/ridge, gradient boosting or the MLP) the site's own cross-validation picks."""
+    from fedmeta.evaluate.local import alone
+
+    by_method, chosen = alone(site_data, hidden, seed)
+    return {f"{t}.alone.{m}": v for t, scores in by_method[chosen].items() if t in tasks for m, v in scores.items()}, chosen
 
 
 def _published_line(published) -> str:
@@ -97,9 +108,14 @@ def personalize(
         "--shots all or a number of --steps with auto means all.",
     ),
     candidates: str = typer.Option(
-        "base,all_rows,ditto,head", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
-        "(every layer on all rows), ditto (the same, pulled toward the base, λ = 10), head (heads retrained on the frozen body), few_shot "
+        "base,all_rows,ditto,head,linear,wide", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
+        "(every layer on all rows), ditto (the same, pulled toward the base, λ = 10), head (heads retrained on the frozen body), linear (the "
+        "site's own cross-validated logistic/ridge regression), wide (the same beside the base body's features), few_shot "
         "(K shots, as meta-trained), mix (base/local predictions mixed, α 0.25-1).",
+    ),
+    compare_alone: bool = typer.Option(
+        True, "--alone/--no-alone", help="Also fit what the site builds alone (logistic/ridge regression, gradient boosting, the MLP: the one its "
+        "own cross-validation picks) and show its held-out scores beside the personalized model's.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the support-set draw: the same seed gives the same model."),
     test_fraction: float = typer.Option(
@@ -132,10 +148,16 @@ def personalize(
         site_schema = global_base.schema_for(Schema.load(schema), str(schema))
         site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
         choosing = mode == "auto" and k != "all" and steps == "auto"
+        weighed = [c.strip() for c in candidates.split(",") if c.strip()]
+        if choosing and k is not None and "few_shot" not in weighed:
+            raise UsageProblem(
+                f"--shots {k} has no effect on the default choice, which fits every candidate on all the site's training rows: "
+                "drop --shots, add few_shot to --candidates, or adapt on K shots with --mode all, head or metasgd"
+            )
         if choosing:
             result = choose_personalization(
                 global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed,
-                candidates=[c.strip() for c in candidates.split(",") if c.strip()],
+                candidates=weighed,
             )
         else:
             result = run_personalize(
@@ -148,6 +170,9 @@ def personalize(
                 seed=seed,
             )
         baselines, held_out = _site_baselines(site_data, result.tasks)
+        if compare_alone:
+            by_itself, alone_method = _alone_scores(site_data, global_base.hidden, result.tasks, seed)
+            baselines.update(by_itself)
         base_version = register_base(home, global_base)
         published = publish(
             home,
@@ -180,6 +205,8 @@ def personalize(
         how = f"K={result.shots}, {result.steps} steps{chosen}"
     scored = f"scores on {test}" if test is not None else "scores on held-out rows"
     title = f"{site_data.name}: {how}, mode {result.mode}; {scored}; baseline: majority class (acc) or mean (mse), ignoring the features"
+    if compare_alone:
+        title += f"; alone: the site's own model ({alone_method.removeprefix('local_').replace('only', 'MLP')}, picked by its cross-validation)"
     console.print(_metrics_table({**result.metrics, **baselines}, "base", "personalized", title, held_out))
     console.print(_published_line(published))
     console.print(f"done in {time.perf_counter() - start:.2f} s (fine-tuning {result.seconds:.2f} s, export {published.export_seconds:.2f} s)")

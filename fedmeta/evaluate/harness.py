@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmeta.evaluate.baselines import local_only, local_only_k, pooled
+from fedmeta.evaluate.baselines import local_only_k, pooled
+from fedmeta.evaluate.local import local_baselines
 from fedmeta.evaluate.federations import Federation
 from fedmeta.evaluate.site_scores import aggregate, model_scores, shots_for, site_summary
 from fedmeta.fl.config import RunConfig
@@ -173,21 +174,26 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "stages")
     results: dict[str, MethodResult] = {}
-    done = stages.get("local_only", "local_only_k")
+    names = ("local_only", "local_only_k", "local_linear", "local_gbm", "local_cv", "local_best")
+    done = stages.get(*names)
     if done is None:
         started = time.perf_counter()
-        progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone")
-        local = MethodResult("local_only")
-        local_k = MethodResult("local_only_k")
+        progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone (MLP, logistic/ridge, gradient boosting)")
+        local = {name: MethodResult(name) for name in names}
         for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
             for i, site in enumerate(sites):
-                getattr(local, group)[site.name] = site_summary(local_only(site, hidden, seed=seed + i))
-                getattr(local_k, group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
-        local.seconds = time.perf_counter() - started
+                alone = local_baselines(site, hidden, seed=seed + i)
+                for name in names:
+                    if name in alone:
+                        getattr(local[name], group)[site.name] = alone[name]
+                local["local_cv"].choices[site.name] = alone["local_cv_choice"]
+                getattr(local["local_only_k"], group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
+        for result in local.values():
+            result.seconds = time.perf_counter() - started
         for k in SHOTS_CURVE if shots_curve else ():
-            local_k.shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
-        stages.put(local, local_k)
-        done = [local, local_k]
+            local["local_only_k"].shots_curve[k] = float(np.mean([a for a in (site_summary(local_only_k(s, shots_for(s, k), seed=seed)).get("acc") for s in fed.seen) if a is not None]))
+        done = list(local.values())
+        stages.put(*done)
     results.update({r.name: r for r in done})
     done = stages.get("pooled")
     if done is None:

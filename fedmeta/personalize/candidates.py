@@ -56,9 +56,9 @@ from fedmeta.personalize.all_rows import ALL_ROWS_LR, Run, fit_all_rows_batch
 from fedmeta.trained import TrainedModel
 
 #: Every kind of candidate, in the order ties are broken (base first).
-CANDIDATES = ("base", "few_shot", "all_rows", "ditto", "head", "mix")
+CANDIDATES = ("base", "few_shot", "all_rows", "ditto", "head", "mix", "linear", "wide")
 #: The kinds the default choice weighs.
-DEFAULT_CANDIDATES = ("base", "all_rows", "ditto", "head")
+DEFAULT_CANDIDATES = ("base", "all_rows", "ditto", "head", "linear", "wide")
 DITTO_LAMBDAS = (10.0,)
 MIX_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 LOCAL_LR = 3e-3
@@ -232,6 +232,14 @@ def fit_mixes(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, a
     return _mixes(base, fit_local(base, site, tasks, seed, local_steps), alphas)
 
 
+def fit_linear(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, deep: bool = False) -> Candidate:
+    """The site's own cross-validated logistic (ridge) regression, or with ``deep`` the same beside the base body's features (:mod:`~fedmeta.personalize.linear`)."""
+    from fedmeta.personalize.linear import fit_linear_heads, widened
+
+    name = "wide" if deep else "linear"
+    return Candidate(name, widened(base, fit_linear_heads(base, site, tasks, seed, deep), name))
+
+
 def check_candidates(names) -> tuple[str, ...]:
     """``names`` as a tuple in :data:`CANDIDATES` order; refuses an unknown or empty list, naming it."""
     names = tuple(dict.fromkeys(names))
@@ -262,6 +270,9 @@ def fit_candidates(
         by_kind["base"] = [fit_base(base)]
     if "few_shot" in names:
         by_kind["few_shot"] = [fit_few_shot(base, site, tasks, shots, lr, seed)]
+    for name in ("linear", "wide"):
+        if name in names:
+            by_kind[name] = [fit_linear(base, site, tasks, seed, deep=name == "wide")]
     return [c for name in names for c in by_kind[name]]
 
 
@@ -288,6 +299,8 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
         return candidate
     if candidate.name == "few_shot":
         return fit_few_shot(base, site, tasks, k["shots"], k["lr"] if k["lr"] != "learned" else 0.0, seed, k["steps"])
+    if candidate.name in ("linear", "wide"):
+        return fit_linear(base, site, tasks, seed, deep=candidate.name == "wide")
     if candidate.name == "mix":
         return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
     scaled = round(REFIT_SCALE * k["steps"])
