@@ -66,7 +66,8 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
         assert f"| {method}" in report
     results = json.loads((out / "results.json").read_text())
     assert results["sites"] == {"seen": 5, "unseen": 1}
-    assert set(results["methods"]) == {"local_only", "local_only_k", "pooled", "fedavg", "fedavg_ft", "fedmeta_fomaml", "fedmeta_fomaml_global"}
+    assert set(results["methods"]) == {"local_cv", "local_linear", "local_gbm", "local_only", "local_best", "local_only_k", "pooled", "fedavg", "fedavg_ft",
+                                       "fedmeta_fomaml", "fedmeta_fomaml_global"}
     # What the demo is for, against controls from the same table: on the training hospitals, FedMeta with the chosen
     # adaptation beats FedAvg unadapted and K shots fitted at each site alone. Measured (accuracy; LOS MSE):
     # FedMeta + chosen 0.844; 0.209, FedAvg 0.789; 0.443, K-shot local 0.775; 0.351.

@@ -3,6 +3,10 @@
 Methods (every one scored on each site's held-out rows):
 
 - ``local_only``: each site trains the same network alone on all its training rows;
+- ``local_linear``, ``local_gbm``, ``local_cv``, ``local_best``: what a site builds alone with standard
+  tools (:mod:`~fedmeta.evaluate.local`): cross-validated logistic/ridge regression, gradient boosting,
+  the one of those and the MLP its own cross-validation picks (the bar to beat), and the best of the
+  three on the held-out rows (a reference);
 - ``local_only_k``: each site fits a scikit-learn model on only its K-shot support rows;
 - ``pooled``: one network on all training sites' rows, centralized (what regulation forbids: the reference);
 - ``fedavg``: FedAvg over Flower, the global model as is;
@@ -22,7 +26,8 @@ real promise. Accuracy is the mean over a site's classification tasks;
 
 One module per concept: :mod:`~fedmeta.evaluate.federations` (federations on
 disk), :mod:`~fedmeta.evaluate.site_scores`, :mod:`~fedmeta.evaluate.baselines`
-(local, pooled), :mod:`~fedmeta.evaluate.peers` (personalized-FL peers in a
+(local, pooled), :mod:`~fedmeta.evaluate.local` (what a site builds alone),
+:mod:`~fedmeta.evaluate.families` (generator families at selection and fresh seeds), :mod:`~fedmeta.evaluate.peers` (personalized-FL peers in a
 plain in-process loop), :mod:`~fedmeta.evaluate.harness` and
 :mod:`~fedmeta.evaluate.tables`.
 """

@@ -57,7 +57,8 @@ def _sklearn_task(method: str, site: SiteData, task: str, seed: int) -> Predict:
         constant[int(classes[0])] = 0.0
         return lambda rows: np.tile(constant, (len(rows), 1))
     if method == "local_gbm":
-        stop = len(y) >= GBM_EARLY_STOP_ROWS
+        # Early stopping holds out a stratified tenth: every class needs rows on both sides.
+        stop = len(y) >= GBM_EARLY_STOP_ROWS and (not spec.is_classification or counts.min() >= 10)
         kind = HistGradientBoostingClassifier if spec.is_classification else HistGradientBoostingRegressor
         model = kind(max_iter=300 if stop else 50, early_stopping=stop, validation_fraction=0.1 if stop else None, random_state=seed).fit(x, y)
     elif not spec.is_classification:

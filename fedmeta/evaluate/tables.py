@@ -24,7 +24,7 @@ def gap_closed(results: dict[str, MethodResult], name: str) -> float | None:
 
 def method_order(name: str) -> tuple[int, str]:
     """Baselines first, then FedAvg, then each FedMeta algorithm adapted and, after it, unadapted."""
-    fixed = ["local_only", "local_only_k", "pooled", "pooled_oracle", "fedavg", "fedavg_ft", "ditto", "fedrep", "fedper", "fedbabu", "apfl", "perfedavg"]
+    fixed = ["local_cv", "local_linear", "local_gbm", "local_only", "local_best", "local_only_k", "pooled", "pooled_oracle", "fedavg", "fedavg_ft", "ditto", "fedrep", "fedper", "fedbabu", "apfl", "perfedavg"]
     return (fixed.index(name), "") if name in fixed else (len(fixed), name.removesuffix("_global") + ("~" if name.endswith("_global") else ""))
 
 
@@ -38,7 +38,11 @@ def method_label(name: str) -> str:
 
 
 LABELS = {
+    "local_cv": "local, own CV pick (the bar)",
+    "local_linear": "local logistic/ridge (CV)",
+    "local_gbm": "local gradient boosting",
     "local_only": "local only (all own rows)",
+    "local_best": "local, best of 3 on test (ref.)",
     "local_only_k": "local only (K shots, scikit-learn)",
     "pooled": "pooled oracle (centralized)",
     "fedavg": "FedAvg",

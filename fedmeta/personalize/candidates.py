@@ -20,6 +20,10 @@ otherwise), so any of them can be exported and served like the base:
   λ = 100 was rarely better than the base; only λ = 10 is kept.
 - ``head``: the heads retrained on the frozen body (FedRep, Collins et al.
   2021; FedPer, Arivazhagan et al. 2019; ANIL).
+- ``linear``: the site's own logistic (ridge) regression, its penalty chosen
+  by cross-validation; ``wide``: the same regression on the base body's
+  features and the encoded features together (:mod:`~fedmeta.personalize.linear`).
+  Both are the base's MLP with an identity path beside the body.
 - ``mix``: base and a local model's predictions mixed,
   ``(1 - α)·base + α·local`` with α from :data:`MIX_ALPHAS` (APFL, Deng et al.
   2020). The local model is trained from scratch on the site's rows; the mix
@@ -30,17 +34,17 @@ otherwise), so any of them can be exported and served like the base:
 Each ``fit_*`` function takes ``steps=None`` to choose its step count on its
 own validation part of the rows it is given, or a step count to refit with.
 
-:data:`DEFAULT_CANDIDATES` (base, all rows, Ditto, heads) is what the
-default choice weighs. It was picked with ``benchmarks/choice_diagnostic.py``
-on the seven benchmark federations (every candidate refit and scored on
-held-out rows, and each rule replayed on those scores): the fewer
-candidates, the less a site's noisy validation score picks a lucky loser.
-Few-shot adaptation and the mixes rarely won where they were chosen: the
-previous default (every candidate, refit with the folds' median steps)
-averaged 0.889 mean site accuracy over the seven benchmarks, this one
-0.898 (README, "Personalization against the personalized-FL peers"). They
-stay available: ``choose_personalization(candidates=CANDIDATES)``,
-``fedmeta personalize --candidates``.
+:data:`DEFAULT_CANDIDATES` (base, all rows, Ditto, heads, linear, wide) is
+what the default choice weighs. The first four were picked with
+``benchmarks/choice_diagnostic.py`` on the held-out rows of the seven
+benchmark federations, which made that pick optimistic; ``linear`` and
+``wide`` (:mod:`~fedmeta.personalize.linear`) were added when a federation
+nobody had tuned to showed sites losing against their own logistic
+regression, and the rule (validation loss first) was chosen on the generator
+families' selection seeds (:mod:`fedmeta.evaluate.families`). The README
+("Personalization against the personalized-FL peers") reports the result on
+fresh seeds. Few-shot adaptation and the mixes stay available:
+``choose_personalization(candidates=CANDIDATES)``, ``fedmeta personalize --candidates``.
 """
 
 from __future__ import annotations
