@@ -100,9 +100,9 @@ def test_scores_are_shown_beside_the_feature_blind_baseline_and_the_held_out_row
                                        "--base", str(base_run), *home])
     assert personalized.exit_code == 0, personalized.output
     header = next(line for line in personalized.output.splitlines() if "personalized" in line and "task" in line)
-    assert header.split() == ["task", "metric", "baseline", "base", "personalized", "change", "rows"]
+    assert header.split() == ["task", "metric", "baseline", "alone", "base", "personalized", "change", "rows"]
     mortality = next(line for line in personalized.output.splitlines() if line.split()[:2] == ["mortality", "acc"])
-    assert len(mortality.split()) == 7  # a baseline value and the row count in their columns
+    assert len(mortality.split()) == 8  # a baseline value, the site's own model's score and the row count in their columns
     head = runner.invoke(app, ["heads", "add", "--task", "mortality", "--data", str(hospitals / "hospital_002.csv"), "--steps", "20", *home])
     assert head.exit_code == 0, head.output
     assert "baseline" in head.output and "rows" in head.output
