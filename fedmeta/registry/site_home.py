@@ -42,15 +42,15 @@ def default_site_home() -> Path:
 class SiteHome:
     """A site's home folder: the registry plus one folder of files per model version.
 
-    ``SiteHome(path)`` creates the home if it is missing (the first
-    ``fedmeta personalize`` at a site), readable by its owner only (0700,
-    the registry file 0600); :meth:`existing` refuses a missing one, for
-    everything that only reads.
+    ``SiteHome(path)`` creates a missing home with its first stored
+    version (the first ``fedmeta personalize`` at a site), readable by its
+    owner only (0700, the registry file 0600), and not before: a command
+    that fails before storing anything leaves no folder and no registry.
+    :meth:`existing` refuses a missing one, for everything that only reads.
     """
 
     def __init__(self, path: str | Path | None = None, registry: Registry | None = None):
         self.path = Path(path) if path is not None else default_site_home()
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # models, keys and the audit log are the site's alone; an existing home keeps its mode
         self.registry = registry if registry is not None else SQLiteRegistry(self.path / REGISTRY_FILE)
 
     @classmethod
@@ -83,6 +83,7 @@ class SiteHome:
         if existing is not None:
             return existing, False
         relative = f"models/{sha[:16]}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # models, keys and the audit log are the site's alone; an existing home keeps its mode
         written = write_version(self.path / relative, files, manifest)
         lineage = {
             k: v

@@ -17,7 +17,10 @@ the chain head, recorded somewhere they cannot write (``fedmeta models audit
 --head``) and checked with ``--verify --expect``, detects that.
 
 The file is created 0600 in a folder created 0700: the log is evidence, and
-nobody else on the machine needs to read it.
+nobody else on the machine needs to read it. It is created by the first
+write, not by :class:`SQLiteRegistry` itself: until then reads answer as an
+empty registry, so a command that fails before registering anything leaves
+no file behind.
 """
 
 from __future__ import annotations
@@ -137,6 +140,12 @@ class SQLiteRegistry(Registry):
     def __init__(self, path: str | Path, timeout: float = 30.0):
         self.path = Path(path)
         self.timeout = timeout
+        self._opened = False
+        if self.path.exists():  # opened (and migrated) now, so a corrupt file is refused before anything relies on it
+            self._open()
+
+    def _open(self) -> None:
+        """Create the file (0600, in a folder created 0700) if missing, then its tables and migrations."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             # An empty file is an empty SQLite database: creating it here, not in connect, is what sets its mode.
@@ -149,6 +158,7 @@ class SQLiteRegistry(Registry):
             self._create()
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"{self.path} is not a readable fedmeta registry ({e})") from None
+        self._opened = True
 
     def _create(self) -> None:
         with self._connect() as con:
@@ -201,8 +211,21 @@ class SQLiteRegistry(Registry):
             con.close()
 
     @contextmanager
+    def _empty(self) -> Iterator[sqlite3.Connection]:
+        """An empty registry in memory: what reads see before the first write has created the file."""
+        con = sqlite3.connect(":memory:", isolation_level=None)
+        con.row_factory = sqlite3.Row
+        try:
+            con.executescript(_SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._connect() as con:
+        if not self._opened and (write or self.path.exists()):
+            self._open()
+        with self._connect() if self._opened else self._empty() as con:
             con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield con
