@@ -44,7 +44,7 @@ log = logging.getLogger("fedmeta.serving")
 
 DESCRIPTION = """A site's local prediction server. Raw data never leaves the site.
 
-Every route except `/v2/health/live` needs an API key (`Authorization: Bearer fm_...` or `X-API-Key`),
+Every route except the health probes (`/v2/health/live`, `/v2/health/ready`, which say nothing about the model) needs an API key (`Authorization: Bearer fm_...` or `X-API-Key`),
 created with `fedmeta keys create --role predict|department|admin`. Roles are ordered: `predict` < `department`
 (head requests) < `admin` (promote, rollback).
 """

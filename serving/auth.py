@@ -1,4 +1,4 @@
-"""API keys: created and revoked with the CLI, stored hashed at rest, checked on every route but liveness.
+"""API keys: created and revoked with the CLI, stored hashed at rest, checked on every route but the health probes.
 
 Keys are 256-bit random tokens (``fm_...``), so a plain SHA-256 is a safe
 at-rest form: nothing about a key can be recovered from the file, and there
@@ -12,10 +12,11 @@ it is fixed, and says why once in the log.
 Send the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 Roles are ordered, each admitted wherever a smaller one is:
 
-- no key: ``GET /v2/health/live`` only;
+- no key: ``GET /v2/health/live`` and ``GET /v2/health/ready`` only, for
+  Kubernetes and KServe probes, which send none; they answer ``{"live":
+  true}`` and ``{"ready": true}`` and name no model, version or hash;
 - ``predict``: ``POST /v1/predict``, ``GET /v1/models``, ``GET /metrics``,
-  ``GET /v2/health/ready``, ``GET /v2/models/{name}``, ``GET
-  /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``, and the API's
+  ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``, and the API's
   own description, ``GET /openapi.json`` and (with ``docs`` on) ``GET /docs``;
 - ``department``: also ``POST /v1/heads`` and ``GET /v1/heads/jobs/{job_id}``,
   for the jobs this key requested (another's is a 404, as an unknown id);

@@ -2,7 +2,7 @@
 
 The document (``/openapi.json``) and, when ``docs`` is on, the Swagger UI
 page (``/docs``, with the document inlined) need a key with the ``predict``
-role, like every route but liveness; there is no ``/redoc``.
+role, like every route but the health probes; there is no ``/redoc``.
 
 - Every error response is documented with the body the server sends,
   ``{"error": "..."}`` (:data:`ERROR_SCHEMA`), never FastAPI's default

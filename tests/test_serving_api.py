@@ -19,11 +19,11 @@ from site_server import PATH_VALUES, ROW, SITE, auth, direct_onnx as _direct_onn
 # --- auth -------------------------------------------------------------------------------
 
 
-def test_every_route_but_liveness_needs_a_key_and_the_right_role(site_home):
+def test_every_route_but_the_health_probes_needs_a_key_and_the_right_role(site_home):
     home, keys = site_home
     with running(settings(home)) as (url, _):
         assert httpx.get(f"{url}/v2/health/live").status_code == 200
-        for method, path in [("POST", "/v1/predict"), ("GET", "/v1/models"), ("GET", "/v2/health/ready"), ("GET", f"/v2/models/{SITE}"),
+        for method, path in [("POST", "/v1/predict"), ("GET", "/v1/models"), ("GET", f"/v2/models/{SITE}/ready"), ("GET", f"/v2/models/{SITE}"),
                              ("POST", f"/v2/models/{SITE}/infer"), ("GET", "/metrics"), ("POST", "/v1/heads"), ("POST", "/v1/models/rollback")]:
             r = httpx.request(method, url + path, json={})
             assert r.status_code == 401, path
@@ -35,6 +35,17 @@ def test_every_route_but_liveness_needs_a_key_and_the_right_role(site_home):
         r = httpx.post(f"{url}/v1/heads", json={"task": "x"}, headers=auth(keys["predict"]))
         assert r.status_code == 403 and "'department'" in r.json()["error"]
         assert httpx.post(f"{url}/v1/predict", json={"row": ROW}, headers={"X-API-Key": keys["predict"]}).status_code == 200
+
+
+def test_probes_without_a_key_learn_liveness_and_readiness_and_nothing_else(site_home):
+    """Kubernetes and KServe probes send no key: the health routes answer them, naming no model, version or hash."""
+    home, _ = site_home
+    with running(settings(home)) as (url, app):
+        live, ready = httpx.get(f"{url}/v2/health/live"), httpx.get(f"{url}/v2/health/ready")
+        model = app.state.fedmeta.store.current
+    assert (live.status_code, live.json()) == (200, {"live": True})
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert not [secret for secret in (model.site, model.label, model.version.sha256[:12]) if secret in live.text + ready.text]
 
 
 def test_the_auth_module_docstring_names_every_route_with_the_smallest_role_it_admits(site_home):

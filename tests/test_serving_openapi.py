@@ -31,15 +31,15 @@ def revealed(text: str, stats: dict[str, float]) -> list[str]:
     return sorted(name for name, value in stats.items() if any(abs(x - value) <= 1e-3 for x in numbers))
 
 
-def test_every_route_but_liveness_needs_a_key_the_document_and_the_docs_page_included(site_home):
+def test_every_route_but_the_health_probes_needs_a_key_the_document_and_the_docs_page_included(site_home):
     home, keys = site_home
     with running(settings(home, docs=True)) as (url, app):
         routes = served_routes(app)
         assert {"GET /openapi.json", "GET /docs", "GET /v1/heads/jobs/{job_id}"} <= routes  # the routes under test exist
-        for method, path in sorted(r.split(" ") for r in routes - {"GET /v2/health/live"}):
+        for method, path in sorted(r.split(" ") for r in routes - {"GET /v2/health/live", "GET /v2/health/ready"}):
             r = httpx.request(method, url + path.format(**PATH_VALUES), json={})
             assert r.status_code == 401 and "missing API key" in r.json()["error"], (method, path, r.status_code)
-        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{url}/v2/health/live").status_code == httpx.get(f"{url}/v2/health/ready").status_code == 200
         for path in ("/openapi.json", "/docs"):
             assert httpx.get(url + path, headers=auth(keys["predict"])).status_code == 200, path
 
