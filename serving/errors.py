@@ -34,10 +34,14 @@ class ApiError(Exception):
 
 
 def shown(value: object, limit: int = 40) -> str:
-    """A client's value for an error message: its repr, cut to ``limit`` characters (values can be megabytes deep)."""
-    if isinstance(value, (list, dict)):
+    """A client's value for an error message, written as JSON (the client sent ``true``, not Python's ``True``), cut to ``limit`` characters.
+
+    >>> shown(True), shown(None), shown("old"), shown(1e39), shown([[1]])
+    ('true', 'null', '"old"', '1e+39', 'a JSON array')
+    """
+    if isinstance(value, (list, dict)):  # never written out: values can be megabytes deep
         return f"a JSON {'array' if isinstance(value, list) else 'object'}"
-    text = repr(value)
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -11,7 +11,9 @@ role, like every route but the health probes; there is no ``/redoc``.
   are built from the served model's schema: the feature names, their types,
   the categories, the tasks, float32's range and the row limit. A body
   that fits the ``/v1/predict`` schema is accepted unless a value lies
-  more than 1e6 standard deviations from the federation's mean (422); one
+  more than 1e6 standard deviations from the federation's mean (422) or,
+  with ``?strict=true``, a row has a field that is no feature (422; by
+  default such fields are left out and named in ``ignored_fields``); one
   that does not fit gets a 4xx. The document follows the served version
   (a promoted head adds a task to the ``tasks`` enum).
 - Nothing in it is derived from the federation's normalization statistics:
@@ -80,7 +82,8 @@ def _row_schema(schema: dict) -> dict:
             properties[f["name"]] = {"type": "number", "minimum": -F32, "maximum": F32,
                                      "description": "a float32; a value more than 1e6 standard deviations from the federation's mean is refused (422) "
                                                     "as a unit or typing error"}
-    return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": False}
+    # Other fields are allowed: the server leaves them out (and names them in ignored_fields) unless ?strict=true.
+    return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": True}
 
 
 def predict_request_schema(model, max_rows: int) -> dict:
@@ -88,8 +91,10 @@ def predict_request_schema(model, max_rows: int) -> dict:
     return {
         "type": "object",
         "properties": {
-            "rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows, "description": "rows of raw feature values, by feature name"},
-            "row": {**row, "description": "a single row (instead of rows)"},
+            "rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows,
+                     "description": "rows of raw feature values, by feature name; other fields are left out and named in `ignored_fields` "
+                                    "(refused, 422, with `strict=true`)"},
+            "row": {**row, "description": "a single row (instead of rows); other fields as in rows"},
             "tasks": {"type": "array", "items": {"type": "string", "enum": model.tasks}, "minItems": 1, "uniqueItems": True,
                       "description": "tasks to predict (default: all)"},
         },
@@ -109,7 +114,7 @@ def predict_response_schema(model) -> dict:
                 "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
     return {
         "type": "object",
-        "required": ["model", "rows", "predictions"],
+        "required": ["model", "rows", "predictions", "outside_training_range", "ignored_fields"],
         "properties": {
             "model": {"type": "object", "required": ["site", "version", "sha256"], "properties": {
                 "site": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"}}},
@@ -121,6 +126,8 @@ def predict_response_schema(model) -> dict:
                 "items": {"type": "object", "required": ["row", "features"], "properties": {
                     "row": {"type": "integer", "minimum": 0}, "features": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
             },
+            "ignored_fields": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
+                               "description": "the rows' fields that are no feature of the model, sorted, left out of the prediction (names only)"},
         },
     }
 

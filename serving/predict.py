@@ -4,6 +4,12 @@ The body is parsed with orjson and checked by the model's compiled row
 validator rather than by pydantic: over large nested lists pydantic costs
 ~2.5x throughput here. Normalization and one-hot encoding happen inside the
 ONNX graph, so the rows carry raw values.
+
+Apps send whole records, so a row's fields that are no feature of the
+model (a ``patient_id``) are left out, as ``fedmeta predict`` leaves out
+other columns, and the response names them, sorted, in ``ignored_fields``
+(names only, never values). ``POST /v1/predict?strict=true`` refuses them
+instead (422), for clients that want a misspelt feature caught at once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from starlette.responses import Response
 
 from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
-from serving.errors import ApiError, json_response
+from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
 from serving.store import LoadedModel, check_finite
 
@@ -61,7 +67,8 @@ PREDICT_OPENAPI = {
                 "per-task predictions, with the model version and hash that made them. `outside_training_range` lists the rows "
                 "with a numeric value outside the range the model was trained on, and those features "
                 "(`[{\"row\": 0, \"features\": [\"age\"]}]`; `[]` when none, `null` for a model that records no range): "
-                "such rows are answered, but the model extrapolates there"
+                "such rows are answered, but the model extrapolates there. `ignored_fields` names, sorted, the fields of the rows "
+                "that are no feature of the model and were left out (`[]` when none; never their values)"
             ),
             "content": {
                 "application/json": {
@@ -73,14 +80,35 @@ PREDICT_OPENAPI = {
                             "length_of_stay": {"values": [6.4]},
                         },
                         "outside_training_range": [],
+                        "ignored_fields": ["patient_id"],
                     }
                 }
             },
         },
         **{str(code): r for code, r in responses(401, 403, 413, 415, 422, 503).items()},
     },
+    "parameters": [{
+        "name": "strict",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "boolean", "default": False},
+        "description": "`true`: a row field that is no feature of the model is refused (422) instead of being left out and named in "
+                       "`ignored_fields`",
+    }],
 }
 BODY_KEYS = frozenset({"rows", "row", "tasks"})
+
+
+def strict_mode(request: Request) -> bool:
+    """The ``strict`` query parameter: ``true`` or ``false`` (default), nothing else."""
+    if not request.scope["query_string"]:  # the common case, without parsing a query string
+        return False
+    values = request.query_params.getlist("strict")
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise ApiError(422, f"strict: expected true or false (once), got {', '.join(shown(v) for v in values[:3])}")
+    return values[0] == "true"
 
 
 def select_tasks(model: LoadedModel, requested: object) -> list[str]:
@@ -114,6 +142,7 @@ def render(model: LoadedModel, tasks: list[str], outputs: list[np.ndarray]) -> d
 async def predict(request: Request) -> Response:
     authorize(request, "predict")
     server = state(request)
+    strict = strict_mode(request)
     payload = await read_json(request, server.settings.max_body_bytes, 2 * server.settings.max_rows + 64)
     if not isinstance(payload, dict):
         raise ApiError(422, "body: expected an object with 'rows' (a list of rows) or 'row' (one row)")
@@ -124,12 +153,13 @@ async def predict(request: Request) -> Response:
         raise ApiError(422, "body: give either 'rows' or 'row', not both")
     if "rows" in payload:
         where = "rows"
-        feed, n = model.validator.columns(payload["rows"], where)
+        rows = payload["rows"]
     elif "row" in payload:
         where = "row"
-        feed, n = model.validator.columns([payload["row"]], where)
+        rows = [payload["row"]]
     else:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
+    feed, n = model.validator.columns(rows, where, strict=strict)
     tasks = select_tasks(model, payload.get("tasks"))
     outputs = model.session.run(tasks, feed)
     check_finite(tasks, outputs, where, n)
@@ -140,5 +170,6 @@ async def predict(request: Request) -> Response:
         "rows": n,
         "predictions": render(model, tasks, outputs),
         "outside_training_range": outside,
+        "ignored_fields": model.validator.ignored_fields(rows),
     }
     return json_response(content)

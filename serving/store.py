@@ -49,8 +49,11 @@ def row_label(where: str, i: int) -> str:
 class RowValidator:
     """Checks JSON rows against the schema and turns them into onnxruntime inputs, one column per feature.
 
-    Errors name the row and the feature: ``rows[3].age: expected a number, got 'abc'``.
-    Numeric values must lie in :func:`feature_range`.
+    Errors name the row and the feature: ``rows[3].age: expected a number, got "abc"``.
+    Numeric values must lie in :func:`feature_range`. Fields that are no
+    feature (a ``patient_id``) are refused with ``strict`` and otherwise
+    left out, as ``fedmeta predict`` leaves out other columns;
+    :meth:`ignored_fields` names them.
     """
 
     def __init__(self, schema: dict, max_rows: int):
@@ -69,7 +72,8 @@ class RowValidator:
             if not isinstance(row, dict):
                 return ApiError(422, f"{label}: expected an object of feature values, got {type(row).__name__}")
             if name not in row:
-                return ApiError(422, f"{label}: missing feature {name!r}")
+                others = sorted(k[:40] for k in row.keys() - self.known)[:5]  # a misspelt feature shows up here
+                return ApiError(422, f"{label}: missing feature {name!r}" + (f"; the row's fields that are no feature: {others}" if others else ""))
             value = row[name]
             if name in self.categorical:
                 if not isinstance(value, str):
@@ -98,8 +102,11 @@ class RowValidator:
                 return problem
         return ApiError(422, f"{where}: invalid rows")
 
-    def columns(self, rows: object, where: str = "rows", limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
-        """``{feature: array}`` for onnxruntime, and the row count; raises :class:`ApiError` naming the first problem."""
+    def columns(self, rows: object, where: str = "rows", limit: int | None = None, strict: bool = True) -> tuple[dict[str, np.ndarray], int]:
+        """``{feature: array}`` for onnxruntime, and the row count; raises :class:`ApiError` naming the first problem.
+
+        With ``strict``, a field that is no feature is a problem; without, it is left out.
+        """
         if not isinstance(rows, list) or not rows:
             raise ApiError(422, f"{where}: expected a non-empty list of rows")
         n = len(rows)
@@ -108,7 +115,7 @@ class RowValidator:
             raise ApiError(413, f"{where}: too many rows ({n}); the limit is {limit} per request")
         width = len(self.features)
         try:
-            if any(len(r) != width for r in rows):
+            if strict and any(len(r) != width for r in rows):
                 for i, r in enumerate(rows):
                     extra = sorted(set(r) - self.known) if isinstance(r, dict) else None
                     if extra:
@@ -135,6 +142,14 @@ class RowValidator:
         except (KeyError, TypeError, OverflowError):
             raise self._first_problem(where, rows) from None
         return feed, n
+
+    def ignored_fields(self, rows: list[dict]) -> list[str]:
+        """The names, sorted, of the fields in ``rows`` that are no feature, for rows :meth:`columns` accepted.
+
+        Such a row holds every feature, so only a row with more fields than features holds another.
+        """
+        width = len(self.features)
+        return sorted({k for r in rows if len(r) != width for k in r.keys() - self.known})
 
 
 def check_finite(tasks: list[str], outputs: list[np.ndarray], where: str, n: int) -> None:

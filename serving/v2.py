@@ -101,6 +101,14 @@ def _is_count(d: object) -> bool:
     return type(d) is int and d >= 0
 
 
+def _shape_text(shape: object) -> str:
+    """A refused shape as the client wrote it (JSON: ``[true]``, not Python's ``[True]``), when short and flat."""
+    if isinstance(shape, list) and len(shape) <= 4 and not any(isinstance(d, (list, dict)) for d in shape):
+        text = json.dumps(shape, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return shown(shape)
+
+
 def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
     if not isinstance(inputs, list) or not inputs:
         raise ApiError(400, "inputs: expected a non-empty list of tensors")
@@ -122,7 +130,7 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
             raise ApiError(400, f"inputs: missing tensor {name!r}")
         shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
         if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_count(d) for d in shape) or (len(shape) == 2 and shape[1] != 1):
-            raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {shown(shape) if not isinstance(shape, list) or len(shape) > 4 else shape}")
+            raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {_shape_text(shape)}")
         if not isinstance(datatype, str):
             raise ApiError(400, f"inputs.{name}.datatype: expected a string such as 'FP32' or 'BYTES', got {shown(datatype)}")
         if not isinstance(data, list):

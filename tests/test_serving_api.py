@@ -112,11 +112,10 @@ def test_predict_can_choose_tasks(site_home):
 
 BAD_BODIES = [
     ({"rows": [{k: v for k, v in ROW.items() if k != "sodium"}]}, 422, "rows[0]: missing feature 'sodium'"),
-    ({"rows": [ROW, {**ROW, "age": "old"}]}, 422, "rows[1].age: expected a number, got 'old'"),
+    ({"rows": [ROW, {**ROW, "age": "old"}]}, 422, 'rows[1].age: expected a number, got "old"'),
     ({"rows": [{**ROW, "age": None}]}, 422, "rows[0].age: missing value (null)"),
-    ({"row": {**ROW, "ward": "oncology"}}, 422, "row.ward: unknown category 'oncology'"),
+    ({"row": {**ROW, "ward": "oncology"}}, 422, 'row.ward: unknown category "oncology"'),
     ({"row": {**ROW, "sex": 1}}, 422, "row.sex: expected a category (string), got 1"),
-    ({"row": {**ROW, "bmi": 31}}, 422, "unknown feature(s) ['bmi']"),
     ({"rows": [ROW] * 51}, 413, "too many rows (51); the limit is 50"),
     ({"rows": []}, 422, "rows: expected a non-empty list of rows"),
     ({"row": ROW, "tasks": ["sepsis"]}, 422, "unknown task(s) ['sepsis']"),
@@ -194,7 +193,7 @@ def test_v2_infer_rejects_bad_tensors_by_name(site_home):
         ([t for t in good if t["name"] != "age"], "missing tensor 'age'"),
         ([{**t, "datatype": "FP32"} if t["name"] == "ward" else t for t in good], "inputs.ward.datatype: a categorical feature takes datatype BYTES"),
         ([{**t, "shape": [2]} if t["name"] == "age" else t for t in good], "inputs.age: shape [2] holds 2 values, data has 1"),
-        ([{**t, "data": ["icu?"]} if t["name"] == "ward" else t for t in good], "inputs.ward.data: unknown category 'icu?'"),
+        ([{**t, "data": ["icu?"]} if t["name"] == "ward" else t for t in good], 'inputs.ward.data: unknown category "icu?"'),
     ]
     with running(settings(home)) as (url, _):
         for inputs, message in cases:
@@ -335,7 +334,7 @@ def test_head_request_rows_are_validated_before_a_job_starts(site_home):
         rows = _sepsis_rows(10)
         rows[3] = {**rows[3], "ward": "oncology"}
         r = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "kind": "binary", "rows": rows}, headers=auth(keys["department"]))
-        assert r.status_code == 422 and "rows[3].ward: unknown category 'oncology'" in r.json()["error"]
+        assert r.status_code == 422 and 'rows[3].ward: unknown category "oncology"' in r.json()["error"]
         r = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "kind": "trinary", "rows": rows}, headers=auth(keys["department"]))
         assert r.status_code == 422 and "kind" in r.json()["error"]
 

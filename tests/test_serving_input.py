@@ -100,7 +100,7 @@ def test_float32_overflow_and_single_row_errors_name_the_field_as_sent(site_home
         assert r.status_code == 422 and r.json()["error"].startswith("row.age: 1e+39 is outside the float32 range"), r.text
         r = httpx.post(f"{url}/v1/predict", json={"rows": [ROW, {**ROW, "wbc": -1e39}]}, headers=h)
         assert r.status_code == 422 and r.json()["error"].startswith("rows[1].wbc: -1e+39 is outside the float32 range"), r.text
-        r = httpx.post(f"{url}/v1/predict", json={"row": {**ROW, "bmi": 31}}, headers=h)
+        r = httpx.post(f"{url}/v1/predict?strict=true", json={"row": {**ROW, "bmi": 31}}, headers=h)
         assert r.status_code == 422 and r.json()["error"].startswith("row: unknown feature(s) ['bmi']"), r.text
         r = httpx.post(f"{url}/v1/predict", json={"row": {**ROW, "age": 18446744073709551616}}, headers=h)  # float32 holds it; the model cannot
         assert r.status_code == 422 and r.json()["error"].startswith("row.age: 1.8446744073709552e+19 is more than 1e6 standard deviations"), r.text
