@@ -34,16 +34,17 @@ otherwise), so any of them can be exported and served like the base:
 Each ``fit_*`` function takes ``steps=None`` to choose its step count on its
 own validation part of the rows it is given, or a step count to refit with.
 
-:data:`DEFAULT_CANDIDATES` (base, all rows, Ditto, heads, linear, wide) is
-what the default choice weighs. The first four were picked with
-``benchmarks/choice_diagnostic.py`` on the held-out rows of the seven
-benchmark federations, which made that pick optimistic; ``linear`` and
-``wide`` (:mod:`~fedmeta.personalize.linear`) were added when a federation
-nobody had tuned to showed sites losing against their own logistic
-regression, and the rule (validation loss first) was chosen on the generator
-families' selection seeds (:mod:`fedmeta.evaluate.families`). The README
-("Personalization against the personalized-FL peers") reports the result on
-fresh seeds. Few-shot adaptation and the mixes stay available:
+:data:`DEFAULT_CANDIDATES` is what the default choice weighs: the
+federation's model pulled toward the site (Ditto, whose early stopping keeps
+the base where no step helps) and the site's own linear model. They were
+chosen on the generator families' selection seeds
+(:mod:`fedmeta.evaluate.families`; ``benchmarks/choice_diagnostic.py --dump``
+replayed): among every subset of the candidates, with the validation loss
+ranking them, these two scored best on average, and Ditto alone as well but
+for sites whose own linear model is what they need. More candidates lost
+more to validation noise than they won, as on the seven older benchmarks.
+The README ("Personalization against the personalized-FL peers") reports
+the result on fresh seeds. The others stay available:
 ``choose_personalization(candidates=CANDIDATES)``, ``fedmeta personalize --candidates``.
 """
 
@@ -60,9 +61,9 @@ from fedmeta.personalize.all_rows import ALL_ROWS_LR, Run, fit_all_rows_batch
 from fedmeta.trained import TrainedModel
 
 #: Every kind of candidate, in the order ties are broken (base first).
-CANDIDATES = ("base", "few_shot", "all_rows", "ditto", "head", "mix", "linear", "wide")
+CANDIDATES = ("base", "few_shot", "all_rows", "ditto", "head", "mix", "linear", "wide", "blend")
 #: The kinds the default choice weighs.
-DEFAULT_CANDIDATES = ("base", "all_rows", "ditto", "head", "linear", "wide")
+DEFAULT_CANDIDATES = ("ditto", "linear")
 DITTO_LAMBDAS = (10.0,)
 MIX_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 LOCAL_LR = 3e-3
@@ -209,8 +210,8 @@ def mixed_model(base: TrainedModel, local: TrainedModel, alpha: float) -> Traine
     >>> mixed_model(a, b, 0.5).hidden
     (8, 8)
     """
-    if base.hidden != local.hidden:
-        raise ValueError(f"the mix needs equal bodies, got hidden {base.hidden} and {local.hidden}")
+    if len(base.hidden) != len(local.hidden):
+        raise ValueError(f"the mix needs bodies of equal depth, got hidden {base.hidden} and {local.hidden}")
     a, b = base.params, local.params
     params = {}
     for name in a:
@@ -223,7 +224,7 @@ def mixed_model(base: TrainedModel, local: TrainedModel, alpha: float) -> Traine
             params[name] = torch.cat([(1 - alpha) * a[name], alpha * b[name]], 1)
         else:
             params[name] = (1 - alpha) * a[name] + alpha * b[name]
-    hidden = tuple(2 * h for h in base.hidden)
+    hidden = tuple(h + g for h, g in zip(base.hidden, local.hidden))
     return TrainedModel(base.schema, hidden, {"params": params}, {**base.info, "adaptation": "mix", "alpha": alpha})
 
 
@@ -242,6 +243,11 @@ def fit_linear(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, 
 
     name = "wide" if deep else "linear"
     return Candidate(name, widened(base, fit_linear_heads(base, site, tasks, seed, deep), name))
+
+
+def _blend(tuned: Candidate, own: Candidate) -> Candidate:
+    """The all-rows fine-tune and the site's own linear model, their outputs averaged: one MLP (:func:`mixed_model`)."""
+    return Candidate("blend", mixed_model(tuned.model, own.model, 0.5), {"steps": tuned.knobs["steps"]})
 
 
 def check_candidates(names) -> tuple[str, ...]:
@@ -277,6 +283,10 @@ def fit_candidates(
     for name in ("linear", "wide"):
         if name in names:
             by_kind[name] = [fit_linear(base, site, tasks, seed, deep=name == "wide")]
+    if "blend" in names:
+        tuned = next((c for c in by_kind.get("all_rows", []) if c.name == "all_rows"), None) or fit_all_rows_candidate(base, site, tasks, seed)
+        own = (by_kind.get("linear") or [fit_linear(base, site, tasks, seed)])[0]
+        by_kind["blend"] = [_blend(tuned, own)]
     return [c for name in names for c in by_kind[name]]
 
 
@@ -305,6 +315,9 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
         return fit_few_shot(base, site, tasks, k["shots"], k["lr"] if k["lr"] != "learned" else 0.0, seed, k["steps"])
     if candidate.name in ("linear", "wide"):
         return fit_linear(base, site, tasks, seed, deep=candidate.name == "wide")
+    if candidate.name == "blend":
+        spec = _all_rows_runs(base, tasks)[0]
+        return _blend(_one(base, spec, site, tasks, seed, None, at_least=round(REFIT_SCALE * k["steps"])), fit_linear(base, site, tasks, seed))
     if candidate.name == "mix":
         return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
     scaled = round(REFIT_SCALE * k["steps"])

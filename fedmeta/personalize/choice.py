@@ -13,18 +13,19 @@ is. :func:`choose_personalization`:
    test) rows are not even handed to the candidates: they work on a copy of
    the site that holds only training rows.
 2. **Fits** each candidate of :mod:`fedmeta.personalize.candidates` on the
-   fitting rows of each fold. By default six
-   (:data:`~fedmeta.personalize.candidates.DEFAULT_CANDIDATES`): the
-   unadapted base; every layer fine-tuned on all rows, early-stopped
-   (FedBABU's fine-tune, Oh et al. 2022; FedAvg + fine-tuning); the same with
-   Ditto's proximal pull toward the base (Li et al. 2021); the heads
+   fitting rows of each fold. By default two
+   (:data:`~fedmeta.personalize.candidates.DEFAULT_CANDIDATES`): every layer
+   fine-tuned on all rows with Ditto's proximal pull toward the base (Li et
+   al. 2021), early-stopped (zero steps, the base as it is, included), and
+   the site's own cross-validated logistic (ridge) regression, what it
+   would build alone. ``candidates`` adds the base itself, the plain
+   fine-tune (FedBABU's, Oh et al. 2022; FedAvg + fine-tuning), the heads
    retrained on the frozen meta-learned body (FedRep, Collins et al. 2021;
-   FedPer, Arivazhagan et al. 2019; ANIL); the site's own cross-validated
-   logistic (ridge) regression, what it would build alone; and that
-   regression beside the base body's features (wide & deep).
-   ``candidates`` adds few-shot adaptation as the base was meta-trained
-   (Per-FedAvg, Fallah et al. 2020; Meta-SGD's rates, ANIL's heads) and
-   APFL's mix of base and local predictions (Deng et al. 2020) for each α.
+   FedPer; ANIL), the regression beside the base body's features (wide &
+   deep), the fine-tune and the regression averaged (blend), few-shot
+   adaptation as the base was meta-trained (Per-FedAvg, Fallah et al.
+   2020; Meta-SGD's rates, ANIL's heads) and APFL's mix of base and local
+   predictions (Deng et al. 2020) for each α.
 3. **Chooses** the one with the lowest validation loss averaged over the
    folds and the site's tasks (cross-entropy, MSE for regression), ties
    broken by mean accuracy, and remaining ties by the order above, base first.
