@@ -27,7 +27,9 @@ MLP 64-64 and round budget:
 - ``ditto``, ``fedrep``, ``fedper``, ``fedbabu``, ``apfl``, ``perfedavg``: in-process federated loops
   (``fedmeta.evaluate.peers``), each knob tuned on validation rows with a grid of the size fedmeta gets;
 - ``shots_all``: what ``fedmeta personalize --shots all`` gives each training site from the same base as
-  ``fedmeta`` (every labelled training row, steps chosen on a validation fifth of them).
+  ``fedmeta`` (every labelled training row, steps chosen on a validation fifth of them);
+- with ``--previous``, ``previous_default``: the default before this one (base, all rows, Ditto, heads,
+  ranked by validation accuracy first), from the same base.
 
 The peers and the pooled oracle with a site indicator run on the seven (``--peers`` adds them to the
 families too). With ``--json`` the last line is
@@ -80,7 +82,8 @@ def method_keys(algorithms: tuple[str, ...]) -> dict[str, str]:
     keys = {"fedmeta": f"fedmeta_{algorithms[0]}", "local_cv": "local_cv", "local_linear": "local_linear", "local_gbm": "local_gbm",
             "local": "local_only", "local_best": "local_best", "pooled_oracle": "pooled_oracle", "fedavg": "fedavg", "fedavg_ft": "fedavg_ft"}
     keys.update({p: p for p in PEERS})
-    keys.update({f"fedmeta_{algorithms[0]}_global": f"fedmeta_{algorithms[0]}_global", "pooled": "pooled", "shots_all": "shots_all"})
+    keys.update({f"fedmeta_{algorithms[0]}_global": f"fedmeta_{algorithms[0]}_global", "pooled": "pooled", "shots_all": "shots_all",
+                 "previous_default": "previous_default"})
     for a in algorithms[1:]:
         keys.update({f"fedmeta_{a}": f"fedmeta_{a}", f"fedmeta_{a}_global": f"fedmeta_{a}_global"})
     return keys
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="the fresh seeds (for reporting only) instead of the selection seeds")
     parser.add_argument("--seeds", type=int, default=None, help="only the first N seeds of each benchmark")
     parser.add_argument("--peers", action="store_true", help="the personalized-FL peers on the generator families too")
+    parser.add_argument("--previous", action="store_true", help="also the previous default (base, all rows, Ditto, heads; accuracy first)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--work", default=None, help="folder for the runs (an interrupted benchmark continues there); default: a fresh temporary folder")
     args = parser.parse_args()
@@ -118,6 +122,8 @@ def main() -> None:
             results = evaluate(fed, out, algorithms=algorithms, rounds=args.rounds, shots=args.shots, peers=peers, shots_curve=False,
                                progress=lambda m: print(f"  {label}: {m}", file=sys.stderr, flush=True))
             results["shots_all"] = shots_all(fed, out / "runs" / algorithms[0])
+            if args.previous:
+                results["previous_default"] = previous_default(fed, out / "runs" / algorithms[0], args.shots)
             methods = {}
             for key, result_name in keys.items():
                 if result_name in results:
@@ -142,6 +148,31 @@ def main() -> None:
         print(f"- {name}: " + "; ".join(f"{k}: {v}" for k, v in r["choices"].items()))
     if args.json:
         print(json.dumps({"benchmarks": report}, ensure_ascii=False))
+
+
+#: The default before the site's own linear model joined it: four candidates, ranked by validation accuracy first.
+PREVIOUS_DEFAULT = ("base", "all_rows", "ditto", "head")
+
+
+def previous_default(fed, run: Path, shots: int, seed: int = 0) -> MethodResult:
+    """The previous default choice at every training site, from the run's base (same folds, same refits)."""
+    from fedmeta.evaluate import shots_for
+    from fedmeta.personalize import choice
+
+    base = load_base(run)
+    result = MethodResult("previous_default")
+    ranked_by_loss = choice._rank
+    choice._rank = lambda scores: (-scores.get("acc", 0.0), scores["loss"])  # the rule it was chosen with
+    try:
+        for site in fed.seen:
+            adapted = choice.choose_personalization(base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=base.adaptation["lr"],
+                                                    seed=seed, candidates=PREVIOUS_DEFAULT)
+            per_task = {t: {k.split(".")[2]: v for k, v in adapted.metrics.items() if k.startswith(f"{t}.personalized.")} for t in adapted.tasks}
+            result.seen[site.name] = site_summary(per_task)
+            result.choices[site.name] = adapted.steps_selection["chosen"]
+    finally:
+        choice._rank = ranked_by_loss
+    return result
 
 
 def shots_all(fed, run: Path, seed: int = 0) -> MethodResult:
