@@ -1,25 +1,16 @@
 """The linear candidates: a site's own cross-validated regression carried in the base's network form."""
 
 import numpy as np
-import pytest
 import torch
 
-from fedmeta.data import SiteData, hospital_federation
+from fedmeta.data import SiteData
 from fedmeta.data.schema import TaskColumn, numeric_schema
 from fedmeta.personalize.candidates import DEFAULT_CANDIDATES, fit_linear
 from fedmeta.personalize.choice import choose_personalization
 from fedmeta.personalize.linear import body_features, fit_linear_heads, widened
 from fedmeta.trained import TrainedModel
 
-
-@pytest.fixture(scope="module")
-def site():
-    return hospital_federation(n_sites=2, seed=0)[1]
-
-
-@pytest.fixture(scope="module")
-def base(site):
-    return TrainedModel.initial(site.schema, hidden=(16, 16), seed=0)
+from test_personalize_choice import base, site  # noqa: F401  (the same hospital site and untrained base)
 
 
 def _outputs(model: TrainedModel, task: str, x: np.ndarray) -> np.ndarray:
