@@ -81,10 +81,10 @@ def test_a_wide_candidate_exports_to_onnx_and_onnxruntime_agrees_with_torch(site
     assert export_onnx(model).max_abs_diff <= 1e-4
 
 
-def test_the_blend_averages_the_fine_tune_and_the_linear_model_outputs(site, base):
+def test_the_blend_averages_dittos_fine_tune_and_the_linear_model_outputs(site, base):
     from fedmeta.personalize.candidates import fit_candidates
 
-    by_name = {c.name: c for c in fit_candidates(base, site, site.tasks, shots=3, lr=0.05, seed=0, names=("all_rows", "linear", "blend"))}
+    by_name = {c.name: c for c in fit_candidates(base, site, site.tasks, shots=3, lr=0.05, seed=0, names=("ditto", "linear", "blend"))}
     x, _ = site.split("mortality", train=False)
-    expected = 0.5 * _outputs(by_name["all_rows"].model, "mortality", x) + 0.5 * _outputs(by_name["linear"].model, "mortality", x)
+    expected = 0.5 * _outputs(by_name["ditto"].model, "mortality", x) + 0.5 * _outputs(by_name["linear"].model, "mortality", x)
     np.testing.assert_allclose(_outputs(by_name["blend"].model, "mortality", x), expected, atol=1e-5)

@@ -110,7 +110,7 @@ def personalize(
     candidates: str = typer.Option(
         "ditto,linear", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
         "(every layer on all rows), ditto (the same, pulled toward the base, λ = 10), head (heads retrained on the frozen body), linear (the "
-        "site's own cross-validated logistic/ridge regression), wide (the same beside the base body's features), blend (all_rows and linear "
+        "site's own cross-validated logistic/ridge regression), wide (the same beside the base body's features), blend (ditto and linear "
         "averaged), few_shot "
         "(K shots, as meta-trained), mix (base/local predictions mixed, α 0.25-1).",
     ),

@@ -24,6 +24,8 @@ otherwise), so any of them can be exported and served like the base:
   by cross-validation; ``wide``: the same regression on the base body's
   features and the encoded features together (:mod:`~fedmeta.personalize.linear`).
   Both are the base's MLP with an identity path beside the body.
+- ``blend``: Ditto's fine-tune and the linear model, their outputs averaged
+  in one MLP (an ensemble of the federation's view and the site's own).
 - ``mix``: base and a local model's predictions mixed,
   ``(1 - α)·base + α·local`` with α from :data:`MIX_ALPHAS` (APFL, Deng et al.
   2020). The local model is trained from scratch on the site's rows; the mix
@@ -246,8 +248,8 @@ def fit_linear(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, 
 
 
 def _blend(tuned: Candidate, own: Candidate) -> Candidate:
-    """The all-rows fine-tune and the site's own linear model, their outputs averaged: one MLP (:func:`mixed_model`)."""
-    return Candidate("blend", mixed_model(tuned.model, own.model, 0.5), {"steps": tuned.knobs["steps"]})
+    """Ditto's fine-tune and the site's own linear model, their outputs averaged: one MLP (:func:`mixed_model`)."""
+    return Candidate("blend", mixed_model(tuned.model, own.model, 0.5), {"steps": tuned.knobs["steps"], "ditto": tuned.knobs["lambda"]})
 
 
 def check_candidates(names) -> tuple[str, ...]:
@@ -284,7 +286,7 @@ def fit_candidates(
         if name in names:
             by_kind[name] = [fit_linear(base, site, tasks, seed, deep=name == "wide")]
     if "blend" in names:
-        tuned = next((c for c in by_kind.get("all_rows", []) if c.name == "all_rows"), None) or fit_all_rows_candidate(base, site, tasks, seed)
+        tuned = (by_kind.get("ditto") or [fit_ditto(base, site, tasks, DITTO_LAMBDAS[0], seed)])[0]
         own = (by_kind.get("linear") or [fit_linear(base, site, tasks, seed)])[0]
         by_kind["blend"] = [_blend(tuned, own)]
     return [c for name in names for c in by_kind[name]]
@@ -316,7 +318,7 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
     if candidate.name in ("linear", "wide"):
         return fit_linear(base, site, tasks, seed, deep=candidate.name == "wide")
     if candidate.name == "blend":
-        spec = _all_rows_runs(base, tasks)[0]
+        spec = _all_rows_runs(base, tasks, (k["ditto"],))[1]
         return _blend(_one(base, spec, site, tasks, seed, None, at_least=round(REFIT_SCALE * k["steps"])), fit_linear(base, site, tasks, seed))
     if candidate.name == "mix":
         return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
