@@ -6,12 +6,12 @@ sites, the mean held-out accuracy (and worst tenth) of each candidate used for e
 validation choice (what ``fedmeta personalize`` does), and of a perfect per-site choice: the ceiling of
 the candidate pool.
 
-    python benchmarks/choice_diagnostic.py DIR/fedprox_1_1 [--algorithm reptile] [--shots 5] [--dump sites.json]
+    python benchmarks/choice_diagnostic.py DIR/fedprox_1_1 [--algorithm reptile] [--shots 5] [--candidates ditto,linear] [--dump sites.json]
 
 ``--dump`` writes, per site, every candidate's mean validation scores, its held-out accuracy, and for the
 all-rows fine-tunes (plain, Ditto, heads) also the held-out accuracy when the refit chooses its steps again
 on all the training rows, and when it takes 1.5 times the folds' median (the folds' final fits saw two-thirds
-of the rows): enough to compare choice rules without refitting.
+of the rows), and each fold's validation scores: enough to compare choice rules without refitting.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 from fedmeta.data import load_federation
 from fedmeta.evaluate.site_scores import shots_for
 from fedmeta.personalize import load_base
-from fedmeta.personalize.candidates import Candidate, _all_rows_runs, _one, fit_candidates, refit
-from fedmeta.personalize.choice import FOLDS, _feasible_shots, _rank, held_out_metrics, validation_scores, validation_split
+from fedmeta.personalize.candidates import CANDIDATES, Candidate, _all_rows_runs, _one, fit_candidates, refit
+from fedmeta.personalize.choice import FOLDS, _feasible_shots, held_out_metrics, loss_first, validation_scores, validation_split
 from fedmeta.threads import limit_threads
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--algorithm", default="reptile")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--dump", type=Path, default=None)
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="the kinds fitted (comma-separated; default every one)")
     args = parser.parse_args()
     records = []
     limit_threads(1)
@@ -54,7 +55,8 @@ def main() -> None:
         by_label: dict[str, list] = {}
         for fold in range(FOLDS):
             rows = validation_split(site, 0, fold)
-            for c in fit_candidates(trained, rows, tasks, _feasible_shots(rows, tasks, shots_for(site, args.shots)), base.adaptation["lr"], 0):
+            shots = _feasible_shots(rows, tasks, shots_for(site, args.shots))
+            for c in fit_candidates(trained, rows, tasks, shots, base.adaptation["lr"], 0, args.candidates.split(",")):
                 by_label.setdefault(c.label, []).append((c, validation_scores(c.model, rows, tasks)))
         scores, ranks, record = {}, {}, {}
         n_validation = sum(validation_split(site, 0, f).n_labelled(t, train=False) for f in range(FOLDS) for t in tasks)
@@ -69,8 +71,8 @@ def main() -> None:
                 break
             scores[label] = float(np.mean(accs))
             means = {k: float(np.mean([s[k] for _, s in items if k in s])) for k in ("acc", "loss") if any(k in s for _, s in items)}
-            ranks[label] = _rank(means)
-            record[label] = {**means, "held_out": scores[label]}
+            ranks[label] = loss_first(means)
+            record[label] = {**means, "held_out": scores[label], "folds": [s for _, s in items]}
             if args.dump and items[0][0].name in ("all_rows", "ditto", "head"):
                 specs = [sp for sp in _all_rows_runs(trained, site.tasks) if sp[0] == items[0][0].name and sp[1].get("lambda") == knobs.get("lambda")]
                 record[label]["steps"] = knobs["steps"]

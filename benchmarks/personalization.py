@@ -161,17 +161,12 @@ def previous_default(fed, run: Path, shots: int, seed: int = 0) -> MethodResult:
 
     base = load_base(run)
     result = MethodResult("previous_default")
-    ranked_by_loss = choice._rank
-    choice._rank = lambda scores: (-scores.get("acc", 0.0), scores["loss"])  # the rule it was chosen with
-    try:
-        for site in fed.seen:
-            adapted = choice.choose_personalization(base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=base.adaptation["lr"],
-                                                    seed=seed, candidates=PREVIOUS_DEFAULT)
-            per_task = {t: {k.split(".")[2]: v for k, v in adapted.metrics.items() if k.startswith(f"{t}.personalized.")} for t in adapted.tasks}
-            result.seen[site.name] = site_summary(per_task)
-            result.choices[site.name] = adapted.steps_selection["chosen"]
-    finally:
-        choice._rank = ranked_by_loss
+    for site in fed.seen:
+        adapted = choice.choose_personalization(base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=base.adaptation["lr"],
+                                                seed=seed, candidates=PREVIOUS_DEFAULT, rank=choice.accuracy_first)
+        per_task = {t: {k.split(".")[2]: v for k, v in adapted.metrics.items() if k.startswith(f"{t}.personalized.")} for t in adapted.tasks}
+        result.seen[site.name] = site_summary(per_task)
+        result.choices[site.name] = adapted.steps_selection["chosen"]
     return result
 
 

@@ -105,8 +105,8 @@ def validation_scores(model: TrainedModel, rows: SiteData, tasks: list[str]) -> 
     return out
 
 
-def _rank(scores: dict[str, float]) -> tuple[float, float]:
-    """Validation loss first (cross-entropy, MSE for regression), then accuracy.
+def loss_first(scores: dict[str, float]) -> tuple[float, float]:
+    """The default rule: validation loss first (cross-entropy, MSE for regression), then accuracy.
 
     The loss scores every row's probability, not only which side of 0.5 it
     falls: a steadier estimate than accuracy on a site's few validation rows.
@@ -116,8 +116,15 @@ def _rank(scores: dict[str, float]) -> tuple[float, float]:
     return (scores["loss"], -scores.get("acc", 0.0))
 
 
-def choose(folds: list[tuple[list[Candidate], SiteData]], tasks: list[str]) -> tuple[Candidate, dict[str, dict[str, float]]]:
-    """The candidate with the best validation score averaged over folds (the first of equals), and every candidate's mean scores by label.
+def accuracy_first(scores: dict[str, float]) -> tuple[float, float]:
+    """The previous default's rule: validation accuracy first, then loss."""
+    return (-scores.get("acc", 0.0), scores["loss"])
+
+
+def choose(
+    folds: list[tuple[list[Candidate], SiteData]], tasks: list[str], rank=loss_first
+) -> tuple[Candidate, dict[str, dict[str, float]]]:
+    """The candidate ``rank`` puts first by its validation scores averaged over folds (the first of equals), and every candidate's mean scores by label.
 
     ``folds`` pairs each fold's candidates (the same labels, in the same
     order) with that fold's rows. The chosen candidate's step counts are the
@@ -132,7 +139,7 @@ def choose(folds: list[tuple[list[Candidate], SiteData]], tasks: list[str]) -> t
         keys = set.intersection(*(set(s) for _, s in scored))
         means[label] = {k: float(np.mean([s[k] for _, s in scored])) for k in keys}
     labels = list(by_label)
-    best = min(range(len(labels)), key=lambda i: (_rank(means[labels[i]]), i))
+    best = min(range(len(labels)), key=lambda i: (rank(means[labels[i]]), i))
     first = by_label[labels[best]][0][0]
     knobs = dict(first.knobs)
     for k in ("steps", "local_steps"):
@@ -143,12 +150,13 @@ def choose(folds: list[tuple[list[Candidate], SiteData]], tasks: list[str]) -> t
 
 
 def choose_personalization(
-    base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0, candidates=DEFAULT_CANDIDATES
+    base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0, candidates=DEFAULT_CANDIDATES, rank=loss_first
 ) -> Personalization:
     """Fit each candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
 
     ``candidates`` are the kinds weighed (:data:`~fedmeta.personalize.candidates.CANDIDATES`;
-    default :data:`~fedmeta.personalize.candidates.DEFAULT_CANDIDATES`). ``shots`` is K for the few-shot adaptation
+    default :data:`~fedmeta.personalize.candidates.DEFAULT_CANDIDATES`), ``rank`` orders their mean validation
+    scores (:func:`loss_first`; :func:`accuracy_first`). ``shots`` is K for the few-shot adaptation
     (refused if the training rows cannot supply it, lowered to what the
     fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
     the site's held-out (or test) rows, as :func:`~fedmeta.personalize.personalize` does.
@@ -185,7 +193,7 @@ def choose_personalization(
         for fold in range(FOLDS):
             rows = validation_split(site, seed, fold)
             folds.append((fit_candidates(base, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed, candidates), rows))
-        chosen, scores = choose(folds, fit_tasks)
+        chosen, scores = choose(folds, fit_tasks, rank)
         candidate = refit(chosen, base, site, tasks, seed)
         why = {"chosen": chosen.label, "knobs": chosen.knobs, "validation": scores, "validation_rows": n_validation,
                "folds": FOLDS, "candidates": list(candidates)}
