@@ -20,9 +20,12 @@ import pandas as pd
 import pytest
 import torch
 
+from fedmeta.data.site import held_out_mask
+from fedmeta.personalize import load_base
 from fedmeta.registry import SiteHome
 
 from readme_session import marked_block
+from test_personalize_site_files import _personalize, clinics  # noqa: F401 (a fixture: three clinic folders and a base)
 
 
 @pytest.mark.slow
@@ -97,3 +100,19 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
     assert tomllib.loads((tmp_path / "runs" / "clinics-evaluation" / "runs" / "fomaml" / "config.toml").read_text())["federation"]["n_sites"] == len(clinics) - 1
     assert (tmp_path / "runs" / "clinics-evaluation" / "report.md").exists()
     assert f"{len(clinics) - 1} sites train, 1 never take part (unseen); {len(clinics)} scored on their test file" in output
+
+
+def test_a_site_folder_without_its_optional_test_file_is_scored_on_rows_held_out_of_its_training_file(clinics, tmp_path):
+    # The README's loop passes every folder's test.csv; a site that has none is personalized, with a note, not stopped.
+    folder = clinics / "data" / "clinic_000"
+    missing = tmp_path / "clinic_000" / "test.csv"
+    result = _personalize(clinics, tmp_path / "home", "clinic_000", "--test", missing, "--no-alone", "--mode", "all", "--shots", "2", "--steps", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: test file {missing} not found" in " ".join(result.stderr.split()), result.stderr
+    home = SiteHome(tmp_path / "home")
+    manifest, _ = home.load(home.registry.current("clinic_000"))
+    train = pd.read_csv(folder / "train.csv")
+    federation = load_base(clinics / "run").config.federation
+    expected = held_out_mask("clinic_000", len(train), federation.test_fraction, federation.seed)  # the rows training held out
+    assert manifest.data["rows"] == len(train) and manifest.data["held_out"] == int(expected.sum()) > 0
+    assert "test_file" not in manifest.data and "scores on held-out rows" in " ".join(result.stdout.split())

@@ -8,7 +8,7 @@ import typer
 
 from fedmeta.cli.errors import UsageProblem, fail, integrity_errors, user_errors
 from fedmeta.cli.options import SITE_HOME_OPTION
-from fedmeta.cli.output import console
+from fedmeta.cli.output import console, console_err
 
 heads_app = typer.Typer(help="Train task heads for departments on the meta-learned body.", no_args_is_help=True)
 
@@ -90,7 +90,8 @@ def personalize(
     schema: Path = typer.Option(..., "--schema", help="The federation's schema.json."),
     base: str = typer.Option(..., "--base", help="Global base model: a training run folder, a base_model.pt, or a registry version (v3)."),
     site: str = typer.Option(None, "--site", help="Site name (default: the folder of a train.csv, else the data file's name)."),
-    test: Path = typer.Option(None, "--test", help="The site's own test file (CSV or Parquet): scores are measured on it, and no rows are held out of --data."),
+    test: Path = typer.Option(None, "--test", help="The site's own test file (CSV or Parquet): scores are measured on it, and no rows are held out of --data. "
+                              "A file that does not exist is skipped with a note (the site has none): rows are held out of --data instead."),
     site_home: Path = SITE_HOME_OPTION,
     shots: str = typer.Option(
         None, "--shots", "-k",
@@ -133,6 +134,11 @@ def personalize(
     from fedmeta.registry import SiteHome
 
     start = time.perf_counter()
+    if test is not None and not test.exists():
+        # A site folder's test.csv is optional, so a loop over site folders passes one that may not be there: that site is
+        # scored on rows held out of --data, as training scored it, rather than stopping the loop.
+        console_err.print(f"note: test file {test} not found: this site has none, so it is scored on rows held out of --data (as in training)")
+        test = None
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive): the site needs both training and held-out rows; got {test_fraction:g}")
     if test is not None and test_fraction is not None:
