@@ -218,7 +218,8 @@ def evaluate(
         results.update({r.name: r for r in done})
     if peers:
         results.update(_peers(fed, peers, rounds, hidden, seed, stages, progress))
-    payload = {"shots": shots, "rounds": rounds, "sites": {"seen": len(fed.seen), "unseen": len(fed.unseen)}, "methods": {}}
+    payload = {"shots": shots, "rounds": rounds, "sites": {"seen": len(fed.seen), "unseen": len(fed.unseen)}, "methods": {},
+               "held_out_rows": {s.name: int(s.test_mask.sum()) for s in (*fed.seen, *fed.unseen)}}  # what each site's scores rest on
     for name, r in results.items():
         payload["methods"][name] = {**r.summary(), "per_site": {"seen": r.seen, "unseen": r.unseen}}
     from fedmeta.files import atomic_write_json
