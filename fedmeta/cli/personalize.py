@@ -207,7 +207,9 @@ def personalize(
         how = f"chosen on validation rows: {result.steps_selection['chosen']}"
     elif result.shots == "all":
         rows = (result.steps_selection or {}).get("rows")
-        how = f"all {rows} labelled training rows, {result.steps} steps" + (" (early-stopped on a validation fifth)" if steps == "auto" else "")
+        from fedmeta.personalize.all_rows import stopping_note
+
+        how = f"all {rows} labelled training rows, {result.steps} steps" + (f" ({stopping_note(result.steps_selection)})" if steps == "auto" else "")
     else:
         how = f"K={result.shots}, {result.steps} steps{chosen}"
     scored = f"scores on {test}" if test is not None else "scores on held-out rows"

@@ -221,12 +221,23 @@ def fit_all_rows_batch(
             how[i] = {
                 "steps": best, "validation_rows": n_valid, "rows": n_rows, "lr": runs[i].lr,
                 "curve": {k: round(v, 5) for k, v in curve.items() if k == best or k % (check_every * 5) == 0 or k == max(curve)},
-                "stopped_at": max(curve),
+                "stopped_at": max(curve), "max_steps": max_steps,
+                # Patience ran out (the validation loss stopped improving), or the cap cut the run short: a reader needs to know which.
+                "early_stopped": max(curve) - best >= patience * check_every,
             }
             if not math.isfinite(curve[best]):
                 how[i]["note"] = "validation loss not finite"
     params = train_runs(model, runs, all_rows, steps, seed, batch_rows)
     return list(zip(params, steps, how))
+
+
+def stopping_note(how: dict) -> str:
+    """How a chosen step count's run ended: early-stopped by the validation loss, or at the step cap (still improving)."""
+    if "early_stopped" not in how:
+        return how.get("note", "steps given")
+    if how["early_stopped"]:
+        return f"early-stopped on a validation fifth at step {how['stopped_at']}, best at step {how['steps']}"
+    return f"stopped at the cap of {how['max_steps']} steps, the validation loss not yet done improving; best at step {how['steps']}"
 
 
 def fit_all_rows(
