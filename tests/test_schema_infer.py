@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from fedmeta.cli import app
 from fedmeta.data import Schema, load_federation, write_hospital_federation
 
 TASKS = ["--task", "readmission:binary:readmitted_30d", "--task", "mortality:binary:died_in_hospital", "--task", "length_of_stay:regression:length_of_stay_days"]
@@ -15,6 +17,14 @@ TASKS = ["--task", "readmission:binary:readmitted_30d", "--task", "mortality:bin
 
 def fedmeta(*args):
     return subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
+
+
+runner = CliRunner()
+
+
+def infer(*args):
+    """``fedmeta schema infer`` in this process: the same command and error boundary, without a Python start-up per test."""
+    return runner.invoke(app, ["schema", "infer", *map(str, args)])
 
 
 def test_inferred_schema_matches_the_generators_own_schema(tmp_path):
@@ -100,3 +110,62 @@ def test_a_bad_request_is_one_line_and_writes_nothing(tmp_path, task, mutate, ex
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and expected in " ".join(result.stdout.split()), result.stdout + result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def _clinics(root, sites=("adults", "childrens", "general", "north", "south"), columns=None, drop=None, rows=8):
+    """Site folders of train.csv and test.csv with a numeric 'mean radius' and a binary 'diagnosis';
+    ``columns`` renames a site's columns, ``drop`` ({(site, part): [column]}) leaves some out."""
+    rng = np.random.default_rng(0)
+    for site in sites:
+        (root / site).mkdir(parents=True)
+        for part in ("train", "test"):
+            table = pd.DataFrame({"mean radius": rng.normal(14, 3, rows), "diagnosis": np.arange(rows) % 2})
+            table = table.rename(columns=(columns or {}).get(site, {})).drop(columns=(drop or {}).get((site, part), []))
+            table.to_csv(root / site / f"{part}.csv", index=False)
+    return root
+
+
+def test_every_file_without_the_label_column_is_one_line_and_nothing_is_written(tmp_path):
+    clinics = _clinics(tmp_path / "clinics", drop={("childrens", "test"): ["diagnosis"], ("north", "test"): ["diagnosis"]})
+    result = infer(clinics, "--task", "cancer:binary:diagnosis", "--out", tmp_path / "schema.json")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2, result.output
+    assert errors == [
+        f"error: {clinics}/childrens/test.csv has no column 'diagnosis' (label of task 'cancer')",
+        f"error: {clinics}/north/test.csv has no column 'diagnosis' (label of task 'cancer')",
+    ]
+    assert not (tmp_path / "schema.json").exists()
+
+
+def test_a_site_without_a_task_and_blank_labels_are_no_error(tmp_path):
+    clinics = _clinics(tmp_path / "clinics", sites=("a", "b", "c"))
+    for site in ("a", "b"):  # two sites record the length of stay, with blanks; site c records none
+        for part in ("train", "test"):
+            rows = pd.read_csv(clinics / site / f"{part}.csv")
+            rows.assign(stay=[np.nan, 2.0, 3.5, np.nan, 4.0, 1.0, 6.0, 2.5]).to_csv(clinics / site / f"{part}.csv", index=False)
+    result = infer(clinics, "--task", "cancer:binary:diagnosis", "--task", "stay:regression", "--out", tmp_path / "schema.json")
+    assert result.exit_code == 0, result.output
+    assert [t.name for t in Schema.load(tmp_path / "schema.json").tasks] == ["cancer", "stay"]
+
+
+def test_an_ignored_column_spelled_like_another_gets_a_did_you_mean_line_at_the_end(tmp_path):
+    clinics = _clinics(tmp_path / "clinics", columns={"childrens": {"mean radius": "mean_radius"}})
+    for site in ("adults", "childrens", "general", "north", "south"):  # a feature every site has, so that a schema is written
+        for part in ("train", "test"):
+            pd.read_csv(clinics / site / f"{part}.csv").assign(age=50).to_csv(clinics / site / f"{part}.csv", index=False)
+    result = infer(clinics, "--task", "cancer:binary:diagnosis", "--out", tmp_path / "schema.json")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-2:] == [
+        f"{clinics}/childrens/train.csv: column 'mean_radius' was ignored; did you mean 'mean radius' (used at 4 sites)?",
+        f"{clinics}/childrens/test.csv: column 'mean_radius' was ignored; did you mean 'mean radius' (used at 4 sites)?",
+    ]
+
+
+def test_genuinely_different_columns_get_no_did_you_mean(tmp_path):
+    for site, measured in {"a": "bp_sys", "b": "bp_sys", "c": "bp_sys", "d": "bp_dia", "e": "lab_10"}.items():
+        rows = pd.DataFrame({"age": [40, 50, 60, 70], measured: [1.0, 2.0, 3.0, 4.0], "lab_1": 1.0, "died": [0, 1, 0, 1]})
+        rows.drop(columns="lab_1" if site == "e" else []).to_csv(tmp_path / f"{site}.csv", index=False)
+    result = infer(tmp_path, "--task", "mortality:binary:died", "--out", tmp_path / "schema.json")
+    assert result.exit_code == 0, result.output
+    assert "ignored bp_dia missing from 4 of 5" in " ".join(result.output.split())  # ignored, as it should be, but not taken for bp_sys
+    assert "did you mean" not in result.output

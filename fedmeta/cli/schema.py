@@ -1,4 +1,9 @@
-"""``fedmeta schema infer``: propose a federation schema from site files, say what was decided, write it."""
+"""``fedmeta schema infer``: propose a federation schema from site files, say what was decided, write it.
+
+Files without a column they need are refused with one ``error:`` line each;
+ignored columns that look like another column spelled differently get a
+"did you mean" line at the end, where it is not lost among the decisions.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from fedmeta.cli.errors import UsageProblem
+from fedmeta.cli.errors import UsageProblem, fail
 from fedmeta.cli.output import console
 
 app = typer.Typer(help="Write and check the federation schema (features, their encoding and normalization, tasks).", no_args_is_help=True)
@@ -31,7 +36,8 @@ def infer(
     seed: int = typer.Option(0, "--seed", help="With --statistics: the run's federation.seed (the held-out rows follow from it and each site's name)."),
 ) -> None:
     """Propose a schema from site files: numeric vs categorical features (with categories), task classes, and how numbers are normalized."""
-    from fedmeta.data.infer import TaskRequest, infer_schema, read_tables
+    from fedmeta.data.infer import TaskRequest, infer_schema, near_misses, read_tables
+    from fedmeta.data.schema import SchemaProblems
 
     if not 0 < test_fraction < 1:
         raise UsageProblem(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction:g}")
@@ -40,10 +46,15 @@ def infer(
     if name is None:
         folders = [p for p in data if p.is_dir()]
         name = folders[0].resolve().name if len(folders) == 1 else "federation"
-    schema, decisions = infer_schema(
-        tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories, statistics=statistics,
-        test_fraction=test_fraction, seed=seed,
-    )
+    try:
+        schema, decisions = infer_schema(
+            tables, requests, name=name, categorical=tuple(categorical), ignore=tuple(ignore), max_categories=max_categories, statistics=statistics,
+            test_fraction=test_fraction, seed=seed,
+        )
+    except SchemaProblems as e:
+        for line in e.lines:
+            exit_ = fail(line)
+        raise exit_ from None
     for d in decisions:
         console.print(f"  {d.role:12s} {d.column:24s} {d.detail}", markup=False, highlight=False)
     numeric = sum(f.type == "numeric" for f in schema.features)
@@ -66,3 +77,5 @@ def infer(
         f"{schema.encoded_dim} model inputs), {len(schema.tasks)} task(s). Check the decisions above; edit the file or rerun with --categorical/--ignore to change them.",
         highlight=False,
     )
+    for line in near_misses(tables, decisions, asked=tuple(ignore)):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)

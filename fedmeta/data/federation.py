@@ -25,8 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmeta.data.schema import Schema, SchemaError, combine_sums
-from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site
+from fedmeta.data.columns import missing_features, missing_labels
+from fedmeta.data.schema import Schema, SchemaError, SchemaProblems, combine_sums
+from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site, read_columns
 
 SCHEMA_FILE = "schema.json"
 TEST_STEM = "test"
@@ -87,6 +88,25 @@ def federation_schema(data_dir: str | Path) -> Schema:
     return Schema.load(path)
 
 
+def check_columns(sites: Sequence[SiteFiles], schema: Schema) -> None:
+    """Raise :class:`~fedmeta.data.schema.SchemaProblems`, one line per file, if some file lacks a column it needs.
+
+    Reads only the files' headers, all of them, so that every file without a
+    feature, or without the label of a task its site carries
+    (:mod:`fedmeta.data.columns`), is named at once, not the first one found.
+    """
+    features = [f.name for f in schema.features]
+    labels = [t.label for t in schema.tasks]
+    tasks = [(t.name, t.label) for t in schema.tasks]
+    lines = []
+    for site in sites:
+        files = [(str(path), read_columns(path)) for path in (site.train, site.test) if path is not None]
+        lines += [line for source, columns in files if (line := missing_features(source, columns, features, labels))]
+        lines += missing_labels(files, tasks)
+    if lines:
+        raise SchemaProblems(lines)
+
+
 def load_federation_site(site: SiteFiles, schema: Schema, test_fraction: float, seed: int) -> SiteData:
     """One discovered site's rows, validated: scored on its test file if it has one, else on :func:`~fedmeta.data.site.held_out_mask`'s rows."""
     return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test)
@@ -115,6 +135,7 @@ def load_federation(
     """
     schema = federation_schema(data_dir)
     files = discover_sites(data_dir)
+    check_columns(files, schema)
     if statistics is None and schema.unnormalized:
         statistics = federation_statistics([load_federation_site(site, schema, test_fraction, seed) for site in files])
     if statistics:

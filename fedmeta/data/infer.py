@@ -7,6 +7,8 @@
   classification), or the target's mean and std (regression);
 - **ignored** if asked (``ignore``), if some training file lacks it, or if it
   is text with more than ``max_categories`` distinct values (an identifier?);
+  :func:`near_misses` says which columns lacking somewhere look like another
+  column spelled differently (``mean_radius`` at one site, ``mean radius`` at four);
 - **categorical** if asked (``categorical``) or if any value is not a number,
   with the values found as its categories;
 - **numeric** otherwise.
@@ -23,6 +25,10 @@ combined from per-table counts, sums and sums of squares
 Regression targets' mean and std always come from the training tables given.
 Test tables only add categories and classes, so that scoring them never meets
 an unknown value.
+
+Every file must carry every feature, and the label column of every task its
+site carries (:mod:`fedmeta.data.columns`, the rule training applies before
+round 1): a test file without the label is refused with one line per file.
 
 >>> import pandas as pd
 >>> site = pd.DataFrame({"age": [50, 70], "ward": ["icu", "medical"], "died": [0, 1]})
@@ -41,8 +47,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmeta.data.columns import FileColumns, missing_features, missing_labels
 from fedmeta.data.federation import discover_sites
-from fedmeta.data.schema import Feature, Schema, SchemaError, TaskColumn, feature_sums
+from fedmeta.data.near_miss import near_miss
+from fedmeta.data.schema import Feature, Schema, SchemaError, SchemaProblems, TaskColumn, feature_sums
 from fedmeta.data.site import TABLE_SUFFIXES, held_out_mask, read_table, site_name
 
 KINDS = ("binary", "multiclass", "regression")
@@ -86,13 +94,15 @@ class Tables:
     """The tables a schema is inferred from: training tables (statistics) and test tables (values only).
 
     ``sites`` names the site of a training table (default: :func:`~fedmeta.data.site.site_name`
-    of its path); ``scored_apart`` holds the training tables whose site has its own test file.
+    of its path); ``scored_apart`` holds the training tables whose site has its own test file,
+    and ``test_of`` names that test file.
     """
 
     train: dict[str, pd.DataFrame]
     test: dict[str, pd.DataFrame]
     sites: dict[str, str] = field(default_factory=dict)
     scored_apart: set[str] = field(default_factory=set)
+    test_of: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -108,6 +118,13 @@ class Tables:
                 out[source] = table[~held_out_mask(self.sites.get(source) or site_name(source), len(table), test_fraction, seed)]
         return out
 
+    def site_files(self) -> list[list[FileColumns]]:
+        """Each site's files with their columns: a training table, then its test table if it has one
+        (a test table linked to no training table stands alone)."""
+        linked = set(self.test_of.values())
+        sites = [[(s, list(t.columns))] + ([(self.test_of[s], list(self.test[self.test_of[s]].columns))] if s in self.test_of else []) for s, t in self.train.items()]
+        return sites + [[(s, list(t.columns))] for s, t in self.test.items() if s not in linked]
+
 
 def read_tables(paths: list[str | Path]) -> Tables:
     """Tables from files and federation folders (every site's training file, and its test file if any)."""
@@ -115,6 +132,7 @@ def read_tables(paths: list[str | Path]) -> Tables:
     test: dict[str, pd.DataFrame] = {}
     sites: dict[str, str] = {}
     scored_apart: set[str] = set()
+    test_of: dict[str, str] = {}
     for path in map(Path, paths):
         if path.is_dir():
             for site in discover_sites(path):
@@ -123,6 +141,7 @@ def read_tables(paths: list[str | Path]) -> Tables:
                 if site.test is not None:
                     test[str(site.test)] = read_table(site.test)
                     scored_apart.add(str(site.train))
+                    test_of[str(site.train)] = str(site.test)
         elif path.suffix.lower() in TABLE_SUFFIXES or not path.exists():
             train[str(path)] = read_table(path)
         else:
@@ -132,7 +151,7 @@ def read_tables(paths: list[str | Path]) -> Tables:
             raise SchemaError(f"{source}: the file has no rows")
     if not train:
         raise SchemaError("no data given: name CSV/Parquet files or a federation folder")
-    return Tables(train, test, sites, scored_apart)
+    return Tables(train, test, sites, scored_apart, test_of)
 
 
 def _label_values(column: pd.Series) -> pd.Series:
@@ -198,7 +217,10 @@ def infer_schema(
 
     Raises :class:`~fedmeta.data.schema.SchemaError` (one line naming the file,
     column or task) for a label column found nowhere, a binary label without
-    exactly two values, a feature with missing values, or no feature left.
+    exactly two values, a feature with missing values, or no feature left; and
+    :class:`~fedmeta.data.schema.SchemaProblems` (one line per file) for files
+    without the label column of a task their site carries, or test files
+    without a feature.
     """
     tables = train if isinstance(train, Tables) else Tables(train, {})
     if not tasks:
@@ -213,6 +235,7 @@ def infer_schema(
         task_columns.append(task)
         decisions.append(decision)
     labels = {t.label for t in task_columns}
+    problems = [line for site in tables.site_files() for line in missing_labels(site, [(t.name, t.label) for t in task_columns])]
     unknown = sorted(set(categorical) - set().union(*(set(t.columns) for t in tables.train.values())))
     if unknown:
         raise SchemaError(f"--categorical {', '.join(unknown)}: no such column in the files given")
@@ -245,6 +268,12 @@ def infer_schema(
         if len(values) > max_categories:
             raise SchemaError(f"--categorical {column}: {len(values)} distinct values, more than --max-categories {max_categories}")
         features.append(Feature(name=column, type="categorical", categories=values))
+    for source, table in tables.test.items():
+        line = missing_features(source, list(table.columns), [f.name for f in features], labels)
+        if line:
+            problems.append(line)
+    if problems:
+        raise SchemaProblems(problems)
     if not features:
         raise SchemaError("no feature column left: every column is a label or ignored")
     schema = Schema(name=name, features=features, tasks=task_columns)
@@ -260,3 +289,39 @@ def infer_schema(
     position = {c: i for i, c in enumerate(columns)}
     decisions.sort(key=lambda d: (order[d.role], position.get(d.column, 0)))
     return schema, decisions
+
+
+def near_misses(tables: Tables, decisions: list[Decision], asked: tuple[str, ...] = ()) -> list[str]:
+    """A "did you mean" line per file holding an ignored column that looks like another column,
+    spelled differently (:func:`~fedmeta.data.near_miss.near_miss`), of at least as many sites
+    (the training file, and its site's test file if it holds the column too).
+
+    Only columns ignored because some training file lacks them are looked at
+    (not those ignored as ``asked``, the ``ignore`` given to :func:`infer_schema`), and
+    only files that lack the other spelling are named: a file with both holds two columns.
+
+    >>> sites = {f"{s}.csv": pd.DataFrame({"mean radius": [1.0]}) for s in "abcd"}
+    >>> sites["e.csv"] = pd.DataFrame({"mean_radius": [1.0]})
+    >>> near_misses(Tables(sites, {}), [Decision("mean radius", "ignored", ""), Decision("mean_radius", "ignored", "")])
+    ["e.csv: column 'mean_radius' was ignored; did you mean 'mean radius' (used at 4 sites)?"]
+    """
+    holders: dict[str, list[str]] = {}
+    for source, table in tables.train.items():
+        for column in table.columns:
+            holders.setdefault(column, []).append(source)
+    lines = []
+    for d in decisions:
+        column = d.column
+        if d.role != "ignored" or column in asked or column not in holders or len(holders[column]) == len(tables.train):
+            continue
+        rivals = [c for c in holders if c != column and len(holders[c]) >= len(holders[column])]
+        meant = near_miss(column, rivals)
+        if meant is None:
+            continue
+        n = len(holders[meant])
+        files = {s: tables.train[s] for s in holders[column]}
+        files |= {tables.test_of[s]: tables.test[tables.test_of[s]] for s in holders[column] if s in tables.test_of}
+        for source, table in files.items():
+            if column in table.columns and meant not in table.columns:
+                lines.append(f"{source}: column {column!r} was ignored; did you mean {meant!r} (used at {n} site{'s' if n != 1 else ''})?")
+    return lines

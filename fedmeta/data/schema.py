@@ -21,8 +21,9 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedmeta.files import atomic_write_text
+from fedmeta.data.columns import missing_features
 from fedmeta.data.statistics import combine_sums  # noqa: F401 - re-exported: the one rule for combining sites' sums
-from fedmeta.models import TaskSpec
+from fedmeta.tasks import TaskSpec
 from fedmeta.training_range import widened
 
 
@@ -97,6 +98,18 @@ class SchemaError(ValueError):
     """Site data that does not match the federation schema."""
 
 
+class SchemaProblems(SchemaError):
+    """Several files that do not match the schema, one line each (``lines``).
+
+    As a message the lines are joined by ``"; "``: an error boundary that
+    prints one line still names every file.
+    """
+
+    def __init__(self, lines: Sequence[str]):
+        self.lines = list(lines)
+        super().__init__("; ".join(self.lines))
+
+
 class Schema(BaseModel):
     """What every site's table looks like.
 
@@ -152,9 +165,9 @@ class Schema(BaseModel):
     # --- encoding ----------------------------------------------------------
     def validate_frame(self, df: pd.DataFrame, source: str) -> None:
         """Raise :class:`SchemaError` naming file, column and row for the first problem found."""
-        missing = [f.name for f in self.features if f.name not in df.columns]
+        missing = missing_features(source, list(df.columns), [f.name for f in self.features], [t.label for t in self.tasks])
         if missing:
-            raise SchemaError(f"{source}: missing feature column(s) {missing}")
+            raise SchemaError(missing)
         for f in self.features:
             col = df[f.name]
             if f.type == "numeric":

@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from fedmeta.data.episodes import EpisodeSampler
-from fedmeta.data.schema import Schema, SchemaError
+from fedmeta.data.columns import FileColumns, missing_labels
+from fedmeta.data.schema import Schema, SchemaError, SchemaProblems
+
+if TYPE_CHECKING:  # episodes need torch; reading and checking rows (fedmeta predict) must not
+    from fedmeta.data.episodes import EpisodeSampler
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 TRAIN_STEM = "train"
@@ -83,6 +87,7 @@ class SiteData:
 
     @classmethod
     def from_frame(cls, name: str, schema: Schema, df: pd.DataFrame, source: str, test_fraction: float = 0.25, seed: int = 0) -> "SiteData":
+        check_labels(schema, [(source, df.columns)])
         schema.validate_frame(df, source)
         labels = {t.name: schema.labels(df, t.name) for t in schema.tasks}
         return cls.from_arrays(name, schema, schema.encode(df), labels, test_fraction, seed)
@@ -90,6 +95,7 @@ class SiteData:
     @classmethod
     def from_frames(cls, name: str, schema: Schema, train: pd.DataFrame, test: pd.DataFrame, train_source: str, test_source: str) -> "SiteData":
         """A site with its own test file: every row of ``test`` is held out, none of ``train`` is."""
+        check_labels(schema, [(train_source, train.columns), (test_source, test.columns)])
         schema.validate_frame(train, train_source)
         schema.validate_frame(test, test_source)
         x = np.concatenate([schema.encode(train), schema.encode(test)])
@@ -151,7 +157,37 @@ class SiteData:
         """Episodes of ``task`` from the training split only."""
         spec = self.schema.task(task)
         x, y = self.split(task, train=True)
+        from fedmeta.data.episodes import EpisodeSampler
+
         return EpisodeSampler(x, y, task, spec.is_classification, shots, query_size, spec.n_classes, seed)
+
+
+def check_labels(schema: Schema, site: list[FileColumns]) -> None:
+    """Raise :class:`SchemaProblems`, one line per file, if a file of ``site`` lacks a label column its site needs
+    (:func:`~fedmeta.data.columns.missing_labels`)."""
+    lines = missing_labels(site, [(t.name, t.label) for t in schema.tasks])
+    if lines:
+        raise SchemaProblems(lines)
+
+
+def read_columns(path: str | Path) -> list[str]:
+    """The column names of a site's CSV or Parquet file, read from its header; refuses a file with no rows.
+
+    Cheap enough to check every file of a federation before any of them is loaded.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        head = read_table(path)  # which Parquet engine pandas has varies; a whole Parquet file reads fast anyway
+    else:
+        if not path.exists():
+            raise SchemaError(f"site data file not found: {path}")
+        try:
+            head = pd.read_csv(path, nrows=1)
+        except Exception as e:  # pandas raises many types; the user needs the file name
+            raise SchemaError(f"cannot read site data {path}: {e}") from None
+    if head.empty:
+        raise SchemaError(f"{path}: the file has no rows")
+    return [str(c) for c in head.columns]
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -13,7 +13,7 @@ simulation starts, not an error inside a worker.
 from __future__ import annotations
 
 from functools import lru_cache
-from fedmeta.data.federation import SiteFiles, discover_sites, federation_schema, load_federation_site
+from fedmeta.data.federation import SiteFiles, check_columns, discover_sites, federation_schema, load_federation_site
 from fedmeta.data.schema import Schema, SchemaError
 from fedmeta.data.site import SiteData
 from fedmeta.fl.config import ConfigError, RunConfig
@@ -49,9 +49,12 @@ def prepare_federation(config: RunConfig) -> tuple[RunConfig, list[SiteData]]:
     """``config`` with ``federation.n_sites`` settled, and every site loaded and checked (CSV federations).
 
     Raises :class:`~fedmeta.fl.config.ConfigError` when ``n_sites`` disagrees
-    with the sites found, and :class:`~fedmeta.data.schema.SchemaError` for
-    the first unreadable file, row that does not fit the schema, or site with
-    no task to train; each a single line naming the folder, file or site.
+    with the sites found; :class:`~fedmeta.data.schema.SchemaProblems` naming
+    every file that lacks a feature or a label column its site needs
+    (:func:`~fedmeta.data.federation.check_columns`); and
+    :class:`~fedmeta.data.schema.SchemaError` for the first unreadable file,
+    row that does not fit the schema, or site with no task to train; each a
+    single line naming the folder, file or site.
     Synthetic federations are returned unchanged with no sites.
     """
     fed = config.federation
@@ -66,6 +69,7 @@ def prepare_federation(config: RunConfig) -> tuple[RunConfig, list[SiteData]]:
     if config.server.min_sites > len(found):
         raise ConfigError(f"{fed.data_dir} holds {len(found)} site(s), fewer than server.min_sites = {config.server.min_sites}")
     schema = federation_schema(fed.data_dir)
+    check_columns(found, schema)
     sites = []
     for site_files in found:
         site = load_federation_site(site_files, schema, fed.test_fraction, fed.seed)
