@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.evaluate import MethodResult, Progress, evaluate, hospital_federation_on_disk, shots_for
+from fedmeta.evaluate.harness import each
 from fedmeta.personalize import choose_personalization, data_lineage, load_base, publish, register_base
 from fedmeta.registry import SiteHome
 from fedmeta.report import write_report
@@ -61,21 +62,21 @@ def run_demo(
     base_version = register_base(home, base, actor="fedmeta-demo")
     adaptation = base.adaptation
     names = []
-    for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)):
-        for site in sites:
-            # The model the table scored; after an interrupted demo whose FedMeta stage was already finished, the same
-            # choice again (deterministic for the seed), exactly as `fedmeta personalize` makes it by default.
-            result = chosen.get(site.name) or choose_personalization(
-                base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed
-            )
-            publish(
-                home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
-                data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
-                training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
-                          "seed": seed, "unseen": folder == fed.unseen_dir},
-                shots=result.shots if isinstance(result.shots, int) else None, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo", feature_ranges=site.feature_ranges(),
-            )
-            names.append(site.name)
+    every = [(folder, site) for folder, sites in ((fed.train_dir, fed.seen), (fed.unseen_dir, fed.unseen)) for site in sites]
+    for folder, site in each(progress, every, "exporting and registering"):
+        # The model the table scored; after an interrupted demo whose FedMeta stage was already finished, the same
+        # choice again (deterministic for the seed), exactly as `fedmeta personalize` makes it by default.
+        result = chosen.get(site.name) or choose_personalization(
+            base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed
+        )
+        publish(
+            home, result.model, "personalized", site.name, base_version, base_version, result.metrics,
+            data=data_lineage(folder / f"{site.name}.csv", rows=site.n_rows),
+            training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
+                      "seed": seed, "unseen": folder == fed.unseen_dir},
+            shots=result.shots if isinstance(result.shots, int) else None, personalized_tasks=result.tasks, promote=True, actor="fedmeta-demo", feature_ranges=site.feature_ranges(),
+        )
+        names.append(site.name)
     seconds = time.perf_counter() - started
     header = (
         f"# fedmeta demo\n\n{len(fed.seen)} hospitals train, {len(fed.unseen)} never take part (unseen); {rounds} rounds; "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -53,6 +54,10 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
     fedavg_rounds = [json.loads(line)["round"] for line in (out / "runs" / "fedavg" / "metrics.jsonl").read_text().splitlines()
                      if '"site": "*"' in line and '"phase": "train"' in line]
     assert fedavg_rounds == [1, 2, 3], "the interrupted FedAvg run resumed: every round exactly once"
+    assert re.search(r"^resuming after round \d of 3 \(its checkpoint\)", run.stdout, re.M), run.stdout
+    # The stages that go site by site show a bar, left at its last state: every site counted (local-only finished before the stop).
+    for stage in ("personalizing (fedavg_ft)", "personalizing (fedmeta_fomaml)", "exporting and registering"):
+        assert re.search(rf"^{re.escape(stage)} .* 6/6 ", run.stdout, re.M), (stage, run.stdout)
     # The printed table is the report's table, at 80 columns too.
     report_rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     printed = " ".join(run.stdout.split())

@@ -8,7 +8,7 @@ import typer
 
 from fedmeta.cli.errors import fail
 from fedmeta.cli.options import Algorithm
-from fedmeta.cli.output import ProgressObserver, console, timed_progress
+from fedmeta.cli.output import ProgressObserver, console, stage_progress
 
 
 
@@ -155,7 +155,7 @@ def demo(
     else:
         console.print(f"[bold]fedmeta demo[/]: {sites} hospitals, {rounds} rounds of {algorithm}, K={shots} -> {out}")
         result = _interruptible(lambda: run_demo(out, n_sites=sites, rounds=rounds, algorithm=algorithm, shots=shots, seed=seed, hidden=hidden,
-                                                 progress=timed_progress(), observer=ProgressObserver), f"fedmeta demo --out {out}" + _flags(settings, quick))
+                                                 progress=stage_progress(), observer=ProgressObserver), f"fedmeta demo --out {out}" + _flags(settings, quick))
         print_results(out)
         console.print(f"report: {result.report}   models: fedmeta models list --site-home {result.site_home}   ({result.seconds:.0f} s)")
     from fedmeta.registry import SiteHome
@@ -211,7 +211,7 @@ def evaluate_command(
         print_results(out)
         console.print(f"{out} holds this evaluation, complete: report {out / 'report.md'}")
         return
-    progress = timed_progress()
+    progress = stage_progress()
 
     def run() -> None:
         from fedmeta.evaluate.peers import PEERS

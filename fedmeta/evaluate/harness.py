@@ -25,6 +25,13 @@ ALGORITHMS = ("reptile", "fomaml", "maml", "metasgd")
 SHOTS_CURVE = (1, 2, 5, 10, 20)
 Progress = Callable[[str], None]
 
+
+def each(progress: Progress, items, what: str):
+    """``items``, through ``progress.each`` when the progress has one (a bar, :func:`fedmeta.cli.output.stage_progress`)."""
+    over = getattr(progress, "each", None)
+    return over(items, what) if over is not None else items
+
+
 def run_config(fed: Federation, algorithm: str, rounds: int, hidden: tuple[int, ...], seed: int) -> RunConfig:
     """The training run of one method: the same federation, model, rounds and local work for all."""
     return RunConfig.from_dict(
@@ -121,23 +128,23 @@ def federated(
     plain = MethodResult("fedavg" if algorithm == "fedavg" else name + "_global", bytes=tuned.bytes)
     how = "fine-tuning on all rows" if algorithm == "fedavg" else "the default personalization (a candidate chosen per site)"
     progress(f"personalizing every site: {how} ({name})")
-    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
-        for site in sites:
-            trained = base.for_schema(site.schema)
-            if algorithm == "fedavg":
-                # FedAvg + fine-tuning on every labelled training row, early-stopped (the all-rows candidate, refit on all rows).
-                model = fit_all_rows_candidate(trained, site, site.tasks, seed).model
-                result = Personalization(model, held_out_metrics(trained, model, site, site.tasks), site.tasks, "all", 0, 0.0, "all", seed, 0.0)
-            else:
-                # Exactly what `fedmeta personalize` does with no --mode.
-                result = choose_personalization(trained, site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed)
-                tuned.choices[site.name] = result.steps_selection["chosen"]
-                if keep is not None:
-                    keep[site.name] = result
-            for target, label in ((tuned, "personalized"), (plain, "base")):
-                per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
-                getattr(target, group)[site.name] = site_summary(per_task)
-    for k in SHOTS_CURVE if shots_curve and algorithm != "fedavg" else ():
+    every = [(group, site) for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)) for site in sites]
+    for group, site in each(progress, every, f"personalizing ({name})"):
+        trained = base.for_schema(site.schema)
+        if algorithm == "fedavg":
+            # FedAvg + fine-tuning on every labelled training row, early-stopped (the all-rows candidate, refit on all rows).
+            model = fit_all_rows_candidate(trained, site, site.tasks, seed).model
+            result = Personalization(model, held_out_metrics(trained, model, site, site.tasks), site.tasks, "all", 0, 0.0, "all", seed, 0.0)
+        else:
+            # Exactly what `fedmeta personalize` does with no --mode.
+            result = choose_personalization(trained, site, shots=shots_for(site, shots), lr=adaptation["lr"], seed=seed)
+            tuned.choices[site.name] = result.steps_selection["chosen"]
+            if keep is not None:
+                keep[site.name] = result
+        for target, label in ((tuned, "personalized"), (plain, "base")):
+            per_task = {t: {k.split(".")[2]: v for k, v in result.metrics.items() if k.startswith(f"{t}.{label}.")} for t in result.tasks}
+            getattr(target, group)[site.name] = site_summary(per_task)
+    for k in each(progress, SHOTS_CURVE, f"K-shot curve ({name}), K = {', '.join(map(str, SHOTS_CURVE))}") if shots_curve and algorithm != "fedavg" else ():
         accs = []
         for site in fed.seen:
             result = personalize(base.for_schema(site.schema), site, shots=shots_for(site, k), steps="auto", lr=adaptation["lr"], seed=seed)
@@ -180,14 +187,14 @@ def evaluate(
         started = time.perf_counter()
         progress(f"local-only: each of {len(fed.seen) + len(fed.unseen)} sites trains alone (MLP, logistic/ridge, gradient boosting)")
         local = {name: MethodResult(name) for name in names}
-        for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
-            for i, site in enumerate(sites):
-                alone = local_baselines(site, hidden, seed=seed + i)
-                for name in names:
-                    if name in alone:
-                        getattr(local[name], group)[site.name] = alone[name]
-                local["local_cv"].choices[site.name] = alone["local_cv_choice"]
-                getattr(local["local_only_k"], group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
+        every = [(group, i, site) for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)) for i, site in enumerate(sites)]
+        for group, i, site in each(progress, every, "local-only"):
+            alone = local_baselines(site, hidden, seed=seed + i)
+            for name in names:
+                if name in alone:
+                    getattr(local[name], group)[site.name] = alone[name]
+            local["local_cv"].choices[site.name] = alone["local_cv_choice"]
+            getattr(local["local_only_k"], group)[site.name] = site_summary(local_only_k(site, shots_for(site, shots), seed=seed))
         for result in local.values():
             result.seconds = time.perf_counter() - started
         for k in SHOTS_CURVE if shots_curve else ():
