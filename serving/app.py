@@ -143,7 +143,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     async def prometheus(request: Request, _=Depends(role("predict"))) -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
-    openapi.install(app, lambda: store.current, settings.max_rows, settings.docs)
+    openapi.install(app, lambda: store.current, settings.max_rows, settings.head_max_rows, settings.docs)
     app.add_middleware(MetricsMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, server=server)
     return app
 

@@ -186,6 +186,10 @@ ACCEPTED = {
 
 @router.post(
     "/v1/heads", status_code=202, openapi_extra=HEAD_OPENAPI, summary="Request a head for a department's task (department role)",
+    description="Besides the schema, which the served model fills in (features, known tasks and their kinds), the rows must label the task "
+    "with at least two classes (binary: exactly two; the given `classes` only; regression: numbers within float32), the label must be no "
+    "other task's label, the row fields no feature but the label, and the task name not one the model's module reserves (`forward`, "
+    "`training`, ...); 422 otherwise, naming the rule.",
     responses={**responses(401, 403, 409, 413, 415, 422, 429, 503), 202: ACCEPTED},
 )
 async def request_head(request: Request, key: ApiKey = Depends(role("department"))) -> Response:

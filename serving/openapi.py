@@ -9,22 +9,27 @@ role, like every route but the health probes; there is no ``/redoc``.
   validation-error shape.
 - The request schemas of ``/v1/predict`` and ``/v2/models/{name}/infer``
   are built from the served model's schema: the feature names, their types,
-  the categories, the tasks, float32's range and the row limit. A body
-  that fits the ``/v1/predict`` schema is accepted unless a value lies
-  more than 1e6 standard deviations from the federation's mean (422) or,
-  with ``?strict=true``, a row has a field that is no feature (422; by
-  default such fields are left out and named in ``ignored_fields``); one
-  that does not fit gets a 4xx. The document follows the served version
-  (a promoted head adds a task to the ``tasks`` enum).
-- Nothing in it is derived from the federation's normalization statistics:
-  they are not noised, and value bounds built from them (mean +- 1e6 std)
-  gave away the mean and std to six digits. So the 1e6-std rule is
-  written in the field's description, not as ``minimum``/``maximum``.
+  the categories, the tasks, each numeric feature's accepted range and
+  the row limit. A body that fits the ``/v1/predict`` schema is accepted
+  unless, with ``?strict=true``, a row has a field that is no feature
+  (422; by default such fields are left out and named in
+  ``ignored_fields``); one that does not fit gets a 4xx. The document
+  follows the served version (a promoted head adds a task to the ``tasks``
+  enum).
+- A numeric feature's ``minimum``/``maximum`` are the bounds the server
+  enforces (:func:`serving.store.feature_range`): a power of ten at or
+  above the federation's mean +- 1e6 std. The statistics themselves are
+  not noised, and exact bounds (mean +- 1e6 std) gave away the mean and
+  std to six digits; a power of ten gives away their order of magnitude.
+- ``POST /v1/heads`` states what its schema can: a new task needs its
+  ``kind``, a known task keeps its kind, neither the task nor the label is
+  a feature, and each row holds the features and at most one field more.
 - Rules that JSON Schema cannot state are written in the operation's
   description: in the Open Inference Protocol, one tensor per input, every
   shape's batch the same and each ``data`` holding as many values as its
   ``shape`` (400 otherwise, as the protocol specifies); in a head request,
-  the label present in the rows and at least two classes (422).
+  the label present in the rows and at least two classes, a label that is
+  no other task's, a task name the model's module does not reserve (422).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.responses import JSONResponse, Response
 
 from serving.deps import authorize
+from serving.store import feature_range
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -56,7 +62,6 @@ ERRORS = {
     429: "the head-job queue is full (Retry-After)",
     503: "the registry is busy or the server's key file is unreadable (Retry-After)",
 }
-F32 = 3.4028234663852886e38
 BODY_ERRORS = (400, 413, 415, 422)
 VERSION_PATTERN = r"^[vV]?[1-9][0-9]{0,17}$"  # always within SQLite's integer range
 DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "BYTES"]
@@ -73,15 +78,18 @@ def responses(*codes: int) -> dict:
     return out
 
 
+def _value_schema(feature: dict) -> dict:
+    """One value of a feature: a known category, or a number within :func:`serving.store.feature_range` (never null)."""
+    if feature.get("type") == "categorical":
+        return {"type": "string", "enum": list(feature["categories"])}
+    lo, hi = feature_range(feature)
+    return {"type": "number", "minimum": lo, "maximum": hi,
+            "description": "the power of ten at or above 1e6 standard deviations from the federation's mean bounds it: further out a value "
+                           "is refused as a unit or typing error"}
+
+
 def _row_schema(schema: dict) -> dict:
-    properties = {}
-    for f in schema["features"]:
-        if f.get("type") == "categorical":
-            properties[f["name"]] = {"type": "string", "enum": list(f["categories"])}
-        else:
-            properties[f["name"]] = {"type": "number", "minimum": -F32, "maximum": F32,
-                                     "description": "a float32; a value more than 1e6 standard deviations from the federation's mean is refused (422) "
-                                                    "as a unit or typing error"}
+    properties = {f["name"]: _value_schema(f) for f in schema["features"]}
     # Other fields are allowed: the server leaves them out (and names them in ignored_fields) unless ?strict=true.
     return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": True}
 
@@ -132,30 +140,60 @@ def predict_response_schema(model) -> dict:
     }
 
 
-def infer_request_schema(model, max_rows: int) -> dict:
-    schema = model.manifest.schema_
-    tensor = {
+def _tensor_schema(feature: dict, max_rows: int) -> dict:
+    """A feature's tensor: its datatype (BYTES for a categorical feature) and its values, flat or one row a list."""
+    value = _value_schema(feature)
+    return {
         "type": "object",
         "required": ["name", "shape", "datatype", "data"],
         "properties": {
-            "name": {"type": "string", "enum": [f["name"] for f in schema["features"]]},
+            "name": {"type": "string", "enum": [feature["name"]]},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": max_rows}, "minItems": 1, "maxItems": 2},
-            "datatype": {"type": "string", "enum": DATATYPES},
-            "data": {"type": "array", "minItems": 1, "maxItems": max_rows},
+            "datatype": {"type": "string", "enum": ["BYTES"] if feature.get("type") == "categorical" else [d for d in DATATYPES if d != "BYTES"]},
+            "data": {"type": "array", "minItems": 1, "maxItems": max_rows,
+                     "items": {"anyOf": [value, {"type": "array", "items": value, "maxItems": max_rows}]}},
             "parameters": {"type": "object"},
         },
     }
+
+
+def infer_request_schema(model, max_rows: int) -> dict:
+    schema = model.manifest.schema_
     return {
         "type": "object",
         "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "inputs": {"type": "array", "items": tensor, "minItems": 1},
+            "inputs": {"type": "array", "items": {"oneOf": [_tensor_schema(f, max_rows) for f in schema["features"]]}, "minItems": 1},
             "outputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string", "enum": model.tasks}, "parameters": {"type": "object"}}}},
             "parameters": {"type": "object"},
         },
     }
+
+
+def head_request_schema(base: dict, model, max_rows: int) -> dict:
+    """``base`` (the head request's generic schema) with what the served model decides: features, known tasks and their kinds.
+
+    A known task keeps its kind (or omits it); a new one needs it: the
+    server's 422 ``kind: task 'x' is new to the federation`` as a schema.
+    """
+    schema = model.manifest.schema_
+    features = [f["name"] for f in schema["features"]]
+    known = {t["name"]: t["kind"] for t in schema["tasks"]}
+    kinds = base["properties"]["kind"]["anyOf"][0]["enum"]
+    out = copy.deepcopy(base)
+    properties = out["properties"]
+    properties["task"]["not"] = {"enum": features}
+    properties["label"]["anyOf"][0]["not"] = {"enum": features}
+    row = _row_schema(schema)
+    row["maxProperties"] = len(features) + 1  # the label; the server refuses any other field (422)
+    properties["rows"] = {**properties["rows"], "items": row, "maxItems": max_rows}
+    out["anyOf"] = [
+        *({"properties": {"task": {"enum": [name]}, "kind": {"enum": [kind, None]}}} for name, kind in known.items()),
+        {"required": ["kind"], "properties": {"task": {"not": {"enum": list(known)}}, "kind": {"type": "string", "enum": kinds}}},
+    ]
+    return out
 
 
 def _strict_errors(operation: dict) -> None:
@@ -171,7 +209,7 @@ def _set_body(operation: dict, schema: dict) -> None:
     content["schema"] = schema
 
 
-def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
+def site_openapi(app: FastAPI, model, max_rows: int, head_max_rows: int) -> dict:
     """The document for ``model`` (FastAPI's, with the strict schemas and error bodies put in)."""
     spec = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes))
     paths = spec["paths"]
@@ -186,6 +224,8 @@ def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
     _set_body(predict, predict_request_schema(model, max_rows))
     predict["responses"]["200"]["content"]["application/json"]["schema"] = predict_response_schema(model)
     _set_body(paths["/v2/models/{name}/infer"]["post"], infer_request_schema(model, max_rows))
+    heads = paths["/v1/heads"]["post"]["requestBody"]["content"]["application/json"]
+    heads["schema"] = head_request_schema(heads["schema"], model, head_max_rows)
     for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
         for operation in paths[path].values():
             operation["parameters"] = [{"name": "name", "in": "path", "required": True, "description": "the site's name",
@@ -199,7 +239,7 @@ def site_openapi(app: FastAPI, model, max_rows: int) -> dict:
     return spec
 
 
-def install(app: FastAPI, current_model, max_rows: int, docs: bool) -> None:
+def install(app: FastAPI, current_model, max_rows: int, head_max_rows: int, docs: bool) -> None:
     """Serve :func:`site_openapi` for the model being served (rebuilt when the served version changes) to ``predict`` keys.
 
     The app must be built with ``openapi_url``, ``docs_url`` and ``redoc_url``
@@ -210,7 +250,7 @@ def install(app: FastAPI, current_model, max_rows: int, docs: bool) -> None:
     def openapi() -> dict:
         model = current_model()
         if cache.get("version") != model.version.version:
-            cache.update(version=model.version.version, spec=site_openapi(app, model, max_rows))
+            cache.update(version=model.version.version, spec=site_openapi(app, model, max_rows, head_max_rows))
         return cache["spec"]
 
     app.openapi = openapi

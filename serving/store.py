@@ -33,12 +33,24 @@ Z_LIMIT = 1e6  # standard deviations from the federation's mean beyond which a v
 
 
 def feature_range(feature: dict) -> tuple[float, float]:
-    """The values a numeric feature accepts: the federation's mean +- :data:`Z_LIMIT` stds, within float32.
+    """The values a numeric feature accepts: -B to B, where B is the power of ten at or above |mean| + :data:`Z_LIMIT` stds, within float32.
 
-    Further out, the model's float32 arithmetic overflows and its outputs stop being numbers.
+    Further out than mean +- Z_LIMIT stds a value is a unit or typing error,
+    and the model's float32 arithmetic overflows. B is a power of ten so that
+    the OpenAPI document can state the very bound the server enforces
+    without stating the federation's un-noised mean and std: it gives away
+    their order of magnitude only.
+
+    >>> feature_range({"mean": 125.3, "std": 18.3})
+    (-100000000.0, 100000000.0)
     """
     mean, std = float(feature.get("mean", 0.0)), float(feature.get("std", 1.0))
-    return max(-FLOAT32_MAX, mean - Z_LIMIT * std), min(FLOAT32_MAX, mean + Z_LIMIT * std)
+    reach = abs(mean) + Z_LIMIT * abs(std)
+    bound = 10.0 ** math.ceil(math.log10(reach)) if reach > 1 else 1.0
+    if bound < reach:  # log10 rounded down across a power of ten
+        bound *= 10
+    bound = min(FLOAT32_MAX, bound)
+    return -bound, bound
 
 
 def row_label(where: str, i: int) -> str:
@@ -63,8 +75,9 @@ class RowValidator:
         self.categorical = {f["name"]: frozenset(f["categories"]) for f in schema["features"] if f.get("type") == "categorical"}
         self.known = frozenset(self.features)
         self.ranges = {f["name"]: feature_range(f) for f in schema["features"] if f.get("type", "numeric") == "numeric"}
-        self._lo = np.array([self.ranges[n][0] for n in self.numeric], dtype=np.float32)[:, None]
-        self._hi = np.array([self.ranges[n][1] for n in self.numeric], dtype=np.float32)[:, None]
+        # float64, as JSON Schema compares: in float32 a value just past a bound would round onto it and pass.
+        self._lo = np.array([self.ranges[n][0] for n in self.numeric], dtype=np.float64)[:, None]
+        self._hi = np.array([self.ranges[n][1] for n in self.numeric], dtype=np.float64)[:, None]
 
     def _problem(self, where: str, rows: list, name: str) -> ApiError:
         for i, row in enumerate(rows):
@@ -90,7 +103,7 @@ class RowValidator:
                 if abs(value) > FLOAT32_MAX:
                     return ApiError(422, f"{label}.{name}: {shown(value)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
                 lo, hi = self.ranges[name]
-                if not lo <= np.float32(value) <= hi:
+                if not lo <= value <= hi:
                     return ApiError(422, f"{label}.{name}: {shown(value)} is more than 1e6 standard deviations from the federation's mean "
                                          f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
         return ApiError(422, f"{where}: invalid value for feature {name!r}")
@@ -128,10 +141,10 @@ class RowValidator:
             numeric = [r[name] for name in self.numeric for r in rows]
             if not all(type(v) in _NUMBER for v in numeric):
                 raise self._first_problem(where, rows)
-            with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is named below
-                matrix = np.array(numeric, dtype=np.float32).reshape(len(self.numeric), n)
+            matrix = np.array(numeric, dtype=np.float64).reshape(len(self.numeric), n)
             if not ((matrix >= self._lo) & (matrix <= self._hi)).all():  # also false for NaN and inf
                 raise self._first_problem(where, rows)
+            matrix = matrix.astype(np.float32)  # within the bounds, so within float32
             for j, name in enumerate(self.numeric):
                 feed[name] = matrix[j]
             for name, categories in self.categorical.items():

@@ -137,7 +137,7 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
             raise ApiError(400, f"inputs.{name}.data: must be a list")
         if shape[0] > max_rows:
             raise ApiError(413, f"inputs.{name}.shape: batch of {shape[0]} rows exceeds the limit of {max_rows}")
-        if data and isinstance(data[0], list):
+        if any(isinstance(v, list) for v in data):  # rows nested one level ([[71], [45]]), as clients send [batch, 1]
             data = [v for row in data for v in (row if isinstance(row, list) else [row])]
         if len(data) != math.prod(shape):
             raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
@@ -162,7 +162,7 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
             if outside is not None:
                 raise ApiError(400, f"inputs.{name}.data: {shown(outside)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
             lo, hi = validator.ranges[name]
-            far = next((v for v in data if not lo <= np.float32(v) <= hi), None)
+            far = next((v for v in data if not lo <= v <= hi), None)
             if far is not None:
                 raise ApiError(400, f"inputs.{name}.data: {shown(far)} is more than 1e6 standard deviations from the federation's mean "
                                     f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
