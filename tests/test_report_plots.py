@@ -132,3 +132,18 @@ def test_gains_name_each_sites_held_out_rows_under_its_bar():
             before = per_site["fedmeta_fomaml_global"]["per_site"][group][site]
             expected[f"{site}{mark} (n={results['held_out_rows'][site]})"] = (after["acc"] - before["acc"]) * 100
     assert heights == pytest.approx(expected)
+
+
+def test_the_report_leaves_out_an_earlier_communication_plot_that_no_longer_applies(tmp_path):
+    import json
+
+    from fedmeta.report import write_report
+
+    (tmp_path / "results.json").write_text(json.dumps(_results()))
+    for run, rows in _runs().items():
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "communication.png").write_bytes(b"an earlier report's plot")
+    report = write_report(tmp_path).read_text()
+    assert not (tmp_path / "communication.png").exists() and "communication.png" not in report
+    assert all(f"]({plot})" in report and (tmp_path / plot).exists() for plot in ("rounds.png", "gains.png", "shots.png"))
