@@ -8,46 +8,11 @@ the model through :func:`torch.func.functional_call`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-TaskKind = Literal["binary", "multiclass", "regression"]
-
-
-class TaskSpec(BaseModel):
-    """One prediction task (a department's question) and its head's shape.
-
-    >>> TaskSpec(name="mortality", kind="binary").out_features
-    2
-    """
-
-    name: str = Field(min_length=1)
-    kind: TaskKind
-    n_classes: int | None = None
-
-    @model_validator(mode="after")
-    def _check_classes(self) -> "TaskSpec":
-        if self.kind == "binary":
-            if self.n_classes not in (None, 2):
-                raise ValueError(f"task {self.name!r}: binary tasks have 2 classes, got n_classes={self.n_classes}")
-            self.n_classes = 2
-        elif self.kind == "multiclass":
-            if self.n_classes is None or self.n_classes < 2:
-                raise ValueError(f"task {self.name!r}: multiclass tasks need n_classes >= 2, got {self.n_classes}")
-        elif self.n_classes is not None:
-            raise ValueError(f"task {self.name!r}: regression tasks take no n_classes, got {self.n_classes}")
-        return self
-
-    @property
-    def is_classification(self) -> bool:
-        return self.kind != "regression"
-
-    @property
-    def out_features(self) -> int:
-        return self.n_classes if self.is_classification else 1
+from fedmeta.tasks import TaskKind, TaskSpec  # noqa: F401 - re-exported: a task is described without torch
 
 
 class MLPBody(nn.Module):
