@@ -161,7 +161,7 @@ async def predict(request: Request) -> Response:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
     feed, n = model.validator.columns(rows, where, strict=strict)
     tasks = select_tasks(model, payload.get("tasks"))
-    outputs = model.session.run(tasks, feed)
+    outputs = model.run(tasks, feed)
     check_finite(tasks, outputs, where, n)
     outside = model.outside_training_range(feed, n)
     request.state.predicted = (tasks, n, outside)

@@ -109,6 +109,46 @@ def _shape_text(shape: object) -> str:
     return shown(shape)
 
 
+def _tensor(validator, name: str, tensor: dict, max_rows: int) -> tuple[np.ndarray, int]:
+    """One input tensor checked alone (fields, then values, then its count against its shape): its column and its batch size."""
+    shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_count(d) for d in shape) or (len(shape) == 2 and shape[1] != 1):
+        raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {_shape_text(shape)}")
+    if not isinstance(datatype, str):
+        raise ApiError(400, f"inputs.{name}.datatype: expected a string such as 'FP32' or 'BYTES', got {shown(datatype)}")
+    if not isinstance(data, list):
+        raise ApiError(400, f"inputs.{name}.data: must be a list")
+    if shape[0] > max_rows:
+        raise ApiError(413, f"inputs.{name}.shape: batch of {shape[0]} rows exceeds the limit of {max_rows}")
+    if any(isinstance(v, list) for v in data):  # rows nested one level ([[71], [45]]), as clients send [batch, 1]
+        data = [v for row in data for v in (row if isinstance(row, list) else [row])]
+    if name in validator.categorical:
+        if datatype != "BYTES":
+            raise ApiError(400, f"inputs.{name}.datatype: a categorical feature takes datatype BYTES, got {shown(datatype)}")
+        unknown_values = [v for v in data if not isinstance(v, str) or v not in validator.categorical[name]]
+        if unknown_values:
+            raise ApiError(400, f"inputs.{name}.data: unknown category {shown(unknown_values[0])}; known: {sorted(validator.categorical[name])}")
+        column = np.array(data, dtype=object)
+    else:
+        if datatype not in _NUMERIC_TYPES:
+            raise ApiError(400, f"inputs.{name}.datatype: a numeric feature takes a numeric datatype such as FP32, got {shown(datatype)}")
+        bad = [v for v in data if type(v) not in (int, float)]
+        if bad:
+            raise ApiError(400, f"inputs.{name}.data: expected numbers, got {shown(bad[0])}")
+        outside = next((v for v in data if not math.isfinite(v) or abs(v) > FLOAT32_MAX), None)
+        if outside is not None:
+            raise ApiError(400, f"inputs.{name}.data: {shown(outside)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+        lo, hi = validator.ranges[name]
+        far = next((v for v in data if not lo <= v <= hi), None)
+        if far is not None:
+            raise ApiError(400, f"inputs.{name}.data: {shown(far)} is more than 1e6 standard deviations from the federation's mean "
+                                f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
+        column = np.asarray(data, dtype=np.float32)
+    if len(data) != math.prod(shape):
+        raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
+    return column, shape[0]
+
+
 def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
     if not isinstance(inputs, list) or not inputs:
         raise ApiError(400, "inputs: expected a non-empty list of tensors")
@@ -123,50 +163,20 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
     unknown = sorted(set(by_name) - validator.known)
     if unknown:
         raise ApiError(400, f"inputs: unknown tensor(s) {[u[:40] for u in unknown[:5]]}; inputs are {validator.features}")
-    feed, batch = {}, None
+    # Each tensor's own fields and values first, then how the tensors fit together: a fuzzer that sends one
+    # tensor reaches the value checks, so a schema that allows a value the server refuses is found.
+    feed, batches = {}, {}
+    for name, tensor in by_name.items():
+        feed[name], batches[name] = _tensor(validator, name, tensor, max_rows)
+    missing = next((name for name in validator.features if name not in feed), None)
+    if missing is not None:
+        raise ApiError(400, f"inputs: missing tensor {missing!r}")
+    batch = None
     for name in validator.features:
-        tensor = by_name.get(name)
-        if tensor is None:
-            raise ApiError(400, f"inputs: missing tensor {name!r}")
-        shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
-        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_count(d) for d in shape) or (len(shape) == 2 and shape[1] != 1):
-            raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {_shape_text(shape)}")
-        if not isinstance(datatype, str):
-            raise ApiError(400, f"inputs.{name}.datatype: expected a string such as 'FP32' or 'BYTES', got {shown(datatype)}")
-        if not isinstance(data, list):
-            raise ApiError(400, f"inputs.{name}.data: must be a list")
-        if shape[0] > max_rows:
-            raise ApiError(413, f"inputs.{name}.shape: batch of {shape[0]} rows exceeds the limit of {max_rows}")
-        if any(isinstance(v, list) for v in data):  # rows nested one level ([[71], [45]]), as clients send [batch, 1]
-            data = [v for row in data for v in (row if isinstance(row, list) else [row])]
-        if len(data) != math.prod(shape):
-            raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
         if batch is None:
-            batch = shape[0]
-        elif shape[0] != batch:
-            raise ApiError(400, f"inputs.{name}.shape: batch size {shape[0]} differs from {batch} of the other inputs")
-        if name in validator.categorical:
-            if datatype != "BYTES":
-                raise ApiError(400, f"inputs.{name}.datatype: a categorical feature takes datatype BYTES, got {shown(datatype)}")
-            unknown_values = [v for v in data if not isinstance(v, str) or v not in validator.categorical[name]]
-            if unknown_values:
-                raise ApiError(400, f"inputs.{name}.data: unknown category {shown(unknown_values[0])}; known: {sorted(validator.categorical[name])}")
-            feed[name] = np.array(data, dtype=object)
-        else:
-            if datatype not in _NUMERIC_TYPES:
-                raise ApiError(400, f"inputs.{name}.datatype: a numeric feature takes a numeric datatype such as FP32, got {shown(datatype)}")
-            bad = [v for v in data if type(v) not in (int, float)]
-            if bad:
-                raise ApiError(400, f"inputs.{name}.data: expected numbers, got {shown(bad[0])}")
-            outside = next((v for v in data if not math.isfinite(v) or abs(v) > FLOAT32_MAX), None)
-            if outside is not None:
-                raise ApiError(400, f"inputs.{name}.data: {shown(outside)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
-            lo, hi = validator.ranges[name]
-            far = next((v for v in data if not lo <= v <= hi), None)
-            if far is not None:
-                raise ApiError(400, f"inputs.{name}.data: {shown(far)} is more than 1e6 standard deviations from the federation's mean "
-                                    f"(accepted: {lo:.4g} to {hi:.4g}); check the unit")
-            feed[name] = np.asarray(data, dtype=np.float32)
+            batch = batches[name]
+        elif batches[name] != batch:
+            raise ApiError(400, f"inputs.{name}.shape: batch size {batches[name]} differs from {batch} of the other inputs")
     if not batch:
         raise ApiError(400, "inputs: the batch is empty")
     return feed, batch
@@ -195,7 +205,7 @@ async def infer(name: str, request: Request) -> Response:
             raise ApiError(400, f"outputs: unknown output(s) {[t[:40] for t in unknown[:5]]}; outputs are {model.tasks}")
         if len(set(tasks)) != len(tasks):
             raise ApiError(400, "outputs: an output is listed twice")
-    results = model.session.run(tasks, feed)
+    results = model.run(tasks, feed)
     try:
         check_finite(tasks, results, "rows", batch)
     except ApiError as e:
