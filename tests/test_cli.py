@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
@@ -132,3 +133,51 @@ def test_a_taken_port_is_refused_before_anything_is_printed_and_the_demo_reuses_
     first, second = _demo_key(home), _demo_key(home)
     assert first == second and (tmp_path / "demo-key.txt").stat().st_mode & 0o777 == 0o600
     assert len(json.loads((tmp_path / "site-home" / "api_keys.json").read_text())["keys"]) == 1
+
+
+# --- fedmeta serve and python -m serving: one set of options ----------------------------------------
+
+
+def _help(*command: str) -> list[str]:
+    import os
+
+    out = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "100"})
+    return out.stdout.splitlines()
+
+
+def test_python_m_serving_prints_the_same_help_as_fedmeta_serve():
+    serving, fedmeta_serve = _help("serving"), _help("fedmeta.cli", "serve")
+    usage = next(i for i, line in enumerate(serving) if "Usage:" in line)
+    assert serving[usage].split() == ["Usage:", "fedmeta", "serve", "[OPTIONS]"]
+    assert serving[usage + 1:] == fedmeta_serve[usage + 1:] and "--set" in "\n".join(serving)
+
+
+def test_serve_help_names_every_setting_without_sphinx_markup():
+    from serving.settings import ServingSettings
+
+    text = "\n".join(_help("fedmeta.cli", "serve"))
+    assert not [mark for mark in (":mod:", ":class:", ":func:", ":meth:", ":data:", "``") if mark in text]
+    assert [name for name in ServingSettings.model_fields if name not in ("site_home", "site") and f"{name} (default " not in text] == []
+
+
+def test_serve_settings_come_from_set_and_max_rows(tmp_path):
+    from fedmeta.cli.serve import parse_settings
+
+    settings = parse_settings(tmp_path, None, 64, ["shutdown_grace=10", "docs=true"])
+    assert (settings.max_rows, settings.shutdown_grace, settings.docs, settings.site_home) == (64, 10.0, True, tmp_path)
+    assert parse_settings(tmp_path, None, 64, ["max_rows=8"]).max_rows == 8  # --set wins over the shorthand
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("shutdwn_grace=10", "--set shutdwn_grace: no such server setting; known: max_rows, max_body_bytes,"),
+    ("max_body_bytes=12", "--set max_body_bytes=12: Input should be greater than or equal to 1024"),
+    ("shutdown_grace", "--set 'shutdown_grace': expected NAME=VALUE, e.g. --set shutdown_grace=10"),
+    ("site_home=/elsewhere", "--set site_home: use --site-home instead"),
+])
+def test_a_bad_set_is_one_line_naming_the_setting(tmp_path, assignment, message):
+    from fedmeta.registry import SiteHome
+
+    SiteHome(tmp_path).registry.record("test", "note")  # an existing site home: the settings are checked next
+    result = CliRunner().invoke(app, ["serve", "--site-home", str(tmp_path), "--set", assignment])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: {message}"), result.output

@@ -9,6 +9,9 @@
 - ``serve`` and ``keys``: the prediction server and its API keys
 - ``predict``: offline batch scoring with the promoted model
 - ``certs``: credentials for Flower's Deployment Engine
+
+``serve``, ``predict``, ``models`` and ``keys`` work in the serving-only
+install; the others need the training extra (:mod:`fedmeta.cli.extras`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import typer
 
 import fedmeta
 from fedmeta.cli import certs, demo, keys, models, personalize, predict, schema, serve, synth, train
-from fedmeta.cli.errors import FedmetaGroup
+from fedmeta.cli.errors import FedmetaGroup, fail
+from fedmeta.cli.extras import SERVING_COMMANDS, training_extra_problem
 from fedmeta.cli.output import console
 
 app = typer.Typer(
@@ -36,13 +40,20 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(None, "--version", callback=_print_version, is_eager=True, help="Print the fedmeta version and exit."),
     threads: int = typer.Option(
         None, "--threads", min=1, envvar="FEDMETA_THREADS",
-        help="CPU threads for this command's own work and for each process it starts (default 1: many one-threaded workers share a busy machine best).",
+        help="CPU threads for a training command's own work and for each process it starts (default 1: many one-threaded workers share a busy machine best).",
     ),
 ) -> None:
     """fedmeta: federated meta-learning with per-site personalization."""
+    command = ctx.invoked_subcommand
+    if command in SERVING_COMMANDS:
+        return  # never import torch here: a serving-only install has none (onnxruntime's threads are the server's setting)
+    problem = training_extra_problem(command)
+    if problem:
+        raise fail(problem)
     from fedmeta.threads import limit_threads
 
     limit_threads(threads)
@@ -64,6 +75,6 @@ app.command()(demo.demo)
 app.command("evaluate")(demo.evaluate_command)
 app.command("report")(demo.report_command)
 app.add_typer(keys.app, name="keys")
-app.command()(serve.serve)
+app.command(epilog=serve.EPILOG)(serve.serve)
 app.command()(predict.predict)
 app.add_typer(certs.app, name="certs")

@@ -61,15 +61,22 @@ def fail(error: Exception | str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from fedmeta.data import SchemaError
-    from fedmeta.fl.config import ConfigError
-    from fedmeta.personalize import PersonalizationError
-    from fedmeta.registry import RegistryError
-    from fedmeta.trained import ModelMismatchError
-    from serving.policy import PolicyError
+def _installed(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], ...]:
+    """The exception classes ``(module, name)`` whose module imports: a layer that is not installed (the training extra) raises none."""
+    errors: list[type[Exception]] = []
+    for module, name in classes:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # pragma: no cover - an optional layer missing
+            pass
+    return tuple(errors)
 
-    return (SchemaError, ConfigError, PersonalizationError, RegistryError, ModelMismatchError, PolicyError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    return _installed((
+        ("fedmeta.data", "SchemaError"), ("fedmeta.fl.config", "ConfigError"), ("fedmeta.personalize", "PersonalizationError"),
+        ("fedmeta.registry", "RegistryError"), ("fedmeta.trained", "ModelMismatchError"), ("serving.policy", "PolicyError"),
+    ))
 
 
 def port_in_use(host: str, port: int) -> str | None:
@@ -86,21 +93,12 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def integrity_errors() -> tuple[type[Exception], ...]:
-    from fedmeta.export import ExportError
-    from fedmeta.manifest import ManifestError
-
-    return (ExportError, ManifestError)
+    return _installed((("fedmeta.export", "ExportError"), ("fedmeta.manifest", "ManifestError")))
 
 
 def _other_user_errors() -> tuple[type[Exception], ...]:
     """Errors of other layers that only a user's input causes (imported late: each module is heavy)."""
-    errors: list[type[Exception]] = []
-    for module, name in (("serving.auth", "KeyManagementError"), ("fedmeta.fl.certs", "CertificateError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):  # pragma: no cover - an optional layer missing
-            pass
-    return tuple(errors)
+    return _installed((("serving.auth", "KeyManagementError"), ("fedmeta.fl.certs", "CertificateError")))
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")

@@ -8,7 +8,7 @@ import typer
 
 from fedmeta.cli.errors import fail
 from fedmeta.cli.options import SITE_HOME_OPTION, default_site_home
-from fedmeta.cli.output import console
+from fedmeta.cli.output import console, print_json
 
 app = typer.Typer(help="API keys of the site's prediction server (stored hashed).", no_args_is_help=True)
 
@@ -31,7 +31,10 @@ def keys_create(
 
 
 @app.command("list")
-def keys_list(site_home: Path = SITE_HOME_OPTION) -> None:
+def keys_list(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on standard output instead of a table."),
+    site_home: Path = SITE_HOME_OPTION,
+) -> None:
     """List keys (ids, names, roles; never secrets)."""
     from rich.table import Table
 
@@ -41,6 +44,9 @@ def keys_list(site_home: Path = SITE_HOME_OPTION) -> None:
         keys = KeyStore(_key_folder(site_home)).keys()
     except KeyManagementError as e:
         raise fail(e) from None
+    if as_json:  # never the stored hash either: it is the secret's stand-in
+        print_json({"keys": [{"id": k.id, "name": k.name, "role": k.role, "created_at": k.created_at, "revoked_at": k.revoked_at} for k in keys]})
+        return
     table = Table(title="API keys")
     for column in ("id", "name", "role", "created", "revoked"):
         table.add_column(column)

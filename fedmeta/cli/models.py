@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import typer
 from fedmeta.cli.errors import fail
 from fedmeta.cli.options import SITE_HOME_OPTION
 from fedmeta.cli.options import open_home as _home
-from fedmeta.cli.output import console
+from fedmeta.cli.output import console, print_json, print_rows
 
 app = typer.Typer(help="The site's model registry: versions, promotion, rollback, audit log.", no_args_is_help=True)
 
@@ -35,30 +36,42 @@ def scores_summary(v) -> str:
     return "; ".join(parts)
 
 
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on standard output instead of a table.")
+
+
+def version_record(v, promoted: bool) -> dict:
+    """A version as ``models list --json`` prints it: full hashes, metrics and lineage, no formatting."""
+    return {
+        "version": v.label, "kind": v.kind, "site": v.site, "parent": f"v{v.parent}" if v.parent else None, "created_at": v.created_at,
+        "created_by": v.created_by, "sha256": v.sha256, "promoted": promoted, "tasks": list(v.lineage.get("tasks") or []),
+        "held_out_rows": (v.lineage.get("data") or {}).get("held_out"), "metrics": v.metrics,
+    }
+
+
 @app.command("list")
 def models_list(
     site: str = typer.Option(None, "--site", help="Only this site's versions (and the bases)."),
     kind: Kind = typer.Option(None, "--kind", help="Only versions of this kind."),
+    as_json: bool = JSON_OPTION,
     site_home: Path = SITE_HOME_OPTION,
 ) -> None:
     """List model versions with their tasks and held-out scores, marking each site's promoted one."""
-    from rich.table import Table
-
     home = _home(site_home)
     versions = home.registry.versions(kind=None if kind is None else kind.value)
     current = {s: home.registry.current(s) for s in home.registry.sites()}
-    table = Table(title=f"models in {home.path}")
-    for column in ("version", "kind", "site", "parent", "created", "by", "sha256", "promoted", "tasks", "held-out scores", "held-out rows"):
-        table.add_column(column)
-    for v in versions:
-        if site is not None and v.site not in (site, None):
-            continue
-        promoted = "*" if v.site and current.get(v.site) and current[v.site].version == v.version else ""
-        parent = f"v{v.parent}" if v.parent else ""
-        rows = (v.lineage.get("data") or {}).get("held_out")
-        table.add_row(v.label, v.kind, v.site or "(global)", parent, v.created_at[:16].replace("T", " "), v.created_by, v.sha256[:12], promoted,
-                      ", ".join(v.lineage.get("tasks") or []), scores_summary(v), "" if rows is None else str(rows))
-    console.print(table)
+    shown = [v for v in versions if site is None or v.site in (site, None)]
+    promoted = {v.version: bool(v.site and current.get(v.site) and current[v.site].version == v.version) for v in shown}
+    if as_json:
+        print_json({"site_home": str(home.path), "versions": [version_record(v, promoted[v.version]) for v in shown]})
+        return
+    rows = []
+    for v in shown:
+        held_out = (v.lineage.get("data") or {}).get("held_out")
+        rows.append([v.label, v.kind, v.site or "(global)", "promoted" if promoted[v.version] else "", f"v{v.parent}" if v.parent else "",
+                     v.created_at[:16].replace("T", " "), v.created_by, v.sha256[:12], ", ".join(v.lineage.get("tasks") or []), scores_summary(v),
+                     "" if held_out is None else str(held_out)])
+    columns = ["version", "kind", "site", "promoted", "parent", "created", "by", "sha256", "tasks", "held-out scores", "held-out rows"]
+    print_rows(f"models in {home.path}", columns, rows, heading=4)
 
 
 @app.command("show")
@@ -114,6 +127,7 @@ def models_audit(
     expect: str = typer.Option(None, "--expect", metavar="COUNT:SHA256",
                                help="With --verify: also fail unless entry COUNT still has this hash (a head printed by --head and kept elsewhere)."),
     head: bool = typer.Option(False, "--head", help="Print only the chain head, COUNT:SHA256, after checking the chain; keep it outside this machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries and the chain head as one JSON document on standard output instead of a table."),
     site_home: Path = SITE_HOME_OPTION,
 ) -> None:
     """Show the audit log (who did what, when, to which version, with which hash) and its chain head."""
@@ -125,6 +139,8 @@ def models_audit(
     anchor = None if expect is None else ChainHead.parse(expect)  # a malformed head is a usage error (exit 2) before anything is read
     if anchor is not None and not verify:
         raise fail("--expect needs --verify: `fedmeta models audit --verify --expect COUNT:SHA256`")
+    if as_json and (verify or head):
+        raise fail("--json lists the log: use it without --verify and --head")
     home = _home(site_home)
     if head:
         result = home.registry.verify()
@@ -152,6 +168,9 @@ def models_audit(
         console.print(f"chain head {result.chain_head}", soft_wrap=True)
         return
     entries = home.registry.audit(site=site, limit=limit)
+    if as_json:
+        print_json({"entries": [dataclasses.asdict(e) for e in entries], "chain_head": str(home.registry.chain_head())})
+        return
     table = Table(title="audit log")
     for column in ("#", "at", "actor", "action", "site", "version", "sha256", "detail"):
         table.add_column(column)

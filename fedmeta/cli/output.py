@@ -9,6 +9,43 @@ from rich.console import Console
 console = Console(soft_wrap=True)
 console_err = Console(stderr=True, soft_wrap=True)  # notes that must not mix with data on standard output
 
+#: Under this width a table of ten or so columns cuts every cell to a few letters ("per…"): print blocks instead.
+WIDE_TABLE = 150
+
+
+def print_rows(title: str, columns: list[str], rows: list[list[str]], heading: int = 1) -> None:
+    """``rows`` as a table where it fits, else one block per row (the demo table's layout).
+
+    A block is the row's first ``heading`` cells on one bold line, then one
+    indented ``column: value`` line per other cell that is not empty, so a
+    row reads whole at 80 columns and in a log.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    if console.width >= WIDE_TABLE:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    console.print(title, highlight=False)
+    for row in rows:
+        console.print("[bold]" + escape("  ".join(cell for cell in row[:heading] if cell)) + "[/]", highlight=False)
+        for column, cell in zip(columns[heading:], row[heading:]):
+            if cell:
+                console.print(f"  {escape(column)}: {escape(cell)}", highlight=False)
+
+
+def print_json(document) -> None:
+    """One JSON document on standard output, unstyled and unwrapped (``--json``)."""
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
 
 class ProgressObserver:
     """Training progress: one line per round (loss, seconds, time left) and per failed site, under a rich progress bar.
