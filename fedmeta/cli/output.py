@@ -24,14 +24,14 @@ def print_rows(title: str, columns: list[str], rows: list[list[str]], heading: i
     from rich.table import Table
 
     if console.width >= WIDE_TABLE:
-        table = Table(title=title)
+        table = Table(title=escape(title))
         for column in columns:
             table.add_column(column)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))  # a site or user name is text, never markup
         console.print(table)
         return
-    console.print(title, highlight=False)
+    console.print(escape(title), highlight=False)
     for row in rows:
         console.print("[bold]" + escape("  ".join(cell for cell in row[:heading] if cell)) + "[/]", highlight=False)
         for column, cell in zip(columns[heading:], row[heading:]):
