@@ -70,7 +70,7 @@ def test_train_prints_the_choices_and_the_run_folder_keeps_them_for_a_resume(tmp
     (tmp_path / "c.toml").write_text(f'name = "c"\nrounds = 1\n[federation]\nkind = "csv"\ndata_dir = "{tmp_path / "clinics"}"\n')
     done = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "c.toml"), "--run-dir", str(tmp_path / "run")])
     assert done.exit_code == 0, done.output
-    assert "default from the data: model.hidden = [32, 32] (1,323 training rows over 4 sites)" in done.output  # the README quotes this line
+    assert "default from the data: model.hidden = [32, 32] (1,323 training rows over 4 sites)" in done.output  # docs/configuration.md quotes this line
     saved = RunDir(tmp_path / "run").load_config()
     assert saved.model.hidden == [32, 32] and "model.hidden" in (tmp_path / "run" / "defaults.json").read_text()
     resumed = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"), "--rounds", "2"])
@@ -78,13 +78,13 @@ def test_train_prints_the_choices_and_the_run_folder_keeps_them_for_a_resume(tmp
     assert "default from the data" not in resumed.output and RunDir(tmp_path / "run").load_config().model.hidden == [32, 32]
 
 
-def test_the_readme_table_is_the_configuration_every_key_described():
+def test_the_documented_table_is_the_configuration_every_key_described():
     from pathlib import Path
 
     from fedmeta.fl.config_reference import markdown, rows
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
-    assert table == markdown(), "README's configuration reference is stale: paste fedmeta.fl.config_reference.markdown() between its markers"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    table = page.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
+    assert table == markdown(), "docs/configuration.md's reference is stale: paste fedmeta.fl.config_reference.markdown() between its markers"
     assert all(description for _, _, description in rows()), [key for key, _, d in rows() if not d]
     assert "`federation.data_dir`" in table and "`simulation.attack`" in table

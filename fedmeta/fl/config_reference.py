@@ -1,6 +1,6 @@
 """The configuration reference: every key of a run configuration, its default and what it does.
 
-The README's table is :func:`markdown`'s output (a test keeps them equal), so
+docs/configuration.md's table is :func:`markdown`'s output (a test keeps them equal), so
 a key added to :mod:`fedmeta.fl.config` without a description, or described
 differently, shows up as a failing test rather than as a stale document.
 

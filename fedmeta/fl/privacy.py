@@ -13,7 +13,7 @@ not only a row. The mechanism (DP-FedAvg, McMahan et al. 2018):
 3. :class:`PrivacyAccount` composes one Gaussian release per round with
    Google's ``dp-accounting`` and reports epsilon at delta, twice (below).
 
-The account, stated once (the README repeats it):
+The account, stated once (docs/privacy-and-security.md repeats it):
 
 - **relation**: replace-one (a neighbouring federation swaps one site's data
   for another's), the relation under which fixed-size sampling is analysed;

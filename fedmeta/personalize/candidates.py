@@ -45,8 +45,8 @@ replayed): among every subset of the candidates, with the validation loss
 ranking them, these two scored best on average, and Ditto alone as well but
 for sites whose own linear model is what they need. More candidates lost
 more to validation noise than they won, as on the seven older benchmarks.
-The README ("Personalization against the personalized-FL peers") reports
-the result on fresh seeds. The others stay available:
+``docs/benchmarks.md`` ("The personalization study") reports the result on
+fresh seeds. The others stay available:
 ``choose_personalization(candidates=CANDIDATES)``, ``fedmeta personalize --candidates``.
 """
 
@@ -307,8 +307,7 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
     often stops too early, while a site with many rows may want more than the
     folds saw. Replayed on the benchmarks' held-out scores
     (``benchmarks/choice_diagnostic.py``), FedProx(1,1)'s all-rows fine-tunes
-    score 0.881 with the folds' median and 0.896 chosen again (README,
-    "Personalization against the personalized-FL peers").
+    score 0.881 with the folds' median and 0.896 chosen again.
     """
     k = candidate.knobs
     if candidate.name == "base":
