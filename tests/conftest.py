@@ -57,4 +57,6 @@ def readme_session(tmp_path_factory):
     """The README's blocks, pasted in order into one folder (:mod:`readme_session`), shared by the tests that check them."""
     from readme_session import PastingSession
 
-    return PastingSession(tmp_path_factory.mktemp("readme"))
+    session = PastingSession(tmp_path_factory.mktemp("readme"))
+    yield session
+    session.stop_server()  # a serving block whose requests block did not run (a -k selection) still stops

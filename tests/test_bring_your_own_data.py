@@ -1,14 +1,16 @@
 """Bring your own data, end to end through the CLI: the README's commands, run verbatim, do what they promise.
 
-Clinic folders (train.csv + test.csv, two tasks, some labels missing, from the
-hospital generator), ``fedmeta schema infer``, training from a five-line
-config, ``fedmeta personalize --test`` (the default choice) at every clinic, and
-``fedmeta evaluate --config`` with one clinic kept out. The bar for the
-personalized scores, on the same test rows: what each clinic builds alone
-(its own cross-validated choice of logistic regression, gradient boosting and
-the MLP), itself checked against the clinic's majority training label. The block
-runs once per test session, in the README's pasting folder
-(:mod:`readme_session`), shared with ``test_readme.py``.
+Clinic folders (train.csv and, at all but one clinic, test.csv; two tasks, some
+labels missing, from the hospital generator), ``fedmeta schema infer``,
+training from a five-line config, ``fedmeta personalize --test`` (the default
+choice) at every clinic into a site home of its own, ``fedmeta evaluate
+--config`` with one clinic kept out, and one clinic's model served and asked
+through ``/v1/predict`` and the v2 protocol. The bar for the personalized
+scores, on the same scored rows: what each clinic builds alone (its own
+cross-validated choice of logistic regression, gradient boosting and the MLP),
+itself checked against the clinic's majority training label. The blocks run
+once per test session, in the pasting folder (:mod:`readme_session`), shared
+with ``test_readme.py``.
 """
 
 import json
@@ -40,9 +42,11 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
 
     clinics = sorted(p.name for p in (tmp_path / "clinics").iterdir() if p.is_dir())
     assert len(clinics) >= 4
+    tested = [c for c in clinics if (tmp_path / "clinics" / c / "test.csv").exists()]
+    assert len(tested) == len(clinics) - 1, "one clinic goes without its optional test file"
     # The five-line config trained every clinic found; the run folder says how many.
     assert tomllib.loads((tmp_path / "runs" / "clinics" / "config.toml").read_text())["federation"]["n_sites"] == len(clinics)
-    assert f"({len(clinics)} sites found, {len(clinics)} with a test file)" in output
+    assert f"({len(clinics)} sites found, {len(tested)} with a test file)" in output
     # What the five lines leave unset is chosen from the rows, printed, and kept with the run.
     assert re.search(r"^default from the data: model\.hidden = \[\d+, \d+\] \([\d,]+ training rows over \d+ sites\)", done.stdout, re.M)
     assert "local.shots" in (tmp_path / "runs" / "clinics" / "defaults.json").read_text()
@@ -53,26 +57,41 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
     assert len(re.findall(r"^round \d+/10  loss ", trained, re.M)) == 10
 
     # Normalization: `schema infer` left it to the federation, whose sites sent sums at the roll call; the base
-    # carries the result, which is pandas' mean and population std over every clinic's train.csv (test files
-    # take no part), and every personalized model normalizes its inputs with it.
+    # carries the result, which is pandas' mean and population std over every clinic's training rows (test files
+    # and held-out rows take no part), and every personalized model normalizes its inputs with it.
     schema = json.loads((tmp_path / "clinics" / "schema.json").read_text())
     assert all(f["mean"] is None and f["std"] is None for f in schema["features"])
-    rows = pd.concat(pd.read_csv(tmp_path / "clinics" / clinic / "train.csv") for clinic in clinics)
+    federation = tomllib.loads((tmp_path / "runs" / "clinics" / "config.toml").read_text())["federation"]
+
+    def training_rows(clinic: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The clinic's rows that trained, and those it is scored on: its test.csv, else the rows training held out of train.csv."""
+        train = pd.read_csv(tmp_path / "clinics" / clinic / "train.csv")
+        if clinic in tested:
+            return train, pd.read_csv(tmp_path / "clinics" / clinic / "test.csv")
+        held = held_out_mask(clinic, len(train), federation["test_fraction"], federation["seed"])
+        return train[~held], train[held]
+
+    rows = pd.concat(training_rows(clinic)[0] for clinic in clinics)
     normalization = torch.load(tmp_path / "runs" / "clinics" / "base_model.pt", weights_only=True)["normalization"]
     numeric = [f["name"] for f in schema["features"] if f["type"] == "numeric"]
     assert sorted(normalization) == sorted(numeric)
     for name in numeric:
         assert normalization[name] == pytest.approx([rows[name].mean(), rows[name].std(ddof=0)], rel=1e-6), name
 
-    home = SiteHome(tmp_path / "site-home")
+    # Each clinic has a site home of its own (Concepts: a site home is one site's folder), and ./site-home none of them.
+    assert sorted(p.name for p in (tmp_path / "site-homes").iterdir()) == clinics
+    assert not set(clinics) & set(SiteHome(tmp_path / "site-home").registry.sites())
     base_acc, personalized_acc, alone_acc, majority_acc = [], [], [], []
     for clinic in clinics:
+        home = SiteHome(tmp_path / "site-homes" / clinic)
+        assert home.registry.sites() == [clinic]
         version = home.registry.current(clinic)
         assert version is not None, f"{clinic} has no promoted model"
         manifest, _ = home.load(version)
-        test = pd.read_csv(tmp_path / "clinics" / clinic / "test.csv")
-        train = pd.read_csv(tmp_path / "clinics" / clinic / "train.csv")
-        assert manifest.data["held_out"] == len(test) and manifest.data["rows"] == len(train)
+        train, test = training_rows(clinic)
+        if clinic not in tested:  # scored on the rows training held out of its train.csv, and said so
+            assert f"note: test file clinics/{clinic}/test.csv not found" in " ".join(done.stderr.split())
+        assert manifest.data["held_out"] == len(test) and manifest.data["rows"] == len(train) + (0 if clinic in tested else len(test))
         assert manifest.training["mode"].startswith("chosen:"), manifest.training["mode"]  # the default choice
         assert {f["name"]: [f["mean"], f["std"]] for f in manifest.schema_["features"] if f["type"] == "numeric"} == normalization
         labels = {t["name"]: t["label"] for t in manifest.schema_["tasks"]}
@@ -100,7 +119,7 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
         assert list(per_site["unseen"]) == ["clinic_006"], method
     assert tomllib.loads((tmp_path / "runs" / "clinics-evaluation" / "runs" / "fomaml" / "config.toml").read_text())["federation"]["n_sites"] == len(clinics) - 1
     assert (tmp_path / "runs" / "clinics-evaluation" / "report.md").exists()
-    assert f"{len(clinics) - 1} sites train, 1 never take part (unseen); {len(clinics)} scored on their test file" in output
+    assert f"{len(clinics) - 1} sites train, 1 never take part (unseen); {len(tested)} scored on their test file" in output
 
 
 def test_a_site_folder_without_its_optional_test_file_is_scored_on_rows_held_out_of_its_training_file(clinics, tmp_path):
@@ -117,3 +136,20 @@ def test_a_site_folder_without_its_optional_test_file_is_scored_on_rows_held_out
     expected = held_out_mask("clinic_000", len(train), federation.test_fraction, federation.seed)  # the rows training held out
     assert manifest.data["rows"] == len(train) and manifest.data["held_out"] == int(expected.sum()) > 0
     assert "test_file" not in manifest.data and "scores on held-out rows" in " ".join(result.stdout.split())
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("readme")
+def test_the_readme_serves_one_clinic_and_answers_a_whole_record_and_a_v2_request_alike(readme_session):
+    done = readme_session.run_through(marked_block("bring-your-own-data-requests"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    v1, v2 = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    home = SiteHome(readme_session.folder / "site-homes" / "clinic_003")
+    promoted = home.registry.current("clinic_003")
+    assert v1["model"]["site"] == "clinic_003" and v1["model"]["sha256"] == promoted.sha256
+    assert v1["ignored_fields"] == ["patient_id"], "a whole record is answered, its other fields named"
+    assert (v2["model_name"], v2["model_version"]) == ("clinic_003", v1["model"]["version"])
+    tasks = {t["name"] for t in home.load(promoted)[0].schema_["tasks"]}
+    assert set(v1["predictions"]) == {o["name"] for o in v2["outputs"]} == tasks
+    for output in v2["outputs"]:  # one record, two protocols, one model: the same probabilities
+        assert output["data"] == pytest.approx(v1["predictions"][output["name"]]["probabilities"][0], abs=1e-6)
