@@ -177,8 +177,8 @@ def test_personalize_without_a_mode_reports_every_candidate_the_choice_and_the_s
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]
     assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
-    assert sorted(why["validation"]) == ["ditto(λ=10)", "linear"]
-    assert sorted(why["candidates"]) == sorted(DEFAULT_CANDIDATES) == ["ditto", "linear"]
+    assert sorted(why["validation"]) == ["blend", "ditto(λ=10)"]
+    assert sorted(why["candidates"]) == sorted(DEFAULT_CANDIDATES) == ["blend", "ditto"]
     scored = {k.replace(".personalized.", ".alone.") for k in manifest.metrics if ".personalized." in k}
     assert scored and scored <= set(manifest.metrics), "every personalized score has the site's own model's beside it"
     json.dumps(why)

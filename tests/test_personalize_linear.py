@@ -60,18 +60,19 @@ def _own_coefficients_site(seed: int, n: int = 150) -> SiteData:
     return SiteData(f"clinic_{seed}", schema, x, {"event": y}, rng.random(n) < 0.3)
 
 
-def test_the_default_choice_takes_a_linear_candidate_where_sites_are_linear_and_scores_above_the_choice_without_them():
-    assert "linear" in DEFAULT_CANDIDATES
+def test_the_default_choice_takes_the_sites_own_linear_model_where_sites_are_linear_and_scores_above_ditto_alone():
+    assert "blend" in DEFAULT_CANDIDATES
     chosen, gains = [], []
     for seed in range(3, 11):
         site = _own_coefficients_site(seed)
         base = TrainedModel.initial(site.schema, hidden=(16, 16), seed=0)
         default = choose_personalization(base, site)
-        without = choose_personalization(base, site, candidates=[c for c in DEFAULT_CANDIDATES if c != "linear"])
+        without = choose_personalization(base, site, candidates=[c for c in DEFAULT_CANDIDATES if c != "blend"])
         chosen.append(default.steps_selection["chosen"])
         gains.append(default.metrics["event.personalized.acc"] - without.metrics["event.personalized.acc"])
-    assert sum(c == "linear" for c in chosen) >= 4, chosen  # measured 5 of 8
-    assert np.mean(gains) >= 0.01 and min(gains) >= 0, gains  # measured +0.026 on average (0.0 to +0.059)
+    assert sum(c == "blend" for c in chosen) >= 6, chosen  # measured 7 of 8
+    # Measured +0.031 on average; one site of ~50 held-out rows lost one row (-0.020) to validation noise.
+    assert np.mean(gains) >= 0.02 and min(gains) >= -0.03, gains
 
 
 def test_a_wide_candidate_exports_to_onnx_and_onnxruntime_agrees_with_torch(site, base):

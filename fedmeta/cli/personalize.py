@@ -109,7 +109,7 @@ def personalize(
         "--shots all or a number of --steps with auto means all.",
     ),
     candidates: str = typer.Option(
-        "ditto,linear", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
+        "ditto,blend", "--candidates", help="With --mode auto, the adaptations weighed (comma-separated): base (unadapted), all_rows "
         "(every layer on all rows), ditto (the same, pulled toward the base, λ = 10), head (heads retrained on the frozen body), linear (the "
         "site's own cross-validated logistic/ridge regression), wide (the same beside the base body's features), blend (ditto and linear "
         "averaged), few_shot "

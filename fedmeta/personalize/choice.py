@@ -17,12 +17,13 @@ is. :func:`choose_personalization`:
    (:data:`~fedmeta.personalize.candidates.DEFAULT_CANDIDATES`): every layer
    fine-tuned on all rows with Ditto's proximal pull toward the base (Li et
    al. 2021), early-stopped (zero steps, the base as it is, included), and
-   the site's own cross-validated logistic (ridge) regression, what it
-   would build alone. ``candidates`` adds the base itself, the plain
-   fine-tune (FedBABU's, Oh et al. 2022; FedAvg + fine-tuning), the heads
-   retrained on the frozen meta-learned body (FedRep, Collins et al. 2021;
-   FedPer; ANIL), the regression beside the base body's features (wide &
-   deep), the fine-tune and the regression averaged (blend), few-shot
+   that model's outputs averaged with the site's own cross-validated
+   logistic (ridge) regression, what it would build alone (blend).
+   ``candidates`` adds the base itself, the plain fine-tune (FedBABU's, Oh
+   et al. 2022; FedAvg + fine-tuning), the heads retrained on the frozen
+   meta-learned body (FedRep, Collins et al. 2021; FedPer; ANIL), the
+   regression alone (linear) or beside the base body's features (wide &
+   deep), few-shot
    adaptation as the base was meta-trained (Per-FedAvg, Fallah et al.
    2020; Meta-SGD's rates, ANIL's heads) and APFL's mix of base and local
    predictions (Deng et al. 2020) for each α.
@@ -165,7 +166,7 @@ def choose_personalization(
     >>> site = hospital_federation(n_sites=1)[0]
     >>> result = choose_personalization(TrainedModel.initial(site.schema, hidden=(8,)), site)
     >>> result.mode.startswith("chosen:"), sorted(result.steps_selection["validation"])
-    (True, ['ditto(λ=10)', 'linear'])
+    (True, ['blend', 'ditto(λ=10)'])
     """
     start = time.perf_counter()
     try:
