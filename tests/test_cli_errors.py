@@ -144,3 +144,12 @@ def test_an_unexpected_error_is_one_redacted_line_and_a_hint(world, monkeypatch)
 
 def test_the_app_never_shows_locals_in_a_traceback():
     assert app.pretty_exceptions_show_locals is False
+
+
+def test_an_error_naming_several_files_prints_one_error_line_per_file(capsys):
+    from fedmeta.cli.errors import fail
+    from fedmeta.data.schema import SchemaProblems
+
+    fail(SchemaProblems(["a/test.csv has no column 'y' (label of task 't')", "b/train.csv: missing feature column(s) ['age']"]))
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == ["error: a/test.csv has no column 'y' (label of task 't')", "error: b/train.csv: missing feature column(s) ['age']"]

@@ -56,8 +56,12 @@ def without_values(message: str) -> str:
 
 
 def fail(error: Exception | str, code: int = 2) -> typer.Exit:
-    """Print ``error`` as one red line (file, column and row, never a cell's value); returns the exit to raise."""
-    console.print(f"[red]error:[/] {escape(without_values(str(error)))}", soft_wrap=True)
+    """Print ``error`` as one red line (file, column and row, never a cell's value); returns the exit to raise.
+
+    An error that names several files (``lines``, as :class:`~fedmeta.data.schema.SchemaProblems` does) is one line per file.
+    """
+    for line in getattr(error, "lines", None) or [str(error)]:
+        console.print(f"[red]error:[/] {escape(without_values(str(line)))}", soft_wrap=True)
     return typer.Exit(code)
 
 
