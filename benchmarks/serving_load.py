@@ -1,5 +1,10 @@
 """Prediction-server throughput and latency: req/s, p50 and p99 at concurrency 1, 8 and 32, 1-row and 64-row bodies.
 
+First, the figure that travels between machines: 1-row ``/v1/predict`` throughput as a share of the
+no-op liveness route's (``GET /v2/health/live``), both at concurrency 8 against the same server,
+alternated (no-op, predict, no-op, predict, ...: ``--pairs``) so that a neighbour's load on a shared
+machine falls on both; each pair gives a ratio and the range is reported. ``--ratio-only`` stops there.
+
 Starts ``python -m serving`` (one uvicorn worker with the connection guard, see ``serving.server``) on a
 free 127.0.0.1 port and drives it from a separate process with wrk (Debian package ``wrk``), with auth
 and validation on: every request carries an API key and is validated and predicted in full. Each point
@@ -11,7 +16,7 @@ The model is a hospital site's personalized model (18 encoded features, 64-64 bo
 personalized from a round-0 base unless ``--site-home`` names an existing site home: weights do not
 change the cost of a request.
 
-    python benchmarks/serving_load.py [--seconds 5] [--json]
+    python benchmarks/serving_load.py [--seconds 5] [--pairs 3] [--ratio-only] [--site-home DIR] [--json]
 """
 
 from __future__ import annotations
@@ -92,9 +97,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
+def run_wrk(url: str, script: Path | None, connections: int, seconds: int) -> dict:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url], capture_output=True, text=True, check=True
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *(["-s", str(script)] if script else []), url], capture_output=True, text=True, check=True
     ).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
@@ -105,11 +110,28 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
     }
 
 
+def measure_ratio(url: str, predict_script: Path, seconds: int, pairs: int) -> dict:
+    """No-op liveness and 1-row predict at concurrency 8, alternated ``pairs`` times; each pair's ratio predict/no-op."""
+    noop, predict = [], []
+    run_wrk(url + "/v2/health/live", None, 8, 2)  # warm-up
+    for _ in range(pairs):
+        noop.append(run_wrk(url + "/v2/health/live", None, 8, seconds)["rps"])
+        predict.append(run_wrk(url + "/v1/predict", predict_script, 8, seconds)["rps"])
+    ratios = [p / n for n, p in zip(noop, predict)]
+    return {"noop_rps": noop, "predict_rps": predict, "ratios": [round(r, 3) for r in ratios]}
+
+
+def _span(values: list[float], fmt: str) -> str:
+    return f"{min(values):{fmt}}–{max(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--site-home", default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pairs", type=int, default=3, help="alternated no-op/predict pairs for the ratio")
+    parser.add_argument("--ratio-only", action="store_true", help="measure the no-op/predict ratio only")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
@@ -133,10 +155,20 @@ def main() -> None:
             body = json.dumps({"rows": [ROW] * rows})
             check = httpx.post(url + "/v1/predict", content=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
             check.raise_for_status()
-            script = work / f"rows{rows}.lua"
-            script.write_text(
+            (work / f"rows{rows}.lua").write_text(
                 f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer {key}"\n'
             )
+        run_wrk(url + "/v1/predict", work / "rows1.lua", 8, 2)  # warm-up
+        ratio = measure_ratio(url, work / "rows1.lua", args.seconds, args.pairs)
+        print(f"\nno-op GET /v2/health/live: {_span(ratio['noop_rps'], ',.0f')} req/s; 1-row POST /v1/predict: {_span(ratio['predict_rps'], ',.0f')} req/s "
+              f"(concurrency 8, {args.seconds} s each, {args.pairs} alternated pairs)")
+        print(f"1-row predict / no-op: {_span(ratio['ratios'], '.0%')} (each pair: {', '.join(f'{r:.0%}' for r in ratio['ratios'])})")
+        if args.ratio_only:
+            if args.json:
+                print(json.dumps({"ratio": ratio}))
+            return
+        for rows in (1, 64):
+            script = work / f"rows{rows}.lua"
             run_wrk(url + "/v1/predict", script, 8, 2)  # warm-up
             for connections in (1, 8, 32):
                 results[(rows, connections)] = run_wrk(url + "/v1/predict", script, connections, args.seconds)
@@ -162,6 +194,7 @@ def main() -> None:
     print(f"\nwhile promoting every 100 ms: {promotions['ok']} promotions ({promotions['failed']} failed), {swapping:.0%} of the steady 1-row c=8 throughput measured just before")
     if args.json:
         print(json.dumps({
+            "ratio": ratio,
             "rps_c8_1row": results[(1, 8)]["rps"],
             "p99_ms_c8_1row": results[(1, 8)]["p99_ms"],
             "rps_c8_64row": results[(64, 8)]["rps"],

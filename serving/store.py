@@ -11,6 +11,7 @@ and the old session is freed when its last request is done.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -184,6 +185,54 @@ def check_finite(tasks: list[str], outputs: list[np.ndarray], where: str, n: int
                                 "they are far outside what it was trained on")
 
 
+class RunBatcher:
+    """One onnxruntime call for the requests that reach it in the same event-loop turn, each given its own rows' outputs.
+
+    A call costs ~35 us whatever its rows (8 rows: ~40 us), so under concurrent load this
+    is most of a one-row prediction's cost saved. No request waits for another: the batch
+    runs on the next turn of the loop, after the requests already runnable have queued.
+    Rows never mix in the exported graphs (per-row layers only), so each request's outputs
+    are the ones it would get alone, bit for bit (tested).
+    """
+
+    def __init__(self, run):
+        self._run = run
+        self._pending: list[tuple[tuple[str, ...], dict, int, asyncio.Future]] = []
+
+    async def run(self, tasks: list[str], feed: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((tuple(tasks), feed, n, future))
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[str, ...], list] = {}
+        for item in pending:
+            groups.setdefault(item[0], []).append(item)
+        for tasks, items in groups.items():
+            try:
+                if len(items) == 1:
+                    results = [self._run(list(tasks), items[0][1])]
+                else:
+                    outputs = self._run(list(tasks), {name: np.concatenate([item[1][name] for item in items]) for name in items[0][1]})
+                    results, start = [], 0
+                    for _, _, n, _ in items:
+                        results.append([out[start:start + n] for out in outputs])
+                        start += n
+            except Exception as e:  # a server fault: every request of the batch answers it (500)
+                results = [e] * len(items)
+            for (_, _, _, future), result in zip(items, results):
+                if future.done():  # cancelled meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """One model version, ready to answer requests."""
@@ -220,6 +269,10 @@ class LoadedModel:
     def run(self, tasks: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs of ``tasks`` for a feed holding every input (as :meth:`RowValidator.columns` builds it)."""
         return self._run(tasks, feed)
+
+    @cached_property
+    def batcher(self) -> RunBatcher:
+        return RunBatcher(self.run)
 
     def outside_training_range(self, feed: dict[str, np.ndarray], n: int) -> list[dict] | None:
         """The rows with a value outside the training range and their features (:mod:`fedmeta.training_range`); None if unrecorded."""
