@@ -24,6 +24,7 @@ what is served.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from functools import lru_cache
 from typing import Any, Literal
@@ -44,6 +45,11 @@ from serving.store import FLOAT32_MAX, LoadedModel, row_label
 router = APIRouter(tags=["heads"])
 
 TASK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+
+
+def training_installed() -> bool:
+    """Whether this install can train a head: a serving-only install (``fedmeta[serve]``) has no torch."""
+    return importlib.util.find_spec("torch") is not None
 
 
 @lru_cache(maxsize=1)
@@ -190,9 +196,11 @@ ACCEPTED = {
     "with at least two classes (binary: exactly two; the given `classes` only; regression: numbers within float32), the label must be no "
     "other task's label, the row fields no feature but the label, and the task name not one the model's module reserves (`forward`, "
     "`training`, ...); 422 otherwise, naming the rule.",
-    responses={**responses(401, 403, 409, 413, 415, 422, 429, 503), 202: ACCEPTED},
+    responses={**responses(401, 403, 409, 413, 415, 422, 429, 501, 503), 202: ACCEPTED},
 )
 async def request_head(request: Request, key: ApiKey = Depends(role("department"))) -> Response:
+    if not training_installed():
+        raise ApiError(501, 'heads: this server is a serving-only install; training a head needs the training extra: pip install "fedmeta[train]"')
     server = state(request)
     payload = await read_json(request, server.settings.max_body_bytes, 4 * server.settings.head_max_rows + 64)
     body = parse_head_request(payload, server.settings.head_max_rows)

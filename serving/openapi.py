@@ -60,6 +60,7 @@ ERRORS = {
     415: "Content-Type is not application/json, or the body is compressed (Content-Encoding)",
     422: "a value that does not fit the schema; the message names the field and the value",
     429: "the head-job queue is full (Retry-After)",
+    501: "this server has no training stack (a serving-only install): heads need pip install \"fedmeta[train]\"",
     503: "the registry is busy or the server's key file is unreadable (Retry-After)",
 }
 BODY_ERRORS = (400, 413, 415, 422)

@@ -114,3 +114,16 @@ def test_a_head_job_is_visible_only_to_the_key_that_asked_for_it_and_to_admins(s
     assert by_other.status_code == 404 and by_other.json()["error"] == f"no head job {job_id!r}", by_other.text
     assert conflict.status_code == 409 and job_id not in conflict.text, conflict.text
     assert by_owner.status_code == by_admin.status_code == 200 and by_owner.json()["id"] == by_admin.json()["id"] == job_id
+
+
+def test_a_serving_only_install_answers_a_head_request_with_501_naming_the_training_extra(site_home, monkeypatch):
+    import serving.heads
+
+    home, keys = site_home
+    monkeypatch.setattr(serving.heads, "training_installed", lambda: False)
+    with running(settings(home)) as (url, _):
+        r = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "kind": "binary", "rows": sepsis_rows(), "steps": 20}, headers=auth(keys["department"]))
+        unauthenticated = httpx.post(f"{url}/v1/heads", json={"task": "sepsis", "rows": sepsis_rows()})
+    assert r.status_code == 501 and 'pip install "fedmeta[train]"' in r.json()["error"], r.text
+    assert unauthenticated.status_code == 401  # the key is checked first: no install detail for strangers
+    assert not [e for e in home.registry.audit() if e.action == "head_request"]

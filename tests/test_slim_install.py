@@ -129,7 +129,8 @@ def promoted_home(tmp_path_factory, hospitals, base_run):
     home = SiteHome(tmp_path_factory.mktemp("slim-home") / "home")
     publish_version(home, hospitals, base_run, seed=1, promote=True)
     _, key = KeyStore(home.path).create("slim-test", "predict")
-    return home.path, key
+    _, department = KeyStore(home.path).create("slim-department", "department")
+    return home.path, key, department
 
 
 def _in_venv(venv: Path, *args: str) -> subprocess.CompletedProcess:
@@ -139,7 +140,7 @@ def _in_venv(venv: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # creates a venv and installs the serving stack into it (minutes the first time, pip's cache after)
 def test_a_serving_only_venv_has_no_training_stack_and_serves_a_promoted_model(serving_venv, promoted_home, tmp_path):
-    home, key = promoted_home
+    home, key, department = promoted_home
     present = _in_venv(serving_venv, "python", "-c", f"import importlib.util as u, fedmeta; print(fedmeta.__file__); print([m for m in {TRAINING_MODULES!r} if u.find_spec(m)])")
     where, found = present.stdout.splitlines()
     assert where.startswith(str(serving_venv)) and found == "[]"
@@ -165,6 +166,8 @@ def test_a_serving_only_venv_has_no_training_stack_and_serves_a_promoted_model(s
         v2 = httpx.post(f"{url}/v2/models/{SITE}/infer", json={"inputs": inputs}, headers=headers, timeout=10)
         assert v2.status_code == 200, v2.text
         assert v2.json()["model_name"] == SITE and {o["name"] for o in v2.json()["outputs"]} >= {"mortality", "length_of_stay"}
+        head = httpx.post(url + "/v1/heads", json={"task": "sepsis", "kind": "binary", "rows": [ROW]}, headers={"Authorization": f"Bearer {department}"}, timeout=10)
+        assert head.status_code == 501 and 'pip install "fedmeta[train]"' in head.json()["error"], head.text
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -178,7 +181,7 @@ def test_a_serving_only_venv_has_no_training_stack_and_serves_a_promoted_model(s
 
 @pytest.mark.slow  # shares the serving-only venv above
 def test_a_serving_only_venv_scores_files_lists_models_and_names_the_extra_for_training(serving_venv, promoted_home, hospitals, tmp_path):
-    home, _ = promoted_home
+    home, _, _ = promoted_home
     scored = _in_venv(serving_venv, "fedmeta", "predict", "--data", str(hospitals / f"{SITE}.csv"), "--site-home", str(home), "--out", str(tmp_path / "p.csv"))
     assert scored.returncode == 0, scored.stdout + scored.stderr
     assert {"mortality", "mortality.p_1", "length_of_stay"} <= set((tmp_path / "p.csv").read_text().splitlines()[0].split(","))
