@@ -27,7 +27,7 @@ from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
-from serving.store import LoadedModel, check_finite
+from serving.store import LoadedModel
 
 router = APIRouter(tags=["predict"])
 
@@ -166,9 +166,7 @@ async def predict(request: Request) -> Response:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
     feed, n = model.validator.columns(rows, where, strict=strict)
     tasks = select_tasks(model, payload.get("tasks"))
-    outputs = await model.batcher.run(tasks, feed, n)
-    check_finite(tasks, outputs, where, n)
-    outside = model.outside_training_range(feed, n)
+    outputs, outside = await model.batcher.predict(tasks, feed, n, where)
     request.state.predicted = (tasks, n, outside)
     content = {
         "model": {"site": model.site, "version": model.label, "sha256": model.version.sha256},

@@ -65,3 +65,52 @@ def test_concurrent_predict_requests_answer_as_they_would_one_at_a_time(served):
     alone, together = asyncio.run(run())
     assert len({json.dumps(a["predictions"], sort_keys=True) for a in alone}) == len(ROWS)  # control: the rows differ in their answers
     assert together == alone
+
+
+def test_a_batch_flags_each_requests_own_rows_outside_the_training_range(served):
+    app, _ = served
+    model = app.state.fedmeta.store.current
+    calls = []
+
+    def counted(tasks, feed):
+        calls.append(len(next(iter(feed.values()))))
+        return model.run(tasks, feed)
+
+    age_max = float(model.ranges.hi[model.ranges.names.index("age"), 0])
+    far = {**ROWS[1], "age": age_max + 50}
+    requests = [[ROWS[0]], [far], [ROWS[2]], [ROWS[3], far], [ROWS[4]]]
+    feeds = [model.validator.columns(rows, "rows")[0] for rows in requests]
+    batcher = RunBatcher(counted, model.ranges)
+
+    async def together():
+        return await asyncio.gather(*(batcher.predict(model.tasks, feed, len(rows), "rows") for feed, rows in zip(feeds, requests)))
+
+    results = asyncio.run(together())
+    assert calls == [6]
+    assert [outside for _, outside in results] == [[], [{"row": 0, "features": ["age"]}], [], [{"row": 1, "features": ["age"]}], []]
+    for (outputs, outside), feed, rows in zip(results, feeds, requests):
+        assert outside == model.outside_training_range(feed, len(rows))  # what the request would get alone
+        assert all(np.array_equal(a, b) for a, b in zip(outputs, model.run(model.tasks, feed)))
+
+
+def test_a_batch_refuses_only_the_request_whose_own_row_has_an_output_that_is_not_finite(served):
+    app, _ = served
+    model = app.state.fedmeta.store.current
+
+    def nan_in_fourth_row(tasks, feed):
+        outputs = model.run(tasks, feed)
+        outputs[0][3] = np.nan  # the batch's fourth row: the second row of the third request
+        return outputs
+
+    requests = [[ROWS[0]], [ROWS[1]], [ROWS[2], ROWS[3]], [ROWS[4]]]
+    feeds = [model.validator.columns(rows, "rows")[0] for rows in requests]
+    batcher = RunBatcher(nan_in_fourth_row, model.ranges)
+
+    async def together():
+        return await asyncio.gather(*(batcher.predict(model.tasks, feed, len(rows), "rows") for feed, rows in zip(feeds, requests)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(together())
+    assert [type(r).__name__ for r in results] == ["tuple", "tuple", "ApiError", "tuple"]
+    assert results[2].message.startswith(f"rows[1]: the model's {model.tasks[0]!r} output is not a finite number"), results[2].message
+    assert all(outside == [] for _, outside in (results[0], results[1], results[3]))
