@@ -28,8 +28,8 @@ MLP 64-64 and round budget:
   (``fedmeta.evaluate.peers``), each knob tuned on validation rows with a grid of the size fedmeta gets;
 - ``shots_all``: what ``fedmeta personalize --shots all`` gives each training site from the same base as
   ``fedmeta`` (every labelled training row, steps chosen on a validation fifth of them);
-- with ``--previous``, ``previous_default``: the default before this one (base, all rows, Ditto, heads,
-  ranked by validation accuracy first), from the same base.
+- with ``--previous``, ``previous_default``: the default before this one (Ditto and the site's linear model,
+  by validation loss), from the same base.
 
 The peers and the pooled oracle with a site indicator run on the seven (``--peers`` adds them to the
 families too). With ``--json`` the last line is
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="the fresh seeds (for reporting only) instead of the selection seeds")
     parser.add_argument("--seeds", type=int, default=None, help="only the first N seeds of each benchmark")
     parser.add_argument("--peers", action="store_true", help="the personalized-FL peers on the generator families too")
-    parser.add_argument("--previous", action="store_true", help="also the previous default (base, all rows, Ditto, heads; accuracy first)")
+    parser.add_argument("--previous", action="store_true", help="also the previous default (Ditto and the site's linear model, by validation loss)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--work", default=None, help="folder for the runs (an interrupted benchmark continues there); default: a fresh temporary folder")
     args = parser.parse_args()
@@ -150,8 +150,8 @@ def main() -> None:
         print(json.dumps({"benchmarks": report}, ensure_ascii=False))
 
 
-#: The default before the site's own linear model joined it: four candidates, ranked by validation accuracy first.
-PREVIOUS_DEFAULT = ("base", "all_rows", "ditto", "head")
+#: The default before blend: Ditto's fine-tune or the site's own linear model, by validation loss.
+PREVIOUS_DEFAULT = ("ditto", "linear")
 
 
 def previous_default(fed, run: Path, shots: int, seed: int = 0) -> MethodResult:
@@ -163,7 +163,7 @@ def previous_default(fed, run: Path, shots: int, seed: int = 0) -> MethodResult:
     result = MethodResult("previous_default")
     for site in fed.seen:
         adapted = choice.choose_personalization(base.for_schema(site.schema), site, shots=shots_for(site, shots), lr=base.adaptation["lr"],
-                                                seed=seed, candidates=PREVIOUS_DEFAULT, rank=choice.accuracy_first)
+                                                seed=seed, candidates=PREVIOUS_DEFAULT, rank=choice.loss_first)
         per_task = {t: {k.split(".")[2]: v for k, v in adapted.metrics.items() if k.startswith(f"{t}.personalized.")} for t in adapted.tasks}
         result.seen[site.name] = site_summary(per_task)
         result.choices[site.name] = adapted.steps_selection["chosen"]
