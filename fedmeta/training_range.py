@@ -53,6 +53,7 @@ class RangeCheck:
         self.names = names
         self.lo = lo.astype(np.float32)[:, None]
         self.hi = hi.astype(np.float32)[:, None]
+        self._lo, self._hi = self.lo.ravel().tolist(), self.hi.ravel().tolist()
 
     @classmethod
     def from_manifest(cls, ranges: Mapping[str, list[float]] | None, numeric: list[str]) -> RangeCheck | None:
@@ -69,7 +70,7 @@ class RangeCheck:
         return np.concatenate([np.asarray(columns[name], np.float32).reshape(n) for name in self.names]).reshape(len(self.names), n)
 
     def all_inside(self, columns: Mapping[str, np.ndarray], n: int) -> bool:
-        """True when no row of ``columns`` has a value outside the range, i.e. when :meth:`flagged` would be ``[]``.
+        """True when no row of ``columns`` has a value outside the range, i.e. when :meth:`flagged` would be ``[]`` (a NaN may answer False).
 
         The server asks this once for all the rows of a batch of requests, and
         calls :meth:`flagged` per request only when it is False.
@@ -80,9 +81,16 @@ class RangeCheck:
         """
         if not self.names:
             return True
-        matrix = self._matrix(columns, n)
-        # NaN fails both comparisons, so it answers False here and flagged() decides (not flagged, as before).
-        return bool(((matrix >= self.lo) & (matrix <= self.hi)).all())
+        try:
+            values = np.concatenate([columns[name] for name in self.names])  # feature-major, as the bounds
+        except ValueError:  # a scalar column
+            values = None
+        if values is None or values.dtype != np.float32 or values.shape != (len(self.names) * n,):  # not the server's columns
+            return not self.flagged(columns, n)
+        # NaN fails every comparison, so it answers False here and flagged() decides (not flagged, as before).
+        if n == 1:  # one row: Python's comparisons cost less than numpy's calls; float32 to float is exact, so they agree
+            return all(lo <= x <= hi for x, lo, hi in zip(values.tolist(), self._lo, self._hi))
+        return bool(((values.reshape(len(self.names), n) >= self.lo) & (values.reshape(len(self.names), n) <= self.hi)).all())
 
     def flagged(self, columns: Mapping[str, np.ndarray], n: int) -> list[dict]:
         """``[{"row": i, "features": [...]}, ...]`` for the rows with a value outside the range; ``[]`` when none."""

@@ -153,13 +153,20 @@ class RowValidator:
                 if not ((matrix >= self._lo) & (matrix <= self._hi)).all():  # also false for NaN and inf
                     raise self._first_problem(where, rows)
                 matrix = matrix.astype(np.float32)  # within the bounds, so within float32
-            for j, name in enumerate(self.numeric):
-                feed[name] = matrix[j]
-            for name, categories in self.categorical.items():
-                column = [r[name] for r in rows]
-                if not all(v in categories for v in column):
-                    raise self._problem(where, rows, name)
-                feed[name] = np.array(column, dtype=object)
+            feed.update(zip(self.numeric, matrix))  # the matrix's rows, as views: iterating costs less than indexing
+            if n == 1 and self.categorical:  # one object array for all the row's categories, as for its numbers
+                row = rows[0]
+                values = [row[name] for name in self.categorical]
+                for name, value in zip(self.categorical, values):
+                    if value not in self.categorical[name]:
+                        raise self._problem(where, rows, name)
+                feed.update(zip(self.categorical, np.array(values, dtype=object).reshape(len(values), 1)))
+            else:
+                for name, categories in self.categorical.items():
+                    column = [r[name] for r in rows]
+                    if not all(v in categories for v in column):
+                        raise self._problem(where, rows, name)
+                    feed[name] = np.array(column, dtype=object)
         except (KeyError, TypeError, OverflowError):
             raise self._first_problem(where, rows) from None
         return feed, n

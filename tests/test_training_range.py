@@ -121,3 +121,23 @@ def test_offline_scoring_flags_the_same_rows_and_says_so_on_stderr(site_home, ho
     assert "1 of 5 rows have values outside the model's training range, scored all the same: age (1)" in done.stderr
     assert "outside the model's training range" not in done.stdout  # the CSV on standard output stays clean
     assert pd.read_csv(pd.io.common.StringIO(done.stdout))["outside_training_range"].fillna("").tolist() == ["", "", "age", "", ""]
+
+
+def test_all_inside_is_true_exactly_when_flagged_finds_nothing_at_the_bounds_in_float32_and_float64():
+    from fedmeta.training_range import RangeCheck
+
+    check = RangeCheck.from_manifest({"age": [18.0, 97.1], "sodium": [120.3, 150.0]}, ["age", "sodium", "wbc"])
+    ages = [17.999999, 18.0, 40.0, 97.1, 97.100001, 97.10001, np.nan]
+    sodium = [120.29999, 120.3, 140.0, 150.0, 150.00001]
+    verdicts = set()
+    for dtype in (np.float32, np.float64):
+        for n in (1, 3):
+            for age in ages:
+                for na in sodium:
+                    columns = {"age": np.array([40.0] * (n - 1) + [age], dtype), "sodium": np.array([na] + [140.0] * (n - 1), dtype),
+                               "wbc": np.full(n, 1e9, dtype)}
+                    verdict = check.all_inside(columns, n)
+                    nothing = check.flagged(columns, n) == []
+                    assert nothing if verdict else (not nothing or np.isnan(age)), (dtype, n, age, na)  # a NaN is never flagged: False sends it to flagged()
+                    verdicts.add(verdict)
+    assert verdicts == {True, False}  # control: both answers occur
