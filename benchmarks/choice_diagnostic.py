@@ -26,6 +26,7 @@ import numpy as np
 from fedmeta.data import load_federation
 from fedmeta.evaluate.site_scores import shots_for
 from fedmeta.personalize import load_base
+from fedmeta.personalize import candidates
 from fedmeta.personalize.candidates import CANDIDATES, Candidate, _all_rows_runs, _one, fit_candidates, refit
 from fedmeta.personalize.choice import FOLDS, _feasible_shots, held_out_metrics, loss_first, validation_scores, validation_split
 from fedmeta.threads import limit_threads
@@ -43,7 +44,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--dump", type=Path, default=None)
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="the kinds fitted (comma-separated; default every one)")
+    parser.add_argument("--blend-alphas", default=None, help="the linear model's weights in the blends (comma-separated; default BLEND_ALPHAS)")
     args = parser.parse_args()
+    if args.blend_alphas:
+        candidates.BLEND_ALPHAS = tuple(float(a) for a in args.blend_alphas.split(","))
     records = []
     limit_threads(1)
     base = load_base(args.folder / "runs" / args.algorithm)

@@ -54,7 +54,7 @@ def _validation_loss(model, rows, tasks):
 def test_the_chosen_candidate_has_the_lowest_validation_loss_and_beats_the_untrained_base(site, base):
     folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0, names=CANDIDATES), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
     chosen, scores = choose(folds, site.tasks)
-    assert set(scores) >= {"base", "few_shot", "all_rows", "head", "ditto(λ=10)", "mix(α=0.5)", "mix(α=1)", "linear", "wide", "blend"}
+    assert set(scores) >= {"base", "few_shot", "all_rows", "head", "ditto(λ=10)", "mix(α=0.5)", "mix(α=1)", "linear", "wide", "blend(α=0.5)"}
     # The control: every candidate counted again here, each fold's model on that fold's validation rows only. A
     # chooser that scored the fitting rows, one fold, or kept the base would pick a candidate that is not the best.
     loss, accuracy = {}, {}
@@ -177,7 +177,7 @@ def test_personalize_without_a_mode_reports_every_candidate_the_choice_and_the_s
     manifest, _ = SiteHome(tmp_path).load(version)
     why = manifest.training["steps_selection"]
     assert why["chosen"] in why["validation"] and manifest.training["mode"].startswith("chosen:")
-    assert sorted(why["validation"]) == ["blend", "ditto(λ=10)"]
+    assert sorted(why["validation"]) == ["blend(α=0.5)", "ditto(λ=10)"]
     assert sorted(why["candidates"]) == sorted(DEFAULT_CANDIDATES) == ["blend", "ditto"]
     scored = {k.replace(".personalized.", ".alone.") for k in manifest.metrics if ".personalized." in k}
     assert scored and scored <= set(manifest.metrics), "every personalized score has the site's own model's beside it"

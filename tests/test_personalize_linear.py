@@ -70,7 +70,7 @@ def test_the_default_choice_takes_the_sites_own_linear_model_where_sites_are_lin
         without = choose_personalization(base, site, candidates=[c for c in DEFAULT_CANDIDATES if c != "blend"])
         chosen.append(default.steps_selection["chosen"])
         gains.append(default.metrics["event.personalized.acc"] - without.metrics["event.personalized.acc"])
-    assert sum(c == "blend" for c in chosen) >= 6, chosen  # measured 7 of 8
+    assert sum(c.startswith("blend") for c in chosen) >= 6, chosen  # measured 7 of 8
     # Measured +0.031 on average; one site of ~50 held-out rows lost one row (-0.020) to validation noise.
     assert np.mean(gains) >= 0.02 and min(gains) >= -0.03, gains
 

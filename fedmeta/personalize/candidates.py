@@ -71,6 +71,8 @@ CANDIDATES = ("base", "few_shot", "all_rows", "ditto", "head", "mix", "linear", 
 DEFAULT_CANDIDATES = ("ditto", "blend")
 DITTO_LAMBDAS = (10.0,)
 MIX_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+#: The linear model's weight in each blend.
+BLEND_ALPHAS = (0.5,)
 LOCAL_LR = 3e-3
 MAX_STEPS = 600
 
@@ -250,9 +252,9 @@ def fit_linear(base: TrainedModel, site: SiteData, tasks: list[str], seed: int, 
     return Candidate(name, widened(base, fit_linear_heads(base, site, tasks, seed, deep), name))
 
 
-def _blend(tuned: Candidate, own: Candidate) -> Candidate:
-    """Ditto's fine-tune and the site's own linear model, their outputs averaged: one MLP (:func:`mixed_model`)."""
-    return Candidate("blend", mixed_model(tuned.model, own.model, 0.5), {"steps": tuned.knobs["steps"], "ditto": tuned.knobs["lambda"]})
+def _blend(tuned: Candidate, own: Candidate, alpha: float) -> Candidate:
+    """Ditto's fine-tune and the site's own linear model, ``(1 - α)·ditto + α·linear``: one MLP (:func:`mixed_model`)."""
+    return Candidate("blend", mixed_model(tuned.model, own.model, alpha), {"steps": tuned.knobs["steps"], "ditto": tuned.knobs["lambda"], "alpha": alpha})
 
 
 def check_candidates(names) -> tuple[str, ...]:
@@ -291,7 +293,7 @@ def fit_candidates(
     if "blend" in names:
         tuned = (by_kind.get("ditto") or [fit_ditto(base, site, tasks, DITTO_LAMBDAS[0], seed)])[0]
         own = (by_kind.get("linear") or [fit_linear(base, site, tasks, seed)])[0]
-        by_kind["blend"] = [_blend(tuned, own)]
+        by_kind["blend"] = [_blend(tuned, own, alpha) for alpha in BLEND_ALPHAS]
     return [c for name in names for c in by_kind[name]]
 
 
@@ -321,7 +323,7 @@ def refit(candidate: Candidate, base: TrainedModel, site: SiteData, tasks: list[
         return fit_linear(base, site, tasks, seed, deep=candidate.name == "wide")
     if candidate.name == "blend":
         spec = _all_rows_runs(base, tasks, (k["ditto"],))[1]
-        return _blend(_one(base, spec, site, tasks, seed, None, at_least=round(REFIT_SCALE * k["steps"])), fit_linear(base, site, tasks, seed))
+        return _blend(_one(base, spec, site, tasks, seed, None, at_least=round(REFIT_SCALE * k["steps"])), fit_linear(base, site, tasks, seed), k["alpha"])
     if candidate.name == "mix":
         return fit_mixes(base, site, tasks, seed, (k["alpha"],), k["local_steps"])[0]
     scaled = round(REFIT_SCALE * k["steps"])

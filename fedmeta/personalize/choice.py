@@ -166,7 +166,7 @@ def choose_personalization(
     >>> site = hospital_federation(n_sites=1)[0]
     >>> result = choose_personalization(TrainedModel.initial(site.schema, hidden=(8,)), site)
     >>> result.mode.startswith("chosen:"), sorted(result.steps_selection["validation"])
-    (True, ['blend', 'ditto(λ=10)'])
+    (True, ['blend(α=0.5)', 'ditto(λ=10)'])
     """
     start = time.perf_counter()
     try:
