@@ -104,8 +104,9 @@ def run_wrk(url: str, script: Path | None, connections: int, seconds: int) -> di
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
-        "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        # Anchored to the latency distribution's lines: the thread stats' "+/- Stdev" column (62.50%, 99.99%) also ends in these.
+        "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+        "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
         "errors": int(errors.group(1)) if errors else 0,
     }
 
