@@ -443,12 +443,13 @@ def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None 
             if "run-dir" not in rc:
                 raise ValueError("flwr run needs --run-config 'run-dir=\"...\"' (and config-path for a new run)")
             rd = RunDir(str(rc["run-dir"]))
-            if rd.config_path.exists():
-                cfg = rd.load_config()
-            else:
-                cfg = RunConfig.load(str(rc["config-path"]))
-                rd.create(cfg)
-            run_rounds(grid, cfg, rd, observer, context)
+            with rd.hold(run_id=context.run_id, engine="deployment"):  # one server per run folder
+                if rd.config_path.exists():
+                    cfg = rd.load_config()
+                else:
+                    cfg = RunConfig.load(str(rc["config-path"]))
+                    rd.create(cfg)
+                run_rounds(grid, cfg, rd, observer, context)
         else:
             run_rounds(grid, config, RunDir(run_dir), observer, context)
 

@@ -66,6 +66,8 @@ class LoopbackDeployment:
         self.procs: list[subprocess.Popen] = []
         self.supernodes: dict[str, subprocess.Popen] = {}
         self.credentials = self.home / "credentials"
+        #: Each site's home (node config ``site-home``): where the run delivers its base model.
+        self.site_homes: dict[str, Path] = {}
         # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name: use this environment's.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PYTHONUNBUFFERED": "1", "PATH": path}
@@ -111,7 +113,8 @@ class LoopbackDeployment:
             if register:
                 self.register(public, name)
             security = ["--root-certificates", str(self.ca_cert), "--auth-supernode-private-key", str(private)]
-        node_config = f'data-path="{data}" schema-path="{schema}" site-name="{data.stem}"'
+        self.site_homes[name] = self.home / "sites" / name
+        node_config = f'data-path="{data}" schema-path="{schema}" site-name="{data.stem}" site-home="{self.site_homes[name]}"'
         self.supernodes[name] = self._start(
             name,
             [_bin("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],

@@ -11,13 +11,26 @@ Layout of ``RUN_DIR``::
                        one aggregated row per round (site "*")
     base_model.pt      the global base model after the last round, with the
                        normalization statistics the federation computed
+    .lock              held (an OS file lock) by the one server training in
+                       the folder; it names its holder (run id, pid, host)
+
+The lock is ``fcntl.flock``: the kernel releases it when its holder exits,
+however it exits, so a crashed server never leaves a folder locked. It
+assumes a local file system (flock is not shared across NFS clients): keep
+run folders on the coordinator's own disk.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,9 +52,57 @@ class Checkpoint:
     statistics: dict | None = None  # the federation's normalization, {feature: (mean, std)} (fedmeta.fl.normalization)
 
 
+class RunDirHeld(ConfigError):
+    """Another server is training in this run folder."""
+
+
+def _holder_text(holder: dict) -> str:
+    who = f"Flower run {holder['run_id']}" if holder.get("run_id") else "a training process"
+    since = f", since {holder['since']}" if holder.get("since") else ""
+    how = (
+        f"stop it with `flwr stop {holder['run_id']} <connection>`"
+        if holder.get("engine") == "deployment" and holder.get("run_id")
+        else "stop it (Ctrl-C in its terminal, or kill its pid)"
+    )
+    return f"{who} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}{since}); {how}"
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    @contextmanager
+    def hold(self, run_id: int | None = None, engine: str = "simulation") -> Iterator[None]:
+        """Hold the folder for one server while the block runs; raise :class:`RunDirHeld` naming the holder if another has it.
+
+        Two servers in one folder would both write the checkpoint and the
+        metrics, and train (and spend privacy) twice per round.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except json.JSONDecodeError:
+                    holder = {}
+                raise RunDirHeld(f"{self.path} is in use by {_holder_text(holder)}; then launch again to resume it") from None
+            since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            me = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "since": since, "engine": engine}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # released: the next holder writes its own name
+        finally:
+            os.close(fd)  # closing releases the lock
 
     @property
     def config_path(self) -> Path:

@@ -91,10 +91,17 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     (:mod:`fedmeta.fl.data_defaults`), and the run folder records both.
 
     Resuming a complete run does nothing (check :func:`is_complete` first to say so).
+    The folder is held for the whole run (:meth:`RunDir.hold`): a second
+    ``fedmeta train`` or ``flwr run`` on it refuses in one line.
     """
+    rd = RunDir(run_dir)
+    with rd.hold(engine="simulation"):  # one server per run folder
+        return _run_simulation(config, rd, resume, observer, verbose)
+
+
+def _run_simulation(config: RunConfig, rd: RunDir, resume: bool, observer: RoundObserver | None, verbose: bool) -> RunDir:
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    rd = RunDir(run_dir)
     if resume:
         config = rd.load_config()
         if is_complete(rd, config):
