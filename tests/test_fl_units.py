@@ -96,7 +96,7 @@ class _Reply:
 
         metrics = {"loss": loss, "examples": sum(examples.values()), **{f"examples.{t}": n for t, n in examples.items()}}
         self.content = {"site": ConfigRecord({"name": site}), "arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}
-        self.metadata = SimpleNamespace(src_node_id=node)
+        self.metadata = SimpleNamespace(src_node_id=node, reply_to_message_id=f"message-to-{node}")
 
     def has_error(self):
         return False

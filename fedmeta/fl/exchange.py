@@ -56,13 +56,32 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5, 
         time.sleep(poll)
 
 
+#: The node each message of the last exchange went to, by message id (see :func:`node_of`).
+_destinations: dict[str, int] = {}
+
+
+def node_of(reply: Message) -> int:
+    """The node a reply answers for: the one its message was sent to.
+
+    Not ``reply.metadata.src_node_id``: when a node is unavailable, the
+    SuperLink writes the error reply itself, under its own node id.
+    """
+    return _destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll: float = 0.1) -> dict[str, list[Message]]:
     """Push every group of messages at once and collect replies, per group, until all arrive or ``timeout`` passes.
 
     ``Grid.send_and_receive`` sleeps 3 s between pulls on the Deployment Engine;
     polling every ``poll`` seconds instead cuts that wait from each round.
     """
-    group_of = {mid: name for name, messages in groups.items() if messages for mid in grid.push_messages(messages)}
+    group_of = {}
+    _destinations.clear()  # replies are read before the next exchange starts
+    for name, messages in groups.items():
+        if messages:
+            for mid, message in zip(grid.push_messages(messages), messages):
+                group_of[mid] = name
+                _destinations[mid] = message.metadata.dst_node_id
     pending = set(group_of)
     replies: dict[str, list[Message]] = {name: [] for name in groups}
     deadline = time.monotonic() + timeout
@@ -80,3 +99,10 @@ def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll:
             break
         time.sleep(poll)
     return replies
+
+
+def short_reason(reason: str) -> str:
+    """A site's failure in one line: the site's own message, without the pages of traceback Flower wraps it in."""
+    reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1].removeprefix("Error: ") if lines else "no reason given"

@@ -36,7 +36,7 @@ from fedmeta.fl.aggregation import FlatState, SiteUpdate, group_updates, head_ta
 from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, keys_digest, make_codec
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
-from fedmeta.fl.exchange import TooFewSitesError, wait_for_nodes
+from fedmeta.fl.exchange import TooFewSitesError, short_reason, wait_for_nodes
 from fedmeta.fl.normalization import STATISTICS, SUMS, combine_site_sums, to_text
 from fedmeta.fl.privacy import PrivacyAccount, clip_update, noisy_mean, secure_normal
 from fedmeta.fl.robust import robust_mean
@@ -83,6 +83,8 @@ class MetaStrategy(Strategy):
         self.account = account
         self.last_sample: tuple[int, int] | None = None  # (sampled, population) of the last training round
         self.last_sampled_sites: list[str] = []  # who that sample named (the privacy account charges them)
+        self.connected: list[int] = []  # the nodes connected at the last sample
+        self.asked: list[str] = []  # the sites the last exchange was sent to
         self.silent_nodes: dict[int, float] = {}  # nodes that missed a roll call -> when to ask them again
         self.sent_keys: dict[int, list[str]] = {}  # the keys each node was last sent, in order
         self.node_tasks: dict[int, list[str]] = {}
@@ -122,6 +124,7 @@ class MetaStrategy(Strategy):
         # connect would make the population, and so the sample and its privacy account, depend on start-up timing.
         wanted = None if self.node_sites else self.config.federation.n_sites
         nodes = wait_for_nodes(grid, s.min_sites, s.sampling_timeout, wanted=wanted)
+        self.connected = list(nodes)
         now = time.monotonic()
         self.roll_call(grid, [n for n in nodes if n not in self.node_sites and self.silent_nodes.get(n, -math.inf) <= now])
         by_site: dict[str, int] = {}
@@ -144,6 +147,7 @@ class MetaStrategy(Strategy):
             if self.account is not None:
                 self.account.check_budget(size, len(by_site))
         chosen = self.rng.sample(sorted(by_site), size)
+        self.asked = sorted(chosen)
         if phase == "train":
             self.last_sampled_sites = sorted(chosen)
         return sorted(by_site[site] for site in chosen)
@@ -156,15 +160,15 @@ class MetaStrategy(Strategy):
         messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         replies = wire.exchange(grid, {"roll-call": messages}, self.config.server.round_timeout)["roll-call"]
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = wire.node_of(reply)
             if reply.has_error():
-                log.warning("roll call: node %s failed: %s", node, reply.error.reason)
+                log.warning("roll call: node %s failed: %s", node, short_reason(reply.error.reason))
                 continue
             self.node_sites[node] = str(reply.content["site"]["name"])
             self.node_tasks[node] = sorted(site_examples(reply.content["metrics"]))
             if SUMS in reply.content["site"]:
                 self.site_sums[self.node_sites[node]] = str(reply.content["site"][SUMS])
-        silent = set(nodes) - {r.metadata.src_node_id for r in replies}
+        silent = set(nodes) - {wire.node_of(r) for r in replies}
         if silent:
             # A SuperNode killed without notice stays listed for a while: do not wait for it again every round.
             timeout = self.config.server.round_timeout
@@ -212,11 +216,10 @@ class MetaStrategy(Strategy):
         self.site_rows, self.failures, self.evaluation_rows = [], [], []
         for reply in replies:
             if reply.has_error():
-                err = reply.error
-                self.failures.append(f"node {reply.metadata.src_node_id}: {err.reason}")
-                log.warning("round %d %s: site on node %s failed: %s", server_round, phase, reply.metadata.src_node_id, err.reason)
+                # Not logged here: the round loop reports each failure once, by site name (RoundObserver.sites_failed).
+                self.failures.append(f"node {wire.node_of(reply)}: {short_reason(reply.error.reason)}")
                 continue
-            self._record(server_round, reply.metadata.src_node_id, str(reply.content["site"]["name"]), dict(reply.content["metrics"]), phase)
+            self._record(server_round, wire.node_of(reply), str(reply.content["site"]["name"]), dict(reply.content["metrics"]), phase)
             good.append(reply)
         return good
 
@@ -308,15 +311,14 @@ class MetaStrategy(Strategy):
                 if wrong:
                     raise ValueError(f"unexpected, misshapen or non-finite entries {wrong[:3]}")
             except (ValueError, RuntimeError) as e:
-                self.failures.append(f"site {site}: {e}")
-                log.warning("round %d: update of site %s dropped: %s", server_round, site, e)
+                self.failures.append(f"site {site}: its update was dropped: {e}")
                 continue
             updates.append((r, SiteUpdate(site, update, site_examples(r.content["metrics"]))))
         return updates
 
     def _packed_keys(self, reply: Message) -> list[str]:
         """The key order of a packed update: the keys this node was sent, if its fingerprint says so."""
-        keys = self.sent_keys.get(reply.metadata.src_node_id, [])
+        keys = self.sent_keys.get(wire.node_of(reply), [])
         if str(reply.content["site"].get("keys-digest", "")) != keys_digest(keys):
             raise ValueError("its packed update is not laid out as the parameters it was sent")
         return keys
