@@ -9,6 +9,7 @@
 - ``serve`` and ``keys``: the prediction server and its API keys
 - ``predict``: offline batch scoring with the promoted model
 - ``certs``: credentials for Flower's Deployment Engine
+- ``launch`` and ``sites``: a coordinator's run on the Deployment Engine, and its sites by name
 
 ``serve``, ``predict``, ``models`` and ``keys`` work in the serving-only
 install; the others need the training extra (:mod:`fedmeta.cli.extras`).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import typer
 
 import fedmeta
-from fedmeta.cli import certs, demo, keys, models, personalize, predict, schema, serve, synth, train
+from fedmeta.cli import certs, demo, deploy, keys, models, personalize, predict, schema, serve, synth, train
 from fedmeta.cli.errors import FedmetaGroup, fail
 from fedmeta.cli.extras import SERVING_COMMANDS, training_extra_problem
 from fedmeta.cli.output import console
@@ -78,3 +79,5 @@ app.add_typer(keys.app, name="keys")
 app.command(epilog=serve.EPILOG)(serve.serve)
 app.command()(predict.predict)
 app.add_typer(certs.app, name="certs")
+app.command()(deploy.launch)
+app.command()(deploy.sites)

@@ -36,6 +36,7 @@ from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospi
 from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
+from fedmeta.fl import delivery
 from fedmeta.fl import exchange as wire
 from fedmeta.fl import normalization
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
@@ -44,6 +45,7 @@ from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
+from fedmeta.fl.roster import Roster, without_text
 from fedmeta.fl.run_dir import Checkpoint, RunDir
 from fedmeta.fl.sampling import restore_sampler, site_sampler
 from fedmeta.fl.sites import csv_site
@@ -200,6 +202,12 @@ def roll_call(message: Message, context: Context) -> Message:
     return reply
 
 
+@client_app.query(delivery.ACTION)
+def deliver_model(message: Message, context: Context) -> Message:
+    """The run's last exchange: store the base model in the site home, and personalize it if asked (:mod:`fedmeta.fl.delivery`)."""
+    return delivery.handle(message, context)
+
+
 @client_app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
@@ -229,7 +237,10 @@ def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
 
 
 class RoundObserver:
-    """Hooks for progress display; the default only logs failed sites, one line each."""
+    """Hooks for progress display; the default logs each failed site once, by name and node (the roster's)."""
+
+    def __init__(self, roster: Roster | None = None):
+        self.roster = roster
 
     def start(self, first_round: int, rounds: int) -> None: ...
 
@@ -237,11 +248,25 @@ class RoundObserver:
 
     def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
         for site, reason in failures:
-            log.warning("round %d: site %s failed: %s", round_, site, reason)
+            node = self.roster.sites.get(site, {}).get("node") if self.roster else None
+            log.warning("round %d: site %s%s failed: %s", round_, site, f" (node {node})" if node is not None else "", reason)
 
     def evaluated(self, model_round: int, evaluation: dict) -> None: ...
 
     def stop(self) -> None: ...
+
+    def finished(self, roster: Roster) -> None:
+        """The run's summary for the coordinator: where the base model is, and the sites it lacks."""
+        summary = roster.summary
+        log.info("fedmeta: base model after round %d written to %s on the coordinator", summary["round"], summary["base_model"])
+        without = roster.trained_without()
+        if without:
+            log.warning("fedmeta: %s", without_text(without, {name: site["node"] for name, site in roster.sites.items()}))
+        if summary["not_evaluated"]:
+            log.warning(
+                "fedmeta: the final evaluation covers %d of %d site(s); not evaluated: %s",
+                len(summary["evaluated"]), len(roster.sites), ", ".join(summary["not_evaluated"]),
+            )
 
 
 def site_failures(strategy: MetaStrategy) -> list[tuple[str, str]]:
@@ -259,10 +284,17 @@ def site_failures(strategy: MetaStrategy) -> list[tuple[str, str]]:
         site = who.removeprefix("site ")
         if who.startswith("node ") and who[5:].isdigit():
             site = strategy.node_sites.get(int(who[5:]), who)
-        reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()
-        lines = [line.strip() for line in reason.splitlines() if line.strip()]
-        failures.append((site, lines[-1] if lines else "no reason given"))
+        failures.append((site, wire.short_reason(reason)))
     return failures
+
+
+def round_line(round_: int, rounds: int, summary: dict, asked: int, roster: Roster) -> str:
+    """The coordinator's line for a round: loss, sites replied of sampled, seconds, and failed sites by name."""
+    done = f"loss {summary['loss']:.4f}" if "loss" in summary else "skipped (too few sites replied)"
+    missed = [f"{name} ({site['missed'][str(round_)]})" for name, site in sorted(roster.sites.items()) if str(round_) in site["missed"]]
+    return f"round {round_}/{rounds}: {done}, {int(summary.get('sites', 0))}/{asked} site(s) replied, {summary['seconds']:.1f} s" + (
+        f"; without {', '.join(missed)}" if missed else ""
+    )
 
 
 def evaluation_due(config: RunConfig, model_round: int) -> bool:
@@ -290,13 +322,14 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     evaluated on its own. Rows record the model's round and, as
     ``logged_in_round``, the round that wrote them.
     """
-    observer = observer or RoundObserver()
     if config.secure.secagg and context is None:
         raise ValueError("secure.secagg needs the ServerApp's context")
     optimizer = make_server_optimizer(config.server.optimizer, config.server.lr, config.server.momentum, config.server.betas)
     account = privacy_account(config)
     strategy = MetaStrategy(config, optimizer, site_sampler(config), account)
     ckpt = run_dir.load_checkpoint()
+    roster = Roster.load(run_dir.path, after_round=ckpt.round if ckpt else 0)
+    observer = observer or RoundObserver(roster)
     if ckpt is None:
         state, first = initial_state(config), 1
         torch.manual_seed(config.seed)
@@ -332,8 +365,10 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
             except PrivacyBudgetExceeded as e:
                 budget_reached = e  # checked on the round's real sample, before anything is sent
                 break
-            if strategy.failures:
-                observer.sites_failed(round_, site_failures(strategy))
+            failures = site_failures(strategy)
+            roster.record(round_, strategy.node_sites, strategy.connected, strategy.asked, [r["site"] for r in strategy.site_rows], failures)
+            if failures:
+                observer.sites_failed(round_, failures)
             rows += strategy.site_rows
             for row in strategy.site_rows:
                 if row.get("restarts"):
@@ -372,21 +407,34 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
                 account.state_dict() if account is not None else None, strategy.statistics,
             )
         )
+        roster.save()
         last_round = round_
+        log.info("%s", round_line(round_, config.rounds, summary, len(strategy.asked), roster))
         observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None)
     # The last model is evaluated on its own; its rows count as written after the last round.
     started = time.perf_counter()
     evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
     replies = wire.exchange(grid, {"evaluate": evaluate}, s.round_timeout)
-    rows, evaluation = _evaluation_rows(strategy.evaluate_replies(last_round, replies["evaluate"]), last_round, last_round + 1, time.perf_counter() - started)
-    if strategy.failures:
-        observer.sites_failed(last_round, site_failures(strategy))
+    site_rows = strategy.evaluate_replies(last_round, replies["evaluate"])
+    rows, evaluation = _evaluation_rows(site_rows, last_round, last_round + 1, time.perf_counter() - started)
+    failures = site_failures(strategy)
+    if failures:
+        observer.sites_failed(last_round, failures)
     run_dir.append_metrics(rows)
     if evaluation is not None:
         observer.evaluated(last_round, evaluation)
     observer.stop()
     privacy = account.summary() if account is not None else privacy_note(config)
     run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
+    delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
+    evaluated = sorted(r["site"] for r in site_rows)
+    without = roster.trained_without()
+    roster.save({
+        "run_id": context.run_id if context is not None else None, "base_model": str(run_dir.base_model_path.resolve()), "round": last_round, "trained_without": sorted(without),
+        "evaluated": evaluated, "not_evaluated": sorted(set(roster.sites) - set(evaluated)),
+    })
+    if hasattr(observer, "finished"):
+        observer.finished(roster)
     return state
 
 

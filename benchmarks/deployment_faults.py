@@ -1,0 +1,136 @@
+"""What goes wrong around a Deployment Engine run, tried once each on 127.0.0.1.
+
+    python benchmarks/deployment_faults.py [--json]
+
+On a SuperLink and three SuperNodes (``LoopbackDeployment``, the layout of
+``examples/deployment/``), with the hospital federation's CSV files:
+
+- a second launch on a run folder that a run holds is refused, and no round
+  is written twice (``double_launch_refused``, ``duplicate_rounds``);
+- a SuperNode killed after round 1 is named by its site name in the run's
+  summary, and ``fedmeta launch`` exits non-zero (``killed_site_named``,
+  ``exit_status_with_dropped_site``).
+
+The last line is one JSON object with those figures (``--json`` prints only it).
+``tests/test_fl_deployment_faults.py`` runs the same scenario and asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+CONFIG = """
+name = "deployment-faults"
+rounds = {rounds}
+[federation]
+kind = "csv"
+n_sites = {n_sites}
+data_dir = "{data}"
+[model]
+hidden = [16]
+[local]
+steps = 2
+meta_batch = 2
+[server]
+min_sites = 2
+sampling_timeout = 60
+round_timeout = {round_timeout}
+[evaluation]
+every = {rounds}
+"""
+
+
+def write_config(root: Path, name: str, n_sites: int, rounds: int = 3, round_timeout: float = 90) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(data=root / "data", n_sites=n_sites, rounds=rounds, round_timeout=round_timeout))
+    return path
+
+
+def wait_until(predicate, timeout: float = 120.0, poll: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def _sites_round(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "sites.json").read_text())["round"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def launch(dep, config: Path, run_dir: Path) -> subprocess.Popen:
+    """``fedmeta launch`` against the deployment's coordinator connection, in the background."""
+    command = [sys.executable, "-m", "fedmeta.cli", "launch", "loopback", "--config", str(config), "--run-dir", str(run_dir)]
+    return subprocess.Popen(command, env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2") -> dict:
+    """Launch a 3-round run; launch again on its folder while it runs; kill ``victim`` after round 1.
+
+    Returns the figures, plus the outputs (``first_output``, ``second_output``) for a test to show.
+    """
+    run_dir = root / "faults"
+    config = write_config(root, "faults", n_sites=len(dep.sites))
+    first = launch(dep, config, run_dir)
+    held = wait_until(lambda: (run_dir / ".lock").exists() and (run_dir / ".lock").stat().st_size > 0, timeout=180)
+    second = dep.run(config, run_dir, timeout=300) if held else None
+    second_output = (second.stdout + second.stderr) if second else "(the first run never held the folder)"
+    wait_until(lambda: _sites_round(run_dir) >= 1 or first.poll() is not None, timeout=300)
+    killed = dep.supernodes[victim]
+    os.killpg(killed.pid, signal.SIGKILL)  # no goodbye: the SuperLink learns it from missed heartbeats
+    killed.wait()
+    first_output, _ = first.communicate(timeout=600)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+    written = Counter(r["round"] for r in rows if r["site"] == "*" and r["phase"] == "train")
+    victim_site = Path(dict(zip(dep.supernodes, dep.sites))[victim][0]).stem
+    summary = json.loads((run_dir / "sites.json").read_text()).get("summary") or {}
+    return {
+        "double_launch_refused": "is in use by Flower run" in second_output,
+        "duplicate_rounds": sum(n - 1 for n in written.values()),
+        "killed_site_named": victim_site in summary.get("trained_without", []) and victim_site in first_output,
+        "exit_status_with_dropped_site": first.returncode,
+        "first_output": first_output,
+        "second_output": second_output,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fedmeta.data import write_hospital_federation
+    from fedmeta.fl.loopback import LoopbackDeployment
+
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="deployment-faults-") as tmp:
+        root = Path(tmp)
+        schema, paths = write_hospital_federation(root / "data", n_sites=3, seed=3)
+        started = time.perf_counter()
+        with LoopbackDeployment([(p, schema) for p in paths], log_dir=root) as dep:
+            wait_until(lambda: len(dep.online_nodes()) == 3)
+            result = double_launch_and_killed_site(dep, root)
+        if not args.json:
+            print(result.pop("first_output")[-3000:])
+            print(f"scenario: {time.perf_counter() - started:.0f} s")
+        result.pop("first_output", None), result.pop("second_output", None)
+        figures.update(result)
+    figures["sites"] = 3
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
