@@ -4,7 +4,8 @@ One section per concern: ``[federation]`` (which sites), ``[model]``,
 ``[algorithm]`` (the meta-learner), ``[local]`` (site-side training),
 ``[server]`` (optimizer and sampling), ``[evaluation]``, and the protections:
 ``[privacy]`` (client-level DP), ``[aggregation]`` (robust rules),
-``[compression]`` (upload codecs) and ``[secure]`` (SecAgg+). CLI overrides
+``[compression]`` (upload codecs) and ``[secure]`` (SecAgg+); ``[deployment]``
+(what the sites receive at the end of a ``flwr run``). CLI overrides
 use dotted keys, e.g. ``--set server.lr=0.5``.
 """
 
@@ -185,6 +186,19 @@ class SimulationConfig(_Section):
     attack: Literal["sign_flip", "noise"] = Field("sign_flip", description="sign_flip: -10 x the honest update; noise: N(0, 1) entries")
 
 
+class DeploymentConfig(_Section):
+    """The end of a Deployment Engine run (``flwr run``): the base model reaches every site (:mod:`fedmeta.fl.delivery`).
+
+    Each site stores it in its site home (node config ``site-home``); with
+    ``personalize``, it also adapts it on its own rows as ``fedmeta personalize``
+    does and promotes the result, replying only its held-out scores.
+    ``fedmeta train``'s simulated sites have no home: it delivers nothing.
+    """
+
+    personalize: bool = Field(False, description="flwr run: each site also personalizes the base model on its own rows and promotes the result in its site home; the coordinator sees only held-out scores")
+    timeout: float = Field(600.0, gt=0, description="flwr run: seconds to wait for the sites to store (and personalize) the base model at the end of the run")
+
+
 class RunConfig(_Section):
     """A whole run; its hash guards resumption against changed settings."""
 
@@ -202,6 +216,7 @@ class RunConfig(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     secure: SecureConfig = Field(default_factory=SecureConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -254,7 +269,8 @@ class RunConfig(_Section):
 
     def digest(self) -> str:
         """SHA-256 of the settings that shape training (the name is excluded)."""
-        payload = self.model_dump(mode="json", exclude={"name", "rounds"})
+        # What happens after the last round shapes no weights: changing it must not refuse a resume.
+        payload = self.model_dump(mode="json", exclude={"name", "rounds", "deployment"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_toml(self) -> str:

@@ -103,7 +103,8 @@ def _stats_text(stats: tuple[float, float] | None) -> str:
     return "no statistics (raw values)" if stats is None else f"mean {stats[0]:.6g}, std {stats[1]:.6g}"
 
 
-def _read_base(data: bytes, source: str, version: int | None = None) -> GlobalBase:
+def read_base(data: bytes, source: str, version: int | None = None) -> GlobalBase:
+    """A base model from the bytes of a ``base_model.pt`` (e.g. as received at the end of a run); ``source`` names it in errors."""
     try:
         raw = torch.load(io.BytesIO(data), weights_only=True)
         config = RunConfig.from_dict(raw["config"], source=source)
@@ -121,7 +122,7 @@ def load_base(source: str | Path, home: SiteHome | None = None) -> GlobalBase:
         if not path.exists():
             raise PersonalizationError(f"{source} has no {BASE_FILE}: is it a finished training run folder?")
     if path.is_file():
-        return _read_base(path.read_bytes(), str(path))
+        return read_base(path.read_bytes(), str(path))
     try:
         number = parse_version(str(source))
     except RegistryError:
@@ -132,11 +133,16 @@ def load_base(source: str | Path, home: SiteHome | None = None) -> GlobalBase:
     if version.kind != "base":
         raise PersonalizationError(f"{version.label} is a {version.kind} model of site {version.site!r}, not a global base model")
     _, data = home.load(version, BASE_FILE)
-    return _read_base(data, f"{home.path} {version.label}", version.version)
+    return read_base(data, f"{home.path} {version.label}", version.version)
 
 
-def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None) -> ModelVersion:
-    """Record the base in the registry (once: a known hash returns the existing version)."""
+def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None, delivery: dict | None = None) -> ModelVersion:
+    """Record the base in the registry (once: a known hash returns the existing version).
+
+    ``delivery`` is how the base reached the site when a run sent it
+    (:mod:`fedmeta.fl.delivery`: run, round, configuration digest, ...): it
+    goes into the manifest's ``training``, whose hash the registry records.
+    """
     if base.version is not None:
         return home.registry.get(base.version)
     manifest = Manifest(
@@ -145,7 +151,8 @@ def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None) ->
         sha256="",
         files={},
         run_id=base.run_id,
-        training={"algorithm": base.config.algorithm.model_dump(mode="json"), "round": base.round, "hidden": list(base.hidden), "source": base.source},
+        training={"algorithm": base.config.algorithm.model_dump(mode="json"), "round": base.round, "hidden": list(base.hidden), "source": base.source,
+                  **({"delivery": delivery} if delivery else {})},
         privacy=base.privacy,
     )
     version, _ = home.store({BASE_FILE: base.data}, manifest, actor=actor)

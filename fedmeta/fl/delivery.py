@@ -1,0 +1,320 @@
+"""The model reaches the sites: the last exchange of a Deployment Engine run.
+
+After the last round the server sends the bytes of ``base_model.pt`` with
+their SHA-256 to every site that answered the roll call (message type
+:data:`MESSAGE_TYPE`). Each site checks the hash against the bytes it is
+about to store, stores the base in its site home (node config ``site-home``,
+:class:`~fedmeta.registry.SiteHome`, every file written atomically) and
+registers it with the run's lineage: run name, round, configuration digest,
+Flower run id; the registry records the base's own hash. With
+``[deployment] personalize = true`` the site then personalizes the base on
+its own rows as ``fedmeta personalize`` does by default
+(:func:`~fedmeta.personalize.choose_personalization`), and exports and
+promotes the result. Its reply carries no rows: the version labels, the
+candidate chosen and the held-out scores.
+
+The server writes one ``metrics.jsonl`` row per site (phase ``deliver``) and
+logs one line per site. Only ``flwr run``'s ServerApp delivers
+(:func:`is_deployment_run`): the sites of ``fedmeta train``'s simulation
+are partitions with no home.
+
+:func:`base_model_at_sites` and :func:`personalized_at_sites` count, by
+reading the site homes, how many sites hold what the run delivered.
+
+The site's side reaches up to :mod:`fedmeta.personalize` and
+:mod:`fedmeta.registry`, above this layer; it imports them when it runs, as
+the ClientApp (the composition root of a site) does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedmeta.data.site import site_name
+from fedmeta.fl import exchange as wire
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.run_dir import RunDir
+from fedmeta.manifest import sha256_bytes, sha256_file
+
+log = logging.getLogger("flwr.fedmeta")
+
+#: The ClientApp's query action for the delivery (``@client_app.query(ACTION)``).
+ACTION = "deliver_model"
+MESSAGE_TYPE = f"{MessageType.QUERY}.{ACTION}"
+PHASE = "deliver"
+PAYLOAD = "base-model"  # the file's bytes as one uint8 array: Flower chunks arrays, not config values
+SHA256 = "base-model-sha256"
+
+
+class DeliveryRefused(ValueError):
+    """A base model a site will not store: its bytes do not match the hash the server sent."""
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+
+def is_deployment_run(context: Context | None) -> bool:
+    """``flwr run``'s ServerApp: its run config names the run folder; ``fedmeta train`` passes no run config."""
+    return context is not None and "run-dir" in context.run_config
+
+
+def after_run(grid: Grid, config: RunConfig, run_dir: RunDir, node_sites: dict[int, str], round_: int, context: Context | None) -> list[dict]:
+    """The run's last exchange (deployment runs only): :func:`deliver`; returns its rows (none in simulation)."""
+    if not is_deployment_run(context):
+        return []
+    return deliver(grid, config, run_dir, node_sites, round_, context.run_id)
+
+
+def deliver(grid: Grid, config: RunConfig, run_dir: RunDir, node_sites: dict[int, str], round_: int, run_id: int | None = None) -> list[dict]:
+    """Send ``base_model.pt`` to the connected sites of ``node_sites`` (node id -> site name), record and log each one's outcome."""
+    data = run_dir.base_model_path.read_bytes()
+    sha = sha256_bytes(data)
+    lineage = {"run": config.name, "round": round_, "config_digest": config.digest(), "flower_run_id": run_id}
+    connected = set(grid.get_node_ids())
+    node_sites = latest_nodes(node_sites, connected)
+    messages = [_delivery_message(node, config, data, sha, lineage) for node in sorted(node_sites) if node in connected]
+    started = time.perf_counter()
+    replies = wire.exchange(grid, {PHASE: messages}, config.deployment.timeout)[PHASE] if messages else []
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    # The node a message went to, not the reply's source: the SuperLink signs the error reply of an unreachable node.
+    answers = {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): reply_fields(r) for r in replies}
+    rows = delivery_rows(node_sites, answers, {m.metadata.dst_node_id for m in messages}, round_, sha, time.perf_counter() - started)
+    for row in rows:
+        (log.info if row["stored"] else log.warning)("%s", describe(row, config.deployment.timeout))
+    run_dir.append_metrics(rows)
+    return rows
+
+
+def latest_nodes(node_sites: dict[int, str], connected: set[int]) -> dict[int, str]:
+    """One node per site: a SuperNode that restarted answered the roll call again under a new node id; its connected one counts.
+
+    >>> latest_nodes({3: "a", 7: "a", 5: "b"}, connected={3, 5})
+    {3: 'a', 5: 'b'}
+    """
+    chosen: dict[str, int] = {}
+    for node in sorted(node_sites):
+        name = node_sites[node]
+        if name not in chosen or node in connected:
+            chosen[name] = node
+    return {node: name for name, node in sorted(chosen.items(), key=lambda item: item[1])}
+
+
+def _delivery_message(node: int, config: RunConfig, data: bytes, sha: str, lineage: dict) -> Message:
+    settings = ConfigRecord({"run-config": config.model_dump_json(), SHA256: sha, "lineage": json.dumps(lineage)})
+    arrays = ArrayRecord({PAYLOAD: Array(np.frombuffer(data, dtype=np.uint8))})
+    return Message(content=RecordDict({"config": settings, "arrays": arrays}), message_type=MESSAGE_TYPE, dst_node_id=node)
+
+
+def reply_fields(reply: Message) -> dict:
+    """What a site's reply says: its ``delivery`` fields and scores, or ``{"error": ...}`` for an error reply."""
+    if reply.has_error():
+        return {"error": wire_reason(reply.error.reason)}
+    fields = dict(reply.content["delivery"])
+    if "metrics" in reply.content:
+        fields.update(dict(reply.content["metrics"]))
+    return fields
+
+
+def wire_reason(reason: str) -> str:
+    """A site's failure in one line: the site's own message, not the pages of traceback Flower wraps it in."""
+    reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
+
+
+def delivery_rows(node_sites: dict[int, str], answers: dict[int, dict], sent: set[int], round_: int, sha: str, seconds: float) -> list[dict]:
+    """One ``metrics.jsonl`` row per site of the run: stored or not, and why, with the site's scores when it personalized.
+
+    ``answers`` maps a node to :func:`reply_fields`; a node in ``sent``
+    without an answer did not reply in time, one not in ``sent`` was no
+    longer connected at the end of the run.
+    """
+    rows = []
+    for node in sorted(node_sites):
+        row = {"round": round_, "logged_in_round": round_ + 1, "phase": PHASE, "site": node_sites[node], "node": node, "sha256": sha, "seconds": seconds}
+        answer = answers.get(node)
+        if answer is None:
+            row.update(stored=False, reason="no reply" if node in sent else "not connected at the end of the run")
+        else:
+            row.update({"stored": False, **answer})
+            registered_as = row.pop("site")
+            row["site"] = node_sites[node]  # the roll call's name, which every other row of the run uses
+            if registered_as != row["site"]:
+                row["registered_as"] = registered_as
+        row.setdefault("personalized", False)
+        rows.append(row)
+    return rows
+
+
+def describe(row: dict, timeout: float) -> str:
+    """The coordinator's line for one site's delivery."""
+    who = f"site {row['site']} (node {row['node']})"
+    if row.get("reason") == "no reply":
+        return f"{who}: no reply within {timeout:.0f} s (deployment.timeout): the base model may not have reached it"
+    if row.get("error"):
+        return f"{who}: the base model was not delivered: {row['error']}"
+    if not row["stored"]:
+        return f"{who}: stored nothing: {row.get('reason', 'no reason given')}"
+    line = f"{who}: base model {row['sha256'][:16]}... stored in its site home as {row.get('version', '?')}"
+    if row.get("personalized"):
+        scores = ", ".join(f"{k.replace('.personalized.', ' ')} {v:.4f}" for k, v in sorted(row.items()) if ".personalized." in k)
+        line += f"; personalized ({row.get('candidate', '?')}), promoted {row.get('personalized_version', '?')}, held-out {scores or 'no scores'}"
+    elif row.get("personalize_error"):
+        line += f"; personalization failed: {row['personalize_error']}"
+    return line
+
+
+# --------------------------------------------------------------------------
+# Site
+# --------------------------------------------------------------------------
+
+
+def node_site_name(node_config: dict) -> str:
+    """The name a site registers under: ``site-name`` from its node config, else its data file's (:func:`~fedmeta.data.site.site_name`).
+
+    >>> node_site_name({"site-name": "st-marys", "data-path": "/data/site.csv"}), node_site_name({"data-path": "/data/site.csv"})
+    ('st-marys', 'site')
+    """
+    if node_config.get("site-name"):
+        return str(node_config["site-name"])
+    if "data-path" in node_config:
+        return site_name(str(node_config["data-path"]))
+    return f"partition {node_config.get('partition-id', '?')}"
+
+
+def handle(message: Message, context: Context) -> Message:
+    """The ClientApp's ``deliver_model`` query: store (and personalize) the base model, reply what became of it."""
+    settings = message.content["config"]
+    config = RunConfig.model_validate_json(str(settings["run-config"]))
+    data = message.content["arrays"][PAYLOAD].numpy().tobytes()
+    try:
+        fields, scores = receive(data, str(settings[SHA256]), dict(context.node_config), config, json.loads(str(settings["lineage"])))
+    except DeliveryRefused as e:
+        fields, scores = {"site": node_site_name(dict(context.node_config)), "stored": False, "reason": str(e)}, {}
+    content = RecordDict({"delivery": ConfigRecord(fields)})
+    if scores:
+        content["metrics"] = MetricRecord(scores)
+    return Message(content=content, reply_to=message)
+
+
+def receive(data: bytes, sha256: str, node_config: dict, config: RunConfig, lineage: dict) -> tuple[dict, dict[str, float]]:
+    """A site's side of the delivery: ``(fields, held-out scores)`` for its reply.
+
+    Raises :class:`DeliveryRefused`, before anything is written, when
+    ``data`` does not hash to ``sha256``. A node config without
+    ``site-home`` stores nothing and says so.
+    """
+    name = node_site_name(node_config)
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise DeliveryRefused(f"site {name}: the base model received hashes to SHA-256 {actual[:16]}..., the server sent {sha256[:16]}...; refusing to store it")
+    if not node_config.get("site-home"):
+        return {"site": name, "stored": False, "reason": "its node config has no site-home (add site-home=\"/path\" to the SuperNode's --node-config)"}, {}
+    from fedmeta.personalize.base import read_base, register_base
+    from fedmeta.registry import SiteHome
+
+    home = SiteHome(str(node_config["site-home"]))
+    base = read_base(data, f"run {lineage.get('run')} round {lineage.get('round')} (flwr run {lineage.get('flower_run_id')})")
+    version = register_base(home, base, delivery={**lineage, "site": name})
+    fields: dict = {"site": name, "stored": True, "version": version.label}
+    if not config.deployment.personalize:
+        return fields, {}
+    try:
+        chosen, published, scores = personalize_at_site(home, base, version, node_config, name)
+    except Exception as e:  # the base is stored whatever happens here: the site says why it has no personalized model instead of failing the exchange
+        fields["personalize_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return fields, {}
+    fields.update(personalized=True, candidate=chosen, personalized_version=published.version.label)
+    return fields, scores
+
+
+def personalize_at_site(home, base, base_version, node_config: dict, name: str):
+    """``fedmeta personalize``'s default on the site's rows (the candidates weighed on validation folds), exported and promoted.
+
+    Returns the candidate chosen, the published version and the held-out scores
+    (``<task>.base.<metric>``, ``<task>.personalized.<metric>``).
+    """
+    from fedmeta.data import Schema, load_site
+    from fedmeta.personalize import PersonalizationError, choose_personalization, data_lineage, publish
+    from fedmeta.threads import limit_threads, site_threads
+
+    if "data-path" not in node_config or "schema-path" not in node_config:
+        raise PersonalizationError("the node config needs data-path and schema-path to personalize")
+    limit_threads(site_threads(None))
+    data_path, schema_path = str(node_config["data-path"]), str(node_config["schema-path"])
+    test_path = str(node_config["test-path"]) if node_config.get("test-path") else None
+    federation = base.config.federation
+    # Normalized as the federation normalized, held out as training held out (the seed and the site's name decide).
+    site = load_site(data_path, base.schema_for(Schema.load(schema_path), schema_path), name=name,
+                     test_fraction=federation.test_fraction, seed=federation.seed, test_path=test_path)
+    defaults = base.adaptation
+    result = choose_personalization(base.for_schema(site.schema), site, shots=defaults["shots"], lr=defaults["lr"], seed=0)
+    held_out = int(site.test_mask.sum())
+    if test_path is None:
+        rows = data_lineage(data_path, rows=site.n_rows, held_out=held_out, test_fraction=federation.test_fraction, held_out_rows_sha256=site.held_out_digest())
+    else:
+        scored = data_lineage(test_path)
+        rows = data_lineage(data_path, rows=site.n_rows - held_out, held_out=held_out, test_file=scored["file"], test_sha256=scored["sha256"])
+    published = publish(
+        home, result.model, "personalized", site.name, parent=base_version, base=base_version, metrics=result.metrics, data=rows,
+        training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
+                  "seed": result.seed, "seconds": round(result.seconds, 4)},
+        shots=result.shots if isinstance(result.shots, int) else None, personalized_tasks=result.tasks, promote=True,
+        feature_ranges=site.feature_ranges(),
+    )
+    chosen = (result.steps_selection or {}).get("chosen", result.mode)
+    return str(chosen), published, {k: float(v) for k, v in result.metrics.items()}
+
+
+# --------------------------------------------------------------------------
+# What arrived
+# --------------------------------------------------------------------------
+
+
+def base_model_at_sites(base_model: str | Path, homes: Iterable[str | Path]) -> int:
+    """How many of the site ``homes`` hold ``base_model`` (a ``base_model.pt``), registered and matching its registered hash."""
+    sha = sha256_file(base_model)
+    return sum(1 for home in homes if _base_version(home, sha) is not None)
+
+
+def personalized_at_sites(base_model: str | Path, homes: Iterable[str | Path]) -> int:
+    """How many of the site ``homes`` have promoted a personalized model made from ``base_model``, its files matching the registry."""
+    from fedmeta.registry import SiteHome
+
+    sha = sha256_file(base_model)
+    count = 0
+    for home in homes:
+        if _base_version(home, sha) is None:
+            continue
+        site_home = SiteHome(home)
+        promoted = [site_home.registry.current(site) for site in site_home.registry.sites()]
+        count += any(v is not None and v.kind == "personalized" and v.lineage.get("base_sha256") == sha and not site_home.verify_files(v) for v in promoted)
+    return count
+
+
+def _base_version(home: str | Path, sha: str):
+    """The home's registered version of the base with hash ``sha`` whose file still matches the registry, else None."""
+    from fedmeta.manifest import ManifestError
+    from fedmeta.registry import REGISTRY_FILE, SiteHome
+
+    if not (Path(home) / REGISTRY_FILE).is_file():
+        return None
+    site_home = SiteHome(home)
+    version = site_home.registry.by_sha256(sha)
+    if version is None or version.kind != "base":
+        return None
+    try:
+        site_home.load(version)
+    except ManifestError:
+        return None
+    return version
