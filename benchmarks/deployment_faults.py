@@ -49,7 +49,7 @@ every = {rounds}
 """
 
 
-def write_config(root: Path, name: str, n_sites: int, rounds: int = 3, round_timeout: float = 90) -> Path:
+def write_config(root: Path, name: str, n_sites: int, rounds: int = 2, round_timeout: float = 90) -> Path:
     path = root / f"{name}.toml"
     path.write_text(CONFIG.format(data=root / "data", n_sites=n_sites, rounds=rounds, round_timeout=round_timeout))
     return path
@@ -78,7 +78,7 @@ def launch(dep, config: Path, run_dir: Path) -> subprocess.Popen:
 
 
 def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2") -> dict:
-    """Launch a 3-round run; launch again on its folder while it runs; kill ``victim`` after round 1.
+    """Launch a 2-round run; launch again on its folder while it runs; kill ``victim`` after round 1.
 
     Returns the figures, plus the outputs (``first_output``, ``second_output``) for a test to show.
     """
