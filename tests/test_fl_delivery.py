@@ -109,8 +109,8 @@ def test_the_coordinator_logs_one_line_naming_a_site_that_stored_nothing():
     assert describe(row, timeout=600) == "site st-marys (node 5): stored nothing: its node config has no site-home"
 
 
-def test_a_site_that_does_not_reply_or_left_is_recorded_as_not_stored():
-    rows = delivery_rows({5: "a", 6: "b"}, {}, sent={5}, round_=1, sha="a" * 64, seconds=1.0)
+def test_a_site_that_does_not_reply_or_left_is_recorded_as_not_stored_one_row_per_site_by_name():
+    rows = delivery_rows({6: "a", 5: "b"}, {}, sent={6}, round_=1, sha="a" * 64, seconds=1.0)
     assert [(r["site"], r["stored"], r["reason"]) for r in rows] == [("a", False, "no reply"), ("b", False, "not connected at the end of the run")]
     assert "no reply within 600 s (deployment.timeout)" in describe(rows[0], timeout=600)
 

@@ -71,6 +71,8 @@ def is_deployment_run(context: Context | None) -> bool:
 def after_run(grid: Grid, config: RunConfig, run_dir: RunDir, node_sites: dict[int, str], round_: int, context: Context | None) -> list[dict]:
     """The run's last exchange (deployment runs only): :func:`deliver`; returns its rows (none in simulation)."""
     if not is_deployment_run(context):
+        if config.deployment.personalize:
+            log.info("deployment.personalize has no effect here: simulated sites have no site home (it applies to flwr run)")
         return []
     return deliver(grid, config, run_dir, node_sites, round_, context.run_id)
 
@@ -140,7 +142,7 @@ def delivery_rows(node_sites: dict[int, str], answers: dict[int, dict], sent: se
     longer connected at the end of the run.
     """
     rows = []
-    for node in sorted(node_sites):
+    for node in sorted(node_sites, key=lambda n: (node_sites[n], n)):  # the coordinator reads them by site name
         row = {"round": round_, "logged_in_round": round_ + 1, "phase": PHASE, "site": node_sites[node], "node": node, "sha256": sha, "seconds": seconds}
         answer = answers.get(node)
         if answer is None:
