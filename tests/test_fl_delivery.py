@@ -5,19 +5,24 @@ import json
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.data import write_hospital_federation
 from fedmeta.fl.app import initial_state
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.delivery import (
+    MESSAGE_TYPE,
     DeliveryRefused,
+    _delivery_message,
     after_run,
     base_model_at_sites,
     delivery_rows,
     describe,
+    handle,
     node_site_name,
     personalized_at_sites,
     receive,
+    reply_fields,
 )
 from fedmeta.fl.run_dir import RunDir
 from fedmeta.manifest import sha256_bytes
@@ -143,3 +148,37 @@ def test_with_personalize_the_site_promotes_a_personalized_model_under_its_node_
     assert promoted.kind == "personalized" and promoted.lineage["base_sha256"] == sha256_bytes(data)
     assert scores and all(".base." in k or ".personalized." in k for k in scores) and all(isinstance(v, float) for v in scores.values())
     assert personalized_at_sites(base_model, [tmp_path / "home"]) == 1
+
+
+@pytest.fixture
+def in_a_flower_task(monkeypatch):
+    """Flower builds a Message only inside a task (a ServerApp's or a ClientApp's): be one."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def sent(config, data, sha, node_id=5):
+    message = _delivery_message(node_id, config, data, sha, LINEAGE)
+    message.metadata.__dict__["_message_id"] = message.object_id  # what Grid.push_messages does
+    return message
+
+
+def test_the_message_the_server_sends_is_stored_byte_for_byte_at_the_site(federation, tmp_path, in_a_flower_task):
+    config, base_model, _, _ = federation
+    data = base_model.read_bytes()
+    message = sent(config, data, sha256_bytes(data))
+    assert message.metadata.message_type == MESSAGE_TYPE == "query.deliver_model"
+    context = Context(run_id=1, node_id=5, node_config=node(tmp_path / "home", **{"site-name": "st-marys"}), state=RecordDict(), run_config={})
+    assert reply_fields(handle(message, context)) == {"site": "st-marys", "stored": True, "version": "v1"}
+    home = SiteHome.existing(tmp_path / "home")
+    assert home.load(home.registry.by_sha256(sha256_bytes(data)))[1] == data
+
+
+def test_a_tampered_message_is_answered_with_the_refusal_and_nothing_is_stored(federation, tmp_path, in_a_flower_task):
+    config, base_model, _, _ = federation
+    data = base_model.read_bytes()
+    message = sent(config, data[:-1] + bytes([data[-1] ^ 1]), sha256_bytes(data))
+    context = Context(run_id=1, node_id=5, node_config=node(tmp_path / "home", **{"site-name": "st-marys"}), state=RecordDict(), run_config={})
+    answer = reply_fields(handle(message, context))
+    assert answer["stored"] is False and "refusing to store it" in answer["reason"]
+    assert not (tmp_path / "home").exists()

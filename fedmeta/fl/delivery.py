@@ -87,9 +87,7 @@ def deliver(grid: Grid, config: RunConfig, run_dir: RunDir, node_sites: dict[int
     messages = [_delivery_message(node, config, data, sha, lineage) for node in sorted(node_sites) if node in connected]
     started = time.perf_counter()
     replies = wire.exchange(grid, {PHASE: messages}, config.deployment.timeout)[PHASE] if messages else []
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    # The node a message went to, not the reply's source: the SuperLink signs the error reply of an unreachable node.
-    answers = {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): reply_fields(r) for r in replies}
+    answers = {wire.node_of(r): reply_fields(r) for r in replies}
     rows = delivery_rows(node_sites, answers, {m.metadata.dst_node_id for m in messages}, round_, sha, time.perf_counter() - started)
     for row in rows:
         (log.info if row["stored"] else log.warning)("%s", describe(row, config.deployment.timeout))
@@ -120,18 +118,11 @@ def _delivery_message(node: int, config: RunConfig, data: bytes, sha: str, linea
 def reply_fields(reply: Message) -> dict:
     """What a site's reply says: its ``delivery`` fields and scores, or ``{"error": ...}`` for an error reply."""
     if reply.has_error():
-        return {"error": wire_reason(reply.error.reason)}
+        return {"error": wire.short_reason(reply.error.reason)}
     fields = dict(reply.content["delivery"])
     if "metrics" in reply.content:
         fields.update(dict(reply.content["metrics"]))
     return fields
-
-
-def wire_reason(reason: str) -> str:
-    """A site's failure in one line: the site's own message, not the pages of traceback Flower wraps it in."""
-    reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()
-    lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    return lines[-1] if lines else "no reason given"
 
 
 def delivery_rows(node_sites: dict[int, str], answers: dict[int, dict], sent: set[int], round_: int, sha: str, seconds: float) -> list[dict]:
