@@ -9,7 +9,10 @@ On a SuperLink and three SuperNodes (``LoopbackDeployment``, the layout of
   is written twice (``double_launch_refused``, ``duplicate_rounds``);
 - a SuperNode killed after round 1 is named by its site name in the run's
   summary, and ``fedmeta launch`` exits non-zero (``killed_site_named``,
-  ``exit_status_with_dropped_site``).
+  ``exit_status_with_dropped_site``);
+- at the end, the surviving sites' homes hold the base model and, with
+  ``[deployment] personalize = true``, a promoted personalized model
+  (``base_model_at_sites``, ``personalized_at_sites``; the killed site's does not).
 
 The last line is one JSON object with those figures (``--json`` prints only it).
 ``tests/test_fl_deployment_faults.py`` runs the same scenario and asserts on it.
@@ -46,12 +49,14 @@ sampling_timeout = 60
 round_timeout = {round_timeout}
 [evaluation]
 every = {rounds}
+[deployment]
+personalize = {personalize}
 """
 
 
-def write_config(root: Path, name: str, n_sites: int, rounds: int = 2, round_timeout: float = 90) -> Path:
+def write_config(root: Path, name: str, n_sites: int, rounds: int = 2, round_timeout: float = 90, personalize: bool = False) -> Path:
     path = root / f"{name}.toml"
-    path.write_text(CONFIG.format(data=root / "data", n_sites=n_sites, rounds=rounds, round_timeout=round_timeout))
+    path.write_text(CONFIG.format(data=root / "data", n_sites=n_sites, rounds=rounds, round_timeout=round_timeout, personalize=str(personalize).lower()))
     return path
 
 
@@ -77,13 +82,16 @@ def launch(dep, config: Path, run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2") -> dict:
+def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2", personalize: bool = False) -> dict:
     """Launch a 2-round run; launch again on its folder while it runs; kill ``victim`` after round 1.
 
+    At the end the surviving sites receive the base model (and personalize it, with ``personalize``).
     Returns the figures, plus the outputs (``first_output``, ``second_output``) for a test to show.
     """
+    from fedmeta.fl.delivery import base_model_at_sites, personalized_at_sites
+
     run_dir = root / "faults"
-    config = write_config(root, "faults", n_sites=len(dep.sites))
+    config = write_config(root, "faults", n_sites=len(dep.sites), personalize=personalize)
     first = launch(dep, config, run_dir)
     held = wait_until(lambda: (run_dir / ".lock").exists() and (run_dir / ".lock").stat().st_size > 0, timeout=180)
     second = dep.run(config, run_dir, timeout=300) if held else None
@@ -102,6 +110,8 @@ def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2") -
         "duplicate_rounds": sum(n - 1 for n in written.values()),
         "killed_site_named": victim_site in summary.get("trained_without", []) and victim_site in first_output,
         "exit_status_with_dropped_site": first.returncode,
+        "base_model_at_sites": base_model_at_sites(run_dir / "base_model.pt", dep.site_homes.values()),
+        "personalized_at_sites": personalized_at_sites(run_dir / "base_model.pt", dep.site_homes.values()),
         "first_output": first_output,
         "second_output": second_output,
     }
@@ -122,7 +132,7 @@ def main() -> None:
         started = time.perf_counter()
         with LoopbackDeployment([(p, schema) for p in paths], log_dir=root) as dep:
             wait_until(lambda: len(dep.online_nodes()) == 3)
-            result = double_launch_and_killed_site(dep, root)
+            result = double_launch_and_killed_site(dep, root, personalize=True)
         if not args.json:
             print(result.pop("first_output")[-3000:])
             print(f"scenario: {time.perf_counter() - started:.0f} s")

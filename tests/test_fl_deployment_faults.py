@@ -53,3 +53,11 @@ def test_each_round_is_one_line_for_the_coordinator(scenario):
     for round_ in (1, 2):
         assert f"round {round_}/2: loss " in result["first_output"]
     assert "site(s) replied" in result["first_output"]
+
+
+def test_the_surviving_sites_receive_the_base_model_and_the_summary_says_which(scenario):
+    result, root = scenario
+    assert result["base_model_at_sites"] == 2
+    summary = json.loads((root / "faults" / "sites.json").read_text())["summary"]
+    assert summary["delivered"] == ["hospital_000", "hospital_001"]
+    assert "stored in 2 of 3 site homes" in result["first_output"]

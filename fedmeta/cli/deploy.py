@@ -83,6 +83,8 @@ def launch(
     if summary is None:
         raise fail(f"run {run_id} ended without a base model; see the log above. Resume with: fedmeta launch {connection} --run-dir {run_dir}", 1)
     console.print(f"base model: {summary['base_model']} (round {summary['round']})", highlight=False)
+    known = len(summary["sites"])
+    console.print(f"stored in {len(summary.get('delivered', []))} of {known} site homes; personalized and promoted at {len(summary.get('personalized', []))}", highlight=False)
     if summary["trained_without"]:
         from fedmeta.fl.roster import without_text
 

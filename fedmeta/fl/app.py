@@ -426,12 +426,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer.stop()
     privacy = account.summary() if account is not None else privacy_note(config)
     run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
-    delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
+    delivered = delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
     evaluated = sorted(r["site"] for r in site_rows)
     without = roster.trained_without()
     roster.save({
         "run_id": context.run_id if context is not None else None, "base_model": str(run_dir.base_model_path.resolve()), "round": last_round, "trained_without": sorted(without),
         "evaluated": evaluated, "not_evaluated": sorted(set(roster.sites) - set(evaluated)),
+        "delivered": sorted(r["site"] for r in delivered if r["stored"]), "personalized": sorted(r["site"] for r in delivered if r["personalized"]),
     })
     if hasattr(observer, "finished"):
         observer.finished(roster)
