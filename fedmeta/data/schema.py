@@ -12,6 +12,8 @@ in its base model, and :meth:`Schema.with_statistics` applies them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -161,6 +163,24 @@ class Schema(BaseModel):
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.model_dump_json(indent=2))
+
+    def digest(self) -> str:
+        """SHA-256 of the schema's canonical JSON (keys sorted, no whitespace): what a site's mapping and a
+        training message name the schema by.
+
+        The normalization statistics (numeric features' ``mean`` and ``std``) are left out: a run computes
+        them and applies them to its copy (:meth:`with_statistics`), and that copy is still the federation's
+        schema, so a mapping made against ``schema.json`` keeps matching the base model's schema.
+
+        >>> a = Schema(features=[Feature(name="age")], tasks=[TaskColumn(name="m", kind="binary", label="died")])
+        >>> a.digest() == a.with_statistics({"age": (50.0, 9.0)}).digest(), len(a.digest())
+        (True, 64)
+        """
+        content = self.model_dump(mode="json")
+        for feature in content["features"]:
+            feature.pop("mean", None)
+            feature.pop("std", None)
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     # --- encoding ----------------------------------------------------------
     def validate_frame(self, df: pd.DataFrame, source: str) -> None:
