@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from fedmeta.files import atomic_write_text
 from fedmeta.data.columns import missing_features
@@ -29,12 +29,28 @@ from fedmeta.tasks import TaskSpec
 from fedmeta.training_range import widened
 
 
+_FEATURE_HINTS = ("description", "synonyms", "unit", "category_synonyms")
+
+
+def _drop_empty(data, keys: Sequence[str]):
+    """``data`` without the keys in ``keys`` whose value is None or empty (optional matching hints)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (k in keys and not v)}
+    return data
+
+
 class Feature(BaseModel):
     """One input column: numeric (standardized) or categorical (one-hot).
 
     A numeric feature's ``mean`` and ``std`` are its normalization statistics:
     both given, or both unset (then the federation computes them; until they
     are applied, values are taken as they are).
+
+    What a site's matcher (:mod:`fedmeta.data.harmonize`) may use, all
+    optional: a ``description``, ``synonyms`` (other names of the column), a
+    ``unit`` (UCUM-style: ``mg/dL``, ``mmol/L``, ``mmHg``, ``kg``, ``Cel``,
+    ``a`` for years...) and, for a categorical, ``category_synonyms``
+    (``{category: [other spellings]}``).
     """
 
     name: str = Field(min_length=1)
@@ -42,6 +58,29 @@ class Feature(BaseModel):
     categories: list[str] | None = None
     mean: float | None = None
     std: float | None = None
+    description: str | None = None
+    synonyms: list[str] = Field(default_factory=list)
+    unit: str | None = None
+    category_synonyms: dict[str, list[str]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_hints(self, handler):
+        # A schema without matching hints is written as before: its files and digests do not change.
+        return _drop_empty(handler(self), _FEATURE_HINTS)
+
+    @model_validator(mode="after")
+    def _check_matching_hints(self) -> "Feature":
+        if self.unit is not None and (not self.unit.strip() or self.unit != self.unit.strip()):
+            raise ValueError(f"feature {self.name!r}: unit must be a UCUM-style string such as 'mg/dL' without spaces around it, got {self.unit!r}")
+        if self.unit is not None and self.type == "categorical":
+            raise ValueError(f"feature {self.name!r}: categorical features take no 'unit' (got {self.unit!r})")
+        if self.category_synonyms is not None:
+            if self.type != "categorical":
+                raise ValueError(f"feature {self.name!r}: only categorical features take 'category_synonyms'")
+            unknown = sorted(set(self.category_synonyms) - set(self.categories or []))
+            if unknown:
+                raise ValueError(f"feature {self.name!r}: category_synonyms names {unknown}, which are not among its categories {self.categories}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> "Feature":
@@ -80,6 +119,11 @@ class TaskColumn(TaskSpec):
     classes: list[str] | None = None
     target_mean: float = 0.0
     target_std: float = 1.0
+    synonyms: list[str] = Field(default_factory=list)  # other names of the label column, for a site's matcher
+
+    @model_serializer(mode="wrap")
+    def _without_unset_hints(self, handler):
+        return _drop_empty(handler(self), ("synonyms",))
 
     @model_validator(mode="after")
     def _check_label_values(self) -> "TaskColumn":
@@ -122,6 +166,7 @@ class Schema(BaseModel):
     """
 
     name: str = "federation"
+    version: str = Field(default="1", min_length=1)  # the coordinator's own label; sites compare digests, which cover it
     features: list[Feature] = Field(min_length=1)
     tasks: list[TaskColumn] = Field(min_length=1)
 
