@@ -39,7 +39,10 @@ every = 2
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("network")
-    schema, paths = write_hospital_federation(root / "data", n_sites=2, seed=3)
+    schema, paths = write_hospital_federation(root / "data", n_sites=3, seed=3)
+    (root / "late").mkdir()
+    paths[2].rename(root / "late" / paths[2].name)  # the third hospital joins late, in one test
+    paths = paths[:2]
     with LoopbackDeployment([(p, schema) for p in paths], log_dir=root, secure=True, gateway=True, supervise=True) as dep:
         assert dep.wait_online(2) == 2, dep.log("gateway") if (root / "gateway.log").exists() else ""
         yield dep, root
@@ -67,6 +70,7 @@ def test_a_restarted_superlink_keeps_its_sites_and_a_relaunch_resumes_after_the_
     (root / "run.toml").write_text(CONFIG.format(data=root / "data"))
     run_dir = root / "run"
     before = sorted(n["node-id"] for n in dep.online_nodes())
+    restarts = dict(dep.restarts)
     stream = dep.start_run(root / "run.toml", run_dir, root / "stream.log")
     deadline = time.monotonic() + 180
     while not (run_dir / "checkpoint.pt").exists():  # round 1 trained through the gateway and checkpointed
@@ -76,9 +80,28 @@ def test_a_restarted_superlink_keeps_its_sites_and_a_relaunch_resumes_after_the_
     assert stream.wait(30) != 0, "the log stream ends with the SuperLink that served it"
     assert dep.wait_online(2) == 2, "the sites reconnect by themselves"
     assert sorted(n["node-id"] for n in dep.online_nodes()) == before, "same nodes: registrations survived in the database"
-    assert dep.restarts == {}, "the SuperNodes retried their connection: none exited"
+    assert dep.restarts == restarts, "the SuperNodes retried their connection: none exited"
     result = dep.run(root / "run.toml", run_dir, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming {run_dir} after round 1" in result.stdout + result.stderr
     assert _train_rounds(run_dir) == [1, 2], "each round once: round 2 ran after the restart, round 1 not again"
     assert (run_dir / "base_model.pt").exists()
+
+
+def test_a_site_started_before_its_key_is_registered_comes_online_once_it_is(deployment):
+    dep, root = deployment
+    name = dep.start_site(root / "late" / "hospital_002.csv", root / "data" / "schema.json", register=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not dep.restarts.get(name):  # refused, exited, started again by the restart policy
+            assert time.monotonic() < deadline, dep.log(name)
+            time.sleep(0.2)
+        assert "Failed to activate SuperNode" in dep.log(name)
+        dep.register(dep.site_keys[name], name)
+        assert dep.wait_online(3) == 3, dep.log(name)
+    finally:
+        dep.stop_site(name)
+    deadline = time.monotonic() + 60
+    while len(dep.online_nodes()) != 2:  # the others' tests count the two original sites
+        assert time.monotonic() < deadline, dep.online_nodes()
+        time.sleep(0.5)

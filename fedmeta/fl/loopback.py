@@ -126,10 +126,11 @@ class LoopbackDeployment:
         self.database = self.home / "superlink" / "state.db"
         self.procs: list[subprocess.Popen] = []
         self.supernodes: dict[str, subprocess.Popen] = {}
-        #: How many times the supervisor started each SuperNode again after it exited.
+        #: How many times the supervisor started each SuperNode again after it exited, and the exit codes it saw.
         self.restarts: dict[str, int] = {}
+        self.exit_codes: dict[str, list[int]] = {}
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _supervise holds it around _start, which takes it too
         self._supervisor: threading.Thread | None = None
         self.credentials = self.home / "credentials"
         #: Each site's home (node config ``site-home``): where the run delivers its base model.
@@ -242,6 +243,18 @@ class LoopbackDeployment:
         args = [_bin("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.fleet_port}", "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
         self.supernodes[name] = self._start(name, args)
 
+    def start_site(self, data: str | Path, schema: str | Path, register: bool = True) -> str:
+        """One more SuperNode (``site<N>``), its key registered first or not; returns its name."""
+        name = f"site{len(self.supernodes)}"
+        self._start_supernode(name, Path(data).resolve(), Path(schema).resolve(), register=register)
+        return name
+
+    def stop_site(self, name: str) -> None:
+        """Stop a SuperNode for good (``systemctl stop``): the supervisor leaves it down."""
+        with self._lock:
+            proc = self.supernodes.pop(name)
+        self._terminate(proc)
+
     def _supervise(self) -> None:
         """The site units' restart policy (Restart=always, RestartSec): start a SuperNode again after it exits."""
         while not self._stopping.wait(0.5):
@@ -249,8 +262,9 @@ class LoopbackDeployment:
                 if proc.poll() is None or self._stopping.wait(RESTART_DELAY):
                     continue
                 with self._lock:
-                    if self._stopping.is_set():
-                        return
+                    if self._stopping.is_set() or self.supernodes.get(name) is not proc:  # stopping, or stop_site
+                        continue
+                    self.exit_codes.setdefault(name, []).append(proc.returncode)
                     self.supernodes[name] = self._start(name, list(proc.args), append=True)
                     self.restarts[name] = self.restarts.get(name, 0) + 1
 
