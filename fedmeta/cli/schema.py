@@ -1,8 +1,15 @@
-"""``fedmeta schema infer``: propose a federation schema from site files, say what was decided, write it.
+"""``fedmeta schema infer`` and ``fedmeta schema match``.
 
-Files without a column they need are refused with one ``error:`` line each;
-ignored columns that look like another column spelled differently get a
-"did you mean" line at the end, where it is not lost among the decisions.
+``infer`` proposes a federation schema from site files, says what was
+decided and writes it. Files without a column they need are refused with one
+``error:`` line each; ignored columns that look like another column spelled
+differently get a "did you mean" line at the end, where it is not lost among
+the decisions.
+
+``match`` runs at a site: it maps the site's own column names, codes and
+units to the federation schema (:mod:`fedmeta.data.harmonize`), prints one
+table and writes ``mapping.json``; ``--check`` validates a hand-edited
+mapping against the site's rows. Nothing is sent anywhere.
 """
 
 from __future__ import annotations
@@ -79,3 +86,85 @@ def infer(
     )
     for line in near_misses(tables, decisions, asked=tuple(ignore)):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("match")
+def match(
+    data: list[Path] = typer.Argument(..., help="The site's CSV/Parquet file(s); each gets its own mapping."),
+    schema_path: Path = typer.Option(..., "--schema", help="The federation's schema.json (its synonyms, units and published statistics help)."),
+    out: Path = typer.Option(
+        None, "--out", help="Where to write the mapping: a file for one data file, a folder for several (FOLDER/<file stem>.mapping.json). "
+        "Default: mapping.json beside each data file, where training, personalize and predict pick it up."
+    ),
+    check: bool = typer.Option(False, "--check", help="Do not match: validate the existing mapping (at --out, or beside the file) against the site's rows."),
+) -> None:
+    """Map this site's columns, codes and units to the federation schema; print the decisions and write mapping.json (values never leave the site)."""
+    from fedmeta.cli.output import print_rows
+    from fedmeta.data.schema import Schema
+
+    schema = Schema.load(schema_path)
+    targets = _mapping_paths(data, out)
+    problems = 0
+    for path, target in zip(data, targets):
+        if check:
+            problems += _check_one(path, target, schema)
+            continue
+        from fedmeta.data.harmonize.match import match_frame
+        from fedmeta.data.site import read_table
+
+        result = match_frame(schema, read_table(path))
+        rows = [[d.column, d.target or "(ignored)", d.transform(), f"{d.confidence:.2f}", "review" if d.review else "", d.evidence] for d in result.decisions]
+        rows += [["(none)", name, "", "", "unmapped", "no column of this file matches: map one by hand"] for name in result.unmapped]
+        print_rows(f"{path} -> schema {schema.name!r}", ["site column", "feature", "transform", "confidence", "review", "evidence"], rows)
+        result.mapping.save(target)
+        pending = sum(d.review for d in result.decisions)
+        console.print(
+            f"wrote {target}: {sum(d.target is not None for d in result.decisions)} column(s) mapped, "
+            f"{sum(d.target is not None and (d.scale, d.offset) != (1.0, 0.0) for d in result.decisions)} converted, {pending} to review"
+            + (f", {len(result.unmapped)} schema column(s) unmapped" if result.unmapped else "")
+            + (". Check the rows marked review, edit the file, set \"review\": false and run again with --check." if pending or result.unmapped else "."),
+            highlight=False, markup=False,
+        )
+    if problems:
+        raise typer.Exit(1)
+
+
+def _mapping_paths(data: list[Path], out: Path | None) -> list[Path]:
+    """Each data file's mapping file (see ``--out``); two files may not share one."""
+    from fedmeta.data.mapping import MAPPING_FILE
+
+    if out is None:
+        paths = [p.parent / MAPPING_FILE for p in data]
+    elif len(data) == 1 and not out.is_dir():
+        paths = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise UsageProblem(f"--out {out}: with {len(data)} data files, --out is a folder (one mapping per file), not a file")
+        paths = [out / f"{p.stem}.mapping.json" for p in data]
+    seen: dict[Path, Path] = {}
+    for p, m in zip(data, paths):
+        if m in seen:
+            raise UsageProblem(f"{seen[m]} and {p} would both write {m}; give --out a folder, or match one file at a time")
+        seen[m] = p
+    return paths
+
+
+def _check_one(path: Path, mapping_path: Path, schema) -> int:
+    """Validate one mapping against one file's rows: one line per problem; returns how many."""
+    from fedmeta.data.mapping import Mapping, check, pending_review
+    from fedmeta.data.site import read_table
+
+    try:
+        mapping = Mapping.load(mapping_path)
+    except ValueError as e:
+        fail(e)
+        return 1
+    problems = check(mapping, read_table(path), schema, str(path))
+    for line in problems:
+        fail(line)
+    pending = pending_review(mapping)
+    for line in pending:
+        console.print(f"{mapping_path}: review pending: {line}", highlight=False, markup=False, soft_wrap=True)
+    verdict = "fits" if not problems else f"does not fit ({len(problems)} problem(s))"
+    console.print(f"{mapping_path} {verdict} {path}" + (f"; {len(pending)} column(s) still flagged for review" if pending else ""), highlight=False, markup=False)
+    return len(problems)
