@@ -17,6 +17,9 @@ def train(
     rounds: int = typer.Option(None, help="Override the number of rounds."),
     override: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set server.lr=0.5 (repeatable)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+    accept_review: bool = typer.Option(
+        False, "--accept-review", help="Train sites whose mapping.json still has columns flagged \"review\": true (each is listed); by default they are refused."
+    ),
 ) -> None:
     """Meta-train a global base model in an embedded Flower simulation (no server to start)."""
     from fedmeta.fl.config import ConfigError, RunConfig
@@ -45,8 +48,11 @@ def train(
             cfg = RunConfig.load(config, extra)
             target = run_dir or Path("runs") / cfg.name
         console.print(f"[bold]fedmeta train[/] {cfg.algorithm.name} on {_federation_line(cfg)}, {cfg.rounds} rounds -> {target}")
+        if accept_review:
+            for line in _under_review(cfg):
+                console.print(f"[yellow]accepted without review (--accept-review):[/] {line}", highlight=False, soft_wrap=True)
         observer = ProgressObserver()
-        rd = run_simulation(cfg, target, resume=resume is not None, observer=observer, verbose=verbose)
+        rd = run_simulation(cfg, target, resume=resume is not None, observer=observer, verbose=verbose, accept_review=accept_review)
     except TrainingStopped as e:
         console.print(f"[yellow]{e}[/]")
         raise typer.Exit(130) from None
@@ -100,6 +106,15 @@ def diverged_sites(sat_out: dict[str, dict[int, str]], rows: list[dict]) -> list
         listed = "; ".join(f"{site} ({_rounds(r)})" for site, r in sorted(sat_out.items()))
         lines.append(f"{len(sat_out)} site(s) sat out a round, their local training diverged on every restart; the run completed without their update there: {listed}")
     return lines
+
+
+def _under_review(cfg) -> list[str]:
+    """The sites' mapping columns still flagged for review (a CSV federation's ``<site>/mapping.json``)."""
+    if cfg.federation.kind != "csv":
+        return []
+    from fedmeta.data.federation import discover_sites, under_review
+
+    return under_review(discover_sites(cfg.federation.data_dir))
 
 
 def _federation_line(cfg) -> str:

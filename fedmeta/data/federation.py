@@ -6,7 +6,9 @@ One rule, used by training, evaluation and personalization alike:
 - ``DATA_DIR/<site>/train.csv`` (or ``train.parquet``), optionally with
   ``DATA_DIR/<site>/test.csv`` (or ``test.parquet``): one folder per site,
   named by the folder. The test file is never trained on; the site is scored
-  on it instead of on rows carved out of its training file.
+  on it instead of on rows carved out of its training file. A site folder's
+  ``mapping.json`` (:mod:`fedmeta.data.mapping`) maps the site's own columns,
+  codes and units to the schema's, in both files.
 
 ``DATA_DIR/schema.json`` describes every site. Sites are listed sorted by
 name, so partition i of a simulation is always the i-th of them.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.data.columns import missing_features, missing_labels
+from fedmeta.data.mapping import MAPPING_FILE, Mapping, pending_review
 from fedmeta.data.schema import Schema, SchemaError, SchemaProblems, combine_sums
 from fedmeta.data.site import TABLE_SUFFIXES, TRAIN_STEM, SiteData, load_site, read_columns
 
@@ -35,11 +38,12 @@ TEST_STEM = "test"
 
 @dataclass(frozen=True)
 class SiteFiles:
-    """One site of a federation folder: its name, its training file and, if it has one, its test file."""
+    """One site of a federation folder: its name, its training file and, if it has them, its test file and its mapping."""
 
     name: str
     train: Path
     test: Path | None = None
+    mapping: Path | None = None
 
 
 def _table_in(folder: Path, stem: str) -> Path | None:
@@ -67,7 +71,8 @@ def discover_sites(data_dir: str | Path) -> list[SiteFiles]:
             train = _table_in(entry, TRAIN_STEM)
             if train is None:
                 raise SchemaError(f"{entry}: a site folder needs a train.csv or train.parquet")
-            site = SiteFiles(entry.name, train, _table_in(entry, TEST_STEM))
+            mapping = entry / MAPPING_FILE
+            site = SiteFiles(entry.name, train, _table_in(entry, TEST_STEM), mapping if mapping.is_file() else None)
         elif entry.suffix.lower() in TABLE_SUFFIXES:
             site = SiteFiles(entry.stem, entry)
         else:
@@ -101,6 +106,10 @@ def check_columns(sites: Sequence[SiteFiles], schema: Schema) -> None:
     lines = []
     for site in sites:
         files = [(str(path), read_columns(path)) for path in (site.train, site.test) if path is not None]
+        if site.mapping is not None:
+            # What the file's columns become (a column mapped to null is gone); each mapping's own problems are named when its site loads.
+            mapping = Mapping.load(site.mapping)
+            files = [(source, [t for c in columns if (t := mapping.target(c)) is not None]) for source, columns in files]
         lines += [line for source, columns in files if (line := missing_features(source, columns, features, labels))]
         lines += missing_labels(files, tasks)
     if lines:
@@ -108,8 +117,25 @@ def check_columns(sites: Sequence[SiteFiles], schema: Schema) -> None:
 
 
 def load_federation_site(site: SiteFiles, schema: Schema, test_fraction: float, seed: int) -> SiteData:
-    """One discovered site's rows, validated: scored on its test file if it has one, else on :func:`~fedmeta.data.site.held_out_mask`'s rows."""
-    return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test)
+    """One discovered site's rows, mapped by its ``mapping.json`` if it has one and validated: scored on its test file
+    if it has one, else on :func:`~fedmeta.data.site.held_out_mask`'s rows."""
+    return load_site(site.train, schema, name=site.name, test_fraction=test_fraction, seed=seed, test_path=site.test, mapping=site.mapping)
+
+
+def under_review(sites: Sequence[SiteFiles]) -> list[str]:
+    """One line per site whose ``mapping.json`` has columns flagged ``review: true``, naming the file and the columns.
+
+    A person clears a flag by checking the column and setting ``review`` to false; until then training refuses the
+    site unless told to accept them (``fedmeta train --accept-review``).
+    """
+    lines = []
+    for site in sites:
+        if site.mapping is None:
+            continue
+        pending = pending_review(Mapping.load(site.mapping))
+        if pending:
+            lines.append(f"{site.mapping}: site {site.name!r} has {len(pending)} column(s) flagged for review: {'; '.join(pending)}")
+    return lines
 
 
 def federation_statistics(sites: Iterable[SiteData]) -> dict[str, tuple[float, float]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fedmeta.data.columns import FileColumns, missing_labels
+from fedmeta.data.mapping import MAPPING_FILE, Mapping, mapped_frame
 from fedmeta.data.schema import Schema, SchemaError, SchemaProblems
 
 if TYPE_CHECKING:  # episodes need torch; reading and checking rows (fedmeta predict) must not
@@ -210,10 +211,38 @@ def _rows(path: Path) -> pd.DataFrame:
     return df
 
 
+def read_mapped(path: str | Path, mapping: Mapping | None, schema: Schema, need_labels: bool = True) -> pd.DataFrame:
+    """A site file's rows in the schema's dialect: read (a file with no rows is refused), checked against ``mapping``
+    and mapped by it (:mod:`fedmeta.data.mapping`); as read when ``mapping`` is None.
+
+    Raises :class:`SchemaProblems` with every problem of the mapping for this file, one line each.
+    """
+    path = Path(path)
+    return mapped_frame(mapping, _rows(path), schema, str(path), need_labels=need_labels)
+
+
+def mapping_beside(path: str | Path) -> Path | None:
+    """The ``mapping.json`` in the folder of a site's data file, if there is one."""
+    candidate = Path(path).parent / MAPPING_FILE
+    return candidate if candidate.is_file() else None
+
+
 def load_site(
-    path: str | Path, schema: Schema | str | Path, name: str | None = None, test_fraction: float = 0.25, seed: int = 0, test_path: str | Path | None = None
+    path: str | Path,
+    schema: Schema | str | Path,
+    name: str | None = None,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    test_path: str | Path | None = None,
+    mapping: Mapping | str | Path | None = None,
 ) -> SiteData:
     """Load and validate one site's table against the schema.
+
+    With ``mapping`` (a :class:`~fedmeta.data.mapping.Mapping` or its file), the
+    site's own columns, codes and units are mapped to the schema's first, in
+    the training file and the test file alike, labels included. Whether a
+    mapping under review may be used is the caller's decision
+    (:func:`~fedmeta.data.mapping.require_reviewed`).
 
     The site is named ``name``, else by :func:`~fedmeta.data.federation.site_name`
     (the folder of a ``train.csv``, else the file's stem). With ``test_path``
@@ -226,7 +255,11 @@ def load_site(
     if not isinstance(schema, Schema):
         schema = Schema.load(schema)
     name = name or site_name(path)
+    if mapping is not None and not isinstance(mapping, Mapping):
+        mapping = Mapping.load(mapping)
     if test_path is not None:
         test_path = Path(test_path)
-        return SiteData.from_frames(name, schema, _rows(path), _rows(test_path), str(path), str(test_path))
-    return SiteData.from_frame(name, schema, _rows(path), str(path), test_fraction, seed)
+        # The test file's labels are checked with the training file's (check_labels): a site's tasks are decided by both.
+        train, test = read_mapped(path, mapping, schema, need_labels=False), read_mapped(test_path, mapping, schema, need_labels=False)
+        return SiteData.from_frames(name, schema, train, test, str(path), str(test_path))
+    return SiteData.from_frame(name, schema, read_mapped(path, mapping, schema), str(path), test_fraction, seed)

@@ -5,7 +5,9 @@ is empty in simulation), and find their own data:
 
 - in deployment, from the SuperNode's ``--node-config``:
   ``data-path="site.csv" schema-path="schema.json"`` (optional ``site-name``,
-  and ``test-path`` for a test file scored instead of held-out rows);
+  ``test-path`` for a test file scored instead of held-out rows, and
+  ``mapping-path`` for the site's ``mapping.json``, with ``accept-review=true``
+  to train on one whose columns are still flagged for review);
 - in simulation, from ``partition-id``: site i regenerates partition i of the
   seeded synthetic federation, or reads the i-th site (sorted by name) that
   :func:`fedmeta.data.federation.discover_sites` finds in a CSV federation.
@@ -33,6 +35,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
+from fedmeta.data.mapping import Mapping, require_reviewed
 from fedmeta.data.synthetic import fedprox_schema
 from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
@@ -75,9 +78,16 @@ def _synthetic_schema(kind: str) -> Schema:
 
 @lru_cache(maxsize=8)
 def _site_from_files(
-    data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None, statistics: str | None = None
+    data_path: str, schema_path: str, name: str | None, test_fraction: float, seed: int, test_path: str | None = None, statistics: str | None = None,
+    mapping: tuple[str, bool] | None = None,
 ) -> SiteData:
-    return load_site(data_path, normalization.applied(Schema.load(schema_path), statistics), name=name, test_fraction=test_fraction, seed=seed, test_path=test_path)
+    """``mapping``: the node config's ``mapping-path`` and ``accept-review`` (a mapping with columns under review is refused without it)."""
+    site_mapping = None
+    if mapping is not None:
+        site_mapping = Mapping.load(mapping[0])
+        require_reviewed(site_mapping, mapping[0], accept_review=mapping[1])
+    schema = normalization.applied(Schema.load(schema_path), statistics)
+    return load_site(data_path, schema, name=name, test_fraction=test_fraction, seed=seed, test_path=test_path, mapping=site_mapping)
 
 
 def site_for(context: Context, config: RunConfig, statistics: str | None = None) -> SiteData:
@@ -92,7 +102,8 @@ def site_for(context: Context, config: RunConfig, statistics: str | None = None)
         if "schema-path" not in node:
             raise ValueError("node config has data-path but no schema-path; pass both with --node-config")
         test_path = str(node["test-path"]) if "test-path" in node else None
-        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed, test_path, statistics or None)
+        mapping = (str(node["mapping-path"]), bool(node.get("accept-review", False))) if node.get("mapping-path") else None
+        return _site_from_files(str(node["data-path"]), str(node["schema-path"]), node.get("site-name"), fed.test_fraction, fed.seed, test_path, statistics or None, mapping)
     partition = int(node["partition-id"])
     if fed.kind == "csv":
         return csv_site(config, partition, statistics or None)

@@ -82,13 +82,16 @@ def is_complete(rd: RunDir, config: RunConfig) -> bool:
 DEFAULTS_FILE = "defaults.json"  # the settings chosen from the data, and why (fedmeta.fl.data_defaults)
 
 
-def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False, observer: RoundObserver | None = None, verbose: bool = False) -> RunDir:
+def run_simulation(
+    config: RunConfig, run_dir: str | Path, resume: bool = False, observer: RoundObserver | None = None, verbose: bool = False, accept_review: bool = False
+) -> RunDir:
     """Train ``config`` in simulation, writing to ``run_dir``; with ``resume`` continue its last checkpoint.
 
     A CSV federation is checked first (:func:`~fedmeta.fl.sites.prepare_federation`):
     ``federation.n_sites`` becomes the number of sites found, the settings
     the config leaves unset are chosen from the rows
-    (:mod:`fedmeta.fl.data_defaults`), and the run folder records both.
+    (:mod:`fedmeta.fl.data_defaults`), and the run folder records both. A site
+    whose ``mapping.json`` has columns under review is refused unless ``accept_review``.
 
     Resuming a complete run does nothing (check :func:`is_complete` first to say so).
     The folder is held for the whole run (:meth:`RunDir.hold`): a second
@@ -96,10 +99,10 @@ def run_simulation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     """
     rd = RunDir(run_dir)
     with rd.hold(engine="simulation"):  # one server per run folder
-        return _run_simulation(config, rd, resume, observer, verbose)
+        return _run_simulation(config, rd, resume, observer, verbose, accept_review)
 
 
-def _run_simulation(config: RunConfig, rd: RunDir, resume: bool, observer: RoundObserver | None, verbose: bool) -> RunDir:
+def _run_simulation(config: RunConfig, rd: RunDir, resume: bool, observer: RoundObserver | None, verbose: bool, accept_review: bool = False) -> RunDir:
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     if resume:
@@ -108,7 +111,7 @@ def _run_simulation(config: RunConfig, rd: RunDir, resume: bool, observer: Round
             return rd
     # Every site's files are read and checked here, before a worker starts: a bad one is one line, not a Ray traceback.
     given = config
-    config, sites = prepare_federation(config)
+    config, sites = prepare_federation(config, accept_review)
     if not resume:
         config, chosen = choose_defaults(config, sites, given)
         rd.create(config)

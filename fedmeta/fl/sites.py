@@ -13,8 +13,8 @@ simulation starts, not an error inside a worker.
 from __future__ import annotations
 
 from functools import lru_cache
-from fedmeta.data.federation import SiteFiles, check_columns, discover_sites, federation_schema, load_federation_site
-from fedmeta.data.schema import Schema, SchemaError
+from fedmeta.data.federation import SiteFiles, check_columns, discover_sites, federation_schema, load_federation_site, under_review
+from fedmeta.data.schema import Schema, SchemaError, SchemaProblems
 from fedmeta.data.site import SiteData
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.normalization import applied
@@ -45,13 +45,15 @@ def csv_site(config: RunConfig, partition: int, statistics: str | None = None) -
     return _load(sites[partition], fed.data_dir, fed.test_fraction, fed.seed, statistics)
 
 
-def prepare_federation(config: RunConfig) -> tuple[RunConfig, list[SiteData]]:
+def prepare_federation(config: RunConfig, accept_review: bool = False) -> tuple[RunConfig, list[SiteData]]:
     """``config`` with ``federation.n_sites`` settled, and every site loaded and checked (CSV federations).
 
     Raises :class:`~fedmeta.fl.config.ConfigError` when ``n_sites`` disagrees
     with the sites found; :class:`~fedmeta.data.schema.SchemaProblems` naming
     every file that lacks a feature or a label column its site needs
-    (:func:`~fedmeta.data.federation.check_columns`); and
+    (:func:`~fedmeta.data.federation.check_columns`), or each site whose
+    ``mapping.json`` has columns under review, unless ``accept_review``
+    (:func:`~fedmeta.data.federation.under_review`); and
     :class:`~fedmeta.data.schema.SchemaError` for the first unreadable file,
     row that does not fit the schema, or site with no task to train; each a
     single line naming the folder, file or site.
@@ -69,6 +71,9 @@ def prepare_federation(config: RunConfig) -> tuple[RunConfig, list[SiteData]]:
     if config.server.min_sites > len(found):
         raise ConfigError(f"{fed.data_dir} holds {len(found)} site(s), fewer than server.min_sites = {config.server.min_sites}")
     schema = federation_schema(fed.data_dir)
+    pending = under_review(found)
+    if pending and not accept_review:
+        raise SchemaProblems([f"{line}; check them and set \"review\": false, or pass --accept-review" for line in pending])
     check_columns(found, schema)
     sites = []
     for site_files in found:
