@@ -101,6 +101,20 @@ def test_a_decoy_with_the_right_values_but_another_name_is_never_confident():
     assert not any(d.target == "cholesterol" and not d.review for d in result.decisions)
 
 
+def test_a_related_column_with_values_in_another_unit_is_not_taken_for_the_feature():
+    rows = canonical()
+    site = dialect("kaggle", rows).drop(columns=["Cholesterol"]).assign(chol_ratio=(rows.cholesterol / 50).round(1))  # x 38.67 looks like mg/dL
+    assert not any(d.target == "cholesterol" and not d.review for d in match_frame(heart_schema(), site).decisions)
+
+
+def test_a_column_that_matches_nothing_well_is_flagged_while_a_feature_has_no_column():
+    site = dialect("kaggle", canonical()).drop(columns=["MaxHR"]).assign(Oldpeak=np.random.default_rng(2).uniform(0, 4, 200).round(1))
+    result = match_frame(heart_schema(), site)
+    decision = next(d for d in result.decisions if d.column == "Oldpeak")
+    assert (decision.target, decision.review) == (None, True) and "max_heart_rate" in decision.evidence
+    assert result.unmapped == ["max_heart_rate"]
+
+
 def test_a_column_that_nothing_needs_is_ignored_without_review():
     site = dialect("kaggle", canonical()).assign(patient_id=np.arange(200) + 10_000)
     decision = next(d for d in match_frame(heart_schema(), site).decisions if d.column == "patient_id")
@@ -137,6 +151,7 @@ def test_conversions_take_a_site_value_to_the_schema_unit(site_unit, schema_unit
 
 def test_a_mass_to_molar_conversion_needs_a_known_analyte():
     assert conversion("mmol/L", "mg/dL", None) is None
+    assert conversion("/min", "mmHg") is None and conversion("kg", "mmHg") is None
 
 
 @pytest.mark.parametrize("name, unit", [("bp_systolic_rest_kpa", "kPa"), ("cholesterol_mmol_l", "mmol/L"), ("CreatUmolL", "umol/L"),

@@ -32,10 +32,8 @@ from fedmeta.data.schema import Schema
 
 #: A pair scoring under this is no match at all.
 MIN_SCORE = 0.35
-#: Confidence at or above which a decision is not flagged for review.
+#: Confidence at or above which a decision is not flagged for review; a decision's confidence never exceeds its name evidence.
 CONFIDENT = 0.75
-#: Name evidence a confident decision needs.
-NAME_NEEDED = 0.8
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,9 @@ def name_score(column: ColumnProfile, target: Target) -> tuple[float, str]:
             a, b = " ".join(sorted(column.words)), " ".join(sorted(words))
             sort = fuzz.token_sort_ratio(a, b) / 100
             shared = sum(max((fuzz.ratio(w, v) for v in words), default=0) >= 88 for w in column.words)
-            jaccard = shared / max(len(set(column.words) | set(words)) - shared, 1) if shared else 0.0
+            jaccard = shared / (len(set(column.words)) + len(set(words)) - shared) if shared else 0.0
             raw = fuzz.ratio(_compact(alias), _compact(column.name)) / 100
-            score = max(0.5 * sort + 0.5 * min(jaccard, 1.0), 0.9 * raw if raw >= 0.8 else 0.0)
+            score = max(0.5 * sort + 0.5 * jaccard, 0.9 * raw if raw >= 0.8 else 0.0)
             reason = f"name like {alias!r} ({score:.2f})"
         if score > best:
             best, why = score, reason
@@ -174,12 +172,13 @@ def match_frame(schema: Schema, frame: pd.DataFrame) -> MatchResult:
     cols, tgts = profiles(frame), targets(schema)
     cands = [[candidate(c, t) for t in tgts] for c in cols]
     score = np.array([[c.score if c else 0.0 for c in row] for row in cands]).reshape(len(cols), len(tgts))
+    compatible = np.array([[c is not None for c in row] for row in cands], bool).reshape(score.shape)
     rows, picks = linear_sum_assignment(-score) if score.size else (np.array([], int), np.array([], int))
     assigned = {r: k for r, k in zip(rows, picks) if score[r, k] >= MIN_SCORE}
     decisions = []
     for r, col in enumerate(cols):
         if r not in assigned:
-            decisions.append(_unassigned(col, score[r], tgts, set(assigned.values())))
+            decisions.append(_unassigned(col, score[r], compatible[r], tgts, set(assigned.values())))
             continue
         k = assigned[r]
         cand, target = cands[r][k], tgts[k]
@@ -201,7 +200,7 @@ def match_frame(schema: Schema, frame: pd.DataFrame) -> MatchResult:
 def _decision(col: ColumnProfile, target: Target, cand: Candidate, margin: float) -> Decision:
     doubts = []
     conf = min(cand.name, 0.5 + margin)
-    if cand.name < NAME_NEEDED:
+    if cand.name < CONFIDENT:
         doubts.append("name evidence weak")
     if margin < 0.1:
         doubts.append(f"another match scores within {max(margin, 0):.2f}")
@@ -224,9 +223,9 @@ def _decision(col: ColumnProfile, target: Target, cand: Candidate, margin: float
     return Decision(col.name, target.name, scale, offset, values, float(conf), review, evidence)
 
 
-def _unassigned(col: ColumnProfile, scores: np.ndarray, tgts: list[Target], taken: set[int]) -> Decision:
-    """A column no target took: ignored, and flagged when a target left without a column might be it."""
-    open_ = [k for k in range(len(tgts)) if k not in taken and scores[k] >= 0.2]
+def _unassigned(col: ColumnProfile, scores: np.ndarray, compatible: np.ndarray, tgts: list[Target], taken: set[int]) -> Decision:
+    """A column no target took: ignored, and flagged when a target left without a column could be it (its type fits)."""
+    open_ = [k for k in range(len(tgts)) if k not in taken and compatible[k]]
     if open_:
         k = max(open_, key=lambda i: scores[i])
         return Decision(col.name, None, 1.0, 0.0, {}, float(1 - scores[k]), True,
