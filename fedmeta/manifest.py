@@ -3,6 +3,7 @@
 A version folder holds its files (``model.onnx`` and ``state.pt`` for a
 site model, ``base_model.pt`` for a global base) and ``manifest.json``: the
 SHA-256 of each file, the schema, the tasks with their kinds and classes,
+the site's mapping to the schema if it has one,
 lineage (base version, training run, data hash), shots, metrics, creation
 time and library versions. :func:`read_manifest` recomputes every hash and
 refuses a mismatch: that catches corruption, not tampering, since whoever
@@ -89,6 +90,10 @@ class Manifest(BaseModel):
     shots: int | None = None
     feature_ranges: dict[str, list[float]] | None = Field(
         None, description="each numeric feature's [min, max] over the site rows that trained the model; the server flags inputs outside it"
+    )
+    mapping: dict[str, Any] | None = Field(
+        None, description="the site's mapping.json the model was personalized with (fedmeta.data.mapping): fedmeta predict applies it to rows "
+        "in the site's own columns, codes and units"
     )
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)

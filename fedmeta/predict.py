@@ -22,7 +22,9 @@ each regression task the value in label units, and last
 value lies outside the range the model was trained on (empty when none;
 the column is absent for a model that records no range). Such rows are
 scored all the same (:mod:`fedmeta.training_range`). Columns other than the
-model's features (labels, identifiers) are ignored. To score many frames,
+model's features (labels, identifiers) are ignored. A model personalized
+with a site's ``mapping.json`` recorded it, and rows are read through it:
+in the site's own columns, codes and units, or already in the schema's. To score many frames,
 load once with :func:`load_promoted` and call :meth:`PromotedModel.predict`.
 (``tests/test_predict_api.py`` runs the example above on a real site home.)
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmeta.data.mapping import Mapping, mapped_frame
 from fedmeta.data.schema import Schema, SchemaError
 from fedmeta.manifest import TaskOutput
 from fedmeta.registry import ModelVersion, SiteHome
@@ -50,11 +53,13 @@ class PromotedModel:
     tasks: list[TaskOutput]
     session: object = field(repr=False)
     ranges: RangeCheck | None = None
+    mapping: Mapping | None = None
 
     def predict(self, rows: pd.DataFrame, source: str = "rows") -> pd.DataFrame:
         """Predictions for every row of ``rows`` (see the module docstring for the columns); ``source`` names the rows in errors."""
         if rows.empty:
             raise SchemaError(f"{source}: no rows to score")
+        rows = mapped_frame(self.mapping, rows, self.schema, source, need_labels=False)
         self.schema.validate_frame(rows, source)
         feed = {}
         for feature in self.schema.features:
@@ -100,7 +105,11 @@ def load_promoted(site_home: str | Path | None = None, site: str | None = None) 
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     schema = Schema.model_validate(manifest.schema_)
     ranges = RangeCheck.from_manifest(manifest.feature_ranges, [f.name for f in schema.features if f.type == "numeric"])
-    return PromotedModel(version, schema, list(manifest.tasks), session, ranges)
+    mapping = None
+    if manifest.mapping is not None:
+        # Checked against the schema's digest when the model was trained; a head since added changes the schema, not the site's columns.
+        mapping = Mapping.model_validate(manifest.mapping).model_copy(update={"schema_digest": None})
+    return PromotedModel(version, schema, list(manifest.tasks), session, ranges, mapping)
 
 
 def predict(rows: pd.DataFrame, site_home: str | Path | None = None, site: str | None = None) -> pd.DataFrame:

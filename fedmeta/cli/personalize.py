@@ -124,11 +124,21 @@ def personalize(
         None, "--test-fraction", help="Share of the site's rows held out for scoring (between 0 and 1, exclusive). Default: the base's federation.test_fraction, so the rows held out are the ones training held out."
     ),
     promote: bool = typer.Option(None, "--promote/--no-promote", help="Promote the new version (default: only if the site has none)."),
+    mapping: Path = typer.Option(
+        None, "--mapping", help="The site's mapping.json (its own columns, codes and units to the schema's), applied to --data and --test, "
+        "labels included, and recorded with the model. Default: the mapping.json beside --data, if there is one."
+    ),
+    accept_review: bool = typer.Option(
+        False, "--accept-review", help="Personalize with a mapping whose columns are still flagged \"review\": true; the audit log records "
+        "who accepted which columns. By default such a mapping is refused."
+    ),
 ) -> None:
     """Fine-tune the global base model on K shots of a site's rows, export it to ONNX and register it."""
     import time
 
     from fedmeta.data import Schema, load_site
+    from fedmeta.data.mapping import Mapping, require_reviewed
+    from fedmeta.data.site import mapping_beside
     from fedmeta.personalize import choose_personalization, load_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.registry import SiteHome
@@ -153,7 +163,12 @@ def personalize(
         # Rows are normalized as the federation normalized them; the federation's seed and the site's name decide
         # the held-out rows, exactly as in training.
         site_schema = global_base.schema_for(Schema.load(schema), str(schema))
-        site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test)
+        mapping = mapping or mapping_beside(data)
+        site_mapping = Mapping.load(mapping) if mapping is not None else None
+        accepted = require_reviewed(site_mapping, str(mapping), accept_review) if site_mapping is not None else []
+        for line in accepted:
+            console_err.print(f"accepted without review (--accept-review): {mapping}: {line}", soft_wrap=True, highlight=False)
+        site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test, mapping=site_mapping)
         choosing = mode == "auto" and k != "all" and steps == "auto"
         weighed = [c.strip() for c in candidates.split(",") if c.strip()]
         if choosing and k is not None and "few_shot" not in weighed:
@@ -196,6 +211,8 @@ def personalize(
             personalized_tasks=result.tasks,
             promote=promote,
             feature_ranges=site_data.feature_ranges(),
+            mapping=site_mapping,
+            review_accepted=bool(accepted),
         )
     except user_errors() as e:
         raise fail(e) from None

@@ -194,8 +194,6 @@ def check(mapping: Mapping, frame: pd.DataFrame, schema: Schema, source: str, *,
                 f"{source}: column {column!r} maps to {rule.feature!r}, which is neither a feature nor a task label of schema "
                 f"{schema.name!r}{did_you_mean([rule.feature], known)}"
             )
-        elif rule.feature in features and column not in columns:
-            lines.append(f"{source}: column {column!r} (mapped to feature {rule.feature!r}) is not in the file")
     reached: dict[str, list[str]] = {}
     for column in columns:
         target = mapping.target(column)
@@ -205,9 +203,13 @@ def check(mapping: Mapping, frame: pd.DataFrame, schema: Schema, source: str, *,
         if len(sources) > 1:
             kind = "feature" if target in features else "task label"
             lines.append(f"{source}: columns {', '.join(map(repr, sources))} all map to {kind} {target!r}; map all but one to null")
-    named_but_absent = {rule.feature for column, rule in mapping.columns.items() if column not in columns}
     for name in features:
-        if name not in reached and name not in named_but_absent:
+        if name in reached:
+            continue  # a file already in the schema's dialect (its own column named as the feature) is fine too
+        absent = [column for column, rule in mapping.columns.items() if rule.feature == name]
+        if absent:
+            lines.append(f"{source}: column {absent[0]!r} (mapped to feature {name!r}) is not in the file")
+        else:
             lines.append(f"{source}: feature {name!r} is not mapped from any column{did_you_mean([name], [c for c in columns if c not in mapping.columns])}")
     if need_labels and not any(label in reached for label in labels):
         lines.append(f"{source}: no column maps to a task label ({', '.join(f'{label!r} of task {task!r}' for label, task in labels.items())})")

@@ -238,6 +238,7 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str):
     (``<task>.base.<metric>``, ``<task>.personalized.<metric>``).
     """
     from fedmeta.data import Schema, load_site
+    from fedmeta.data.mapping import Mapping, require_reviewed
     from fedmeta.personalize import PersonalizationError, choose_personalization, data_lineage, publish
     from fedmeta.threads import limit_threads, site_threads
 
@@ -248,8 +249,12 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str):
     test_path = str(node_config["test-path"]) if node_config.get("test-path") else None
     federation = base.config.federation
     # Normalized as the federation normalized, held out as training held out (the seed and the site's name decide).
+    mapping, accepted = None, False
+    if node_config.get("mapping-path"):  # the site's own columns, codes and units, read as training read them (fedmeta.fl.app.site_for)
+        mapping = Mapping.load(str(node_config["mapping-path"]))
+        accepted = bool(require_reviewed(mapping, str(node_config["mapping-path"]), bool(node_config.get("accept-review", False))))
     site = load_site(data_path, base.schema_for(Schema.load(schema_path), schema_path), name=name,
-                     test_fraction=federation.test_fraction, seed=federation.seed, test_path=test_path)
+                     test_fraction=federation.test_fraction, seed=federation.seed, test_path=test_path, mapping=mapping)
     defaults = base.adaptation
     result = choose_personalization(base.for_schema(site.schema), site, shots=defaults["shots"], lr=defaults["lr"], seed=0)
     held_out = int(site.test_mask.sum())
@@ -263,7 +268,7 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str):
         training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
                   "seed": result.seed, "seconds": round(result.seconds, 4)},
         shots=result.shots if isinstance(result.shots, int) else None, personalized_tasks=result.tasks, promote=True,
-        feature_ranges=site.feature_ranges(),
+        feature_ranges=site.feature_ranges(), mapping=mapping, review_accepted=accepted,
     )
     chosen = (result.steps_selection or {}).get("chosen", result.mode)
     return str(chosen), published, {k: float(v) for k, v in result.metrics.items()}

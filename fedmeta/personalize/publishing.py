@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fedmeta.data.mapping import Mapping
 from fedmeta.export import export_onnx
 from fedmeta.manifest import Manifest, TaskOutput, sha256_file
 from fedmeta.personalize.base import PersonalizationError
 from fedmeta.registry import ModelVersion, RegistryError, SiteHome, current_user
 from fedmeta.trained import TrainedModel
 from fedmeta.training_range import merged
+
+#: The audit action recording that a person personalized with mapping columns still flagged for review (``--accept-review``).
+ACCEPT_REVIEW = "accept_review"
 
 
 @dataclass
@@ -50,6 +54,8 @@ def publish(
     promote: bool | None = None,
     actor: str | None = None,
     feature_ranges: dict[str, list[float]] | None = None,
+    mapping: Mapping | None = None,
+    review_accepted: bool = False,
 ) -> Published:
     """Export ``trained``, write its version folder and manifest, register it; promote it if asked.
 
@@ -57,10 +63,21 @@ def publish(
     ``feature_ranges`` is the numeric features' range over the rows that
     trained it (:mod:`fedmeta.training_range`); a head's range also covers
     its parent's, whose rows trained the body beneath it.
+
+    ``mapping`` is the site's mapping the rows were read with: the manifest
+    keeps it (a head keeps its parent's), so prediction reads rows as
+    training did, and the data lineage names its digest. With
+    ``review_accepted``, the columns still under review are recorded in the
+    audit log against the new version, with who accepted them.
     """
     actor = actor or current_user()
+    recorded_mapping = None if mapping is None else mapping.model_dump(mode="json")
     if kind == "head":
-        feature_ranges = merged(home.load(parent)[0].feature_ranges, feature_ranges)
+        parent_manifest = home.load(parent)[0]
+        feature_ranges = merged(parent_manifest.feature_ranges, feature_ranges)
+        recorded_mapping = recorded_mapping or parent_manifest.mapping
+    if mapping is not None:
+        data = {**data, "mapping_sha256": mapping.digest()}
     # The file names its site: two sites whose weights agree (both kept the base as it is) still get a version each.
     exported = export_onnx(trained, metadata={"fedmeta.site": site, "fedmeta.kind": kind})
     personalized_tasks = personalized_tasks or []
@@ -79,12 +96,16 @@ def publish(
         data=data,
         shots=shots,
         feature_ranges=feature_ranges,
+        mapping=recorded_mapping,
         training=training,
         metrics=metrics,
         export={"exporter": exported.exporter, "max_abs_diff": exported.max_abs_diff, "seconds": round(exported.seconds, 4), "opset": 18},
     )
     files = {"model.onnx": exported.onnx_bytes, "state.pt": trained.to_bytes()}
     version, created = home.store(files, manifest, parent=parent.version, actor=actor)
+    unreviewed = {c: {"feature": r.feature, "confidence": r.confidence} for c, r in mapping.columns.items() if r.review} if mapping is not None else {}
+    if review_accepted and unreviewed:
+        home.registry.record(actor, ACCEPT_REVIEW, site, version.version, {"mapping_sha256": mapping.digest(), "columns": unreviewed})
     promoted = False
     if promote or (promote is None and home.registry.current(site) is None):
         home.registry.promote(site, version.version, actor)
