@@ -182,7 +182,7 @@ class LoopbackDeployment:
         return self
 
     def _superlink_args(self) -> list[str]:
-        """The documented coordinator command (examples/deployment/coordinator/superlink.service)."""
+        """The documented coordinator command (examples/deployment/coordinator/fedmeta-superlink.service)."""
         return [_bin("flower-superlink"), *self._superlink_security(), "--database", str(self.database),
                 "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"]
 
@@ -375,12 +375,16 @@ class LoopbackDeployment:
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join()
+        # The SuperExec and ServerApp under the SuperLink run in process groups of their own.
+        tree = _tree(self.superlink.pid) if getattr(self, "superlink", None) else []
+        _signal_tree(tree, signal.SIGTERM)
         for p in self.procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.procs:
             self._terminate(p, max(deadline - time.monotonic(), 0.1))
+        _signal_tree(tree, signal.SIGKILL)
         self.procs.clear()
 
     def __exit__(self, *exc) -> None:
