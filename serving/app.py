@@ -57,11 +57,18 @@ class FastRoute(Route):
     machinery: measured 118 -> 79 us per in-process 1-row prediction. The
     FastAPI route behind it stays for the OpenAPI docs. Sets ``scope["route"]``
     as FastAPI does, for the metrics' route label.
+
+    The endpoint is awaited directly, without Starlette's per-route exception
+    wrapper (~2 us): its errors reach the app's ``ExceptionMiddleware``, which
+    answers them with the same handlers. Another method goes the usual way (405).
     """
 
     async def handle(self, scope, receive, send):
         scope["route"] = self
-        await super().handle(scope, receive, send)
+        if scope["method"] not in self.methods:
+            return await super().handle(scope, receive, send)
+        response = await self.endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 class JsonFormatter(logging.Formatter):

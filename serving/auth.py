@@ -60,6 +60,25 @@ class ApiKey:
     revoked_at: str | None = None
 
 
+def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key a request presents: ``X-API-Key``, else an ``Authorization: Bearer`` token (the first of each header counts).
+
+    One pass over the raw ASGI headers: building Starlette's ``Headers`` and asking it twice cost ~2 us per request.
+
+    >>> presented_key([(b"authorization", b"bearer fm_a "), (b"x-api-key", b"fm_b")]), presented_key([(b"authorization", b"Basic x")])
+    ('fm_b', None)
+    """
+    auth = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value.decode("latin-1")
+        if name == b"authorization" and auth is None:
+            auth = value
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        return auth[7:].decode("latin-1").strip()
+    return None
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -140,13 +159,12 @@ class KeyStore:
                                             "hint": f"chmod 600 {self.path}: other users can read the key hashes"}))
             self._seen = seen
 
-    def authorize(self, headers, role: str) -> ApiKey:
-        """The caller's key if it may act as ``role``; 401 without a valid key, 403 with too small a role."""
-        secret = headers.get("x-api-key")
-        if secret is None:
-            auth = headers.get("authorization")
-            if auth is not None and auth[:7].lower() == "bearer ":
-                secret = auth[7:].strip()
+    def authorize(self, headers: list[tuple[bytes, bytes]], role: str) -> ApiKey:
+        """The caller's key if it may act as ``role``; 401 without a valid key, 403 with too small a role.
+
+        ``headers`` are the request's raw ASGI headers (``scope["headers"]``, names lower-case).
+        """
+        secret = presented_key(headers)
         if not secret:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
         self._refresh()

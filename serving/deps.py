@@ -36,13 +36,13 @@ SECURITY_OPENAPI = {"security": [{"HTTPBearer": []}, {"APIKeyHeader": []}]}
 
 
 def authorize(request: Request, name: str) -> ApiKey:
-    return request.app.state.fedmeta.keys.authorize(request.headers, name)
+    return request.app.state.fedmeta.keys.authorize(request.scope["headers"], name)
 
 
 def role(name: str):
     """A dependency that admits keys with at least role ``name`` and returns the key."""
 
     async def check(request: Request, _a=Security(_bearer), _b=Security(_header)) -> ApiKey:
-        return request.app.state.fedmeta.keys.authorize(request.headers, name)
+        return request.app.state.fedmeta.keys.authorize(request.scope["headers"], name)
 
     return check

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fedmeta.training_range import counts
@@ -61,6 +61,39 @@ class _ModelInfo:
         yield family
 
 
+class _Predictions:
+    """``fedmeta_predictions_total{task}``: rows predicted, kept per set of tasks asked for and summed per task at scrape time.
+
+    A request adds its rows to one plain counter (its task set's) on the event loop, where every
+    request is observed: one dict update instead of a locked Prometheus child per task (~1.5 us).
+    Scrapes read a copy, so they need no lock either.
+    """
+
+    def __init__(self):
+        self.rows: dict[tuple[str, ...], int] = {}
+        self.created: dict[str, float] = {}
+
+    def add(self, tasks: list[str], rows: int) -> None:
+        key = tuple(tasks)
+        seen = self.rows.get(key)
+        if seen is None:
+            now = time.time()
+            for task in tasks:
+                self.created.setdefault(task, now)
+            seen = 0
+        self.rows[key] = seen + rows
+
+    def collect(self):
+        totals: dict[str, int] = {}
+        for tasks, rows in list(self.rows.items()):
+            for task in tasks:
+                totals[task] = totals.get(task, 0) + rows
+        family = CounterMetricFamily("fedmeta_predictions", "Rows predicted, by task.", labels=["task"])
+        for task, rows in totals.items():
+            family.add_metric([task], rows, created=self.created[task])
+        yield family
+
+
 class Metrics:
     """The app's Prometheus registry and the series it keeps."""
 
@@ -70,14 +103,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("fedmeta_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=self.registry)
         self.duration = Histogram("fedmeta_request_duration_seconds", "Request latency by route.", ["route"], buckets=BUCKETS, registry=self.registry)
-        self.predictions = Counter("fedmeta_predictions", "Rows predicted, by task.", ["task"], registry=self.registry)
+        self.predictions = _Predictions()
+        self.registry.register(self.predictions)
         self.outside = Counter(
             "fedmeta_outside_training_range", "Values answered outside the served model's training range, by feature.", ["feature"], registry=self.registry
         )
         self.registry.register(_ModelInfo(model_labels))
         self._request_series: dict[tuple[str, str, int], object] = {}
         self._duration_series: dict[str, object] = {}
-        self._prediction_series: dict[str, object] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float, predicted: tuple[list[str], int, list[dict] | None] | None) -> None:
         key = (route, method, status)
@@ -91,11 +124,7 @@ class Metrics:
         histogram.observe(seconds)
         if predicted is not None:
             tasks, rows, outside = predicted
-            for task in tasks:
-                counter = self._prediction_series.get(task)
-                if counter is None:
-                    counter = self._prediction_series[task] = self.predictions.labels(task)
-                counter.inc(rows)
+            self.predictions.add(tasks, rows)
             if outside:  # feature names come from the served schema: a bounded label set
                 for feature, values in counts(outside).items():
                     self.outside.labels(feature).inc(values)

@@ -10,7 +10,8 @@ import pytest
 from fedmeta.registry import SiteHome
 from serving import create_app
 from serving.auth import KeyStore
-from serving.store import RunBatcher
+from serving.batching import RunBatcher
+from serving.store import Columns
 from site_server import ROW, auth, publish_version, settings
 
 ROWS = [{**ROW, "age": 30 + 7 * i, "wbc": 4.0 + i, "ward": ["medical", "surgical", "cardiology", "icu"][i % 4]} for i in range(8)]
@@ -114,3 +115,17 @@ def test_a_batch_refuses_only_the_request_whose_own_row_has_an_output_that_is_no
     assert [type(r).__name__ for r in results] == ["tuple", "tuple", "ApiError", "tuple"]
     assert results[2].message.startswith(f"rows[1]: the model's {model.tasks[0]!r} output is not a finite number"), results[2].message
     assert all(outside == [] for _, outside in (results[0], results[1], results[3]))
+
+
+def test_a_batch_joins_its_requests_feeds_into_the_columns_each_input_would_get_by_itself(served):
+    """Feeds of one validator join by two matrix concatenations; any other feed by one per input: the same columns either way."""
+    app, _ = served
+    model = app.state.fedmeta.store.current
+    feeds = [model.validator.columns(rows, "rows")[0] for rows in ([ROWS[0]], ROWS[1:4], [ROWS[6]])]  # wards: one differs at each end
+    joined = Columns.joined(feeds)
+    expected = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+    assert type(joined) is Columns and list(joined) == list(expected) == model.validator.numeric + list(model.validator.categorical)
+    for name, column in expected.items():
+        assert joined[name].dtype == column.dtype and joined[name].flags.c_contiguous and joined[name].tolist() == column.tolist(), name
+    mixed = Columns.joined([feeds[0], dict(feeds[1]), feeds[2]])  # a plain dict (e.g. built by hand) among them
+    assert type(mixed) is dict and all(mixed[name].tolist() == column.tolist() for name, column in expected.items())
