@@ -115,6 +115,12 @@ def test_a_column_that_matches_nothing_well_is_flagged_while_a_feature_has_no_co
     assert result.unmapped == ["max_heart_rate"]
 
 
+def test_an_empty_label_column_is_a_task_the_site_does_not_record_and_maps_by_its_name():
+    site = dialect("kaggle", canonical()).assign(HeartDisease=np.nan)
+    decision = next(d for d in match_frame(heart_schema(), site).decisions if d.column == "HeartDisease")
+    assert (decision.target, decision.review) == ("heart_disease", False)
+
+
 def test_a_column_that_nothing_needs_is_ignored_without_review():
     site = dialect("kaggle", canonical()).assign(patient_id=np.arange(200) + 10_000)
     decision = next(d for d in match_frame(heart_schema(), site).decisions if d.column == "patient_id")

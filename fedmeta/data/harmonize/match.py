@@ -109,6 +109,11 @@ class Candidate:
 def candidate(column: ColumnProfile, target: Target) -> Candidate | None:
     """The evidence for ``column`` as ``target``; None where the types rule it out."""
     name, why = name_score(column, target)
+    if column.present == 0:
+        # An empty label column is a task the site does not record: its name is the evidence. An empty feature cannot be checked.
+        if target.label_of is not None:
+            return Candidate(_combined(name, None), name, None, f"{why}; empty (the site records no {target.label_of!r} labels)")
+        return Candidate(_combined(name, None), name, None, f"{why}; empty: no values to check", categories=CategoryMapping({}, 0.5, False, "empty", 0.0))
     if target.kind == "numeric":
         if not column.numeric or len(column.numbers) == 0:
             return None

@@ -19,6 +19,7 @@ class ColumnProfile:
     """One site column: its name's tokens and concept words, and its values' type, numbers and distinct values with counts."""
 
     name: str
+    present: int  # rows with a value
     tokens: tuple[str, ...]
     words: tuple[str, ...]
     numeric: bool
@@ -38,7 +39,7 @@ def profile(name: str, column: pd.Series) -> ColumnProfile:
     counts = keys.value_counts()
     distinct = {str(k): int(v) for k, v in counts.items()} if len(counts) <= MAX_CATEGORIES else {}
     numbers = parsed.to_numpy(float) if numeric else np.empty(0)
-    return ColumnProfile(name, tokens(name), concept_words(name), numeric, numbers, distinct)
+    return ColumnProfile(name, len(present), tokens(name), concept_words(name), numeric, numbers, distinct)
 
 
 def profiles(frame: pd.DataFrame) -> list[ColumnProfile]:
