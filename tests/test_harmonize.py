@@ -176,6 +176,21 @@ def test_an_unknown_category_spelling_is_left_for_a_person():
     assert "X" not in m.values and not m.confident
 
 
+def test_cli_takes_the_base_models_statistics_as_value_evidence(tmp_path):
+    from fedmeta.fl.config import RunConfig
+    from fedmeta.fl.run_dir import RunDir
+
+    published = heart_schema()
+    bare = published.model_copy(update={"features": [f.model_copy(update={"mean": None, "std": None}) for f in published.features]})
+    bare.save(tmp_path / "schema.json")
+    RunDir(tmp_path / "run").save_base_model({}, RunConfig(), 1, statistics=published.statistics())
+    rows = canonical()
+    dialect("kaggle", rows).assign(Cholesterol=(rows.cholesterol / 38.67).round(3)).to_csv(tmp_path / "site.csv", index=False)
+    args = ["schema", "match", str(tmp_path / "site.csv"), "--schema", str(tmp_path / "schema.json"), "--out", str(tmp_path / "m.json")]
+    assert CliRunner().invoke(app, args + ["--base", str(tmp_path / "run")]).exit_code == 0
+    assert json.loads((tmp_path / "m.json").read_text())["columns"]["Cholesterol"]["scale"] == 38.67
+
+
 def test_cli_writes_the_mapping_beside_the_file_and_check_names_a_bad_edit(tmp_path):
     heart_schema().save(tmp_path / "schema.json")
     (tmp_path / "site").mkdir()

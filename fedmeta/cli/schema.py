@@ -97,12 +97,22 @@ def match(
         "Default: mapping.json beside each data file, where training, personalize and predict pick it up."
     ),
     check: bool = typer.Option(False, "--check", help="Do not match: validate the existing mapping (at --out, or beside the file) against the site's rows."),
+    base: Path = typer.Option(
+        None, "--base", help="A base model (run folder or base_model.pt) whose normalization statistics (means, stds) serve as value evidence "
+        "where the schema publishes none: units and decoys are then checked against the federation's values."
+    ),
 ) -> None:
     """Map this site's columns, codes and units to the federation schema; print the decisions and write mapping.json (values never leave the site)."""
     from fedmeta.cli.output import print_rows
     from fedmeta.data.schema import Schema
 
     schema = Schema.load(schema_path)
+    if base is not None:
+        from fedmeta.personalize.base import load_base
+
+        statistics = load_base(base).statistics or {}
+        numeric = {f.name for f in schema.features if f.type == "numeric"}
+        schema = schema.with_statistics({k: v for k, v in statistics.items() if k in numeric})
     targets = _mapping_paths(data, out)
     problems = 0
     for path, target in zip(data, targets):
