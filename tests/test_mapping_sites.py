@@ -98,6 +98,9 @@ def assert_same_rows(a, b):
     for task in a.labels:
         np.testing.assert_array_equal(a.labels[task], b.labels[task])
     np.testing.assert_array_equal(a.test_mask, b.test_mask)
+    # In raw units too: standardizing with the site's own statistics would hide a missing unit conversion.
+    for feature, sums in a.training_sums().items():
+        np.testing.assert_allclose(b.training_sums()[feature], sums, rtol=1e-9, err_msg=feature)
 
 
 @pytest.fixture
