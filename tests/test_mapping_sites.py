@@ -125,6 +125,18 @@ def test_a_folder_federation_picks_up_the_sites_mapping(twins):
     assert np.isnan(b.labels["disease"][3])
 
 
+def test_a_site_file_takes_its_own_mapping_not_the_folders(tmp_path):
+    rows = canonical_rows()
+    heart_schema().save(tmp_path / "schema.json")
+    rows.to_csv(tmp_path / "north.csv", index=False)
+    dialect_rows(rows).to_csv(tmp_path / "south.csv", index=False, float_format="%.17g")
+    dialect_mapping(heart_schema()).save(tmp_path / "south.mapping.json")
+    Mapping(columns={"age": ColumnMapping(feature=None)}).save(tmp_path / "mapping.json")  # a site folder's name: not read for site files
+    north, south = load_federation(tmp_path)
+    assert (north.name, south.name) == ("north", "south")
+    np.testing.assert_allclose(north.x, south.x, rtol=1e-6, atol=1e-6)
+
+
 def test_the_training_check_loads_the_dialect_site_to_its_twins_rows(twins):
     canonical, dialect = twins
     (_, [a]), (_, [b]) = prepare_federation(csv_config(canonical)), prepare_federation(csv_config(dialect))

@@ -6,9 +6,11 @@ One rule, used by training, evaluation and personalization alike:
 - ``DATA_DIR/<site>/train.csv`` (or ``train.parquet``), optionally with
   ``DATA_DIR/<site>/test.csv`` (or ``test.parquet``): one folder per site,
   named by the folder. The test file is never trained on; the site is scored
-  on it instead of on rows carved out of its training file. A site folder's
-  ``mapping.json`` (:mod:`fedmeta.data.mapping`) maps the site's own columns,
-  codes and units to the schema's, in both files.
+  on it instead of on rows carved out of its training file.
+
+A site's mapping (:mod:`fedmeta.data.mapping`), ``DATA_DIR/<site>/mapping.json``
+or, for a site file, ``DATA_DIR/<site>.mapping.json``, maps the site's own
+columns, codes and units to the schema's, in each of its files.
 
 ``DATA_DIR/schema.json`` describes every site. Sites are listed sorted by
 name, so partition i of a simulation is always the i-th of them.
@@ -74,7 +76,8 @@ def discover_sites(data_dir: str | Path) -> list[SiteFiles]:
             mapping = entry / MAPPING_FILE
             site = SiteFiles(entry.name, train, _table_in(entry, TEST_STEM), mapping if mapping.is_file() else None)
         elif entry.suffix.lower() in TABLE_SUFFIXES:
-            site = SiteFiles(entry.stem, entry)
+            mapping = entry.with_name(f"{entry.stem}.{MAPPING_FILE}")  # not the folder's mapping.json: the folder holds every site
+            site = SiteFiles(entry.stem, entry, None, mapping if mapping.is_file() else None)
         else:
             continue
         if site.name in sites:

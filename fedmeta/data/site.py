@@ -222,9 +222,21 @@ def read_mapped(path: str | Path, mapping: Mapping | None, schema: Schema, need_
 
 
 def mapping_beside(path: str | Path) -> Path | None:
-    """The ``mapping.json`` in the folder of a site's data file, if there is one."""
-    candidate = Path(path).parent / MAPPING_FILE
-    return candidate if candidate.is_file() else None
+    """The mapping of a site's data file, if it has one: ``<stem>.mapping.json`` beside it, else ``mapping.json`` in its folder.
+
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> mapping_beside(folder / "st-marys.csv") is None
+    True
+    >>> _ = (folder / "mapping.json").write_text("{}"); _ = (folder / "st-marys.mapping.json").write_text("{}")
+    >>> [mapping_beside(folder / f).name for f in ("st-marys.csv", "train.csv")]
+    ['st-marys.mapping.json', 'mapping.json']
+    """
+    path = Path(path)
+    for candidate in (path.with_name(f"{path.stem}.{MAPPING_FILE}"), path.parent / MAPPING_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_site(
