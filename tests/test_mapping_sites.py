@@ -13,6 +13,7 @@ from fedmeta.cli import app
 from fedmeta.data import load_federation, load_site
 from fedmeta.data.federation import discover_sites
 from fedmeta.data.mapping import ColumnMapping, Mapping
+from fedmeta.evaluate.federations import folder_federation
 from fedmeta.data.schema import Feature, Schema, SchemaError, TaskColumn
 from fedmeta.fl.app import site_for
 from fedmeta.fl.config import RunConfig
@@ -126,15 +127,19 @@ def test_a_folder_federation_picks_up_the_sites_mapping(twins):
 
 
 def test_a_site_file_takes_its_own_mapping_not_the_folders(tmp_path):
-    rows = canonical_rows()
-    heart_schema().save(tmp_path / "schema.json")
-    rows.to_csv(tmp_path / "north.csv", index=False)
-    dialect_rows(rows).to_csv(tmp_path / "south.csv", index=False, float_format="%.17g")
-    dialect_mapping(heart_schema()).save(tmp_path / "south.mapping.json")
-    Mapping(columns={"age": ColumnMapping(feature=None)}).save(tmp_path / "mapping.json")  # a site folder's name: not read for site files
-    north, south = load_federation(tmp_path)
+    rows, data = canonical_rows(), tmp_path / "data"
+    data.mkdir()
+    heart_schema().save(data / "schema.json")
+    rows.to_csv(data / "north.csv", index=False)
+    dialect_rows(rows).to_csv(data / "south.csv", index=False, float_format="%.17g")
+    dialect_mapping(heart_schema()).save(data / "south.mapping.json")
+    Mapping(columns={"age": ColumnMapping(feature=None)}).save(data / "mapping.json")  # a site folder's name: not read for site files
+    north, south = load_federation(data)
     assert (north.name, south.name) == ("north", "south")
     np.testing.assert_allclose(north.x, south.x, rtol=1e-6, atol=1e-6)
+    # fedmeta evaluate links the sites into a folder of its own: the site file's mapping goes with it
+    linked = folder_federation(data, tmp_path / "evaluate", unseen=[])
+    np.testing.assert_allclose(linked.seen[1].x, south.x)
 
 
 def test_the_training_check_loads_the_dialect_site_to_its_twins_rows(twins):

@@ -79,6 +79,8 @@ def folder_federation(data_dir: str | Path, out: Path, unseen: list[str], test_f
     for site in sites:
         source = site.train.parent if site.train.parent != data_dir else site.train
         (unseen_dir if site.name in unseen else train_dir).joinpath(source.name).symlink_to(source)
+        if site.mapping is not None and source == site.train:  # a site file's mapping lies beside it, not in a folder the link carries
+            (unseen_dir if site.name in unseen else train_dir).joinpath(site.mapping.name).symlink_to(site.mapping)
     seen = load_federation(train_dir, test_fraction, seed)  # normalized as a training run on train_dir would be
     held = load_federation(unseen_dir, test_fraction, seed, seen[0].schema.statistics()) if unseen else []
     return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction)
