@@ -9,7 +9,7 @@ their concept words agree: ``trestbps``, ``RestingBP`` and
 ``bp_systolic_rest_kpa`` all become ``resting blood pressure``.
 
 >>> concept_words("trestbps"), concept_words("RestingBP"), concept_words("bp_systolic_rest_kpa")
-(('resting', 'blood', 'pressure'), ('resting', 'blood', 'pressure'), ('blood', 'pressure', 'systolic', 'resting'))
+(('resting', 'blood', 'pressure'), ('resting', 'blood', 'pressure'), ('systolic', 'blood', 'pressure', 'resting'))
 >>> concept_words("ChestPainType"), concept_words("CHOL_TOTAL"), concept_words("Cholesterin")
 (('chest', 'pain'), ('cholesterol',), ('cholesterol',))
 """
@@ -27,10 +27,12 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "sex": ("sex", "gender", "geschlecht", "sexo", "sexe", "genero", "genre", "gndr", "sx"),
     "resting blood pressure": ("trestbps", "resting bp", "restingbp", "rest bp", "sbp rest", "bp rest", "systolic bp rest", "ruheblutdruck",
                                "presion arterial reposo", "pression arterielle repos", "tension arterielle repos", "trestbp"),
-    "blood pressure": ("bp", "blutdruck", "presion arterial", "pression arterielle", "tension arterielle", "ta"),
+    "blood pressure": ("bp", "blutdruck", "presion", "presion arterial", "pression arterielle", "tension arterielle", "ta"),
     "resting": ("rest", "ruhe", "reposo", "repos"),
-    "systolic": ("sys", "syst", "sbp", "systolisch", "sistolica", "systolique"),
-    "diastolic": ("dia", "dias", "dbp", "diastolisch", "diastolica", "diastolique"),
+    "systolic blood pressure": ("sbp", "sys bp", "syst bp", "systolic bp", "bp sys", "bp syst", "bp systolic", "nibp sys", "art sys"),
+    "diastolic blood pressure": ("dbp", "dia bp", "diastolic bp", "bp dia", "bp diastolic", "nibp dia", "art dia"),
+    "systolic": ("sys", "syst", "systolisch", "sistolica", "systolique"),
+    "diastolic": ("dia", "dias", "diastolisch", "diastolica", "diastolique"),
     "cholesterol": ("chol", "cholesterin", "colesterol", "cholesterol", "chl", "tc", "total cholesterol", "serum cholesterol"),
     "chest pain": ("cp", "chest pain type", "chestpain", "brustschmerz", "brustschmerzen", "dolor toracico", "douleur thoracique", "angina type"),
     "max heart rate": ("thalach", "maxhr", "max hr", "hr max", "max heart rate", "maximum heart rate", "peak hr", "max puls", "fc max", "frecuencia cardiaca maxima"),
@@ -67,7 +69,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
 }
 
 #: Words of a name that say nothing about what is measured.
-FILLER = frozenset({"total", "value", "val", "num", "nr", "no", "code", "cd", "id", "flag", "is", "the", "of", "in", "at", "de", "la", "le", "el", "der",
+FILLER = frozenset({"total", "value", "val", "num", "nr", "no", "code", "cd", "id", "flag", "is", "the", "of", "in", "at", "de", "la", "le", "el", "der", "pt",
                     "die", "das", "des", "du", "y", "and", "und", "et", "pat", "patient", "raw", "measured", "level", "lvl", "serum", "count", "cnt", "type",
                     "typ", "tipo", "x", "n"})
 
@@ -88,13 +90,14 @@ def fold(text: str) -> str:
 def tokens(name: str) -> tuple[str, ...]:
     """A name's tokens: split at separators, lower/upper case changes and letter/digit boundaries, folded.
 
-    >>> tokens("bp_systolic_rest_kpa"), tokens("ChestPainType"), tokens("SBP_REST"), tokens("txn24h")
-    (('bp', 'systolic', 'rest', 'kpa'), ('chest', 'pain', 'type'), ('sbp', 'rest'), ('txn', '24', 'h'))
+    >>> tokens("bp_systolic_rest_kpa"), tokens("ChestPainType"), tokens("SBP_REST"), tokens("txn24h"), tokens("Blutdruck_kPa")
+    (('bp', 'systolic', 'rest', 'kpa'), ('chest', 'pain', 'type'), ('sbp', 'rest'), ('txn', '24', 'h'), ('blutdruck', 'kpa'))
     """
     parts = re.split(r"[^0-9A-Za-zÀ-ÿµμß]+", name)
     out = []
     for part in parts:
-        out += [fold(p) for p in _CAMEL.split(part) if p]
+        # A unit spelt in mixed case (kPa, mmHg) is one token, not two words.
+        out += [fold(part)] if fold(part) in UNIT_TOKENS else [fold(p) for p in _CAMEL.split(part) if p]
     return tuple(out)
 
 
