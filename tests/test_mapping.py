@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmeta.data.mapping import ColumnMapping, Mapping, MappingError, apply, check, pending_review, require_reviewed
+from fedmeta.data.mapping import ColumnMapping, Mapping, MappingError, apply, check, pending_review, require_reviewed, status
 from fedmeta.data.schema import Feature, Schema, TaskColumn
 
 SOURCE = "st-marys/train.csv"
@@ -207,3 +207,9 @@ def test_a_mapping_under_review_is_refused_unless_accepted():
         require_reviewed(m, "st-marys/mapping.json")
     assert len(require_reviewed(m, "st-marys/mapping.json", accept_review=True)) == 1
     assert require_reviewed(dialect_mapping(), "st-marys/mapping.json") == []
+
+
+def test_status_counts_without_naming_columns():
+    m = _with(Sex=ColumnMapping(feature="sex", values={"M": "1", "F": "0"}, review=True))
+    assert status(m) == {"digest": m.digest(), "mapped": 4, "converted": 1, "recoded": 2, "review": 1}
+    assert status(None) == {"digest": None, "mapped": 0, "converted": 0, "recoded": 0, "review": 0}

@@ -254,6 +254,23 @@ def pending_review(mapping: Mapping) -> list[str]:
     ]
 
 
+def status(mapping: Mapping | None) -> dict[str, int | str | None]:
+    """What a site may tell its coordinator about its mapping: its digest and counts, never a column name or value.
+
+    >>> status(Mapping(columns={"Sex": ColumnMapping(feature="sex", values={"M": "1"}), "chol_mmol": ColumnMapping(feature="chol", scale=38.67, review=True),
+    ...                         "id": ColumnMapping(feature=None)}))["mapped"]
+    2
+    """
+    columns = [] if mapping is None else [rule for rule in mapping.columns.values() if rule.feature is not None]
+    return {
+        "digest": None if mapping is None else mapping.digest(),
+        "mapped": len(columns),
+        "converted": sum(rule.converts for rule in columns),
+        "recoded": sum(bool(rule.values) for rule in columns),
+        "review": sum(rule.review for rule in columns),
+    }
+
+
 def require_reviewed(mapping: Mapping, source: str, accept_review: bool = False) -> list[str]:
     """Refuse (:class:`MappingError`, one line naming the file) a mapping with columns under review, unless ``accept_review``.
 
