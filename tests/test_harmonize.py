@@ -202,6 +202,9 @@ def test_cli_writes_the_mapping_beside_the_file_and_check_names_a_bad_edit(tmp_p
     mapping = json.loads((tmp_path / "site" / "mapping.json").read_text())
     assert mapping["columns"]["cholesterol_mmol_l"]["feature"] == "cholesterol"
     assert runner.invoke(app, args + ["--check"]).exit_code == 0
+    dialect("si", canonical()).to_csv(tmp_path / "st-marys.csv", index=False)
+    assert runner.invoke(app, ["schema", "match", str(tmp_path / "st-marys.csv"), "--schema", str(tmp_path / "schema.json")]).exit_code == 0
+    assert (tmp_path / "st-marys.mapping.json").is_file()  # a site file's own mapping, not the folder's
     mapping["columns"]["sex"]["values"]["male"] = "X"
     (tmp_path / "site" / "mapping.json").write_text(json.dumps(mapping))
     checked = runner.invoke(app, args + ["--check"])

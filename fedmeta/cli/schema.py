@@ -94,7 +94,8 @@ def match(
     schema_path: Path = typer.Option(..., "--schema", help="The federation's schema.json (its synonyms, units and published statistics help)."),
     out: Path = typer.Option(
         None, "--out", help="Where to write the mapping: a file for one data file, a folder for several (FOLDER/<file stem>.mapping.json). "
-        "Default: mapping.json beside each data file, where training, personalize and predict pick it up."
+        "Default: where training, personalize and predict pick it up: <site>/mapping.json for a site folder's train.csv or test.csv, "
+        "else <file stem>.mapping.json beside the file."
     ),
     check: bool = typer.Option(False, "--check", help="Do not match: validate the existing mapping (at --out, or beside the file) against the site's rows."),
     base: Path = typer.Option(
@@ -144,7 +145,8 @@ def _mapping_paths(data: list[Path], out: Path | None) -> list[Path]:
     from fedmeta.data.mapping import MAPPING_FILE
 
     if out is None:
-        paths = [p.parent / MAPPING_FILE for p in data]
+        # Where training and personalize look: a site folder's train/test files share <site>/mapping.json; a site file has its own.
+        paths = [p.parent / MAPPING_FILE if p.stem in ("train", "test") else p.with_name(f"{p.stem}.{MAPPING_FILE}") for p in data]
     elif len(data) == 1 and not out.is_dir():
         paths = [out]
     else:
