@@ -3,7 +3,17 @@
     python benchmarks/deployment_faults.py [--json]
 
 On a SuperLink and three SuperNodes (``LoopbackDeployment``, the layout of
-``examples/deployment/``), with the hospital federation's CSV files:
+``examples/deployment/``: TLS, site keys, a persistent database, the gateway
+that forwards only the Fleet API, a restart policy), with the hospital
+federation's CSV files:
+
+- with what every site holds (``ca.crt``, the gateway's address), a node key
+  cannot be registered and a run cannot be started (``site_can_register_node``,
+  ``site_can_start_run``);
+- after round 1 of a run the SuperLink is restarted with its documented
+  command: the sites come back by themselves, and launching again on the
+  run folder resumes after round 1 (``sites_back_after_restart``,
+  ``resumed_after_restart``);
 
 - a second launch on a run folder that a run holds is refused, and no round
   is written twice (``double_launch_refused``, ``duplicate_rounds``);
@@ -22,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -92,18 +100,16 @@ def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2", p
 
     run_dir = root / "faults"
     config = write_config(root, "faults", n_sites=len(dep.sites), personalize=personalize)
+    victim_site = dep.sites[list(dep.supernodes).index(victim)][0].stem
     first = launch(dep, config, run_dir)
     held = wait_until(lambda: (run_dir / ".lock").exists() and (run_dir / ".lock").stat().st_size > 0, timeout=180)
     second = dep.run(config, run_dir, timeout=300) if held else None
     second_output = (second.stdout + second.stderr) if second else "(the first run never held the folder)"
     wait_until(lambda: _sites_round(run_dir) >= 1 or first.poll() is not None, timeout=300)
-    killed = dep.supernodes[victim]
-    os.killpg(killed.pid, signal.SIGKILL)  # no goodbye: the SuperLink learns it from missed heartbeats
-    killed.wait()
+    dep.kill_site(victim)  # SIGKILL, left down: no goodbye, the SuperLink learns it from missed heartbeats
     first_output, _ = first.communicate(timeout=600)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
     written = Counter(r["round"] for r in rows if r["site"] == "*" and r["phase"] == "train")
-    victim_site = Path(dict(zip(dep.supernodes, dep.sites))[victim][0]).stem
     summary = json.loads((run_dir / "sites.json").read_text()).get("summary") or {}
     return {
         "double_launch_refused": "is in use by Flower run" in second_output,
@@ -114,6 +120,26 @@ def double_launch_and_killed_site(dep, root: Path, victim: str = "supernode2", p
         "personalized_at_sites": personalized_at_sites(run_dir / "base_model.pt", dep.site_homes.values()),
         "first_output": first_output,
         "second_output": second_output,
+    }
+
+
+def restart_and_resume(dep, root: Path) -> dict:
+    """Restart the SuperLink (the documented command: same port, same database) after round 1 of a 2-round run,
+    then launch again on the same run folder: do the sites come back by themselves, and does the run resume?"""
+    run_dir = root / "restart"
+    config = write_config(root, "restart", n_sites=len(dep.sites))
+    stream = dep.start_run(config, run_dir, root / "restart-stream.log")
+    wait_until(lambda: (run_dir / "checkpoint.pt").exists() or stream.poll() is not None, timeout=300)
+    down = dep.restart_superlink()
+    stream.wait(60)
+    back = dep.wait_online(len(dep.sites), timeout=120)
+    result = dep.run(config, run_dir, timeout=600)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+    rounds = [r["round"] for r in rows if r["site"] == "*" and r["phase"] == "train"]
+    return {
+        "sites_back_after_restart": back,
+        "resumed_after_restart": f"resuming {run_dir} after round 1" in result.stdout + result.stderr and rounds == [1, 2] and (run_dir / "base_model.pt").exists(),
+        "superlink_down_seconds": round(down, 1),
     }
 
 
@@ -130,13 +156,17 @@ def main() -> None:
         root = Path(tmp)
         schema, paths = write_hospital_federation(root / "data", n_sites=3, seed=3)
         started = time.perf_counter()
-        with LoopbackDeployment([(p, schema) for p in paths], log_dir=root) as dep:
-            wait_until(lambda: len(dep.online_nodes()) == 3)
+        # The layout of examples/deployment/: TLS, site keys, a persistent database, the gateway, a restart policy.
+        with LoopbackDeployment([(p, schema) for p in paths], log_dir=root, secure=True, gateway=True, supervise=True) as dep:
+            dep.wait_online(3, timeout=120)
+            figures["site_can_register_node"] = dep.site_can_register_node()
+            figures["site_can_start_run"] = dep.site_can_start_run()
+            figures.update(restart_and_resume(dep, root))
             result = double_launch_and_killed_site(dep, root, personalize=True)
         if not args.json:
-            print(result.pop("first_output")[-3000:])
-            print(f"scenario: {time.perf_counter() - started:.0f} s")
-        result.pop("first_output", None), result.pop("second_output", None)
+            print(result["first_output"][-3000:])
+            print(f"all scenarios: {time.perf_counter() - started:.0f} s")
+        result.pop("first_output"), result.pop("second_output")
         figures.update(result)
     figures["sites"] = 3
     print(json.dumps(figures))

@@ -68,3 +68,14 @@ def test_fedmeta_train_refuses_a_folder_another_server_holds(tmp_path, holder):
     assert result.exit_code != 0
     assert "is in use by Flower run 4242" in result.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_run_refused_before_it_wrote_anything_leaves_no_folder_behind(tmp_path):
+    with pytest.raises(RuntimeError):
+        with RunDir(tmp_path / "run").hold():
+            raise RuntimeError("a bad configuration, found before round 1")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    with RunDir(tmp_path / "kept").hold():
+        pass
+    assert (tmp_path / "kept").is_dir(), "a folder that was there before stays"

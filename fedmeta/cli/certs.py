@@ -43,7 +43,8 @@ def certs_server(
     console.print(f"certificate: {cert}\nkey: {key}")
     console.print(
         f"start the SuperLink with: flower-superlink --ssl-ca-certfile {ca_folder / 'ca.crt'} --ssl-certfile {cert} "
-        f"--ssl-keyfile {key} --enable-supernode-auth --disable-runtime-dependency-installation"
+        f"--ssl-keyfile {key} --enable-supernode-auth --database superlink-state.db --host 127.0.0.1 --port 8000 "
+        "--disable-runtime-dependency-installation\n(on 127.0.0.1 only: sites reach it through the gateway, docs/deployment.md)"
     )
 
 

@@ -255,6 +255,14 @@ class LoopbackDeployment:
             proc = self.supernodes.pop(name)
         self._terminate(proc)
 
+    def kill_site(self, name: str) -> None:
+        """Kill a SuperNode without warning (SIGKILL, as a crash or a pulled cable) and leave it down: the
+        SuperLink learns of it only from missed heartbeats."""
+        with self._lock:
+            proc = self.supernodes.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def _supervise(self) -> None:
         """The site units' restart policy (Restart=always, RestartSec): start a SuperNode again after it exits."""
         while not self._stopping.wait(0.5):

@@ -82,6 +82,7 @@ class RunDir:
         Two servers in one folder would both write the checkpoint and the
         metrics, and train (and spend privacy) twice per round.
         """
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -101,6 +102,9 @@ class RunDir:
                 yield
             finally:
                 os.ftruncate(fd, 0)  # released: the next holder writes its own name
+                if created and [p.name for p in self.path.iterdir()] == [self.lock_path.name]:
+                    self.lock_path.unlink()  # a run refused before it wrote anything leaves no folder behind
+                    self.path.rmdir()
         finally:
             os.close(fd)  # closing releases the lock
 
