@@ -113,7 +113,7 @@ class Mapping(BaseModel):
         return self.columns[column].feature if column in self.columns else column
 
 
-def _site_values(column: pd.Series) -> pd.Series:
+def site_values(column: pd.Series) -> pd.Series:
     """A column's present values as the strings ``values`` is keyed by (``1.0`` read from a CSV is ``1``)."""
     present = column[column.notna()]
     as_str = present.astype(str)
@@ -126,7 +126,7 @@ def _recoded(column: pd.Series, values: dict[str, str]) -> pd.Series:
     """``column`` with each site value listed in ``values`` replaced by its schema value; empty cells stay empty."""
     if not values:
         return column
-    keys = _site_values(column)
+    keys = site_values(column)
     hit = keys.isin(values.keys())
     if not hit.any():
         return column
@@ -233,7 +233,7 @@ def _value_problems(rule: ColumnMapping | None, column: pd.Series, schema: Schem
         foreign = sorted({v for v in rule.values.values() if v not in allowed})
         if foreign:
             lines.append(f"{source}: {what}: 'values' maps to {foreign}, not among the schema values {allowed}")
-        keys = _site_values(column)
+        keys = site_values(column)
         unmatched = keys[~keys.isin(rule.values.keys()) & ~keys.isin(allowed)].nunique()
         if unmatched:
             lines.append(f"{source}: {what}: {unmatched} site value(s) have no schema value; add them to 'values' (schema values: {allowed})")

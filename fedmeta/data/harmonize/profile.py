@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from fedmeta.data.harmonize.vocabulary import concept_words, tokens
-from fedmeta.data.mapping import _site_values as site_values  # the one rule for how mapping.json keys a site value
+from fedmeta.data.mapping import site_values  # the one rule for how mapping.json keys a site value
 
 #: A column with more distinct values than this is not a category (an identifier, a measurement).
 MAX_CATEGORIES = 50
