@@ -96,7 +96,7 @@ def _train_with(monkeypatch, tmp_path, error: Exception):
     from fedmeta.fl.app import site_failures
     from fedmeta.fl.run_dir import RunDir
 
-    def run_simulation(config, run_dir, resume=False, observer=None, verbose=False):
+    def run_simulation(config, run_dir, resume=False, observer=None, verbose=False, accept_review=False):
         rd = RunDir(run_dir)
         rd.create(config)
         observer.start(1, config.rounds)
