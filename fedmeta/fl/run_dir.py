@@ -9,6 +9,7 @@ Layout of ``RUN_DIR``::
                        (written atomically, owner-only)
     metrics.jsonl      one row per round and site (phase train/evaluate), plus
                        one aggregated row per round (site "*")
+    sites.json         the run's sites by name (:mod:`fedmeta.fl.roster`)
     base_model.pt      the global base model after the last round, with the
                        normalization statistics the federation computed
     .lock              held (an OS file lock) by the one server training in
