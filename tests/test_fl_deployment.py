@@ -166,5 +166,10 @@ def test_a_site_that_vanishes_is_waited_for_once_and_the_survivors_aggregate(tmp
         train = [r for r in rows if r["site"] == "*" and r["phase"] == "train"]
         assert [(r["round"], r.get("sites"), r["skipped"]) for r in train] == [(1, 2, False)], train
         assert {r["site"] for r in rows if r["site"] != "*"} == {"hospital_000", "hospital_001"}
-        # One wait for the silent node (its roll call), not one per exchange: training and the final evaluation skip it.
-        assert log.count("did not answer within") == 1, log
+        # The silent node is named once, at its roll call, and not waited for again: training and the final evaluation
+        # skip it. Which words the roll call uses depends on timing: if the SuperLink has already missed the node's
+        # heartbeats it answers "Node Unavailable" at once, otherwise the roll call waits out round_timeout.
+        lines = log.splitlines()
+        roll_call = [i for i, line in enumerate(lines) if "roll call:" in line]
+        assert len(roll_call) == 1 and ("did not answer within" in lines[roll_call[0]] or "Node Unavailable" in lines[roll_call[0]]), log
+        assert not any("did not reply within" in line for line in lines[roll_call[0] + 1 :]), log
