@@ -24,6 +24,10 @@ role, like every route but the health probes; there is no ``/redoc``.
 - ``POST /v1/heads`` states what its schema can: a new task needs its
   ``kind``, a known task keeps its kind, neither the task nor the label is
   a feature, and each row holds the features and at most one field more.
+- For a model that records its site's mapping, a row (and a v2 tensor) is
+  in either dialect (``anyOf``): the schema's features, or the site's own
+  columns, each described as ``site column, mapped to chol (x 38.67)`` with
+  its codes; the ``dialect`` parameter is documented then only.
 - Rules that JSON Schema cannot state are written in the operation's
   description: in the Open Inference Protocol, one tensor per input, every
   shape's batch the same and each ``data`` holding as many values as its
@@ -42,6 +46,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.responses import JSONResponse, Response
 
 from serving.deps import authorize
+from serving.dialect import Dialect, describe
 from serving.store import feature_range
 
 ERROR_SCHEMA = {
@@ -95,8 +100,48 @@ def _row_schema(schema: dict) -> dict:
     return {"type": "object", "required": [f["name"] for f in schema["features"]], "properties": properties, "additionalProperties": True}
 
 
+def _site_value_schema(rule, features: dict) -> dict:
+    """One value of a site column: its codes (as strings, and as numbers where they read as one) or the target's values, described."""
+    feature = features.get(rule.feature)
+    described = {"description": describe(rule)}
+    if feature is None:  # left out, or a task label: any value
+        return described
+    if feature.get("type") == "categorical":
+        codes = list(dict.fromkeys([*rule.values, *feature["categories"]]))
+        numbers = [int(c) for c in codes if c.lstrip("-").isdigit() and str(int(c)) == c]
+        return {**described, "enum": [*codes, *numbers]}
+    number = {"type": "number"}
+    if rule.values:
+        return {**described, "anyOf": [number, {"enum": list(rule.values)}]}
+    return {**described, **number}
+
+
+def _site_row_schema(dialect: Dialect, schema: dict) -> dict:
+    """A row in the site's dialect: its site columns, features under their own names, one field per feature."""
+    features = {f["name"]: f for f in schema["features"]}
+    properties = {name: {**_value_schema(f), "description": "schema feature, under its own name"}
+                  for name, f in features.items() if name not in dialect.mapping.columns}
+    properties.update({column: _site_value_schema(rule, features) for column, rule in dialect.mapping.columns.items()})
+    return {
+        "title": "row in the site's dialect",
+        "type": "object",
+        "properties": properties,
+        "allOf": [{"oneOf": [{"required": [field]} for field in fields]} for fields in dialect.sources.values()],
+        "additionalProperties": True,
+    }
+
+
+def _either_dialect(row: dict, model) -> dict:
+    """``row`` (the schema's dialect), or, for a model that records a mapping, that or a row in the site's dialect."""
+    if model.dialect is None:
+        return row
+    return {"anyOf": [{**row, "title": "row in the schema's dialect"}, _site_row_schema(model.dialect, model.manifest.schema_)],
+            "description": "a row in the schema's dialect or in the site's own (its columns, codes and units, converted by the model's "
+                           "recorded mapping); which one is decided per row, see the dialect parameter"}
+
+
 def predict_request_schema(model, max_rows: int) -> dict:
-    row = _row_schema(model.manifest.schema_)
+    row = _either_dialect(_row_schema(model.manifest.schema_), model)
     return {
         "type": "object",
         "properties": {
@@ -158,19 +203,51 @@ def _tensor_schema(feature: dict, max_rows: int) -> dict:
     }
 
 
+def _site_tensor_schema(column: str, rule, features: dict, max_rows: int) -> dict:
+    """A site column's tensor (a model that records a mapping): any datatype, its values as :func:`_site_value_schema` says."""
+    value = _site_value_schema(rule, features)
+    return {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "description": value["description"],
+        "properties": {
+            "name": {"type": "string", "enum": [column]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": max_rows}, "minItems": 1, "maxItems": 2},
+            "datatype": {"type": "string", "enum": DATATYPES},
+            "data": {"type": "array", "minItems": 1, "maxItems": max_rows,
+                     "items": {"anyOf": [value, {"type": "array", "items": value, "maxItems": max_rows}]}},
+            "parameters": {"type": "object"},
+        },
+    }
+
+
 def infer_request_schema(model, max_rows: int) -> dict:
     schema = model.manifest.schema_
+    tensors = [_tensor_schema(f, max_rows) for f in schema["features"]]
+    parameters: dict = {"type": "object"}
+    if model.dialect is not None:
+        features = {f["name"]: f for f in schema["features"]}
+        site = [_site_tensor_schema(c, rule, features, max_rows) for c, rule in model.dialect.mapping.columns.items() if c not in features]
+        tensors += site  # a site column named as a feature shares the feature's tensor name; its description is in the row schema
+        parameters["properties"] = {"dialect": {"type": "string", "enum": ["auto", "site", "schema"], "default": "auto", "description": DIALECT_TEXT}}
     return {
         "type": "object",
         "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "inputs": {"type": "array", "items": {"oneOf": [_tensor_schema(f, max_rows) for f in schema["features"]]}, "minItems": 1},
+            "inputs": {"type": "array", "items": {"oneOf": tensors}, "minItems": 1},
             "outputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string", "enum": model.tasks}, "parameters": {"type": "object"}}}},
-            "parameters": {"type": "object"},
+            "parameters": parameters,
         },
     }
+
+
+DIALECT_TEXT = (
+    "`auto`: a row holding a site column that is no schema feature is read through the model's recorded mapping, any other row "
+    "as the schema's features; a row whose only site columns are also schema features that the mapping converts is refused, "
+    "as it could be either. `site` or `schema` says which"
+)
 
 
 def head_request_schema(base: dict, model, max_rows: int) -> dict:
@@ -224,6 +301,9 @@ def site_openapi(app: FastAPI, model, max_rows: int, head_max_rows: int) -> dict
     predict = paths["/v1/predict"]["post"]
     _set_body(predict, predict_request_schema(model, max_rows))
     predict["responses"]["200"]["content"]["application/json"]["schema"] = predict_response_schema(model)
+    if model.dialect is not None:
+        predict.setdefault("parameters", []).append({"name": "dialect", "in": "query", "required": False, "description": DIALECT_TEXT,
+                                                     "schema": {"type": "string", "enum": ["auto", "site", "schema"], "default": "auto"}})
     _set_body(paths["/v2/models/{name}/infer"]["post"], infer_request_schema(model, max_rows))
     heads = paths["/v1/heads"]["post"]["requestBody"]["content"]["application/json"]
     heads["schema"] = head_request_schema(heads["schema"], model, head_max_rows)

@@ -15,6 +15,10 @@ model (a ``patient_id``) are left out, as ``fedmeta predict`` leaves out
 other columns, and the response names them, sorted, in ``ignored_fields``
 (names only, never values). ``POST /v1/predict?strict=true`` refuses them
 instead (422), for clients that want a misspelt feature caught at once.
+
+A model that records its site's mapping also reads rows in the site's own
+columns, codes and units (:mod:`serving.dialect`, which states the rule for
+rows that could be in either); ``dialect=auto|site|schema`` chooses.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from starlette.responses import Response
 
 from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
+from serving.dialect import dialect_choice
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
 from serving.store import LoadedModel
@@ -116,6 +121,16 @@ def strict_mode(request: Request) -> bool:
     return values[0] == "true"
 
 
+def dialect_mode(request: Request) -> str:
+    """The ``dialect`` query parameter (``auto`` by default), for a model that records a mapping."""
+    if not request.scope["query_string"]:
+        return "auto"
+    values = request.query_params.getlist("dialect")
+    if len(values) > 1:
+        raise ApiError(422, "dialect: given more than once")
+    return dialect_choice(values[0] if values else None, "dialect")
+
+
 def select_tasks(model: LoadedModel, requested: object) -> list[str]:
     if requested is None:
         return model.tasks
@@ -164,6 +179,9 @@ async def predict(request: Request) -> Response:
         rows = [payload["row"]]
     else:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
+    site_ignored = None
+    if model.dialect is not None:  # a model without a mapping reads rows exactly as before
+        rows, site_ignored = model.dialect.rows(rows, where, dialect_mode(request), strict)
     feed, n = model.validator.columns(rows, where, strict=strict)
     tasks = select_tasks(model, payload.get("tasks"))
     outputs, outside = await model.batcher.predict(tasks, feed, n, where)
@@ -173,6 +191,6 @@ async def predict(request: Request) -> Response:
         "rows": n,
         "predictions": render(model, tasks, outputs),
         "outside_training_range": outside,
-        "ignored_fields": model.validator.ignored_fields(rows),
+        "ignored_fields": model.validator.ignored_fields(rows) if not site_ignored else sorted({*model.validator.ignored_fields(rows), *site_ignored}),
     }
     return json_response(content)

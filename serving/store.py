@@ -21,10 +21,13 @@ from functools import cached_property
 import numpy as np
 import onnxruntime as ort
 
+from fedmeta.data.mapping import Mapping
+from fedmeta.data.schema import Schema
 from fedmeta.manifest import Manifest
 from fedmeta.registry import REGISTRY_FILE, AuditChainError, ModelVersion, SiteHome
 from fedmeta.manifest import ManifestError
 from fedmeta.training_range import RangeCheck
+from serving.dialect import Dialect
 from serving.errors import ApiError, shown
 
 log = logging.getLogger("fedmeta.serving")
@@ -230,6 +233,7 @@ class LoadedModel:
     validator: RowValidator
     site: str
     ranges: RangeCheck | None = None  # None: the manifest records no training range (a model published before fedmeta recorded them)
+    dialect: Dialect | None = None  # None: the model records no mapping, and requests are in the schema's dialect only
 
     @property
     def label(self) -> str:
@@ -281,7 +285,13 @@ def load_model(home: SiteHome, version: ModelVersion, max_rows: int, threads: in
         raise ManifestError(f"{version.label} has no schema in its manifest; it cannot be served")
     validator = RowValidator(manifest.schema_, max_rows)
     ranges = RangeCheck.from_manifest(manifest.feature_ranges, validator.numeric)
-    return LoadedModel(version, manifest, session, validator, version.site or "", ranges)
+    dialect = None
+    if manifest.mapping is not None:
+        # Checked against the schema's digest when the model was trained; a head since added changes the schema, not the
+        # site's columns (as fedmeta.predict.load_promoted reads it).
+        mapping = Mapping.model_validate(manifest.mapping).model_copy(update={"schema_digest": None})
+        dialect = Dialect(mapping, Schema.model_validate(manifest.schema_))
+    return LoadedModel(version, manifest, session, validator, version.site or "", ranges, dialect)
 
 
 def require_verified_chain(home: SiteHome) -> None:

@@ -10,6 +10,9 @@ asks; no value a client sends reaches numpy or onnxruntime unchecked.
 The response's ``parameters`` carry ``outside_training_range`` as JSON text
 (protocol parameters are strings, numbers or booleans): the rows with a
 numeric value outside the model's training range (:mod:`fedmeta.training_range`).
+A model that records its site's mapping also takes tensors named by the
+site's own columns, in its codes and units (:mod:`serving.dialect`; the
+request parameter ``dialect``, ``auto``, ``site`` or ``schema``, chooses).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from starlette.responses import Response
 
 from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, role, state
+from serving.dialect import Dialect, dialect_choice
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
 from serving.store import FLOAT32_MAX, LoadedModel, check_finite
@@ -149,7 +153,41 @@ def _tensor(validator, name: str, tensor: dict, max_rows: int) -> tuple[np.ndarr
     return column, shape[0]
 
 
-def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
+def _site_tensors(dialect: Dialect, by_name: dict[str, dict], max_rows: int) -> dict[str, dict]:
+    """Tensors named by site columns, as the feature tensors the mapping makes of them (checked as such afterwards)."""
+    unknown = sorted(set(by_name) - dialect.known)
+    if unknown:
+        raise ApiError(400, f"inputs: unknown tensor(s) {[u[:40] for u in unknown[:5]]}; neither a feature nor a site column of the model's mapping")
+    columns, batch = {}, None
+    for name, tensor in by_name.items():
+        shape, data = tensor.get("shape"), tensor.get("data")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_count(d) for d in shape) or (len(shape) == 2 and shape[1] != 1):
+            raise ApiError(400, f"inputs.{name}.shape: must be [batch] or [batch, 1] with integer sizes, got {_shape_text(shape)}")
+        if shape[0] > max_rows:
+            raise ApiError(413, f"inputs.{name}.shape: batch of {shape[0]} rows exceeds the limit of {max_rows}")
+        if not isinstance(data, list) or any(isinstance(v, dict) for v in data):
+            raise ApiError(400, f"inputs.{name}.data: must be a list of values")
+        if any(isinstance(v, list) for v in data):
+            data = [v for row in data for v in (row if isinstance(row, list) else [row])]
+        if len(data) != math.prod(shape) or any(isinstance(v, (list, dict)) for v in data):
+            raise ApiError(400, f"inputs.{name}: shape {shape} holds {math.prod(shape)} values, data has {len(data)}")
+        if batch is not None and shape[0] != batch:
+            raise ApiError(400, f"inputs.{name}.shape: batch size {shape[0]} differs from {batch} of the other inputs")
+        batch, columns[name] = shape[0], data
+    for feature, fields in dialect.sources.items():
+        if not any(f in columns for f in fields):
+            raise ApiError(400, f"inputs: missing tensor for feature {feature!r} (site column {' or '.join(map(repr, fields))})")
+    try:
+        features = dialect.convert(columns, "inputs")
+    except ApiError as e:
+        raise ApiError(400, e.message) from None  # the protocol's status for a malformed request
+    return {
+        name: {"name": name, "shape": [batch], "datatype": "BYTES" if name in dialect.categorical else "FP64", "data": values}
+        for name, values in features.items()
+    }
+
+
+def _feed(model: LoadedModel, inputs: object, max_rows: int, choice: str = "auto") -> tuple[dict[str, np.ndarray], int]:
     if not isinstance(inputs, list) or not inputs:
         raise ApiError(400, "inputs: expected a non-empty list of tensors")
     by_name = {}
@@ -159,6 +197,13 @@ def _feed(model: LoadedModel, inputs: object, max_rows: int) -> tuple[dict[str, 
         if tensor["name"] in by_name:
             raise ApiError(400, f"inputs[{i}]: tensor {shown(tensor['name'])} is given twice")
         by_name[tensor["name"]] = tensor
+    if model.dialect is not None:  # a model without a mapping reads tensors exactly as before
+        try:
+            site = model.dialect.in_site_dialect(by_name.keys(), "inputs", choice, 'add "parameters": {"dialect": "site"} (or "schema")')
+        except ApiError as e:
+            raise ApiError(400, e.message) from None
+        if site:
+            by_name = _site_tensors(model.dialect, by_name, max_rows)
     validator = model.validator
     unknown = sorted(set(by_name) - validator.known)
     if unknown:
@@ -192,7 +237,13 @@ async def infer(name: str, request: Request) -> Response:
         raise ApiError(400, "body: expected an inference request object with 'inputs'")
     if "id" in payload and not isinstance(payload["id"], str):
         raise ApiError(400, f"id: expected a string, got {shown(payload['id'])}")
-    feed, batch = _feed(model, payload.get("inputs"), server.settings.max_rows)
+    choice = "auto"
+    if model.dialect is not None and isinstance(payload.get("parameters"), dict):
+        try:
+            choice = dialect_choice(payload["parameters"].get("dialect"), "parameters.dialect")
+        except ApiError as e:
+            raise ApiError(400, e.message) from None
+    feed, batch = _feed(model, payload.get("inputs"), server.settings.max_rows, choice)
     requested = payload.get("outputs")
     if requested is None:
         tasks = model.tasks
