@@ -1,4 +1,4 @@
-"""Options and defaults shared by the commands that read a site home."""
+"""Options and defaults shared by the commands that read a site home, and the site mapping that commands reading a site's rows pick up."""
 
 from __future__ import annotations
 
@@ -31,3 +31,26 @@ def open_home(site_home: Path | None):
     from fedmeta.registry import SiteHome
 
     return SiteHome.existing(site_home)
+
+
+def read_site_mapping(data: Path, mapping: Path | None, accept_review: bool):
+    """The mapping a command reads ``data`` through, and the columns accepted without review (for the audit log).
+
+    ``--mapping FILE`` if given, else the one beside ``data``
+    (:func:`~fedmeta.data.site.mapping_beside`), else none. A mapping with
+    columns under review is refused in one line naming the file and the
+    columns unless ``accept_review``; each column so accepted is listed on
+    stderr, so the person who accepted sees what they accepted.
+    """
+    from fedmeta.cli.output import console_err
+    from fedmeta.data.mapping import Mapping, require_reviewed
+    from fedmeta.data.site import mapping_beside
+
+    mapping = mapping or mapping_beside(data)
+    if mapping is None:
+        return None, []
+    loaded = Mapping.load(mapping)
+    accepted = require_reviewed(loaded, str(mapping), accept_review)
+    for line in accepted:
+        console_err.print(f"accepted without review (--accept-review): {mapping}: {line}", soft_wrap=True, highlight=False)
+    return loaded, accepted

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fedmeta.cli.errors import UsageProblem, fail, integrity_errors, user_errors
-from fedmeta.cli.options import SITE_HOME_OPTION
+from fedmeta.cli.options import SITE_HOME_OPTION, read_site_mapping
 from fedmeta.cli.output import console, console_err
 
 heads_app = typer.Typer(help="Train task heads for departments on the meta-learned body.", no_args_is_help=True)
@@ -137,8 +137,6 @@ def personalize(
     import time
 
     from fedmeta.data import Schema, load_site
-    from fedmeta.data.mapping import Mapping, require_reviewed
-    from fedmeta.data.site import mapping_beside
     from fedmeta.personalize import choose_personalization, load_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.registry import SiteHome
@@ -163,11 +161,7 @@ def personalize(
         # Rows are normalized as the federation normalized them; the federation's seed and the site's name decide
         # the held-out rows, exactly as in training.
         site_schema = global_base.schema_for(Schema.load(schema), str(schema))
-        mapping = mapping or mapping_beside(data)
-        site_mapping = Mapping.load(mapping) if mapping is not None else None
-        accepted = require_reviewed(site_mapping, str(mapping), accept_review) if site_mapping is not None else []
-        for line in accepted:
-            console_err.print(f"accepted without review (--accept-review): {mapping}: {line}", soft_wrap=True, highlight=False)
+        site_mapping, accepted = read_site_mapping(data, mapping, accept_review)
         site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test, mapping=site_mapping)
         choosing = mode == "auto" and k != "all" and steps == "auto"
         weighed = [c.strip() for c in candidates.split(",") if c.strip()]
@@ -281,9 +275,18 @@ def heads_add(
     tune_body: bool = typer.Option(False, "--tune-body", help="Lightly tune the body too (default: frozen, ANIL-style)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training: the same seed gives the same head."),
     promote: bool = typer.Option(False, "--promote/--no-promote", help="Promote the new version."),
+    mapping: Path = typer.Option(
+        None, "--mapping", help="The site's mapping.json (its own columns, codes and units to the schema's), applied to --data, the federation's "
+        "task labels included, and recorded with the new version. Default: the mapping.json beside --data, if there is one."
+    ),
+    accept_review: bool = typer.Option(
+        False, "--accept-review", help="Add the head with a mapping whose columns are still flagged \"review\": true; the audit log records "
+        "who accepted which columns. By default such a mapping is refused."
+    ),
 ) -> None:
     """Train a head for a department's task on a few examples and register it as a new model version."""
     from fedmeta.data import read_table
+    from fedmeta.data.mapping import mapped_frame
     from fedmeta.personalize import base_of, data_lineage, head_task, load_trained, publish, train_head
     from fedmeta.registry import RegistryError, SiteHome, parse_version
 
@@ -298,7 +301,10 @@ def heads_add(
             raise RegistryError(f"{parent.label} belongs to site {parent.site!r}, not {site!r}")
         start = load_trained(home, parent)
         already = [t.name for t in home.load(parent)[0].tasks if t.personalized and t.name != task]
+        site_mapping, accepted = read_site_mapping(data, mapping, accept_review)
         frame = read_table(data)
+        if site_mapping is not None:
+            frame = mapped_frame(site_mapping, frame, _federation_schema(home, parent), str(data), need_labels=False)
         column = head_task(start.schema, task, kind, label, [c.strip() for c in classes.split(",")] if classes else None, frame, str(data))
         result = train_head(start, column, frame, str(data), steps=steps, lr=lr, tune_body=tune_body, seed=seed, site=site)
         published = publish(
@@ -314,6 +320,8 @@ def heads_add(
             personalized_tasks=already + [task],
             promote=promote,
             feature_ranges=result.feature_ranges,
+            mapping=site_mapping,
+            review_accepted=bool(accepted),
         )
     except user_errors() as e:
         raise fail(e) from None
@@ -323,3 +331,20 @@ def heads_add(
     if result.metrics:
         console.print(_metrics_table(result.metrics, "previous", "head", f"{site}: {task} head; scores on held-out rows; baseline: majority class (acc) or mean (mse)", {task: result.holdout_rows}))
     console.print(_published_line(published))
+
+
+def _federation_schema(home, version):
+    """The schema a site's mapping is made for: the federation's, as the personalized version beneath ``version``'s heads
+    recorded it (a head adds a task, so a head's own schema is the federation's no longer)."""
+    from fedmeta.data import Schema
+    from fedmeta.registry import RegistryError
+
+    below = version
+    while below.kind == "head":
+        if below.parent is None:
+            raise RegistryError(f"{version.label}: a head with no parent version in the registry")
+        below = home.registry.get(below.parent)
+    manifest, _ = home.load(below)
+    if manifest.schema_ is None:
+        raise RegistryError(f"{below.label} has no schema in its manifest: the mapping cannot be checked against it")
+    return Schema.model_validate(manifest.schema_)
