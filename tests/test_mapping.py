@@ -128,6 +128,18 @@ def test_apply_matches_codes_read_as_floats():
     assert out["chest_pain"].iloc[0] == "typical" and pd.isna(out["chest_pain"].iloc[1])
 
 
+@pytest.mark.parametrize("yes, no", [("true", "false"), ("True", "False"), ("TRUE", "FALSE")])
+def test_apply_and_check_match_cells_a_csv_reads_as_booleans(tmp_path, yes, no):
+    # pandas reads true/True/TRUE cells as booleans (and, with an empty cell, as objects): the file's spelling must still find its key.
+    (tmp_path / "site.csv").write_text("Age,Sex,CHOL_MMOL,HeartDisease\n61,M,5.2,TRUE\n45,F,6.1,false\n50,M,5.0,\n")
+    frame = pd.read_csv(tmp_path / "site.csv")
+    mapping = dialect_mapping().model_copy(update={"columns": {**dialect_mapping().columns, "HeartDisease": ColumnMapping(
+        feature="target", values={yes: "1", no: "0"})}})
+    assert check(mapping, frame, schema(), SOURCE) == []
+    assert apply(mapping, frame)["target"].tolist()[:2] == ["1", "0"]
+
+
+
 # --- check ---------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -113,19 +114,40 @@ class Mapping(BaseModel):
         return self.columns[column].feature if column in self.columns else column
 
 
+def _has_booleans(column: pd.Series) -> bool:
+    return pd.api.types.is_bool_dtype(column) or (column.dtype == object and column.map(lambda v: isinstance(v, (bool, np.bool_))).any())
+
+
 def site_values(column: pd.Series) -> pd.Series:
-    """A column's present values as the strings ``values`` is keyed by (``1.0`` read from a CSV is ``1``)."""
+    """A column's present values as the strings ``values`` is keyed by.
+
+    ``1.0`` read from a CSV is ``1``; a cell pandas reads as a boolean (``true``, ``True``, ``TRUE``) is ``true``
+    or ``false``, whatever its case in the file.
+
+    >>> site_values(pd.Series([True, False, None])).tolist(), site_values(pd.Series([1.0, 2.5])).tolist()
+    (['true', 'false'], ['1', '2.5'])
+    """
     present = column[column.notna()]
+    if _has_booleans(present):
+        return present.map(lambda v: str(bool(v)).lower() if isinstance(v, (bool, np.bool_)) else str(v))
     as_str = present.astype(str)
     if pd.api.types.is_float_dtype(present):
         as_str = as_str.str.removesuffix(".0")
     return as_str
 
 
+def _keyed(values: dict[str, str], column: pd.Series) -> dict[str, str]:
+    """``values`` keyed as :func:`site_values` keys ``column``: for a column read as booleans, ``TRUE`` and ``True`` are ``true``."""
+    if values and _has_booleans(column):
+        return {(k.lower() if k.lower() in ("true", "false") else k): v for k, v in values.items()}
+    return values
+
+
 def _recoded(column: pd.Series, values: dict[str, str]) -> pd.Series:
     """``column`` with each site value listed in ``values`` replaced by its schema value; empty cells stay empty."""
     if not values:
         return column
+    values = _keyed(values, column)
     keys = site_values(column)
     hit = keys.isin(values.keys())
     if not hit.any():
@@ -234,7 +256,7 @@ def _value_problems(rule: ColumnMapping | None, column: pd.Series, schema: Schem
         if foreign:
             lines.append(f"{source}: {what}: 'values' maps to {foreign}, not among the schema values {allowed}")
         keys = site_values(column)
-        unmatched = keys[~keys.isin(rule.values.keys()) & ~keys.isin(allowed)].nunique()
+        unmatched = keys[~keys.isin(_keyed(rule.values, column).keys()) & ~keys.isin(allowed)].nunique()
         if unmatched:
             lines.append(f"{source}: {what}: {unmatched} site value(s) have no schema value; add them to 'values' (schema values: {allowed})")
         return lines
