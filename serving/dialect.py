@@ -125,6 +125,8 @@ class Dialect:
         Categorical features come out as strings (``1`` and ``1.0`` as ``"1"``), missing cells as None. Raises a 422 with
         the first problem :func:`~fedmeta.data.mapping.check` finds (it names the column and the feature, never a value).
         """
+        # JSON's 1.0 and 1 are one code, as in a file; in a column that also holds strings pandas would key 1.0 as "1.0".
+        columns = {name: [int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v for v in values] for name, values in columns.items()}
         frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
         frame = frame.infer_objects()  # numbers as numbers, so that 1.0 and 1 key a code alike, as read from a file
         problems = check(self.mapping, frame, self.schema, source, need_labels=False)

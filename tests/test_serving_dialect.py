@@ -204,3 +204,10 @@ def test_a_site_only_column_decides_the_site_dialect_and_a_row_without_one_or_a_
     assert plain.in_site_dialect({"age", "sex", "chol", "cp"}, "row", "auto") is False
     converted = dialect.rows([{"age": 720, "Sex": "F", "chol": 200.0, "cp": "typical"}], "rows", "auto", strict=False)[0]
     assert converted == [{"age": 60.0, "sex": "0", "chol": 200.0, "cp": "typical"}]
+
+
+def test_a_site_rows_category_sent_as_a_number_reads_as_its_string_as_fedmeta_predict_reads_a_file():
+    plain = Dialect(Mapping(columns={"Sex": ColumnMapping(feature="sex", values={"M": "1", "F": "0"})}), heart_schema())
+    converted, _ = plain.rows([{"age": 60, "Sex": 1.0, "chol": 200.0, "cp": "typical"}, {"age": 70, "Sex": "F", "chol": 210.5, "cp": "atypical"}],
+                              "rows", "auto", strict=False)
+    assert converted == [{"age": 60, "sex": "1", "chol": 200.0, "cp": "typical"}, {"age": 70, "sex": "0", "chol": 210.5, "cp": "atypical"}]
