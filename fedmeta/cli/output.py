@@ -95,6 +95,13 @@ class ProgressObserver:
         for c in chosen:
             console.print(f"default from the data: {c.key} = {c.value} ({c.why})", highlight=False)
 
+    def site_mappings(self, lines: list[str]) -> None:
+        """The roll call's mapping table (:func:`fedmeta.fl.mapping_status.table`): shown here because a simulation
+        hides Flower's INFO log lines, where a deployment's server writes it (:class:`fedmeta.fl.app.RoundObserver`)."""
+        self.progress.console.print("mapping status at the roll call (counts and digests only; no column name or value leaves a site):", highlight=False)
+        for line in lines:
+            self.progress.console.print(f"  {line}", highlight=False, markup=False)
+
     def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
         from rich.markup import escape
 

@@ -14,7 +14,9 @@ is empty in simulation), and find their own data:
 
 Numeric features the schema leaves without ``mean``/``std`` are normalized
 with the statistics each message carries, which the server combined from
-the sites' roll-call sums (:mod:`fedmeta.fl.normalization`).
+the sites' roll-call sums (:mod:`fedmeta.fl.normalization`). The roll call
+also carries each site's mapping status, which the server checks and shows
+as one table before the site's first round (:mod:`fedmeta.fl.mapping_status`).
 
 The server loop is ours rather than ``Strategy.start`` because Flower has no
 checkpoint/resume and keeps optimizer state on the strategy object: each
@@ -37,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
 from fedmeta.data.mapping import Mapping, require_reviewed
 from fedmeta.data.synthetic import fedprox_schema
-from fedmeta.data.federation import federation_schema
+from fedmeta.data.federation import discover_sites, federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import delivery
 from fedmeta.fl import exchange as wire
@@ -45,6 +47,9 @@ from fedmeta.fl import normalization
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
 from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, keys_digest, make_codec
 from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
+from fedmeta.fl.mapping_status import STATUS as MAPPING_STATUS
+from fedmeta.fl.mapping_status import column_limit, site_status
+from fedmeta.fl.mapping_status import table as mapping_table
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
@@ -200,8 +205,9 @@ def compress(config: RunConfig, update: dict[str, torch.Tensor], context: Contex
 
 @client_app.query()
 def roll_call(message: Message, context: Context) -> Message:
-    """The server asks who this site is: its name, labelled training rows per task, and its sums for the
-    federation's normalization (:mod:`fedmeta.fl.normalization`); no rows, no model."""
+    """The server asks who this site is: its name, labelled training rows per task, its sums for the
+    federation's normalization (:mod:`fedmeta.fl.normalization`) and its mapping's status
+    (:mod:`fedmeta.fl.mapping_status`); no rows, no model, no column name."""
     config = RunConfig.model_validate_json(message.content["config"]["run-config"])
     site = site_for(context, config)
     reply = _reply(message, site, None, {f"examples.{t}": site.n_labelled(t, train=True) for t in site.tasks})
@@ -210,7 +216,18 @@ def roll_call(message: Message, context: Context) -> Message:
     synthetic = config.federation.kind != "csv" and "data-path" not in context.node_config
     features = _synthetic_schema(config.federation.kind).unnormalized if synthetic else None
     reply.content["site"][normalization.SUMS] = normalization.site_sums(site, features)
+    reply.content["site"][MAPPING_STATUS] = site_status(_mapping_path(context, config))
     return reply
+
+
+def _mapping_path(context: Context, config: RunConfig) -> Path | str | None:
+    """The mapping this site's rows were read through (:func:`site_for`): its node config's, its folder's, or none."""
+    node = context.node_config
+    if "data-path" in node:
+        return str(node["mapping-path"]) if node.get("mapping-path") else None
+    if config.federation.kind == "csv":
+        return discover_sites(config.federation.data_dir)[int(node["partition-id"])].mapping
+    return None
 
 
 @client_app.query(delivery.ACTION)
@@ -234,14 +251,16 @@ def evaluate(message: Message, context: Context) -> Message:
 # --------------------------------------------------------------------------
 
 
+def run_schema(config: RunConfig) -> Schema:
+    """The schema the run trains on, as the server knows it: the federation folder's, or the generator's."""
+    if config.federation.kind == "csv":
+        return federation_schema(config.federation.data_dir)
+    return _synthetic_schema(config.federation.kind)
+
+
 def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     """The round-0 global state, from the run seed (the server never sees site rows)."""
-    if config.federation.kind == "csv":
-        schema = federation_schema(config.federation.data_dir)
-    elif config.federation.kind == "hospitals":
-        schema = hospital_schema()
-    else:
-        schema = fedprox_schema()
+    schema = run_schema(config)
     torch.manual_seed(config.seed)
     dummy = SiteData.from_arrays("init", schema, torch.zeros(4, schema.encoded_dim).numpy(), {})
     return flatten_state(build_algorithm(config).init_state(build_model(config, dummy)))
@@ -256,6 +275,12 @@ class RoundObserver:
     def start(self, first_round: int, rounds: int) -> None: ...
 
     def round_done(self, round_: int, train: dict | None) -> None: ...
+
+    def site_mappings(self, lines: list[str]) -> None:
+        """The roll call's mapping table (:func:`fedmeta.fl.mapping_status.table`), a log line per row."""
+        log.info("mapping status at the roll call (counts and digests only; no column name or value leaves a site):")
+        for line in lines:
+            log.info("  %s", line)
 
     def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
         for site, reason in failures:
@@ -341,6 +366,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     ckpt = run_dir.load_checkpoint()
     roster = Roster.load(run_dir.path, after_round=ckpt.round if ckpt else 0)
     observer = observer or RoundObserver(roster)
+    strategy.mapping_limit = column_limit(run_schema(config))
+    strategy.on_roll_call = lambda answered: _report_mappings({site: strategy.mapping_status[site] for site in answered}, roster, observer)
     if ckpt is None:
         state, first = initial_state(config), 1
         torch.manual_seed(config.seed)
@@ -448,6 +475,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     if hasattr(observer, "finished"):
         observer.finished(roster)
     return state
+
+
+def _report_mappings(statuses: dict[str, dict | None], roster: Roster, observer) -> None:
+    """Before a site's first round: its mapping status into the roster (``sites.json``) and the table to the coordinator."""
+    roster.record_mappings(statuses)
+    if hasattr(observer, "site_mappings"):
+        observer.site_mappings(mapping_table(statuses))
 
 
 def _train_round(strategy: MetaStrategy, round_: int, state: dict[str, torch.Tensor], grid: Grid, context: Context | None):

@@ -11,6 +11,19 @@ every SuperNode start, so they are recorded, never used as the key. A round
 a malformed update, no reply before ``server.round_timeout``), or when a
 site that had answered the roll call is no longer connected. A site that was
 simply not sampled (``server.fraction_train`` < 1) has missed nothing.
+
+The file::
+
+    {"round": 3, "updated": "2026-12-05T06:00:00Z", "summary": null | {...the end-of-run summary...},
+     "sites": {"<site>": {"node": 12345, "status": "trained", "last_contact": "...", "last_round": 3,
+                          "missed": {"<round>": "<reason>"},
+                          "mapping": null | {"digest": "<sha256 of its mapping.json>" | null,
+                                             "mapped": 5, "converted": 1, "recoded": 3, "review": 0}}}}
+
+``mapping`` is what the site reported at the roll call
+(:mod:`fedmeta.fl.mapping_status`): its mapping's digest and counts, digest
+``null`` and zeros for a site without one, ``null`` for a site whose report
+was malformed or missing. No column name or value is recorded.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ class Roster:
         return roster
 
     def _site(self, name: str, node: int | None) -> dict:
-        site = self.sites.setdefault(name, {"node": node, "status": "connected", "last_contact": None, "last_round": None, "missed": {}})
+        site = self.sites.setdefault(name, {"node": node, "status": "connected", "last_contact": None, "last_round": None, "missed": {}, "mapping": None})
         if node is not None:
             site["node"] = node
         return site
@@ -82,6 +95,11 @@ class Roster:
                 site["missed"][str(round_)] = "not connected"
             else:
                 site["status"] = "not sampled"
+
+    def record_mappings(self, statuses: dict[str, dict | None]) -> None:
+        """Each site's roll-call mapping status (checked by the server; ``None``: not reported)."""
+        for name, status in statuses.items():
+            self._site(name, None)["mapping"] = status
 
     def trained_without(self) -> dict[str, dict[str, str]]:
         """``{site: {round: reason}}`` for every site some round went without."""

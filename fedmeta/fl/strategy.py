@@ -37,6 +37,7 @@ from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadca
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.exchange import TooFewSitesError, short_reason, wait_for_nodes
+from fedmeta.fl.mapping_status import MAX_COLUMNS, STATUS as MAPPING_STATUS, StatusError, validated as validated_mapping_status
 from fedmeta.fl.normalization import STATISTICS, SUMS, combine_site_sums, to_text
 from fedmeta.fl.privacy import PrivacyAccount, clip_update, noisy_mean, secure_normal
 from fedmeta.fl.robust import robust_mean
@@ -90,6 +91,10 @@ class MetaStrategy(Strategy):
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.site_sums: dict[str, str] = {}  # each site's roll-call sums for the federation's normalization
+        # Each site's roll-call mapping status (fedmeta.fl.mapping_status), None when malformed or not sent.
+        self.mapping_status: dict[str, dict | None] = {}
+        self.mapping_limit = MAX_COLUMNS  # the most columns a status may count: the run sets its schema's
+        self.on_roll_call = None  # called with the sites that answered a roll call (the run prints their mapping table)
         # {feature: (mean, std)} once settled before the first sample (None until then; {} if the schema states all).
         self.statistics: dict[str, tuple[float, float]] | None = None
         self.current: FlatState = {}
@@ -153,12 +158,16 @@ class MetaStrategy(Strategy):
         return sorted(by_site[site] for site in chosen)
 
     def roll_call(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask ``nodes`` for their site name and tasks (no rows, no model): a small query exchange."""
+        """Ask ``nodes`` for their site name, tasks, normalization sums and mapping status (no rows, no model): a small query exchange.
+
+        A mapping status that cannot be real is logged in one line naming the site and kept as None.
+        """
         if not nodes:
             return
         config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": 0, "phase": "roll-call"})
         messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         replies = wire.exchange(grid, {"roll-call": messages}, self.config.server.round_timeout)["roll-call"]
+        answered: list[str] = []
         for reply in replies:
             node = wire.node_of(reply)
             if reply.has_error():
@@ -168,6 +177,9 @@ class MetaStrategy(Strategy):
             self.node_tasks[node] = sorted(site_examples(reply.content["metrics"]))
             if SUMS in reply.content["site"]:
                 self.site_sums[self.node_sites[node]] = str(reply.content["site"][SUMS])
+            site = self.node_sites[node]
+            self.mapping_status[site] = self._mapping_status(site, reply.content["site"].get(MAPPING_STATUS))
+            answered.append(site)
         silent = set(nodes) - {wire.node_of(r) for r in replies}
         if silent:
             # A SuperNode killed without notice stays listed for a while: do not wait for it again every round.
@@ -175,6 +187,18 @@ class MetaStrategy(Strategy):
             retry_at = time.monotonic() + 10 * timeout
             self.silent_nodes.update({n: retry_at for n in silent})
             log.warning("roll call: %d node(s) did not answer within %.0f s (server.round_timeout); not asked again for %.0f s", len(silent), timeout, 10 * timeout)
+        if answered and self.on_roll_call is not None:
+            self.on_roll_call(answered)
+
+    def _mapping_status(self, site: str, text) -> dict | None:
+        """``site``'s roll-call mapping status if it can be real; None when it sent none, or a malformed one (one log line)."""
+        if text is None:
+            return None
+        try:
+            return validated_mapping_status(text, self.mapping_limit)
+        except StatusError as e:
+            log.warning("roll call: site %s sent a malformed mapping status, ignored: %s", site, e)
+            return None
 
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
         self.current = arrays.to_torch_state_dict()
