@@ -211,3 +211,12 @@ def test_a_site_rows_category_sent_as_a_number_reads_as_its_string_as_fedmeta_pr
     converted, _ = plain.rows([{"age": 60, "Sex": 1.0, "chol": 200.0, "cp": "typical"}, {"age": 70, "Sex": "F", "chol": 210.5, "cp": "atypical"}],
                               "rows", "auto", strict=False)
     assert converted == [{"age": 60, "sex": "1", "chol": 200.0, "cp": "typical"}, {"age": 70, "sex": "0", "chol": 210.5, "cp": "atypical"}]
+
+
+def test_a_site_rows_field_that_neither_the_mapping_nor_the_schema_names_is_left_out_and_named_or_with_strict_refused():
+    dialect = Dialect(dialect_mapping(heart_schema()).model_copy(update={"schema_digest": None}), heart_schema())
+    row = {"AGE_YRS": 61, "Sex": "M", "Cholesterol_mmol_L": 5.2, "ChestPainType": 2, "patient_id": "A-1", "nickname": "x"}
+    assert dialect.rows([row], "rows", "auto", strict=False)[1] == ["nickname", "patient_id"]  # patient_id: mapped to null
+    with pytest.raises(ApiError) as refused:
+        dialect.rows([row], "rows", "auto", strict=True)
+    assert refused.value.message == "rows[0]: unknown field(s) ['nickname']; neither a feature nor a site column of the model's mapping"
