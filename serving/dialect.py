@@ -33,6 +33,7 @@ are the site's and may be a patient's.
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -141,23 +142,25 @@ class Dialect:
                 text = site_values(series)
                 series = series.astype(object)
                 series[text.index] = text
+            else:  # "5.2" as 5.2, as fedmeta predict reads a column (check has found every value a number)
+                series = pd.to_numeric(series, errors="coerce")
             values = series.astype(object).tolist()
             out[name] = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
         return out
 
-    def rows(self, rows: object, where: str, choice: str, strict: bool) -> tuple[object, list[str]]:
-        """``rows`` with every row in the site's dialect replaced by its canonical row, and the site rows' fields left out.
+    def rows(self, rows: object, where: str, choice: str, strict: bool) -> tuple[object, list[str], frozenset[str]]:
+        """``rows`` with every row in the site's dialect replaced by its canonical row, the site rows' fields left out, and their labels.
 
         Rows in the schema's dialect, and anything that is no list of objects, pass unchanged: the row validator names
         their problems as on a model without a mapping.
         """
         if not isinstance(rows, list):
-            return rows, []
+            return rows, [], frozenset()
         from serving.store import row_label  # the store builds Dialects for the models it loads
 
         site = [i for i, row in enumerate(rows) if isinstance(row, dict) and self.in_site_dialect(row.keys(), row_label(where, i), choice)]
         if not site:
-            return rows, []
+            return rows, [], frozenset()
         ignored = set()
         for i in site:
             row, label = rows[i], row_label(where, i)
@@ -175,7 +178,19 @@ class Dialect:
         out = list(rows)
         for j, i in enumerate(site):
             out[i] = {name: values[j] for name, values in columns.items()}
-        return out, sorted(ignored)
+        return out, sorted(ignored), frozenset(row_label(where, i) for i in site)
+
+
+def without_value(error: ApiError, site_rows: frozenset[str]) -> ApiError:
+    """The row validator's ``error``, its value left out when it is about a row read through the mapping (the value is the site's).
+
+    >>> without_value(ApiError(422, "rows[1].chol: 3e+12 is more than 1e6 standard deviations ..."), frozenset({"rows[1]"})).message
+    "rows[1].chol: its value, read through the site's mapping, is more than 1e6 standard deviations ..."
+    """
+    match = re.match(r"^(([^.:]+)\.[^:]+): .+? is (more than|not a finite|outside)", error.message)
+    if match is None or match.group(2) not in site_rows:
+        return error
+    return ApiError(error.status, f"{match.group(1)}: its value, read through the site's mapping, is {error.message[match.start(3):]}")
 
 
 def dialect_choice(value: object, where: str) -> str:

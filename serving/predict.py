@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from serving.bodies import read_json
 from serving.deps import SECURITY_OPENAPI, authorize, state
-from serving.dialect import dialect_choice
+from serving.dialect import dialect_choice, without_value
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
 from serving.store import LoadedModel
@@ -180,9 +180,14 @@ async def predict(request: Request) -> Response:
     else:
         raise ApiError(422, "body: expected 'rows' (a list of rows) or 'row' (one row)")
     site_ignored = None
-    if model.dialect is not None:  # a model without a mapping reads rows exactly as before
-        rows, site_ignored = model.dialect.rows(rows, where, dialect_mode(request), strict)
-    feed, n = model.validator.columns(rows, where, strict=strict)
+    if model.dialect is None:  # a model without a mapping reads rows exactly as before
+        feed, n = model.validator.columns(rows, where, strict=strict)
+    else:
+        rows, site_ignored, site_rows = model.dialect.rows(rows, where, dialect_mode(request), strict)
+        try:
+            feed, n = model.validator.columns(rows, where, strict=strict)
+        except ApiError as e:
+            raise without_value(e, site_rows) from None
     tasks = select_tasks(model, payload.get("tasks"))
     outputs, outside = await model.batcher.predict(tasks, feed, n, where)
     request.scope.setdefault("state", {})["predicted"] = (tasks, n, outside)  # what the metrics middleware counts; Starlette's request.state costs ~1 us more

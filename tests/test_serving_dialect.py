@@ -141,6 +141,15 @@ def test_a_site_code_the_mapping_lacks_is_a_422_naming_the_column_and_never_the_
     assert v2.status_code == 400 and "column 'Sex' (feature 'sex')" in v2.json()["error"] and "Q7" not in v2.json()["error"]
 
 
+def test_a_site_value_out_of_the_features_range_is_a_422_naming_the_feature_without_the_value(mapped):
+    url, key, _ = mapped
+    r = httpx.post(f"{url}/v1/predict", json={"row": {"AGE_YRS": "61", "Sex": "M", "Cholesterol_mmol_L": 2.5e12, "ChestPainType": 2}}, headers=auth(key))
+    assert r.status_code == 422
+    message = r.json()["error"]
+    assert message.startswith("row.chol: its value, read through the site's mapping, is more than 1e6 standard deviations from the federation's mean")
+    assert "2.5e" not in message and "9.6" not in message  # neither the site's value nor the converted one (9.67e13)
+
+
 def test_a_site_row_missing_a_feature_names_the_feature_and_its_site_column(mapped):
     url, key, _ = mapped
     r = httpx.post(f"{url}/v1/predict", json={"rows": [{"AGE_YRS": 61, "Sex": "M", "ChestPainType": 2}]}, headers=auth(key))
@@ -208,7 +217,7 @@ def test_a_site_only_column_decides_the_site_dialect_and_a_row_without_one_or_a_
 
 def test_a_site_rows_category_sent_as_a_number_reads_as_its_string_as_fedmeta_predict_reads_a_file():
     plain = Dialect(Mapping(columns={"Sex": ColumnMapping(feature="sex", values={"M": "1", "F": "0"})}), heart_schema())
-    converted, _ = plain.rows([{"age": 60, "Sex": 1.0, "chol": 200.0, "cp": "typical"}, {"age": 70, "Sex": "F", "chol": 210.5, "cp": "atypical"}],
+    converted, _, _ = plain.rows([{"age": 60, "Sex": 1.0, "chol": 200.0, "cp": "typical"}, {"age": 70, "Sex": "F", "chol": 210.5, "cp": "atypical"}],
                               "rows", "auto", strict=False)
     assert converted == [{"age": 60, "sex": "1", "chol": 200.0, "cp": "typical"}, {"age": 70, "sex": "0", "chol": 210.5, "cp": "atypical"}]
 
