@@ -181,6 +181,10 @@ def evaluate_command(
     ),
     seed: int = typer.Option(None, "--seed", help="Seed of the synthetic hospitals, the splits and training (default 0, or the config's seed)."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run the personalized-FL peers (Ditto, FedRep, FedPer, FedBABU, APFL, Per-FedAvg) and the pooled oracle with a site indicator."),
+    accept_review: bool = typer.Option(
+        False, "--accept-review", help="With --config: evaluate sites whose mapping.json still has columns flagged \"review\": true (each is listed); "
+        "by default they are refused, as fedmeta train refuses them."
+    ),
 ) -> None:
     """Compare local-only, pooled, FedAvg, FedAvg+FT, personalized-FL peers and FedMeta algorithms on the same sites, splits and seeds.
 
@@ -191,6 +195,8 @@ def evaluate_command(
     from fedmeta.report import write_report
 
     run_config = _evaluation_config(config, sites, unseen)
+    if accept_review and run_config is None:
+        raise fail("--accept-review accepts the mappings of your own federation's sites: give --config too")
     default_algorithms = "reptile,fomaml,maml,metasgd"
     if run_config is not None:
         rounds = rounds or run_config.rounds
@@ -220,7 +226,9 @@ def evaluate_command(
             fed, hidden = hospital_federation_on_disk(out / "data", n_sites=sites, seed=seed), (64, 64)
         else:
             federation = run_config.federation
-            fed = folder_federation(federation.data_dir, out / "data", held, federation.test_fraction, federation.seed)
+            fed = folder_federation(federation.data_dir, out / "data", held, federation.test_fraction, federation.seed, accept_review)
+            for line in fed.review_accepted:
+                console.print(f"[yellow]accepted without review (--accept-review):[/] {line}", highlight=False, soft_wrap=True)
             hidden = tuple(run_config.model.hidden)
             from fedmeta.data.federation import discover_sites
 
@@ -234,7 +242,7 @@ def evaluate_command(
         again = f"fedmeta evaluate --out {out} --sites {sites} --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)} --seed {seed}"
     else:
         again = f"fedmeta evaluate --out {out} --config {config}" + (f" --unseen {','.join(held)}" if held else "") + f" --rounds {rounds} --shots {shots} --algorithms {','.join(chosen)}"
-    _interruptible(lambda: _user_errors(run), again + ("" if peers else " --no-peers"))
+    _interruptible(lambda: _user_errors(run), again + ("" if peers else " --no-peers") + (" --accept-review" if accept_review else ""))
     print_results(out)
     path = write_report(out)
     console.print(f"report: {path}  results: {out / 'results.json'}")

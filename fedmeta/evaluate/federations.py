@@ -8,15 +8,15 @@ sites' training rows only, never from held-out rows or unseen sites.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedmeta.data import SiteData, hospital_federation_frames, load_federation
-from fedmeta.data.federation import SCHEMA_FILE, discover_sites, federation_schema
-from fedmeta.data.schema import Schema, SchemaError, TaskColumn, numeric_schema
+from fedmeta.data.federation import SCHEMA_FILE, discover_sites, federation_schema, under_review
+from fedmeta.data.schema import Schema, SchemaError, SchemaProblems, TaskColumn, numeric_schema
 from fedmeta.data.synthetic import fedprox_schema, fedprox_synthetic
 from fedmeta.files import atomic_write_bytes
 
@@ -30,6 +30,8 @@ class Federation:
     unseen: list[SiteData]
     seed: int
     test_fraction: float = 0.25
+    #: Sites' mappings used with columns still under review (``--accept-review``), one line each; training is told to accept them too.
+    review_accepted: list[str] = field(default_factory=list)
 
 
 def federation_on_disk(
@@ -52,17 +54,27 @@ def federation_on_disk(
     return Federation(train_dir, unseen_dir, seen, unseen, seed, test_fraction)
 
 
-def folder_federation(data_dir: str | Path, out: Path, unseen: list[str], test_fraction: float = 0.25, seed: int = 0) -> Federation:
+def folder_federation(
+    data_dir: str | Path, out: Path, unseen: list[str], test_fraction: float = 0.25, seed: int = 0, accept_review: bool = False
+) -> Federation:
     """A federation folder laid out by hand, split by name into training sites and ``unseen`` ones.
 
     Nothing is copied: ``out/train`` and ``out/unseen`` hold links to the
     sites' own files or folders (and to ``schema.json``), so the sites keep
-    their names, their test files and their held-out rows.
-    Raises :class:`~fedmeta.data.SchemaError` naming an unknown site, or when fewer than two sites would train.
+    their names, their test files and their held-out rows. Each site's
+    ``mapping.json`` is linked beside its rows and applied as training applies it.
+    Raises :class:`~fedmeta.data.SchemaError` naming an unknown site, or when fewer than two sites would train;
+    :class:`~fedmeta.data.schema.SchemaProblems` naming each site whose mapping has columns under review, in
+    the words `fedmeta train` uses, unless ``accept_review``.
     """
     data_dir = Path(data_dir).resolve()
     federation_schema(data_dir)  # a missing or invalid schema.json is named before anything is linked
     sites = discover_sites(data_dir)
+    # Every site, unseen ones included: they are read through their mappings too, and training would refuse only the others, after the local baselines.
+    pending = under_review(sites)
+    if pending and not accept_review:
+        # The wording of fedmeta.fl.sites.prepare_federation, so evaluation and training refuse alike.
+        raise SchemaProblems([f"{line}; check them and set \"review\": false, or pass --accept-review" for line in pending])
     names = [s.name for s in sites]
     unknown = [name for name in unseen if name not in names]
     if unknown:
@@ -83,7 +95,7 @@ def folder_federation(data_dir: str | Path, out: Path, unseen: list[str], test_f
             (unseen_dir if site.name in unseen else train_dir).joinpath(site.mapping.name).symlink_to(site.mapping)
     seen = load_federation(train_dir, test_fraction, seed)  # normalized as a training run on train_dir would be
     held = load_federation(unseen_dir, test_fraction, seed, seen[0].schema.statistics()) if unseen else []
-    return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction)
+    return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction, review_accepted=pending)
 
 
 def hospital_federation_on_disk(out: Path, n_sites: int, seed: int = 0, unseen_fraction: float = 0.2, test_fraction: float = 0.25) -> Federation:

@@ -119,7 +119,7 @@ def federated(
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         progress(f"training {algorithm} over Flower: {len(fed.seen)} sites, {rounds} rounds" + (" (resuming)" if resume else ""))
-        run_simulation(config, run_dir, resume=resume, observer=observer() if observer else None)
+        run_simulation(config, run_dir, resume=resume, observer=observer() if observer else None, accept_review=bool(fed.review_accepted))
     base = load_base(run_dir)
     adaptation = base.adaptation
     trained_seconds = time.perf_counter() - started
