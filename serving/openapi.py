@@ -111,6 +111,7 @@ def _site_value_schema(rule, features: dict) -> dict:
         numbers = [int(c) for c in codes if c.lstrip("-").isdigit() and str(int(c)) == c]
         return {**described, "enum": [*codes, *numbers]}
     number = {"type": "number"}
+    described["description"] += f"; converted, within the bounds of {rule.feature} (422 otherwise)"
     if rule.values:
         return {**described, "anyOf": [number, {"enum": list(rule.values)}]}
     return {**described, **number}

@@ -232,7 +232,8 @@ async def infer(name: str, request: Request) -> Response:
     authorize(request, "predict")
     server = state(request)
     model = _model(request, name)
-    payload = await read_json(request, server.settings.max_body_bytes, (len(model.validator.features) + 4) * (server.settings.max_rows + 4))
+    tensors = len(model.validator.features) if model.dialect is None else len(model.dialect.known)  # site columns may outnumber features
+    payload = await read_json(request, server.settings.max_body_bytes, (tensors + 4) * (server.settings.max_rows + 4))
     if not isinstance(payload, dict):
         raise ApiError(400, "body: expected an inference request object with 'inputs'")
     if "id" in payload and not isinstance(payload["id"], str):

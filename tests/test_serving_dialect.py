@@ -164,7 +164,7 @@ def test_the_openapi_document_describes_the_site_columns_beside_the_schemas_feat
     schema_row, site_row = body["properties"]["rows"]["items"]["anyOf"]
     assert set(schema_row["required"]) == {"age", "sex", "chol", "cp"}
     columns = site_row["properties"]
-    assert columns["Cholesterol_mmol_L"]["description"] == f"site column, mapped to chol (x {CHOL_MMOL:g})"
+    assert columns["Cholesterol_mmol_L"]["description"].startswith(f"site column, mapped to chol (x {CHOL_MMOL:g});")
     assert columns["Sex"]["description"] in ("site column, mapped to sex (M -> 1, F -> 0)", "site column, mapped to sex (F -> 0, M -> 1)")
     assert {"M", "F"} <= set(columns["Sex"]["enum"])
     assert {"1", 1} <= set(columns["ChestPainType"]["enum"])
@@ -229,3 +229,20 @@ def test_a_site_rows_field_that_neither_the_mapping_nor_the_schema_names_is_left
     with pytest.raises(ApiError) as refused:
         dialect.rows([row], "rows", "auto", strict=True)
     assert refused.value.message == "rows[0]: unknown field(s) ['nickname']; neither a feature nor a site column of the model's mapping"
+
+
+def test_v2_tensors_whose_only_site_column_is_a_converted_feature_name_need_the_dialect_parameter():
+    from types import SimpleNamespace
+
+    from serving.store import RowValidator
+    from serving.v2 import _feed
+
+    model = SimpleNamespace(dialect=months_dialect(), validator=RowValidator(heart_schema().model_dump(exclude_none=True), 10))  # what _feed reads of a model
+    inputs = [{"name": "age", "shape": [1], "datatype": "FP32", "data": [720]}, {"name": "sex", "shape": [1], "datatype": "BYTES", "data": ["1"]},
+              {"name": "chol", "shape": [1], "datatype": "FP32", "data": [200]}, {"name": "cp", "shape": [1], "datatype": "BYTES", "data": ["typical"]}]
+    with pytest.raises(ApiError) as refused:
+        _feed(model, inputs, 10)
+    assert refused.value.status == 400 and refused.value.message.startswith("inputs.age: both a schema feature and a site column")
+    assert refused.value.message.endswith('add "parameters": {"dialect": "site"} (or "schema")')
+    assert _feed(model, inputs, 10, "site")[0]["age"].tolist() == [60.0]
+    assert _feed(model, inputs, 10, "schema")[0]["age"].tolist() == [720.0]
