@@ -28,6 +28,11 @@ fields):
 
 Errors are one line naming the row and the field, never a value: the values
 are the site's and may be a patient's.
+
+What it costs (one idle core, the four-feature heart schema): a one-row request
+in the site's dialect ~7.6 ms more than its canonical row (pandas frames for
+``check`` and ``apply``), 1,000 rows ~20 ms; a row in the schema's dialect on
+a model with a mapping ~3 us (the dialect test); a model without one, nothing.
 """
 
 from __future__ import annotations
