@@ -2,6 +2,9 @@
 
 import json
 
+from typer.testing import CliRunner
+
+from fedmeta.cli import app
 from fedmeta.fl.roster import Roster, rounds_text, without_text
 
 NODES = {11: "clinic_a", 12: "clinic_b", 13: "clinic_c"}
@@ -55,3 +58,17 @@ def test_the_summary_line_names_each_site_its_node_rounds_and_last_reason():
     line = without_text({"clinic_c": {"2": "Node Unavailable", "3": "not connected", "5": "not connected"}}, {"clinic_c": 13})
     assert line == "the base model was trained without 1 site(s) in some rounds: clinic_c (node 13): rounds 2-3, 5, not connected"
     assert rounds_text([4]) == "round 4"
+
+
+def test_fedmeta_sites_shows_each_sites_rounds_missed_and_mapping_status(tmp_path):
+    roster = three_rounds(tmp_path)
+    roster.record_mappings({"clinic_a": {"digest": "ab" * 32, "mapped": 6, "converted": 1, "recoded": 2, "review": 1},
+                            "clinic_b": {"digest": None, "mapped": 0, "converted": 0, "recoded": 0, "review": 0}, "clinic_c": None})
+    roster.save()
+    result = CliRunner().invoke(app, ["sites", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    # At 80 columns each site is a block: its name, then one "column: value" line per cell.
+    blocks = {block.split("\n")[0]: block for block in result.output.split("\nclinic_")[1:]}
+    assert "mapping: abababababab: 6 mapped, 1 under review" in blocks["a"]
+    assert "mapping: none" in blocks["b"] and "mapping: not reported" in blocks["c"]
+    assert "missed: rounds 2-3: not connected" in blocks["c"]

@@ -97,7 +97,8 @@ def sites(
     run_dir: Path = typer.Argument(..., help="A run folder (fedmeta train's or flwr run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print sites.json's content as JSON."),
 ) -> None:
-    """The run's sites by name: node id, status, last contact, last round trained, rounds the model went without them."""
+    """The run's sites by name: node id, status, last contact, last round trained, rounds the model went without them, mapping status."""
+    from fedmeta.fl.mapping_status import cell
     from fedmeta.fl.roster import FILE, Roster, rounds_text
 
     if not (run_dir / FILE).exists():
@@ -111,7 +112,7 @@ def sites(
         missed = sorted(int(r) for r in site["missed"])
         rows.append([
             name, str(site["node"]), site["status"], site["last_contact"] or "-", str(site["last_round"] or "-"),
-            f"{rounds_text(missed)}: {site['missed'][str(missed[-1])]}" if missed else "",
+            f"{rounds_text(missed)}: {site['missed'][str(missed[-1])]}" if missed else "", cell(site.get("mapping")),
         ])
     state = "finished" if roster.summary else f"after round {roster.round}"
-    print_rows(f"{run_dir}: {len(rows)} site(s), {state}", ["site", "node", "status", "last contact (UTC)", "last round", "missed"], rows)
+    print_rows(f"{run_dir}: {len(rows)} site(s), {state}", ["site", "node", "status", "last contact (UTC)", "last round", "missed", "mapping"], rows)

@@ -98,6 +98,19 @@ def validated(text, limit: int = MAX_COLUMNS) -> dict[str, int | str | None]:
     return {"digest": digest, **{field: data[field] for field in COUNTS}}
 
 
+def cell(found: dict | None) -> str:
+    """One site's status in a few words, for ``fedmeta sites``: its short digest and what a person still has to look at.
+
+    >>> cell({"digest": "de87f5a65ffe" + "0" * 52, "mapped": 3, "converted": 1, "recoded": 1, "review": 1}), cell(None)
+    ('de87f5a65ffe: 3 mapped, 1 under review', 'not reported')
+    """
+    if found is None:
+        return "not reported"
+    if not found["digest"]:
+        return "none"
+    return f"{found['digest'][:SHORT_DIGEST]}: {found['mapped']} mapped" + (f", {found['review']} under review" if found["review"] else "")
+
+
 def table(statuses: dict[str, dict | None]) -> list[str]:
     """The coordinator's table, one line per site (sorted by name): site, short digest, mapped, converted, recoded, under review.
 
