@@ -256,8 +256,17 @@ class Score:
         }
 
 
-def valentine_f1(schema: Schema, sites: dict[str, tuple[pd.DataFrame, Mapping, str]], reference: pd.DataFrame) -> dict[str, float | str]:
-    """Column F1 of each offline Valentine matcher: each site's table against ``reference`` (rows in the schema's names)."""
+def f1(correct: int, proposed: int, true: int) -> float:
+    p, r = (correct / proposed if proposed else 0.0), (correct / true if true else 0.0)
+    return round(2 * p * r / (p + r), 4) if p + r else 0.0
+
+
+def valentine_f1(schema: Schema, sites: dict[str, tuple[pd.DataFrame, Mapping, str]], reference: pd.DataFrame,
+                 counts: dict[str, list[int]] | None = None) -> dict[str, float | str]:
+    """Column F1 of each offline Valentine matcher: each site's table against ``reference`` (rows in the schema's names).
+
+    ``counts`` accumulates each matcher's (correct, proposed, true) pairs, for an F1 over several federations.
+    """
     try:
         from valentine import valentine_match
         from valentine.algorithms import Coma, Cupid, DistributionBased, JaccardDistanceMatcher, SimilarityFlooding
@@ -278,8 +287,9 @@ def valentine_f1(schema: Schema, sites: dict[str, tuple[pd.DataFrame, Mapping, s
         except Exception as e:  # a matcher that cannot run here (NLTK corpora it would download) is reported, not fatal
             out[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             continue
-        p, r = (correct / proposed if proposed else 0.0), (correct / true if true else 0.0)
-        out[name] = round(2 * p * r / (p + r), 4) if p + r else 0.0
+        out[name] = f1(correct, proposed, true)
+        if counts is not None:
+            counts[name] = [a + b for a, b in zip(counts.get(name, [0, 0, 0]), (correct, proposed, true))]
     return out
 
 
@@ -357,7 +367,7 @@ def main() -> None:
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else print
     figures: dict = {"sites_per_federation": args.sites, "seed": args.seed}
-    total = Score()
+    total, valentine_counts = Score(), {}
     for kind in ("hospitals", "fraud"):
         schema, sites = federation(kind, args.sites, args.seed)
         started = time.perf_counter()
@@ -374,13 +384,16 @@ def main() -> None:
             say(f"  confident mistake: {mistake}")
         if not args.no_valentine:
             _, reference_frames = (hospital_federation_frames if kind == "hospitals" else fraud_federation_frames)(1, args.seed + 1000)
-            figures[kind]["valentine_f1"] = valentine_f1(schema, sites, next(iter(reference_frames.values())))
+            figures[kind]["valentine_f1"] = valentine_f1(schema, sites, next(iter(reference_frames.values())), valentine_counts)
             say(f"  Valentine column F1: {figures[kind]['valentine_f1']}")
         if args.train:
             with tempfile.TemporaryDirectory() as out:
                 figures[kind]["training"] = harmonized_accuracy(schema, sites, predicted, Path(out), args.rounds, args.seed)
             say(f"  mean site accuracy, true mappings against the matcher's: {figures[kind]['training']}")
     figures["overall"] = total.figures()
+    if valentine_counts:
+        # Each matcher that ran on both federations, scored over all their columns at once, as the overall figure is.
+        figures["overall"]["valentine_f1"] = {name: f1(*c) for name, c in valentine_counts.items() if c[2] == total.true_pairs}
     say(f"overall: {figures['overall']}")
     print(json.dumps(figures))
     sys.exit(0)
