@@ -125,12 +125,15 @@ class Dialect:
                                 f"says which dialect the row is in; {hint}")
         return False
 
-    def convert(self, columns: dict[str, list], source: str) -> dict[str, list]:
+    def convert(self, columns: dict[str, list], source: str, label_column: str | None = None) -> dict[str, list]:
         """Site columns (name -> values, one per row) as feature columns (name -> values): checked, then mapped.
 
         Categorical features come out as strings (``1`` and ``1.0`` as ``"1"``), missing cells as None. Raises a 422 with
         the first problem :func:`~fedmeta.data.mapping.check` finds (it names the column and the feature, never a value).
+        ``label_column`` (a task's label column, named as in the schema) comes out too when a column reaches it: recoded when
+        a site column maps to it, as sent when it passes under its own name (a new task's label is in no mapping).
         """
+        sent = columns
         # JSON's 1.0 and 1 are one code, as in a file; in a column that also holds strings pandas would key 1.0 as "1.0".
         columns = {name: [int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v for v in values] for name, values in columns.items()}
         frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
@@ -151,14 +154,22 @@ class Dialect:
                 series = pd.to_numeric(series, errors="coerce")
             values = series.astype(object).tolist()
             out[name] = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+        if label_column is not None and label_column in mapped:
+            if label_column in sent and label_column not in self.mapping.columns:
+                out[label_column] = list(sent[label_column])
+            else:
+                values = mapped[label_column].astype(object).tolist()
+                out[label_column] = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
         return out
 
-    def rows(self, rows: object, where: str, choice: str, strict: bool) -> tuple[object, list[str], frozenset[str]]:
+    def rows(self, rows: object, where: str, choice: str, strict: bool, label_column: str | None = None) -> tuple[object, list[str], frozenset[str]]:
         """``rows`` with every row in the site's dialect replaced by its canonical row, the site rows' fields left out, and their labels.
 
         Rows in the schema's dialect, and anything that is no list of objects, pass unchanged: the row validator names
-        their problems as on a model without a mapping.
+        their problems as on a model without a mapping. ``label_column`` (a head request's label column, named as in the
+        schema) stays in a canonical row beside the features (see :meth:`convert`).
         """
+        keep = set() if label_column is None else {label_column}  # a label's site columns are known already
         if not isinstance(rows, list):
             return rows, [], frozenset()
         from serving.store import row_label  # the store builds Dialects for the models it loads
@@ -172,14 +183,14 @@ class Dialect:
             for feature, fields in self.sources.items():
                 if not any(f in row for f in fields):
                     raise ApiError(422, f"{label}: missing feature {feature!r} (site column {' or '.join(map(repr, fields))})")
-            unknown = sorted(k[:40] for k in row.keys() - self.known)
+            unknown = sorted(k[:40] for k in row.keys() - self.known - keep)
             if strict and unknown:
                 raise ApiError(422, f"{label}: unknown field(s) {unknown[:5]}; neither a feature nor a site column of the model's mapping")
             ignored.update(unknown)
             ignored.update(k for k in row.keys() & self.mapping.columns.keys() if self.mapping.columns[k].feature not in self.sources)
-        names = sorted({k for i in site for k in rows[i].keys() if k in self.known})
+        names = sorted({k for i in site for k in rows[i].keys() if k in self.known or k in keep})
         source = row_label(where, site[0]) if len(site) == 1 else where
-        columns = self.convert({name: [rows[i].get(name) for i in site] for name in names}, source)
+        columns = self.convert({name: [rows[i].get(name) for i in site] for name in names}, source, label_column)
         out = list(rows)
         for j, i in enumerate(site):
             out[i] = {name: values[j] for name, values in columns.items()}

@@ -8,6 +8,10 @@ registry write is one SQLite transaction.
 
 Before anything is registered the new model is run on every labelled row
 of the request; a model whose outputs are not all finite is refused.
+
+Rows the request sent in the site's dialect arrive already read through the
+parent's mapping (the plan's ``rows``, :func:`serving.heads.check_head_request`);
+the version registered records that mapping, as ``fedmeta heads add`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def _run(job: dict) -> dict:
     import torch
 
     from fedmeta.data import SchemaError, TaskColumn
+    from fedmeta.data.mapping import Mapping
     from fedmeta.export import ExportError
     from fedmeta.manifest import ManifestError
     from fedmeta.personalize import PersonalizationError, base_of, data_lineage, load_trained, publish, train_head
@@ -47,7 +52,9 @@ def _run(job: dict) -> dict:
     try:
         parent = home.registry.get(job["parent"])
         start = load_trained(home, parent)
-        frame = pd.DataFrame(request["rows"])
+        recorded = home.load(parent)[0].mapping
+        mapping = None if recorded is None else Mapping.model_validate(recorded)
+        frame = pd.DataFrame(job["plan"].get("rows", request["rows"]))
         source = f"head request {job['id']} rows"
         column = TaskColumn.model_validate(job["plan"]["task"])
         result = train_head(start, column, frame, source, steps=request["steps"], tune_body=request["tune_body"], seed=request["seed"], site=job["site"])
@@ -58,7 +65,7 @@ def _run(job: dict) -> dict:
             data=data_lineage(None, source="api", job=job["id"], rows=result.rows, held_out=result.holdout_rows),
             training={"task": column.name, "kind": column.kind, "steps": request["steps"], "tune_body": request["tune_body"], "seed": request["seed"], "note": result.note},
             personalized_tasks=job["personalized"] + [column.name], promote=job["promote"], actor=job["actor"],
-            feature_ranges=result.feature_ranges,
+            feature_ranges=result.feature_ranges, mapping=mapping,
         )
     except (SchemaError, PersonalizationError, ModelMismatchError, ExportError, ManifestError, ValueError) as e:
         return {"status": "failed", "error": str(e)[:500]}

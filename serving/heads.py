@@ -15,6 +15,12 @@ advance (the head's outputs are not finite, say), never for bad input:
   classes for classification, finite numbers within float32 range for
   regression.
 
+On a model that records the site's mapping, rows in the site's own dialect
+are read through it by :mod:`serving.dialect`'s rule, as ``/v1/predict``
+reads them, and the job trains on the canonical rows; the label is no site
+column of the mapping (it would be read as a feature), and a new task's
+label, which no mapping names, passes as sent.
+
 A job's status is readable by the key that requested it and by admin keys;
 any other key gets the 404 an unknown id gets. Promotion is the admin's: a department key's ``promote: true`` gets 403
 unless the site policy allows it (:mod:`serving.policy`). The job itself
@@ -37,9 +43,10 @@ from starlette.responses import Response
 from serving.auth import RANK, ApiKey
 from serving.bodies import read_json
 from serving.deps import role, state
+from serving.dialect import without_value
 from serving.errors import ApiError, json_response, shown
 from serving.openapi import responses
-from serving.predict import EXAMPLE_ROW
+from serving.predict import EXAMPLE_ROW, dialect_mode
 from serving.store import FLOAT32_MAX, LoadedModel, row_label
 
 router = APIRouter(tags=["heads"])
@@ -97,8 +104,13 @@ def parse_head_request(payload: object, max_rows: int) -> HeadRequest:
         raise ApiError(422, "; ".join(problems)) from None
 
 
-def check_head_request(model: LoadedModel, body: HeadRequest) -> dict:
-    """Everything the job will need, checked now (blocking: pandas; run it in a thread). Returns the job's plan."""
+def check_head_request(model: LoadedModel, body: HeadRequest, dialect: str = "auto") -> dict:
+    """Everything the job will need, checked now (blocking: pandas; run it in a thread). Returns the job's plan.
+
+    On a model that records a mapping, rows in the site's dialect are read through it as ``/v1/predict`` reads them
+    (:mod:`serving.dialect`, ``dialect`` chooses), the label beside the features; the plan's ``rows`` are then the
+    canonical rows the job trains on.
+    """
     import pandas as pd
 
     from fedmeta.data import Schema, SchemaError
@@ -121,32 +133,51 @@ def check_head_request(model: LoadedModel, body: HeadRequest) -> dict:
     other = next((t.name for t in schema.tasks if t.label == label and t.name != body.task), None)
     if other is not None:
         raise ApiError(422, f"label: column {label!r} is already the label of task {other!r}")
-    features_only = [{k: v for k, v in row.items() if k != label} for row in body.rows]
-    model.validator.columns(features_only, "rows", limit=len(features_only))
-    labels = [row.get(label) for row in body.rows]
+    rows, site_rows = body.rows, frozenset()
+    if model.dialect is not None:  # a model without a mapping reads rows exactly as before
+        rule = model.dialect.mapping.columns.get(label)
+        if rule is not None and rule.feature != label:
+            read = f"mapped to {rule.feature!r}" if rule.feature else "left out"
+            raise ApiError(422, f"label: {label!r} is a site column of the model's mapping ({read}); a label column needs a name of its own")
+        rows, _, site_rows = model.dialect.rows(body.rows, "rows", dialect, strict=True, label_column=label)
+    features_only = [{k: v for k, v in row.items() if k != label} for row in rows]
+    try:
+        model.validator.columns(features_only, "rows", limit=len(features_only))
+    except ApiError as e:
+        raise without_value(e, site_rows) from None
+    labels = [row.get(label) for row in rows]
     if all(v is None for v in labels):
         raise ApiError(422, f"rows: no row has a value for the label {label!r}")
     task = known.get(body.task)
     kind = task.kind if task else body.kind
-    _check_labels(labels, label, body.task, kind, task.classes if task else body.classes)
-    frame = pd.DataFrame(body.rows)
+    _check_labels(labels, label, body.task, kind, task.classes if task else body.classes, {i for i in range(len(rows)) if row_label("rows", i) in site_rows})
+    frame = pd.DataFrame(rows)
     try:
         column = head_task(schema, body.task, body.kind, body.label, body.classes, frame, "rows")
     except (PersonalizationError, SchemaError) as e:
         raise ApiError(422, f"task: {str(e).splitlines()[0][:300]}") from None
-    return {"task": column.model_dump(mode="json"), "label": label}
+    plan = {"task": column.model_dump(mode="json"), "label": label}
+    if site_rows:
+        plan["rows"] = rows
+    return plan
 
 
-def _check_labels(labels: list, label: str, task: str, kind: str, classes: list[str] | None) -> None:
+def _check_labels(labels: list, label: str, task: str, kind: str, classes: list[str] | None, hidden: set[int] = frozenset()) -> None:
+    """The labels fit the task; a problem with a row in ``hidden`` (one read through the site's mapping) leaves its value out."""
     where = "rows" if len(labels) > 1 else "row"
+
+    def got(i: int, v: object) -> str:
+        return "" if i in hidden else f", got {shown(v)}"
+
     if kind == "regression":
         for i, v in enumerate(labels):
             if v is None:
                 continue
             if type(v) not in (int, float):
-                raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a number, got {shown(v)}")
+                raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a number{got(i, v)}")
             if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
-                raise ApiError(422, f"{row_label('rows', i)}.{label}: {shown(v)} is outside the float32 range the model computes in (|x| <= 3.4e38)")
+                value = "its value" if i in hidden else shown(v)
+                raise ApiError(422, f"{row_label('rows', i)}.{label}: {value} is outside the float32 range the model computes in (|x| <= 3.4e38)")
         values = [float(v) for v in labels if v is not None]
         spread = (max(values) - min(values)) if values else 0.0
         if not math.isfinite(spread) or spread > FLOAT32_MAX:
@@ -157,10 +188,11 @@ def _check_labels(labels: list, label: str, task: str, kind: str, classes: list[
         if v is None:
             continue
         if type(v) not in (str, int):
-            raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a class value (string or integer), got {shown(v)}")
+            raise ApiError(422, f"{row_label('rows', i)}.{label}: expected a class value (string or integer){got(i, v)}")
         text = str(v)
         if classes is not None and text not in classes:
-            raise ApiError(422, f"{row_label('rows', i)}.{label}: unknown class {shown(v)}; classes: {list(classes)}")
+            value = "" if i in hidden else f" {shown(v)}"
+            raise ApiError(422, f"{row_label('rows', i)}.{label}: unknown class{value}; classes: {list(classes)}")
         present.add(text)
     if len(present) < 2:
         raise ApiError(422, f"{where}: task {task!r} needs labelled rows of at least two classes; found {sorted(present)[:5]}")
@@ -195,7 +227,8 @@ ACCEPTED = {
     description="Besides the schema, which the served model fills in (features, known tasks and their kinds), the rows must label the task "
     "with at least two classes (binary: exactly two; the given `classes` only; regression: numbers within float32), the label must be no "
     "other task's label, the row fields no feature but the label, and the task name not one the model's module reserves (`forward`, "
-    "`training`, ...); 422 otherwise, naming the rule.",
+    "`training`, ...); 422 otherwise, naming the rule. On a model that records the site's mapping, rows may be in the site's own dialect, "
+    "read as `/v1/predict` reads them (the `dialect` query parameter chooses), the label passing under its own name unless the mapping names it.",
     responses={**responses(401, 403, 409, 413, 415, 422, 429, 501, 503), 202: ACCEPTED},
 )
 async def request_head(request: Request, key: ApiKey = Depends(role("department"))) -> Response:
@@ -208,7 +241,7 @@ async def request_head(request: Request, key: ApiKey = Depends(role("department"
         raise ApiError(403, "promote: promotion is the admin's; the job will register the version and an admin promotes it "
                             "(or the site policy sets heads.department_may_promote)")
     model = server.store.current
-    plan = await run_in_threadpool(check_head_request, model, body)
+    plan = await run_in_threadpool(check_head_request, model, body, "auto" if model.dialect is None else dialect_mode(request))
     job = await run_in_threadpool(server.jobs.submit, body, plan, key, model)
     return json_response({"job": job.id, "status": job.status, "status_url": f"/v1/heads/jobs/{job.id}"}, 202)
 
