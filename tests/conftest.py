@@ -12,6 +12,21 @@ from fedmeta.fl.config import RunConfig
 from fedmeta.fl.run_dir import RunDir
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into groups
+def pytest_collection_modifyitems(config, items):
+    """Tests sharing a module-scoped fixture run on one worker, so that the fixture (a deployment, a trained site
+    home) is built once, not once per worker that happens to get one of them (``--dist loadgroup``)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        definitions = getattr(item, "_fixtureinfo", None)
+        shared = definitions is not None and any(
+            d.scope == "module" for defs in definitions.name2fixturedefs.values() for d in defs
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def _server_loggers_restored():
     """A test that runs `fedmeta serve` in-process configures the server's loggers (no propagation to the root

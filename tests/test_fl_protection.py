@@ -125,6 +125,7 @@ INSPECT = textwrap.dedent(
                     "metrics": {k: type(v).__name__ for k, v in content["metrics"].items()},
                     "site": {k: type(v).__name__ for k, v in content["site"].items()},
                     "sums": content["site"].get("feature-sums"),
+                    "mapping": content["site"].get("mapping-status"),
                     "name": content["site"].get("name"),
                 })
         return replies
@@ -169,8 +170,10 @@ def test_sites_send_only_updates_of_the_model_shapes_and_scalar_metrics(tmp_path
     for message in seen:
         assert set(message["records"]) <= {"arrays", "metrics", "site"}
         if message["phase"] == "roll-call":
-            # Besides its name, the roll call's only other answer: per feature the federation normalizes, three numbers.
-            assert message["site"] == {"name": "str", "feature-sums": "str"}
+            # Besides its name, the roll call's only other answers: per feature the federation normalizes, three numbers,
+            # and its mapping's digest and counts (none here: the sites are in the schema's dialect).
+            assert message["site"] == {"name": "str", "feature-sums": "str", "mapping-status": "str"}
+            assert json.loads(message["mapping"]) == {"digest": None, "mapped": 0, "converted": 0, "recoded": 0, "review": 0}
             # Age's count, sum and sum of squares over the site's training rows; nothing for the stated features.
             frame = frames[message["name"]]
             age = frame["age"].to_numpy(np.float64)[~held_out_mask(message["name"], len(frame), federation.test_fraction, federation.seed)]
