@@ -24,8 +24,8 @@ role, like every route but the health probes; there is no ``/redoc``.
 - ``POST /v1/heads`` states what its schema can: a new task needs its
   ``kind``, a known task keeps its kind, neither the task nor the label is
   a feature, and each row holds the features and at most one field more.
-- For a model that records its site's mapping, a row (and a v2 tensor) is
-  in either dialect (``anyOf``): the schema's features, or the site's own
+- For a model that records its site's mapping, a row of ``/v1/predict`` or
+  ``/v1/heads`` (and a v2 tensor) is in either dialect (``anyOf``): the schema's features, or the site's own
   columns, each described as ``site column, mapped to chol (x 38.67)`` with
   its codes; the ``dialect`` parameter is documented then only.
 - Rules that JSON Schema cannot state are written in the operation's
@@ -267,7 +267,7 @@ def head_request_schema(base: dict, model, max_rows: int) -> dict:
     properties["label"]["anyOf"][0]["not"] = {"enum": features}
     row = _row_schema(schema)
     row["maxProperties"] = len(features) + 1  # the label; the server refuses any other field (422)
-    properties["rows"] = {**properties["rows"], "items": row, "maxItems": max_rows}
+    properties["rows"] = {**properties["rows"], "items": _either_dialect(row, model), "maxItems": max_rows}
     out["anyOf"] = [
         *({"properties": {"task": {"enum": [name]}, "kind": {"enum": [kind, None]}}} for name, kind in known.items()),
         {"required": ["kind"], "properties": {"task": {"not": {"enum": list(known)}}, "kind": {"type": "string", "enum": kinds}}},
@@ -302,12 +302,13 @@ def site_openapi(app: FastAPI, model, max_rows: int, head_max_rows: int) -> dict
     predict = paths["/v1/predict"]["post"]
     _set_body(predict, predict_request_schema(model, max_rows))
     predict["responses"]["200"]["content"]["application/json"]["schema"] = predict_response_schema(model)
-    if model.dialect is not None:
-        predict.setdefault("parameters", []).append({"name": "dialect", "in": "query", "required": False, "description": DIALECT_TEXT,
-                                                     "schema": {"type": "string", "enum": ["auto", "site", "schema"], "default": "auto"}})
     _set_body(paths["/v2/models/{name}/infer"]["post"], infer_request_schema(model, max_rows))
-    heads = paths["/v1/heads"]["post"]["requestBody"]["content"]["application/json"]
-    heads["schema"] = head_request_schema(heads["schema"], model, head_max_rows)
+    heads = paths["/v1/heads"]["post"]
+    _set_body(heads, head_request_schema(heads["requestBody"]["content"]["application/json"]["schema"], model, head_max_rows))
+    if model.dialect is not None:  # both routes read rows in either dialect, by the same rule
+        for operation in (predict, heads):
+            operation.setdefault("parameters", []).append({"name": "dialect", "in": "query", "required": False, "description": DIALECT_TEXT,
+                                                           "schema": {"type": "string", "enum": ["auto", "site", "schema"], "default": "auto"}})
     for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
         for operation in paths[path].values():
             operation["parameters"] = [{"name": "name", "in": "path", "required": True, "description": "the site's name",

@@ -175,6 +175,16 @@ def test_the_openapi_document_describes_the_site_columns_beside_the_schemas_feat
     assert "Cholesterol_mmol_L" in [t["properties"]["name"]["enum"][0] for t in tensors["properties"]["inputs"]["items"]["oneOf"]]
 
 
+def test_the_openapi_document_gives_head_requests_rows_in_either_dialect_only_for_a_model_with_a_mapping(mapped, unmapped):
+    documents = [httpx.get(f"{url}/openapi.json", headers=auth(key)).json() for url, key, *_ in (mapped, unmapped)]
+    heads = [d["paths"]["/v1/heads"]["post"] for d in documents]
+    rows = [h["requestBody"]["content"]["application/json"]["schema"]["properties"]["rows"]["items"] for h in heads]
+    schema_row, site_row = rows[0]["anyOf"]
+    assert schema_row["maxProperties"] == 5 and "Cholesterol_mmol_L" in site_row["properties"]  # four features and the label
+    assert "dialect" in [p["name"] for p in heads[0]["parameters"]]
+    assert "anyOf" not in rows[1] and "dialect" not in [p["name"] for p in heads[1].get("parameters", [])]
+
+
 def test_a_model_without_a_mapping_refuses_site_columns_as_before_and_documents_none(unmapped):
     url, key = unmapped
     site = {"AGE_YRS": 61, "Sex": "M", "Cholesterol_mmol_L": 5.2, "ChestPainType": 2}
