@@ -45,6 +45,7 @@ from fedmeta.fl import delivery
 from fedmeta.fl import exchange as wire
 from fedmeta.fl import normalization
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
+from fedmeta.fl.asynchronous import AsyncRounds
 from fedmeta.fl.compression import BROADCAST_LAYOUT, decode_broadcast, keys_digest, make_codec
 from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.mapping_status import STATUS as MAPPING_STATUS
@@ -58,6 +59,7 @@ from fedmeta.fl.run_dir import Checkpoint, RunDir
 from fedmeta.fl.sampling import restore_sampler, site_sampler
 from fedmeta.fl.sites import csv_site
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
+from fedmeta.fl.stragglers import wait_as_configured
 from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
 from fedmeta.threads import limit_threads, site_threads
 
@@ -152,6 +154,7 @@ def _site_round(
         evaluation = evaluate_site(config, site, received, seed=config.seed + round_ - 1)
         metrics.update({EVALUATION_PREFIX + k: v for k, v in evaluation.items()})
     update, train_metrics = local_update(config, site, received, round_seed=config.seed * 1_000_003 + round_ * 1009 + max(partition, 0))
+    wait_as_configured(config, site.name)  # a rehearsed slow site ([stragglers]); nothing by default
     return site, outgoing_update(config, update, partition), {**train_metrics, **metrics}
 
 
@@ -385,8 +388,60 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         run_dir.truncate_metrics(ckpt.round)
         log.info("resuming %s after round %d", run_dir.path, ckpt.round)
     strategy.summary()
-    s = config.server
     observer.start(first, config.rounds)
+
+    def save_step(round_: int, state: dict[str, torch.Tensor], rows: list[dict], summary: dict) -> None:
+        """The end of a round (or server step): the privacy figures, metrics, checkpoint and roster on disk."""
+        if account is not None:
+            summary.update({"epsilon": account.epsilon, "epsilon_known_sample": account.epsilon_known_sample, "delta": account.delta})
+            log.info(
+                "round %d: privacy spent epsilon = %.3f against the released models, %.3f against a site that knows the sample, at delta = %g",
+                round_, account.epsilon, account.epsilon_known_sample, account.delta,
+            )
+        run_dir.append_metrics(rows + [summary])
+        run_dir.save_checkpoint(
+            Checkpoint(
+                round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,
+                account.state_dict() if account is not None else None, strategy.statistics,
+            )
+        )
+        roster.save()
+
+    if config.asynchronous.enabled:
+        state, last_round = AsyncRounds(grid, strategy, state, first - 1, save_step, observer, roster).run()
+    else:
+        state, last_round = _sync_rounds(grid, strategy, state, first, save_step, observer, roster, context)
+    # The last model is evaluated on its own; its rows count as written after the last round.
+    started = time.perf_counter()
+    evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
+    replies = wire.exchange(grid, {"evaluate": evaluate}, config.server.round_timeout)
+    site_rows = strategy.evaluate_replies(last_round, replies["evaluate"])
+    rows, evaluation = _evaluation_rows(site_rows, last_round, last_round + 1, time.perf_counter() - started)
+    failures = site_failures(strategy)
+    if failures:
+        observer.sites_failed(last_round, failures)
+    run_dir.append_metrics(rows)
+    if evaluation is not None:
+        observer.evaluated(last_round, evaluation)
+    observer.stop()
+    privacy = account.summary() if account is not None else privacy_note(config)
+    run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
+    delivered = delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
+    evaluated = sorted(r["site"] for r in site_rows)
+    without = roster.trained_without()
+    roster.save({
+        "run_id": context.run_id if context is not None else None, "base_model": str(run_dir.base_model_path.resolve()), "round": last_round, "trained_without": sorted(without),
+        "evaluated": evaluated, "not_evaluated": sorted(set(roster.sites) - set(evaluated)),
+        "delivered": sorted(r["site"] for r in delivered if r["stored"]), "personalized": sorted(r["site"] for r in delivered if r["personalized"]),
+    })
+    if hasattr(observer, "finished"):
+        observer.finished(roster)
+    return state
+
+
+def _sync_rounds(grid: Grid, strategy: MetaStrategy, state: dict[str, torch.Tensor], first: int, save_step, observer, roster: Roster, context: Context | None):
+    """Synchronous rounds ``first``..``config.rounds``: each samples sites, waits for them, and aggregates; returns the state and the last round."""
+    config, account, s = strategy.config, strategy.account, strategy.config.server
     last_round = first - 1
     for round_ in range(first, config.rounds + 1):
         if wire.STOP.is_set():
@@ -432,49 +487,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
             summary.update(dict(train_metrics))
             if account is not None:
                 account.spend(*strategy.last_sample, sites=strategy.last_sampled_sites)
-        if account is not None:
-            summary.update({"epsilon": account.epsilon, "epsilon_known_sample": account.epsilon_known_sample, "delta": account.delta})
-            log.info(
-                "round %d: privacy spent epsilon = %.3f against the released models, %.3f against a site that knows the sample, at delta = %g",
-                round_, account.epsilon, account.epsilon_known_sample, account.delta,
-            )
-        run_dir.append_metrics(rows + [summary])
-        run_dir.save_checkpoint(
-            Checkpoint(
-                round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,
-                account.state_dict() if account is not None else None, strategy.statistics,
-            )
-        )
-        roster.save()
+        save_step(round_, state, rows, summary)
         last_round = round_
         log.info("%s", round_line(round_, config.rounds, summary, len(strategy.asked), roster))
         observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None)
-    # The last model is evaluated on its own; its rows count as written after the last round.
-    started = time.perf_counter()
-    evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
-    replies = wire.exchange(grid, {"evaluate": evaluate}, s.round_timeout)
-    site_rows = strategy.evaluate_replies(last_round, replies["evaluate"])
-    rows, evaluation = _evaluation_rows(site_rows, last_round, last_round + 1, time.perf_counter() - started)
-    failures = site_failures(strategy)
-    if failures:
-        observer.sites_failed(last_round, failures)
-    run_dir.append_metrics(rows)
-    if evaluation is not None:
-        observer.evaluated(last_round, evaluation)
-    observer.stop()
-    privacy = account.summary() if account is not None else privacy_note(config)
-    run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
-    delivered = delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
-    evaluated = sorted(r["site"] for r in site_rows)
-    without = roster.trained_without()
-    roster.save({
-        "run_id": context.run_id if context is not None else None, "base_model": str(run_dir.base_model_path.resolve()), "round": last_round, "trained_without": sorted(without),
-        "evaluated": evaluated, "not_evaluated": sorted(set(roster.sites) - set(evaluated)),
-        "delivered": sorted(r["site"] for r in delivered if r["stored"]), "personalized": sorted(r["site"] for r in delivered if r["personalized"]),
-    })
-    if hasattr(observer, "finished"):
-        observer.finished(roster)
-    return state
+        if hasattr(observer, "model_after"):
+            observer.model_after(round_, state)
+    return state, last_round
 
 
 def _report_mappings(statuses: dict[str, dict | None], roster: Roster, observer) -> None:

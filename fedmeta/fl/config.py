@@ -5,7 +5,8 @@ One section per concern: ``[federation]`` (which sites), ``[model]``,
 ``[server]`` (optimizer and sampling), ``[evaluation]``, and the protections:
 ``[privacy]`` (client-level DP), ``[aggregation]`` (robust rules),
 ``[compression]`` (upload codecs) and ``[secure]`` (SecAgg+); ``[deployment]``
-(what the sites receive at the end of a ``flwr run``). CLI overrides
+(what the sites receive at the end of a ``flwr run``); ``[asynchronous]``
+(buffered asynchronous rounds) and ``[stragglers]`` (rehearsed slow sites). CLI overrides
 use dotted keys, e.g. ``--set server.lr=0.5``.
 """
 
@@ -186,6 +187,44 @@ class SimulationConfig(_Section):
     attack: Literal["sign_flip", "noise"] = Field("sign_flip", description="sign_flip: -10 x the honest update; noise: N(0, 1) entries")
 
 
+class AsynchronousConfig(_Section):
+    """Buffered asynchronous rounds (FedBuff, Nguyen et al., AISTATS 2022): :mod:`fedmeta.fl.asynchronous`.
+
+    The server keeps ``concurrency`` sites training, each on the model version
+    it was sent; when ``buffer`` updates have arrived it takes one server step
+    (``rounds`` counts these steps) with each update weighted by
+    ``(1 + staleness) ** -staleness_exponent``, the staleness being the server
+    steps taken since the site's version. Older updates than ``max_staleness``
+    are dropped and the site named. A site's replies are then sent the newest model.
+    """
+
+    enabled: bool = Field(False, description="asynchronous rounds: sites train at their own pace; a server step every `buffer` updates")
+    concurrency: int | None = Field(None, ge=1, description="sites training at once (default: every connected site)")
+    buffer: int = Field(5, ge=1, description="K: updates per server step")
+    max_staleness: int = Field(10, ge=0, description="updates on a model more than this many server steps old are dropped (the site is named)")
+    staleness_exponent: float = Field(0.5, ge=0, description="an update's weight is (1 + staleness) ** -exponent: 0.5 is FedBuff's 1 / sqrt(1 + staleness), 0 weighs all equally")
+
+
+class StragglersConfig(_Section):
+    """Rehearsing sites of different speeds: each site waits before replying to a training message.
+
+    Site ``s`` waits ``sites[s]`` seconds if listed, else ``delay * exp(sigma * z_s)``
+    with ``z_s`` a standard normal drawn from the run seed and the site's name
+    (the same site is as slow in every round and on every engine). With
+    ``sigma = 1.8`` the slowest tenth of a large federation waits about 10x the
+    median (exp(1.28 sigma)). In simulation a waiting site holds its worker:
+    give ``simulation.cpus_per_site`` room for the sites meant to wait at once.
+    """
+
+    delay: float = Field(0.0, ge=0, description="median seconds a site waits before replying to a training message")
+    sigma: float = Field(0.0, ge=0, description="lognormal spread of the sites' waits around the median")
+    sites: dict[str, float] = Field(default_factory=dict, description="seconds chosen sites wait, by site name (overrides delay and sigma)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.delay > 0 or any(v > 0 for v in self.sites.values())
+
+
 class DeploymentConfig(_Section):
     """The end of a Deployment Engine run (``flwr run``): the base model reaches every site (:mod:`fedmeta.fl.delivery`).
 
@@ -217,6 +256,8 @@ class RunConfig(_Section):
     secure: SecureConfig = Field(default_factory=SecureConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
+    stragglers: StragglersConfig = Field(default_factory=StragglersConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -227,6 +268,11 @@ class RunConfig(_Section):
             raise ValueError(f"aggregation.rule = {self.aggregation.rule!r} needs each site's update, which secure.secagg hides; use rule 'mean' with SecAgg+")
         if self.secure.secagg and self.compression.upload != "none":
             raise ValueError(f"compression.upload = {self.compression.upload!r} cannot combine with secure.secagg (SecAgg+ quantizes and masks dense vectors itself)")
+        if self.asynchronous.enabled and self.secure.secagg:
+            raise ValueError(
+                "secure.secagg cannot run with asynchronous.enabled yet: SecAgg+ masks one fixed cohort together, "
+                "and a buffer fills from sites that started at different times on different models; use synchronous rounds"
+            )
         if self.privacy.accounted and robust:
             raise ValueError(f"privacy.noise_multiplier > 0 is accounted for the mean only; aggregation.rule = {self.aggregation.rule!r} has another sensitivity")
         if self.privacy.max_epsilon is not None and not self.privacy.accounted:
@@ -290,8 +336,10 @@ def _unused_options(config: "RunConfig") -> list[str]:
         (config.compression, "error_feedback", config.compression.upload == "topk", "compression.upload = 'topk'"),
         (config.privacy, "noise_multiplier", config.privacy.enabled, "privacy.clip_norm"),
         (config.privacy, "delta", config.privacy.accounted, "privacy.clip_norm and privacy.noise_multiplier > 0"),
+        (config.stragglers, "sigma", config.stragglers.delay > 0, "stragglers.delay > 0"),
         (config.simulation, "attack", bool(config.simulation.byzantine_sites), "simulation.byzantine_sites"),
     ]
+    rules += [(config.asynchronous, name, config.asynchronous.enabled, "asynchronous.enabled = true") for name in ("concurrency", "buffer", "max_staleness", "staleness_exponent")]
     rules += [(config.secure, name, config.secure.secagg, "secure.secagg = true") for name in ("clipping_range", "quantization_range", "reconstruction_threshold", "max_examples")]
     section_of = {id(getattr(config, name)): name for name in type(config).model_fields}
     return [

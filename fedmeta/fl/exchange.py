@@ -101,6 +101,19 @@ def exchange(grid: Grid, groups: dict[str, list[Message]], timeout: float, poll:
     return replies
 
 
+def push(grid: Grid, messages: list[Message]) -> list[str]:
+    """Send ``messages`` without waiting (asynchronous rounds); returns their ids, in order, for :func:`pull`."""
+    ids = list(grid.push_messages(messages)) if messages else []
+    for mid, message in zip(ids, messages):
+        _destinations[mid] = message.metadata.dst_node_id
+    return ids
+
+
+def pull(grid: Grid, ids: set[str]) -> list[Message]:
+    """The replies to any of ``ids`` that have arrived (none is waited for)."""
+    return list(grid.pull_messages(ids)) if ids else []
+
+
 def short_reason(reason: str) -> str:
     """A site's failure in one line: the site's own message, without the pages of traceback Flower wraps it in."""
     reason = reason.rsplit("Message:", 1)[-1].strip().removesuffix("'>").strip()

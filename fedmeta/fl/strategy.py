@@ -120,9 +120,27 @@ class MetaStrategy(Strategy):
     def _sample(self, grid: Grid, fraction: float, phase: str = "train") -> list[int]:
         """Sample sites by name (node ids are random at every start), so the same seed trains the same sites.
 
+        A training sample is checked against the privacy budget with the
+        population and sample size it really has.
+        """
+        s = self.config.server
+        by_site = self.population(grid)
+        size = min(len(by_site), max(s.min_sites, math.ceil(fraction * len(by_site))))
+        if phase == "train":
+            self.last_sample = (size, len(by_site))
+            if self.account is not None:
+                self.account.check_budget(size, len(by_site))
+        chosen = self.rng.sample(sorted(by_site), size)
+        self.asked = sorted(chosen)
+        if phase == "train":
+            self.last_sampled_sites = sorted(chosen)
+        return sorted(by_site[site] for site in chosen)
+
+    def population(self, grid: Grid) -> dict[str, int]:
+        """``{site: node}`` of the connected sites that answered a roll call (one node per site).
+
         Connected nodes not yet known answer a roll call first (their site name
-        and tasks). A training sample is checked against the privacy budget with
-        the population and sample size it really has.
+        and tasks); the federation's normalization is settled at the first call.
         """
         s = self.config.server
         # Before the first sample, wait (bounded) for the whole federation: sampling from the first few sites to
@@ -146,16 +164,7 @@ class MetaStrategy(Strategy):
         if self.statistics is None:
             # Fixed from the sites present at the first sample: a site joining later is encoded the same way.
             self.statistics = combine_site_sums({site: self.site_sums[site] for site in by_site if site in self.site_sums})
-        size = min(len(by_site), max(s.min_sites, math.ceil(fraction * len(by_site))))
-        if phase == "train":
-            self.last_sample = (size, len(by_site))
-            if self.account is not None:
-                self.account.check_budget(size, len(by_site))
-        chosen = self.rng.sample(sorted(by_site), size)
-        self.asked = sorted(chosen)
-        if phase == "train":
-            self.last_sampled_sites = sorted(chosen)
-        return sorted(by_site[site] for site in chosen)
+        return by_site
 
     def roll_call(self, grid: Grid, nodes: list[int]) -> None:
         """Ask ``nodes`` for their site name, tasks, normalization sums and mapping status (no rows, no model): a small query exchange.
@@ -202,12 +211,15 @@ class MetaStrategy(Strategy):
 
     def _messages(self, server_round: int, arrays: ArrayRecord, grid: Grid, phase: str, fraction: float) -> list[Message]:
         self.current = arrays.to_torch_state_dict()
-        config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": server_round, "phase": phase})
+        self.broadcast_bytes = self.broadcast_dense_bytes = 0
+        return self.messages_for(self._sample(grid, fraction, phase), server_round, phase)
+
+    def messages_for(self, nodes: list[int], server_round: int, phase: str, extra: dict | None = None) -> list[Message]:
+        """One message per node with the current model (each node's tasks only) and the run's settings; ``extra`` joins the config."""
+        config = ConfigRecord({"run-config": self.config.model_dump_json(), "round": server_round, "phase": phase, **(extra or {})})
         if phase == "train" and self.evaluate_received:
             config["evaluate-received"] = True
         messages = []
-        self.broadcast_bytes = self.broadcast_dense_bytes = 0
-        nodes = self._sample(grid, fraction, phase)
         if self.statistics:
             config[STATISTICS] = to_text(self.statistics)
         for node in nodes:
