@@ -170,3 +170,15 @@ def test_a_straggler_delay_is_the_same_for_a_site_everywhere_and_spread_as_docum
     waits = sorted(site_delay(cfg, f"site-{i}") for i in range(4000))
     median, tenth = waits[len(waits) // 2], waits[int(0.9 * len(waits))]
     assert tenth / median == pytest.approx(math.exp(1.2816 * 1.8), rel=0.15)  # the docstring's "about 10x"
+
+
+def test_keep_every_keeps_each_steps_model_with_the_seconds_since_the_roll_call(tmp_path):
+    cfg = RunConfig.from_dict({**config().model_dump(mode="json", exclude_none=True), "server": {"lr": 1.0, "min_sites": 1, "keep_every": 2}})
+    state = run_rounds(ScriptedSites(SITES), cfg, RunDir(tmp_path))
+    kept = sorted((tmp_path / "models").iterdir())
+    assert [p.name for p in kept] == ["round-00002.pt"]
+    saved = torch.load(kept[0], weights_only=False)
+    assert saved["round"] == 2 and saved["elapsed"] >= 0
+    assert shift(saved["state"], initial_state(cfg)) == pytest.approx(3.0)  # two steps of (1 + 2) / 2
+    assert shift(state, saved["state"]) == pytest.approx((4.0 / math.sqrt(3) + 1.0) / 2)
+    assert cfg.digest() == config().digest()  # keeping models does not change what is trained: a resume may turn it on

@@ -100,6 +100,45 @@ def test_too_few_supernodes_end_the_run_with_a_clear_error(deployment):
     assert not (root / "too_few" / "base_model.pt").exists()
 
 
+ASYNCHRONOUS = """
+name = "async"
+rounds = 6
+[federation]
+kind = "csv"
+n_sites = 2
+data_dir = "{data}"
+[model]
+hidden = [16]
+[local]
+steps = 2
+meta_batch = 2
+[server]
+min_sites = 1
+[asynchronous]
+enabled = true
+buffer = 1
+max_staleness = 0
+[stragglers]
+sites = {{hospital_000 = 1.0, hospital_001 = 4.0}}
+"""
+
+
+def test_asynchronous_rounds_step_on_the_fast_site_and_drop_and_name_the_slow_sites_stale_update(deployment):
+    dep, root = deployment
+    (root / "async.toml").write_text(ASYNCHRONOUS.format(data=root / "data"))
+    result = dep.run(root / "async.toml", root / "async")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (root / "async" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["phase"] == "train" and r["site"] != "*"]
+    # One update per server step (buffer = 1), each on the newest model: staleness 0 is all max_staleness = 0 lets through.
+    assert [(r["round"], r["model_version"], r["staleness"]) for r in steps] == [(n, n - 1, 0) for n in range(1, 7)]
+    assert {r["site"] for r in steps} == {"hospital_000"}
+    # hospital_001 waits 4 s per message: each of its updates arrives after a step on hospital_000's and is named, then dropped.
+    assert "site hospital_001: its update on model version 0 arrived" in result.stdout + result.stderr
+    assert "hospital_001" in json.loads((root / "async" / "sites.json").read_text())["summary"]["trained_without"]
+    assert {r["site"] for r in rows if r["phase"] == "evaluate" and r["site"] != "*"} == {"hospital_000", "hospital_001"}
+
+
 def test_every_process_started_is_stopped(tmp_path):
     schema, paths = write_hospital_federation(tmp_path / "data", n_sites=1, seed=0)
     with LoopbackDeployment([(paths[0], schema)], log_dir=tmp_path) as dep:

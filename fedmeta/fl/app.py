@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,9 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.data import SiteData, fedprox_synthetic, hospital_federation, hospital_schema, load_site
+from fedmeta.data import SiteData, hospital_federation, hospital_schema, load_site
 from fedmeta.data.mapping import Mapping, require_reviewed
-from fedmeta.data.synthetic import fedprox_schema
+from fedmeta.data.synthetic import FedProxSites, fedprox_schema
 from fedmeta.data.federation import discover_sites, federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import delivery
@@ -71,11 +72,13 @@ log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in 
 
 
 @lru_cache(maxsize=8)
-def _synthetic_federation(federation_json: str) -> tuple[SiteData, ...]:
+def _synthetic_federation(federation_json: str) -> Sequence[SiteData]:
+    """The seeded federation's sites by partition. FedProx sites are drawn one at a time (a worker holds the sites it
+    serves, not 10,000); hospital sites all at once, since their normalization is computed over all of them."""
     fed = FederationConfig.model_validate_json(federation_json)
     if fed.kind == "hospitals":
         return tuple(hospital_federation(fed.n_sites, fed.seed, fed.test_fraction))
-    return tuple(fedprox_synthetic(fed.alpha, fed.beta, fed.n_sites, fed.seed, fed.test_fraction))
+    return FedProxSites(fed.alpha, fed.beta, fed.n_sites, fed.seed, fed.test_fraction)
 
 
 def _synthetic_schema(kind: str) -> Schema:
@@ -370,7 +373,15 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     roster = Roster.load(run_dir.path, after_round=ckpt.round if ckpt else 0)
     observer = observer or RoundObserver(roster)
     strategy.mapping_limit = column_limit(run_schema(config))
-    strategy.on_roll_call = lambda answered: _report_mappings({site: strategy.mapping_status[site] for site in answered}, roster, observer)
+    # The run's clock starts when the first sites have answered the roll call: a simulation's start-up is not training.
+    clock = {"roll_call": time.perf_counter()}
+
+    def on_roll_call(answered: list[str]) -> None:
+        if "answered" not in clock:
+            clock.update(answered=True, roll_call=time.perf_counter())
+        _report_mappings({site: strategy.mapping_status[site] for site in answered}, roster, observer)
+
+    strategy.on_roll_call = on_roll_call
     if ckpt is None:
         state, first = initial_state(config), 1
         torch.manual_seed(config.seed)
@@ -398,7 +409,10 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
                 "round %d: privacy spent epsilon = %.3f against the released models, %.3f against a site that knows the sample, at delta = %g",
                 round_, account.epsilon, account.epsilon_known_sample, account.delta,
             )
+        summary["elapsed"] = time.perf_counter() - clock["roll_call"]
         run_dir.append_metrics(rows + [summary])
+        if config.server.keep_every and round_ % config.server.keep_every == 0:
+            run_dir.save_round_model(round_, state, summary["elapsed"])
         run_dir.save_checkpoint(
             Checkpoint(
                 round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,

@@ -117,7 +117,6 @@ class AsyncRounds:
         self.population: dict[str, int] = {}
         self.refreshed = -float("inf")
         self.step_started = time.perf_counter()
-        self.started = self.step_started
 
     # --- the loop ---------------------------------------------------------------
     def run(self) -> tuple[FlatState, int]:
@@ -237,7 +236,7 @@ class AsyncRounds:
             account.spend(len(sites), len(sites), sites=sites)  # unsampled: the buffer is not a uniform sample
         now = time.perf_counter()
         summary = {
-            "round": step, "phase": "train", "site": "*", "seconds": now - self.step_started, "elapsed": now - self.started, "skipped": False,
+            "round": step, "phase": "train", "site": "*", "seconds": now - self.step_started, "skipped": False,
             "loss": round_loss([b.metrics for b in self.buffer]), "sites": len(self.buffer), "failed_sites": len(self.failed),
             "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
             "upload_bytes": sum(b.upload_bytes for b in self.buffer), "upload_dense_bytes": sum(dense_bytes(b.update.update) for b in self.buffer),

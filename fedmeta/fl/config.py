@@ -101,6 +101,7 @@ class ServerConfig(_Section):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
     sampling_timeout: float = Field(120.0, gt=0, description="seconds to wait for min_sites sites to connect")
     retries: int = Field(1, ge=0, description="retries of a round with too few replies before it is skipped")
+    keep_every: int = Field(0, ge=0, description="also keep the global model after every Nth round as models/round-<r>.pt in the run folder (0: only the checkpoint)")
 
 
 class EvaluationConfig(_Section):
@@ -316,7 +317,7 @@ class RunConfig(_Section):
     def digest(self) -> str:
         """SHA-256 of the settings that shape training (the name is excluded)."""
         # What happens after the last round shapes no weights: changing it must not refuse a resume.
-        payload = self.model_dump(mode="json", exclude={"name", "rounds", "deployment"})
+        payload = self.model_dump(mode="json", exclude={"name": True, "rounds": True, "deployment": True, "server": {"keep_every"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_toml(self) -> str:

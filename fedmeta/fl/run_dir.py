@@ -152,6 +152,16 @@ class RunDir:
             raise ConfigError(f"cannot read checkpoint {self.checkpoint_path}: {e}") from None
         return Checkpoint(**data)
 
+    def round_model_path(self, round_: int) -> Path:
+        return self.path / "models" / f"round-{round_:05d}.pt"
+
+    def save_round_model(self, round_: int, state: dict[str, torch.Tensor], elapsed: float) -> None:
+        """The global state after ``round_`` kept beside the checkpoint (``server.keep_every``), with the run's seconds so far."""
+        buf = io.BytesIO()
+        torch.save({"state": state, "round": round_, "elapsed": elapsed}, buf)
+        self.round_model_path(round_).parent.mkdir(exist_ok=True)
+        atomic_write_bytes(self.round_model_path(round_), buf.getvalue())
+
     def save_base_model(
         self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None, statistics: dict | None = None
     ) -> None:

@@ -1,0 +1,225 @@
+"""Asynchronous (FedBuff) against synchronous rounds: wall-clock seconds until the global model reaches a target.
+
+One federation and seed, trained four ways in simulation (synchronous and
+asynchronous, with a straggler mix and with equal speeds) and two ways on
+the Deployment Engine over loopback (:class:`fedmeta.fl.loopback.LoopbackDeployment`,
+straggler mix). Every run keeps its global model after each round or server
+step (``server.keep_every = 1``) with the seconds since the sites answered
+the roll call (``elapsed`` in ``metrics.jsonl``: a simulation's start-up is
+not counted); afterwards each kept model is scored as ``fedmeta`` scores a
+round (:func:`fedmeta.fl.site_training.evaluate_site` on every site's held-out
+rows, personalized with ``evaluation.shots`` per class), the same way for all.
+
+- The speeds (:mod:`fedmeta.fl.stragglers`): with equal speeds every site
+  waits 0.5 s before replying; in the straggler mix each waits 0.5 s times a
+  lognormal factor (sigma 0.5), and the slowest tenth of the sites (by name,
+  the last ones) waits 10x the median, 5 s. The realized ratio of the
+  slowest tenth's wait to the median is printed.
+- Synchronous: every site every round, ``--rounds`` rounds. Asynchronous:
+  every site busy, a server step per ``--buffer`` updates, as many steps as
+  consume twice the synchronous run's updates.
+- The target is 98% of the synchronous run's final score; "seconds to target"
+  is the first kept model at or above it. The final scores compare the last
+  model of each run within the synchronous run's seconds.
+
+Simulation: FedProx Synthetic(1, 1) (one 10-class task: accuracy). Deployment:
+hospitals as CSV sites (accuracy of the mortality task). Scale (``--scale``):
+``benchmarks/scale.py``'s seconds per round and peak memory at 100, 1,000 and
+10,000 sites.
+
+    python benchmarks/async_rounds.py [--json] [--sites 20] [--rounds 10] [--deploy-sites 8] [--scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedmeta.data import write_hospital_federation
+from fedmeta.fl.app import _synthetic_federation
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.loopback import LoopbackDeployment
+from fedmeta.fl.normalization import to_text
+from fedmeta.fl.run_dir import RunDir
+from fedmeta.fl.sites import csv_site
+from fedmeta.fl.site_training import evaluate_site
+from fedmeta.fl.strategy import mean_site_metrics
+from fedmeta.fl.stragglers import site_delay
+
+DELAY = 0.5  # median seconds a site waits before replying
+SPREAD = 0.5  # the straggler mix's lognormal sigma, besides its slowest tenth
+SLOWDOWN = 10.0  # the slowest tenth waits this many times the median
+
+
+def slow_sites(names: list[str]) -> dict[str, float]:
+    """The straggler mix's slowest tenth: the last tenth of the names, waiting SLOWDOWN x the median."""
+    names = sorted(names)
+    return {name: SLOWDOWN * DELAY for name in names[len(names) - max(1, len(names) // 10):]}
+
+
+def config_text(mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float]) -> str:
+    steps = math.ceil(2 * rounds * sites / buffer)
+    federation = f'kind = "csv"\ndata_dir = "{data_dir}"' if kind == "csv" else f'kind = "{kind}"\nn_sites = {sites}'
+    asynchronous = f"[asynchronous]\nenabled = true\nbuffer = {buffer}\nconcurrency = {sites}\n" if mode == "async" else ""
+    sigma_line = f"sigma = {sigma}\n" if sigma else ""
+    if slow:
+        sigma_line += "sites = {" + ", ".join(f"{name} = {seconds}" for name, seconds in slow.items()) + "}\n"
+    return f"""name = "{mode}"
+rounds = {steps if mode == "async" else rounds}
+seed = 0
+[federation]
+{federation}
+[model]
+hidden = [32, 32]
+[local]
+steps = 5
+meta_batch = 4
+[server]
+min_sites = {buffer if mode == "async" else sites}
+retries = 0
+round_timeout = 600
+keep_every = 1
+[evaluation]
+every = 1000000
+[simulation]
+cpus_per_site = {cpus_per_site}
+{asynchronous}[stragglers]
+delay = {DELAY}
+{sigma_line}"""
+
+
+def kept(run_dir: Path) -> list[tuple[float, int, dict]]:
+    """``(elapsed, round, state)`` of every kept model, in order."""
+    out = []
+    for path in sorted((run_dir / "models").glob("round-*.pt")):
+        saved = torch.load(path, weights_only=False)
+        out.append((float(saved["elapsed"]), int(saved["round"]), saved["state"]))
+    return out
+
+
+def scorer(config: RunConfig, run_dir: Path, metric: str):
+    """A function scoring a global state on every site of ``config``'s federation, as a round's evaluation does."""
+    if config.federation.kind == "csv":
+        stats = RunDir(run_dir).load_checkpoint().statistics
+        sites = [csv_site(config, i, to_text(stats) if stats else None) for i in range(config.federation.n_sites)]
+    else:
+        sites = list(_synthetic_federation(config.federation.model_dump_json()))
+
+    def score(state: dict) -> float:
+        return mean_site_metrics([evaluate_site(config, site, state, seed=config.seed) for site in sites])[metric]
+
+    return score
+
+
+def curve(run_dir: Path, metric: str) -> list[tuple[float, int, float]]:
+    config = RunDir(run_dir).load_config()
+    score = scorer(config, run_dir, metric)
+    return [(elapsed, round_, score(state)) for elapsed, round_, state in kept(run_dir)]
+
+
+def seconds_to(target: float, points: list[tuple[float, int, float]]) -> float | None:
+    return next((elapsed for elapsed, _, value in points if value >= target), None)
+
+
+def final_within(budget: float, points: list[tuple[float, int, float]]) -> float:
+    return [value for elapsed, _, value in points if elapsed <= budget][-1]
+
+
+def compare(sync: list, asynchronous: list) -> dict:
+    """Seconds to 98% of the synchronous final score, their ratio, and the final scores within the synchronous seconds."""
+    target = 0.98 * sync[-1][2]
+    budget = sync[-1][0]
+    sync_s, async_s = seconds_to(target, sync), seconds_to(target, asynchronous)
+    return {
+        "target": round(target, 4), "sync_s": round(sync_s, 2), "async_s": None if async_s is None else round(async_s, 2),
+        "speedup": None if async_s is None else round(sync_s / async_s, 2),
+        "sync_acc": round(sync[-1][2], 4), "async_acc": round(final_within(budget, asynchronous), 4), "budget_s": round(budget, 2),
+        "sync_rounds": sync[-1][1], "async_steps": [r for e, r, _ in asynchronous if e <= budget][-1],
+    }
+
+
+def slowest_tenth_ratio(config_path: Path, names: list[str]) -> float:
+    """The realized straggler mix: the slowest tenth's wait (90th percentile) over the median."""
+    config = RunConfig.load(config_path)
+    waits = sorted(site_delay(config, name) for name in names)
+    return waits[min(len(waits) - 1, int(0.9 * len(waits)))] / statistics.median(waits)
+
+
+def train(work: Path, name: str, text: str) -> Path:
+    (work / f"{name}.toml").write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(work / f"{name}.toml"), "--run-dir", str(work / name)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: fedmeta train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return work / name
+
+
+def simulation(work: Path, sites: int, rounds: int, buffer: int) -> dict:
+    cpus = round(2 / sites, 3)  # a waiting site holds its Ray worker: one worker per site
+    out = {}
+    names = [f"site_{k:03d}" for k in range(sites)]  # the generator's names (fedmeta.data.synthetic)
+    for speeds, sigma, slow in (("stragglers", SPREAD, slow_sites(names)), ("equal", 0.0, {})):
+        curves = {}
+        for mode in ("sync", "async"):
+            run = train(work, f"sim-{speeds}-{mode}", config_text(mode, sigma, sites, rounds, buffer, "fedprox", None, cpus, slow))
+            curves[mode] = curve(run, "label.personalized.acc")
+        out[speeds] = compare(curves["sync"], curves["async"])
+        out[speeds]["slowest_tenth_over_median"] = round(slowest_tenth_ratio(work / f"sim-{speeds}-sync.toml", names), 2)
+        print(f"simulation, {speeds}: {json.dumps(out[speeds])}", flush=True)
+    return out
+
+
+def deployment(work: Path, sites: int, rounds: int, buffer: int) -> dict:
+    schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=0)
+    curves = {}
+    for mode in ("sync", "async"):
+        path = work / f"deploy-{mode}.toml"
+        path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow_sites([p.stem for p in paths])))
+        with LoopbackDeployment([(p, schema) for p in paths], log_dir=work / f"logs-{mode}") as dep:
+            result = dep.run(path, work / f"deploy-{mode}", timeout=3600)
+        if result.returncode != 0:
+            raise RuntimeError(f"deployment {mode} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        curves[mode] = curve(work / f"deploy-{mode}", "mortality.personalized.acc")
+    out = compare(curves["sync"], curves["async"])
+    out["slowest_tenth_over_median"] = round(slowest_tenth_ratio(work / "deploy-sync.toml", [p.stem for p in paths]), 2)
+    print(f"deployment over loopback, {sites} SuperNodes, stragglers: {json.dumps(out)}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    parser.add_argument("--sites", type=int, default=20, help="simulated sites")
+    parser.add_argument("--rounds", type=int, default=10, help="synchronous rounds (asynchronous steps consume twice their updates)")
+    parser.add_argument("--buffer", type=int, default=5, help="asynchronous.buffer")
+    parser.add_argument("--deploy-sites", type=int, default=8, help="SuperNodes on loopback (0 skips the deployment)")
+    parser.add_argument("--deploy-rounds", type=int, default=6)
+    parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py's populations")
+    parser.add_argument("--work", type=Path, help="keep the run folders here (default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedmeta-async-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        figures = simulation(work, args.sites, args.rounds, args.buffer)
+        if args.deploy_sites:
+            figures["deploy"] = deployment(work, args.deploy_sites, args.deploy_rounds, args.buffer)
+        if args.scale:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from scale import measure_scale
+
+            figures["scale"] = measure_scale(work=work / "scale")
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
