@@ -13,17 +13,23 @@ rows, personalized with ``evaluation.shots`` per class), the same way for all.
 - The speeds (:mod:`fedmeta.fl.stragglers`): with equal speeds every site
   waits 0.5 s before replying; in the straggler mix each waits 0.5 s times a
   lognormal factor (sigma 0.5), and the slowest tenth of the sites (by name,
-  the last ones) waits 10x the median, 5 s. The realized ratio of the
-  slowest tenth's wait to the median is printed.
+  the last ones) waits 10x the median, 5 s. On loopback the median is
+  ``--deploy-delay`` (2 s: each message there also costs a few seconds of
+  Flower's own, a SuperNode polling every 3 s and starting an app process),
+  the slowest tenth 10x that. The realized ratio of the slowest tenth's wait
+  to the median is printed.
 - Synchronous: every site every round, ``--rounds`` rounds. Asynchronous:
-  every site busy, a server step per ``--buffer`` updates, as many steps as
-  consume twice the synchronous run's updates.
+  every site busy, a server step per ``--buffer`` updates, stopped (Ctrl-C)
+  once it has trained as many seconds as the synchronous run (in simulation;
+  on loopback, as many steps as consume twice the synchronous updates).
 - The target is 98% of the synchronous run's final score; "seconds to target"
   is the first kept model at or above it. The final scores compare the last
   model of each run within the synchronous run's seconds.
 
-Simulation: FedProx Synthetic(1, 1) (one 10-class task: accuracy). Deployment:
-hospitals as CSV sites (accuracy of the mortality task). Scale (``--scale``):
+The federation is the hospitals one (``examples/hospitals.toml``'s model and
+local training, 20 sites in simulation, CSV sites on loopback); the score is
+the mean personalized accuracy of its two classification tasks (mortality and
+30-day readmission), example-weighted over sites. Scale (``--scale``):
 ``benchmarks/scale.py``'s seconds per round and peak memory at 100, 1,000 and
 10,000 sites.
 
@@ -35,10 +41,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -54,18 +62,20 @@ from fedmeta.fl.site_training import evaluate_site
 from fedmeta.fl.strategy import mean_site_metrics
 from fedmeta.fl.stragglers import site_delay
 
-DELAY = 0.5  # median seconds a site waits before replying
+DELAY = 0.5  # median seconds a simulated site waits before replying
 SPREAD = 0.5  # the straggler mix's lognormal sigma, besides its slowest tenth
 SLOWDOWN = 10.0  # the slowest tenth waits this many times the median
 
 
-def slow_sites(names: list[str]) -> dict[str, float]:
+def slow_sites(names: list[str], delay: float = DELAY) -> dict[str, float]:
     """The straggler mix's slowest tenth: the last tenth of the names, waiting SLOWDOWN x the median."""
     names = sorted(names)
-    return {name: SLOWDOWN * DELAY for name in names[len(names) - max(1, len(names) // 10):]}
+    return {name: SLOWDOWN * delay for name in names[len(names) - max(1, len(names) // 10):]}
 
 
-def config_text(mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float]) -> str:
+def config_text(
+    mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float], delay: float = DELAY
+) -> str:
     steps = math.ceil(2 * rounds * sites / buffer)
     federation = f'kind = "csv"\ndata_dir = "{data_dir}"' if kind == "csv" else f'kind = "{kind}"\nn_sites = {sites}'
     asynchronous = f"[asynchronous]\nenabled = true\nbuffer = {buffer}\nconcurrency = {sites}\n" if mode == "async" else ""
@@ -78,11 +88,12 @@ seed = 0
 [federation]
 {federation}
 [model]
-hidden = [32, 32]
+hidden = [64, 64]
 [local]
-steps = 5
-meta_batch = 4
+steps = 10
+meta_batch = 8
 [server]
+momentum = 0.5
 min_sites = {buffer if mode == "async" else sites}
 retries = 0
 round_timeout = 600
@@ -92,7 +103,7 @@ every = 1000000
 [simulation]
 cpus_per_site = {cpus_per_site}
 {asynchronous}[stragglers]
-delay = {DELAY}
+delay = {delay}
 {sigma_line}"""
 
 
@@ -105,7 +116,13 @@ def kept(run_dir: Path) -> list[tuple[float, int, dict]]:
     return out
 
 
-def scorer(config: RunConfig, run_dir: Path, metric: str):
+def accuracy(metrics: dict[str, float]) -> float:
+    """The mean personalized accuracy over the classification tasks."""
+    values = [v for k, v in metrics.items() if k.endswith(".personalized.acc")]
+    return sum(values) / len(values)
+
+
+def scorer(config: RunConfig, run_dir: Path):
     """A function scoring a global state on every site of ``config``'s federation, as a round's evaluation does."""
     if config.federation.kind == "csv":
         stats = RunDir(run_dir).load_checkpoint().statistics
@@ -114,14 +131,14 @@ def scorer(config: RunConfig, run_dir: Path, metric: str):
         sites = list(_synthetic_federation(config.federation.model_dump_json()))
 
     def score(state: dict) -> float:
-        return mean_site_metrics([evaluate_site(config, site, state, seed=config.seed) for site in sites])[metric]
+        return accuracy(mean_site_metrics([evaluate_site(config, site, state, seed=config.seed) for site in sites]))
 
     return score
 
 
-def curve(run_dir: Path, metric: str) -> list[tuple[float, int, float]]:
+def curve(run_dir: Path) -> list[tuple[float, int, float]]:
     config = RunDir(run_dir).load_config()
-    score = scorer(config, run_dir, metric)
+    score = scorer(config, run_dir)
     return [(elapsed, round_, score(state)) for elapsed, round_, state in kept(run_dir)]
 
 
@@ -153,42 +170,61 @@ def slowest_tenth_ratio(config_path: Path, names: list[str]) -> float:
     return waits[min(len(waits) - 1, int(0.9 * len(waits)))] / statistics.median(waits)
 
 
-def train(work: Path, name: str, text: str) -> Path:
+def last_elapsed(run_dir: Path) -> float:
+    """The ``elapsed`` of the run's last round or step so far (0 before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0.0
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return max((r["elapsed"] for r in rows if r["site"] == "*" and r["phase"] == "train"), default=0.0)
+
+
+def train(work: Path, name: str, text: str, budget: float | None = None) -> Path:
+    """``fedmeta train`` on ``text``; with ``budget``, stopped (Ctrl-C) once its steps have used that many seconds."""
     (work / f"{name}.toml").write_text(text)
-    done = subprocess.run(
-        [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(work / f"{name}.toml"), "--run-dir", str(work / name)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{name}: fedmeta train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    args = [sys.executable, "-m", "fedmeta.cli", "train", "--config", str(work / f"{name}.toml"), "--run-dir", str(work / name)]
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if budget is not None and last_elapsed(work / name) >= budget:
+                proc.send_signal(signal.SIGINT)  # the run stops after its current step; the kept models stay
+                proc.wait()
+                break
+            time.sleep(0.5)
+    if proc.returncode not in ((0, 130) if budget is not None else (0,)):
+        raise RuntimeError(f"{name}: fedmeta train failed (exit {proc.returncode}); see {work / f'{name}.log'}")
     return work / name
 
 
 def simulation(work: Path, sites: int, rounds: int, buffer: int) -> dict:
     cpus = round(2 / sites, 3)  # a waiting site holds its Ray worker: one worker per site
     out = {}
-    names = [f"site_{k:03d}" for k in range(sites)]  # the generator's names (fedmeta.data.synthetic)
+    names = [f"hospital_{k:03d}" for k in range(sites)]  # the generator's names (fedmeta.data.synthetic)
     for speeds, sigma, slow in (("stragglers", SPREAD, slow_sites(names)), ("equal", 0.0, {})):
         curves = {}
-        for mode in ("sync", "async"):
-            run = train(work, f"sim-{speeds}-{mode}", config_text(mode, sigma, sites, rounds, buffer, "fedprox", None, cpus, slow))
-            curves[mode] = curve(run, "label.personalized.acc")
+        run = train(work, f"sim-{speeds}-sync", config_text("sync", sigma, sites, rounds, buffer, "hospitals", None, cpus, slow))
+        curves["sync"] = curve(run)
+        # As many steps as fit in the synchronous run's seconds (at most ten times its updates).
+        run = train(work, f"sim-{speeds}-async", config_text("async", sigma, sites, 5 * rounds, buffer, "hospitals", None, cpus, slow), budget=curves["sync"][-1][0])
+        curves["async"] = curve(run)
         out[speeds] = compare(curves["sync"], curves["async"])
         out[speeds]["slowest_tenth_over_median"] = round(slowest_tenth_ratio(work / f"sim-{speeds}-sync.toml", names), 2)
         print(f"simulation, {speeds}: {json.dumps(out[speeds])}", flush=True)
     return out
 
 
-def deployment(work: Path, sites: int, rounds: int, buffer: int) -> dict:
+def deployment(work: Path, sites: int, rounds: int, buffer: int, delay: float) -> dict:
     schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=0)
     curves = {}
     for mode in ("sync", "async"):
         path = work / f"deploy-{mode}.toml"
-        path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow_sites([p.stem for p in paths])))
+        path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow_sites([p.stem for p in paths], delay), delay))
         with LoopbackDeployment([(p, schema) for p in paths], log_dir=work / f"logs-{mode}") as dep:
             result = dep.run(path, work / f"deploy-{mode}", timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"deployment {mode} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-        curves[mode] = curve(work / f"deploy-{mode}", "mortality.personalized.acc")
+        curves[mode] = curve(work / f"deploy-{mode}")
     out = compare(curves["sync"], curves["async"])
     out["slowest_tenth_over_median"] = round(slowest_tenth_ratio(work / "deploy-sync.toml", [p.stem for p in paths]), 2)
     print(f"deployment over loopback, {sites} SuperNodes, stragglers: {json.dumps(out)}", flush=True)
@@ -199,19 +235,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     parser.add_argument("--sites", type=int, default=20, help="simulated sites")
-    parser.add_argument("--rounds", type=int, default=10, help="synchronous rounds (asynchronous steps consume twice their updates)")
+    parser.add_argument("--rounds", type=int, default=20, help="synchronous rounds")
     parser.add_argument("--buffer", type=int, default=5, help="asynchronous.buffer")
     parser.add_argument("--deploy-sites", type=int, default=8, help="SuperNodes on loopback (0 skips the deployment)")
-    parser.add_argument("--deploy-rounds", type=int, default=6)
+    parser.add_argument("--deploy-rounds", type=int, default=8)
+    parser.add_argument("--deploy-buffer", type=int, default=4)
+    parser.add_argument("--deploy-delay", type=float, default=2.0, help="median seconds a SuperNode waits (each message also costs a few seconds of Flower's own)")
+    parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py's populations")
     parser.add_argument("--work", type=Path, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedmeta-async-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        figures = simulation(work, args.sites, args.rounds, args.buffer)
+        figures = {} if args.skip_simulation else simulation(work, args.sites, args.rounds, args.buffer)
         if args.deploy_sites:
-            figures["deploy"] = deployment(work, args.deploy_sites, args.deploy_rounds, args.buffer)
+            figures["deploy"] = deployment(work, args.deploy_sites, args.deploy_rounds, args.deploy_buffer, args.deploy_delay)
         if args.scale:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from scale import measure_scale

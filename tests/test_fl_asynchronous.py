@@ -182,3 +182,17 @@ def test_keep_every_keeps_each_steps_model_with_the_seconds_since_the_roll_call(
     assert shift(saved["state"], initial_state(cfg)) == pytest.approx(3.0)  # two steps of (1 + 2) / 2
     assert shift(state, saved["state"]) == pytest.approx((4.0 / math.sqrt(3) + 1.0) / 2)
     assert cfg.digest() == config().digest()  # keeping models does not change what is trained: a resume may turn it on
+
+
+def test_a_robust_rule_combines_the_buffers_staleness_weighted_updates(tmp_path):
+    cfg = RunConfig.from_dict({**config(rounds=2, buffer=3).model_dump(mode="json", exclude_none=True), "aggregation": {"rule": "median"}})
+    state = run_rounds(ScriptedSites({"a": (1.0, 1), "b": (2.0, 1), "c": (30.0, 2)}), cfg, RunDir(tmp_path))
+    # Each step buffers a, b and then c, all on the newest version: median(1, 2, 30) = 2, where the mean would move 11.
+    assert shift(state, initial_state(cfg)) == pytest.approx(4.0)
+
+
+def test_a_run_folder_keeps_the_straggler_table_it_was_given(tmp_path):
+    cfg = RunConfig.from_dict({"stragglers": {"delay": 0.5, "sites": {"hospital_018": 5.0, "st. mary's": 7.5}}})
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    assert RunConfig.load(path) == cfg

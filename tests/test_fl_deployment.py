@@ -118,12 +118,14 @@ min_sites = 1
 enabled = true
 buffer = 1
 max_staleness = 0
+[compression]
+upload = "int8"
 [stragglers]
 sites = {{hospital_000 = 1.0, hospital_001 = 4.0}}
 """
 
 
-def test_asynchronous_rounds_step_on_the_fast_site_and_drop_and_name_the_slow_sites_stale_update(deployment):
+def test_asynchronous_rounds_with_int8_uploads_step_on_the_fast_site_and_drop_and_name_the_slow_sites_stale_update(deployment):
     dep, root = deployment
     (root / "async.toml").write_text(ASYNCHRONOUS.format(data=root / "data"))
     result = dep.run(root / "async.toml", root / "async")

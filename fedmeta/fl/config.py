@@ -378,11 +378,18 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+def _toml_value(value: Any) -> str:
+    """A value in TOML: JSON's scalars and arrays are TOML's; a table is written inline (``{"a" = 1.0}``)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 def _to_toml(data: dict[str, Any]) -> str:
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    lines = [f"{k} = {json.dumps(v)}" for k, v in scalars.items()]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
     for section, values in data.items():
         if isinstance(values, dict):
             lines.append(f"\n[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
     return "\n".join(lines) + "\n"
