@@ -65,26 +65,33 @@ from fedmeta.fl.stragglers import site_delay
 DELAY = 0.5  # median seconds a simulated site waits before replying
 SPREAD = 0.5  # the straggler mix's lognormal sigma, besides its slowest tenth
 SLOWDOWN = 10.0  # the slowest tenth waits this many times the median
+SYNC_SERVER = (1.0, 0.5)  # server lr and momentum of the synchronous runs: examples/hospitals.toml's
+ASYNC_SERVER = (1.0, 0.5)  # of the asynchronous runs (chosen on seed 0's straggler mix; see --seed)
 
 
-def slow_sites(names: list[str], delay: float = DELAY) -> dict[str, float]:
-    """The straggler mix's slowest tenth: the last tenth of the names, waiting SLOWDOWN x the median."""
+def slow_sites(names: list[str], delay: float = DELAY, seed: int = 0) -> dict[str, float]:
+    """The straggler mix's slowest tenth: the last tenth of the names, waiting SLOWDOWN x the federation's median wait."""
     names = sorted(names)
-    return {name: SLOWDOWN * delay for name in names[len(names) - max(1, len(names) // 10):]}
+    slow = names[len(names) - max(1, len(names) // 10):]
+    config = RunConfig.from_dict({"seed": seed, "stragglers": {"delay": delay, "sigma": SPREAD}})
+    median = statistics.median([site_delay(config, name) for name in names if name not in slow] + [math.inf] * len(slow))
+    return {name: round(SLOWDOWN * median, 3) for name in slow}
 
 
 def config_text(
-    mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float], delay: float = DELAY
+    mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float],
+    delay: float = DELAY, seed: int = 0, server: tuple[float, float] | None = None,
 ) -> str:
     steps = math.ceil(2 * rounds * sites / buffer)
-    federation = f'kind = "csv"\ndata_dir = "{data_dir}"' if kind == "csv" else f'kind = "{kind}"\nn_sites = {sites}'
+    server = server or SYNC_SERVER
+    federation = f'kind = "csv"\ndata_dir = "{data_dir}"' if kind == "csv" else f'kind = "{kind}"\nn_sites = {sites}\nseed = {seed}'
     asynchronous = f"[asynchronous]\nenabled = true\nbuffer = {buffer}\nconcurrency = {sites}\n" if mode == "async" else ""
     sigma_line = f"sigma = {sigma}\n" if sigma else ""
     if slow:
         sigma_line += "sites = {" + ", ".join(f"{name} = {seconds}" for name, seconds in slow.items()) + "}\n"
     return f"""name = "{mode}"
 rounds = {steps if mode == "async" else rounds}
-seed = 0
+seed = {seed}
 [federation]
 {federation}
 [model]
@@ -93,7 +100,8 @@ hidden = [64, 64]
 steps = 10
 meta_batch = 8
 [server]
-momentum = 0.5
+lr = {server[0]}
+momentum = {server[1]}
 min_sites = {buffer if mode == "async" else sites}
 retries = 0
 round_timeout = 600
@@ -197,29 +205,30 @@ def train(work: Path, name: str, text: str, budget: float | None = None) -> Path
     return work / name
 
 
-def simulation(work: Path, sites: int, rounds: int, buffer: int) -> dict:
+def simulation(work: Path, sites: int, rounds: int, buffer: int, seed: int, server: tuple[float, float]) -> dict:
     cpus = round(2 / sites, 3)  # a waiting site holds its Ray worker: one worker per site
     out = {}
     names = [f"hospital_{k:03d}" for k in range(sites)]  # the generator's names (fedmeta.data.synthetic)
-    for speeds, sigma, slow in (("stragglers", SPREAD, slow_sites(names)), ("equal", 0.0, {})):
+    for speeds, sigma, slow in (("stragglers", SPREAD, slow_sites(names, seed=seed)), ("equal", 0.0, {})):
         curves = {}
-        run = train(work, f"sim-{speeds}-sync", config_text("sync", sigma, sites, rounds, buffer, "hospitals", None, cpus, slow))
+        run = train(work, f"sim-{speeds}-sync", config_text("sync", sigma, sites, rounds, buffer, "hospitals", None, cpus, slow, seed=seed))
         curves["sync"] = curve(run)
         # As many steps as fit in the synchronous run's seconds (at most ten times its updates).
-        run = train(work, f"sim-{speeds}-async", config_text("async", sigma, sites, 5 * rounds, buffer, "hospitals", None, cpus, slow), budget=curves["sync"][-1][0])
-        curves["async"] = curve(run)
+        text = config_text("async", sigma, sites, 5 * rounds, buffer, "hospitals", None, cpus, slow, seed=seed, server=server)
+        curves["async"] = curve(train(work, f"sim-{speeds}-async", text, budget=curves["sync"][-1][0]))
         out[speeds] = compare(curves["sync"], curves["async"])
         out[speeds]["slowest_tenth_over_median"] = round(slowest_tenth_ratio(work / f"sim-{speeds}-sync.toml", names), 2)
         print(f"simulation, {speeds}: {json.dumps(out[speeds])}", flush=True)
     return out
 
 
-def deployment(work: Path, sites: int, rounds: int, buffer: int, delay: float) -> dict:
-    schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=0)
+def deployment(work: Path, sites: int, rounds: int, buffer: int, delay: float, seed: int, server: tuple[float, float]) -> dict:
+    schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=seed)
+    slow = slow_sites([p.stem for p in paths], delay, seed)
     curves = {}
     for mode in ("sync", "async"):
         path = work / f"deploy-{mode}.toml"
-        path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow_sites([p.stem for p in paths], delay), delay))
+        path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow, delay, seed, server if mode == "async" else SYNC_SERVER))
         with LoopbackDeployment([(p, schema) for p in paths], log_dir=work / f"logs-{mode}") as dep:
             result = dep.run(path, work / f"deploy-{mode}", timeout=3600)
         if result.returncode != 0:
@@ -242,15 +251,16 @@ def main() -> None:
     parser.add_argument("--deploy-buffer", type=int, default=4)
     parser.add_argument("--deploy-delay", type=float, default=2.0, help="median seconds a SuperNode waits (each message also costs a few seconds of Flower's own)")
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--seed", type=int, default=1, help="the run's and the federation's seed (settings were chosen on seed 0)")
     parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py's populations")
     parser.add_argument("--work", type=Path, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedmeta-async-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        figures = {} if args.skip_simulation else simulation(work, args.sites, args.rounds, args.buffer)
+        figures = {} if args.skip_simulation else simulation(work, args.sites, args.rounds, args.buffer, args.seed, ASYNC_SERVER)
         if args.deploy_sites:
-            figures["deploy"] = deployment(work, args.deploy_sites, args.deploy_rounds, args.deploy_buffer, args.deploy_delay)
+            figures["deploy"] = deployment(work, args.deploy_sites, args.deploy_rounds, args.deploy_buffer, args.deploy_delay, args.seed, ASYNC_SERVER)
         if args.scale:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from scale import measure_scale

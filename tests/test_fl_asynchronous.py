@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.fl import asynchronous
@@ -50,7 +50,12 @@ class ScriptedSites:
             site = self.nodes[message.metadata.dst_node_id]
             value, delay = self.sites[site]
             kind = message.metadata.message_type
-            content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value})})
+            if value is None and kind == "train":  # a site whose training raises
+                self.sent.append((site, int(message.content["config"][asynchronous.MODEL_VERSION])))
+                self.pending.append((self.tick + delay, self.pushed, mid, Message(error=Error(code=0, reason="site failed"), reply_to=message)))
+                ids.append(mid)
+                continue
+            content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value or 0.0})})
             if kind == "train":
                 self.sent.append((site, int(message.content["config"][asynchronous.MODEL_VERSION])))
                 received = message.content["arrays"].to_torch_state_dict()
@@ -196,3 +201,26 @@ def test_a_run_folder_keeps_the_straggler_table_it_was_given(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml())
     assert RunConfig.load(path) == cfg
+
+
+def test_when_the_other_sites_failed_a_short_buffer_of_min_sites_updates_makes_the_step(tmp_path, caplog):
+    cfg = config(rounds=1, buffer=3)  # server.min_sites = 1
+    with caplog.at_level(logging.WARNING, logger="flwr.fedmeta"):
+        state = run_rounds(ScriptedSites({"a": (1.0, 1), "b": (2.0, 1), "c": (None, 1)}), cfg, RunDir(tmp_path))
+    assert shift(state, initial_state(cfg)) == pytest.approx(1.5)
+    assert "server step 1 from 2 update(s), fewer than asynchronous.buffer = 3: no other site can answer now" in caplog.text
+
+
+def test_with_fewer_than_min_sites_able_to_answer_the_run_ends_in_one_line_after_its_retries(tmp_path):
+    cfg = RunConfig.from_dict({
+        **config(rounds=1, buffer=2).model_dump(mode="json", exclude_none=True), "federation": {"kind": "hospitals", "n_sites": 2}, "server": {"min_sites": 2, "retries": 1},
+    })
+    grid = ScriptedSites({"a": (1.0, 1), "b": (None, 1)})
+    with pytest.raises(RuntimeError, match=r"asynchronous rounds: 1 update\(s\) buffered and no other site can answer \(server.min_sites = 2, 2 site\(s\) connected, 1 failed or stale\)"):
+        run_rounds(grid, cfg, RunDir(tmp_path))
+    assert [site for site, _ in grid.sent].count("b") == 2  # asked once more (server.retries = 1)
+
+
+def test_a_buffer_larger_than_the_federation_is_refused_at_the_start(tmp_path):
+    with pytest.raises(RuntimeError, match="asynchronous.buffer = 5 needs at least 5 sites; 3 answered the roll call"):
+        run_rounds(ScriptedSites(SITES), config(buffer=5), RunDir(tmp_path))

@@ -51,6 +51,7 @@ from flwr.serverapp import Grid
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.aggregation import FlatState, SiteUpdate
 from fedmeta.fl.compression import dense_bytes
+from fedmeta.fl.exchange import TooFewSitesError
 from fedmeta.fl.privacy import PrivacyBudgetExceeded, clip_update
 from fedmeta.fl.strategy import MetaStrategy, reply_bytes, round_loss, site_examples
 
@@ -116,6 +117,7 @@ class AsyncRounds:
         self.failed: list[tuple[str, str]] = []  # (site, reason) since the last step
         self.population: dict[str, int] = {}
         self.refreshed = -float("inf")
+        self.stalls = 0  # times the resting sites were asked again since the last step
         self.step_started = time.perf_counter()
 
     # --- the loop ---------------------------------------------------------------
@@ -140,22 +142,59 @@ class AsyncRounds:
                 log.warning("training stops before server step %d: %s", self.version + 1, e)
                 break
             self._expire()
-            if not arrived:
+            if self._stalled():
+                try:
+                    self._unstall()
+                except PrivacyBudgetExceeded as e:
+                    log.warning("training stops before server step %d: %s", self.version + 1, e)
+                    break
+            elif not arrived:
                 time.sleep(POLL)
         return self.state, self.version
+
+    def _idle(self) -> list[str]:
+        """Connected sites not training, not buffered and not resting: the ones a model can be sent to."""
+        busy = {f.site for f in self.flights.values()} | {b.update.site for b in self.buffer} | self.resting
+        return sorted(site for site in self.population if site not in busy)
+
+    def _stalled(self) -> bool:
+        """Nothing in flight and nobody to send to: the buffer cannot fill (too few sites, or the rest failed)."""
+        return not self.flights and not self._idle() and self.version < self.config.rounds
+
+    def _unstall(self) -> None:
+        """Step with a short buffer if it holds ``server.min_sites`` updates; else ask the resting sites again, ``server.retries`` times."""
+        s = self.config.server
+        if len(self.buffer) >= s.min_sites:
+            log.warning(
+                "server step %d from %d update(s), fewer than asynchronous.buffer = %d: no other site can answer now",
+                self.version + 1, len(self.buffer), self.config.asynchronous.buffer,
+            )
+            self._step()
+            return
+        self.stalls += 1
+        if self.stalls > s.retries:
+            raise RuntimeError(
+                f"asynchronous rounds: {len(self.buffer)} update(s) buffered and no other site can answer "
+                f"(server.min_sites = {s.min_sites}, {len(self.population)} site(s) connected, {len(self.resting)} failed or stale)"
+            )
+        log.warning("asking %d site(s) that failed or sent stale updates again (%d of %d)", len(self.resting), self.stalls, s.retries)
+        self.resting.clear()
 
     def _dispatch(self) -> None:
         """Keep ``concurrency`` sites busy: idle sites (not in flight, buffered or resting) get the newest model."""
         now = time.monotonic()
         if now - self.refreshed >= REFRESH or not self.population:
+            first = not self.population
             self.population = self.strategy.population(self.grid)
             self.refreshed = now
+            buffer = self.config.asynchronous.buffer
+            if first and len(self.population) < buffer:
+                raise TooFewSitesError(f"asynchronous.buffer = {buffer} needs at least {buffer} sites; {len(self.population)} answered the roll call")
         limit = self.config.asynchronous.concurrency or len(self.population)
         free = limit - len(self.flights)
         if free <= 0:
             return
-        busy = {f.site for f in self.flights.values()} | {b.update.site for b in self.buffer} | self.resting
-        idle = sorted(site for site in self.population if site not in busy)
+        idle = self._idle()
         if not idle:
             return
         chosen = sorted(self.strategy.rng.sample(idle, min(free, len(idle))))
@@ -254,4 +293,5 @@ class AsyncRounds:
         self.buffer.clear()
         self.resting.clear()
         self.failed = []
+        self.stalls = 0
         self.step_started = now
