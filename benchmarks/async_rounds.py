@@ -11,15 +11,20 @@ round (:func:`fedmeta.fl.site_training.evaluate_site` on every site's held-out
 rows, personalized with ``evaluation.shots`` per class), the same way for all.
 
 - The speeds (:mod:`fedmeta.fl.stragglers`): with equal speeds every site
-  waits 0.5 s before replying; in the straggler mix each waits 0.5 s times a
+  waits 1.5 s before replying; in the straggler mix each waits 1.5 s times a
   lognormal factor (sigma 0.5), and the slowest tenth of the sites (by name,
-  the last ones) waits 10x the median, 5 s. On loopback the median is
+  the last ones) waits 10x the median, about 15 s. The waits stand for each
+  site's own hardware and link: they are longer than a site's training here,
+  where 20 simulated sites share 2 cores (with waits shorter than the
+  compute, the cores, not the stragglers, set both runs' pace). On loopback the median is
   ``--deploy-delay`` (2 s: each message there also costs a few seconds of
   Flower's own, a SuperNode polling every 3 s and starting an app process),
   the slowest tenth 10x that. The realized ratio of the slowest tenth's wait
   to the median is printed.
 - Synchronous: every site every round, ``--rounds`` rounds. Asynchronous:
-  every site busy, a server step per ``--buffer`` updates, stopped (Ctrl-C)
+  every site busy, a server step per half the sites' updates (the default
+  ``asynchronous.buffer``, chosen on seed 0 against 5 of 20; the server's
+  settings are the synchronous run's), stopped (Ctrl-C)
   once it has trained as many seconds as the synchronous run (in simulation;
   on loopback, as many steps as consume twice the synchronous updates).
 - The target is 98% of the synchronous run's final score; "seconds to target"
@@ -62,7 +67,7 @@ from fedmeta.fl.site_training import evaluate_site
 from fedmeta.fl.strategy import mean_site_metrics
 from fedmeta.fl.stragglers import site_delay
 
-DELAY = 0.5  # median seconds a simulated site waits before replying
+DELAY = 1.5  # median seconds a simulated site waits before replying
 SPREAD = 0.5  # the straggler mix's lognormal sigma, besides its slowest tenth
 SLOWDOWN = 10.0  # the slowest tenth waits this many times the median
 SYNC_SERVER = (1.0, 0.5)  # server lr and momentum of the synchronous runs: examples/hospitals.toml's
@@ -79,13 +84,15 @@ def slow_sites(names: list[str], delay: float = DELAY, seed: int = 0) -> dict[st
 
 
 def config_text(
-    mode: str, sigma: float, sites: int, rounds: int, buffer: int, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float],
+    mode: str, sigma: float, sites: int, rounds: int, buffer: int | None, kind: str, data_dir: Path | None, cpus_per_site: float, slow: dict[str, float],
     delay: float = DELAY, seed: int = 0, server: tuple[float, float] | None = None,
 ) -> str:
+    buffer_line = f"buffer = {buffer}\n" if buffer else ""
+    buffer = buffer or math.ceil(sites / 2)  # asynchronous.buffer's default
     steps = math.ceil(2 * rounds * sites / buffer)
     server = server or SYNC_SERVER
     federation = f'kind = "csv"\ndata_dir = "{data_dir}"' if kind == "csv" else f'kind = "{kind}"\nn_sites = {sites}\nseed = {seed}'
-    asynchronous = f"[asynchronous]\nenabled = true\nbuffer = {buffer}\nconcurrency = {sites}\n" if mode == "async" else ""
+    asynchronous = f"[asynchronous]\nenabled = true\nconcurrency = {sites}\n{buffer_line}" if mode == "async" else ""
     sigma_line = f"sigma = {sigma}\n" if sigma else ""
     if slow:
         sigma_line += "sites = {" + ", ".join(f"{name} = {seconds}" for name, seconds in slow.items()) + "}\n"
@@ -244,11 +251,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     parser.add_argument("--sites", type=int, default=20, help="simulated sites")
-    parser.add_argument("--rounds", type=int, default=20, help="synchronous rounds")
-    parser.add_argument("--buffer", type=int, default=5, help="asynchronous.buffer")
+    parser.add_argument("--rounds", type=int, default=15, help="synchronous rounds")
+    parser.add_argument("--buffer", type=int, default=None, help="asynchronous.buffer (default: half the sites, its default)")
     parser.add_argument("--deploy-sites", type=int, default=8, help="SuperNodes on loopback (0 skips the deployment)")
     parser.add_argument("--deploy-rounds", type=int, default=8)
-    parser.add_argument("--deploy-buffer", type=int, default=4)
+    parser.add_argument("--deploy-buffer", type=int, default=None)
     parser.add_argument("--deploy-delay", type=float, default=2.0, help="median seconds a SuperNode waits (each message also costs a few seconds of Flower's own)")
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--seed", type=int, default=1, help="the run's and the federation's seed (settings were chosen on seed 0)")

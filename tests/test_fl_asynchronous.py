@@ -224,3 +224,9 @@ def test_with_fewer_than_min_sites_able_to_answer_the_run_ends_in_one_line_after
 def test_a_buffer_larger_than_the_federation_is_refused_at_the_start(tmp_path):
     with pytest.raises(RuntimeError, match="asynchronous.buffer = 5 needs at least 5 sites; 3 answered the roll call"):
         run_rounds(ScriptedSites(SITES), config(buffer=5), RunDir(tmp_path))
+
+
+def test_by_default_a_step_takes_half_the_sites_updates_rounded_up(tmp_path):
+    state = run_rounds(ScriptedSites(SITES), config(rounds=3, buffer=None), RunDir(tmp_path))
+    # Three sites: a step every two updates, as in the hand computation with buffer = 2.
+    assert shift(state, initial_state(config())) == pytest.approx(1.5 + 1.5 + (4.0 / math.sqrt(3) + 1.0) / 2, rel=1e-6)

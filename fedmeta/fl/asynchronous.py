@@ -3,7 +3,7 @@
 FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous
 Aggregation", AISTATS 2022): the server keeps ``concurrency`` sites training,
 each on the model version it was sent, and takes one server step whenever
-``buffer`` updates have arrived. Nothing waits for the slowest site: a fast
+``buffer`` updates have arrived (by default half the sites). Nothing waits for the slowest site: a fast
 site is sent the newest model as soon as the step its update joined is
 taken, and a slow one still contributes, down-weighted by its staleness τ
 (the server steps taken since its version):
@@ -41,6 +41,7 @@ What the other features do here:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,16 +119,12 @@ class AsyncRounds:
         self.population: dict[str, int] = {}
         self.refreshed = -float("inf")
         self.stalls = 0  # times the resting sites were asked again since the last step
+        self.size = 0  # K, the updates a step takes: settled at the first roll call (_settle)
         self.step_started = time.perf_counter()
 
     # --- the loop ---------------------------------------------------------------
     def run(self) -> tuple[FlatState, int]:
         """Take server steps until ``rounds``; returns the final state and the last step. Stops early at the privacy budget."""
-        a = self.config.asynchronous
-        log.info(
-            "asynchronous rounds: %s site(s) training at once, a server step every %d update(s), staleness weight (1 + tau) ** -%g, updates older than %d step(s) dropped",
-            a.concurrency or "every connected", a.buffer, a.staleness_exponent, a.max_staleness,
-        )
         while self.version < self.config.rounds:
             if wire.STOP.is_set():
                 raise wire.StopRequested(f"stop requested before server step {self.version + 1}")
@@ -136,7 +133,7 @@ class AsyncRounds:
             try:
                 for reply in arrived:
                     self._receive(reply)
-                    if len(self.buffer) >= a.buffer and self.version < self.config.rounds:
+                    if len(self.buffer) >= self.size and self.version < self.config.rounds:
                         self._step()  # at exactly `buffer` updates: what arrives with them waits for the next step
             except PrivacyBudgetExceeded as e:
                 log.warning("training stops before server step %d: %s", self.version + 1, e)
@@ -167,7 +164,7 @@ class AsyncRounds:
         if len(self.buffer) >= s.min_sites:
             log.warning(
                 "server step %d from %d update(s), fewer than asynchronous.buffer = %d: no other site can answer now",
-                self.version + 1, len(self.buffer), self.config.asynchronous.buffer,
+                self.version + 1, len(self.buffer), self.size,
             )
             self._step()
             return
@@ -187,9 +184,8 @@ class AsyncRounds:
             first = not self.population
             self.population = self.strategy.population(self.grid)
             self.refreshed = now
-            buffer = self.config.asynchronous.buffer
-            if first and len(self.population) < buffer:
-                raise TooFewSitesError(f"asynchronous.buffer = {buffer} needs at least {buffer} sites; {len(self.population)} answered the roll call")
+            if first:
+                self._settle(len(self.population))
         limit = self.config.asynchronous.concurrency or len(self.population)
         free = limit - len(self.flights)
         if free <= 0:
@@ -204,6 +200,17 @@ class AsyncRounds:
         sent = time.monotonic()
         for mid, node, site in zip(wire.push(self.grid, messages), nodes, chosen):
             self.flights[mid] = Flight(node, site, self.version, sent)
+
+    def _settle(self, sites: int) -> None:
+        """The buffer's size once the federation has answered: ``asynchronous.buffer``, or half the sites (rounded up)."""
+        a = self.config.asynchronous
+        if a.buffer is not None and sites < a.buffer:
+            raise TooFewSitesError(f"asynchronous.buffer = {a.buffer} needs at least {a.buffer} sites; {sites} answered the roll call")
+        self.size = a.buffer or math.ceil(sites / 2)
+        log.info(
+            "asynchronous rounds: %s site(s) training at once, a server step every %d update(s), staleness weight (1 + tau) ** -%g, updates older than %d step(s) dropped",
+            a.concurrency or "every connected", self.size, a.staleness_exponent, a.max_staleness,
+        )
 
     def _receive(self, reply: Message) -> None:
         flight = self.flights.pop(reply.metadata.reply_to_message_id, None)

@@ -201,7 +201,7 @@ class AsynchronousConfig(_Section):
 
     enabled: bool = Field(False, description="asynchronous rounds: sites train at their own pace; a server step every `buffer` updates")
     concurrency: int | None = Field(None, ge=1, description="sites training at once (default: every connected site)")
-    buffer: int = Field(5, ge=1, description="K: updates per server step")
+    buffer: int | None = Field(None, ge=1, description="K: updates per server step (default: half the connected sites, rounded up)")
     max_staleness: int = Field(10, ge=0, description="updates on a model more than this many server steps old are dropped (the site is named)")
     staleness_exponent: float = Field(0.5, ge=0, description="an update's weight is (1 + staleness) ** -exponent: 0.5 is FedBuff's 1 / sqrt(1 + staleness), 0 weighs all equally")
 
