@@ -236,6 +236,7 @@ def deployment(work: Path, sites: int, rounds: int, buffer: int, delay: float, s
     for mode in ("sync", "async"):
         path = work / f"deploy-{mode}.toml"
         path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow, delay, seed, server if mode == "async" else SYNC_SERVER))
+        (work / f"logs-{mode}").mkdir(exist_ok=True)
         with LoopbackDeployment([(p, schema) for p in paths], log_dir=work / f"logs-{mode}") as dep:
             result = dep.run(path, work / f"deploy-{mode}", timeout=3600)
         if result.returncode != 0:

@@ -135,18 +135,14 @@ class AsyncRounds:
                     self._receive(reply)
                     if len(self.buffer) >= self.size and self.version < self.config.rounds:
                         self._step()  # at exactly `buffer` updates: what arrives with them waits for the next step
+                self._expire()
+                if self._stalled():
+                    self._unstall()
+                elif not arrived:
+                    time.sleep(POLL)
             except PrivacyBudgetExceeded as e:
                 log.warning("training stops before server step %d: %s", self.version + 1, e)
                 break
-            self._expire()
-            if self._stalled():
-                try:
-                    self._unstall()
-                except PrivacyBudgetExceeded as e:
-                    log.warning("training stops before server step %d: %s", self.version + 1, e)
-                    break
-            elif not arrived:
-                time.sleep(POLL)
         return self.state, self.version
 
     def _idle(self) -> list[str]:
