@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 from fedmeta.data import write_hospital_federation
+from fedmeta.data.federation import discover_sites
 from fedmeta.fl.app import _synthetic_federation
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.loopback import LoopbackDeployment
@@ -141,7 +142,8 @@ def scorer(config: RunConfig, run_dir: Path):
     """A function scoring a global state on every site of ``config``'s federation, as a round's evaluation does."""
     if config.federation.kind == "csv":
         stats = RunDir(run_dir).load_checkpoint().statistics
-        sites = [csv_site(config, i, to_text(stats) if stats else None) for i in range(config.federation.n_sites)]
+        count = config.federation.n_sites or len(discover_sites(config.federation.data_dir))  # unset in a deployment's csv run
+        sites = [csv_site(config, i, to_text(stats) if stats else None) for i in range(count)]
     else:
         sites = list(_synthetic_federation(config.federation.model_dump_json()))
 
@@ -230,10 +232,13 @@ def simulation(work: Path, sites: int, rounds: int, buffer: int, seed: int, serv
 
 
 def deployment(work: Path, sites: int, rounds: int, buffer: int, delay: float, seed: int, server: tuple[float, float]) -> dict:
-    schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=seed)
+    schema, paths = write_hospital_federation(work / "data", n_sites=sites, seed=seed)  # the same files again with --work
     slow = slow_sites([p.stem for p in paths], delay, seed)
     curves = {}
     for mode in ("sync", "async"):
+        if (work / f"deploy-{mode}" / "base_model.pt").exists():  # finished before (--work): score it again
+            curves[mode] = curve(work / f"deploy-{mode}")
+            continue
         path = work / f"deploy-{mode}.toml"
         path.write_text(config_text(mode, SPREAD, sites, rounds, buffer, "csv", work / "data", 1.0, slow, delay, seed, server if mode == "async" else SYNC_SERVER))
         (work / f"logs-{mode}").mkdir(exist_ok=True)
