@@ -278,7 +278,7 @@ def main() -> None:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from scale import measure_scale
 
-            figures["scale"] = measure_scale(work=work / "scale")
+            figures["scale"] = measure_scale()
     if args.json:
         print(json.dumps(figures))
 
