@@ -13,10 +13,11 @@ taken, and a slow one still contributes, down-weighted by its staleness τ
 with n_i the site's examples (per head, its examples of the task), so with
 no staleness the step is the synchronous weighted mean, and FedBuff's
 1/√(1+τ) is the default exponent 0.5. An update older than ``max_staleness``
-steps is dropped, naming the site. Flower has no asynchronous strategy; the
-loop pushes and pulls messages itself (``Grid.push_messages`` /
-``Grid.pull_messages``). The mechanics follow FedBuff; the FedSaSync
-prototype (a Flower baselines pull request) was read for comparison.
+steps is dropped, naming the site. Flower has no asynchronous strategy (its
+issue #469); the loop pushes and pulls messages itself (``Grid.push_messages``
+/ ``Grid.pull_messages``). The mechanics follow FedBuff's algorithm. FedSaSync
+(Hidalgo-Izquierdo et al., an open Flower baselines pull request, #7503) is a
+semi-asynchronous alternative; only its description was read, not its code.
 
 What the other features do here:
 
