@@ -120,3 +120,13 @@ def test_the_saved_roster_is_every_sites_current_status_after_rounds_that_change
     )
     assert saved["sites"]["site_0005"]["missed"] == {"2": "not connected"}
     assert Roster.load(tmp_path).sites == roster.sites
+
+
+def test_a_failure_that_names_no_known_site_leaves_every_row_as_it_was(tmp_path):
+    roster = Roster(tmp_path)
+    nodes = {1: "north", 2: "south"}
+    roster.record(1, nodes, [1, 2], ["north", "south"], ["north", "south"], [])
+    # SecAgg+ reports its dropouts as one failure about several sites, not a site of the roster.
+    roster.record(2, nodes, [1, 2], ["north", "south"], ["north"], [("(several)", "1 site(s) dropped out of the SecAgg+ protocol")])
+    assert sorted(roster.sites) == ["north", "south"]
+    assert (roster.sites["south"]["status"], roster.sites["south"]["missed"]) == ("no reply", {"2": "no reply within server.round_timeout"})

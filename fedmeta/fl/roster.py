@@ -100,7 +100,8 @@ class Roster:
         online = {node_sites[n] for n in connected if n in node_sites}
         replied, asked, reasons = set(replied), set(asked), dict(failed)
         # Any other site is online, was not asked, and is "not sampled" already: this round changes nothing about it.
-        for name in replied | asked | reasons.keys() | self._active | (self.sites.keys() - online):
+        # A failure not about one known site (SecAgg+'s "(several)" dropped out) names no row.
+        for name in (replied | asked | reasons.keys() | self._active | (self.sites.keys() - online)) & self.sites.keys():
             site = self.sites[name]
             if name in replied:
                 site.update(status="trained", last_contact=now, last_round=round_)
