@@ -127,6 +127,19 @@ class ProgressObserver:
                 parts.append(f"{task} {kind[:4]} {metric} {value:.3f}")
         self.progress.console.print(f"round {model_round}: " + "  ".join(parts))
 
+    def region_round(self, region: str, round_: int, rounds: int, train: dict | None) -> None:
+        """A regional round (:mod:`fedmeta.fl.regional_rounds`): after the global rounds, one line each."""
+        loss = f"loss {train['loss']:.4f}" if train else "skipped (too few sites replied)"
+        console.print(f"region {region}: round {round_}/{rounds}  {loss}", highlight=False, markup=False)
+
+    def region_done(self, region: str, outcome) -> None:
+        """The region's base against the global one on the region's sites (personalized as the run evaluates), or why it kept the global one."""
+        if outcome.note:
+            console.print(f"region {region}: {outcome.note}", highlight=False, markup=False)
+        if outcome.extra:
+            scores = lambda m: "  ".join(f"{k.split('.')[0]} {k.split('.')[2]} {v:.3f}" for k, v in sorted(m.items()) if k.endswith((".acc", ".mse")))  # noqa: E731
+            console.print(f"region {region}: global base {scores(outcome.extra['global_base'])}; regional base {scores(outcome.extra['regional_base'])}", highlight=False, markup=False)
+
     def stop(self) -> None:
         self.progress.stop()
 

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.data import SiteData, hospital_federation, hospital_schema, load_site
 from fedmeta.data.mapping import Mapping, require_reviewed
 from fedmeta.data.synthetic import FedProxSites, fedprox_schema
-from fedmeta.data.federation import discover_sites, federation_schema
+from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
 from fedmeta.fl import delivery
 from fedmeta.fl import exchange as wire
@@ -52,16 +52,19 @@ from fedmeta.fl.config import SYNTHETIC_SITES, FederationConfig, RunConfig
 from fedmeta.fl.mapping_status import STATUS as MAPPING_STATUS
 from fedmeta.fl.mapping_status import column_limit, site_status
 from fedmeta.fl.mapping_status import table as mapping_table
-from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded
+from fedmeta.fl.privacy import PrivacyAccount
+from fedmeta.fl.regional_rounds import train_regional_bases
+from fedmeta.fl.regions import REGION
 from fedmeta.fl.secagg import PARAMETERS as SECURE_PARAMETERS
 from fedmeta.fl.secagg import received_state, secure_aggregation_mod, secure_reply, secure_vector
 from fedmeta.fl.roster import Roster, without_text
+from fedmeta.fl.rounds import evaluation_rows, site_failures, sync_rounds
 from fedmeta.fl.run_dir import Checkpoint, RunDir
 from fedmeta.fl.sampling import restore_sampler, site_sampler
-from fedmeta.fl.sites import csv_site
+from fedmeta.fl.sites import csv_site, csv_site_files
 from fedmeta.fl.site_training import build_algorithm, build_model, evaluate_site, local_update, outgoing_update
 from fedmeta.fl.stragglers import wait_as_configured
-from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, describe, mean_site_metrics, site_examples
+from fedmeta.fl.strategy import EVALUATION_PREFIX, MetaStrategy, site_examples
 from fedmeta.threads import limit_threads, site_threads
 
 log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shown in `flwr run --stream`
@@ -223,7 +226,20 @@ def roll_call(message: Message, context: Context) -> Message:
     features = _synthetic_schema(config.federation.kind).unnormalized if synthetic else None
     reply.content["site"][normalization.SUMS] = normalization.site_sums(site, features)
     reply.content["site"][MAPPING_STATUS] = site_status(_mapping_path(context, config))
+    region = _site_region(context, config)
+    if region:
+        reply.content["site"][REGION] = region
     return reply
+
+
+def _site_region(context: Context, config: RunConfig) -> str | None:
+    """The region this site declares (:mod:`fedmeta.fl.regions`): its node config's ``region``, or its folder's or ``regions.csv``'s in simulation."""
+    node = context.node_config
+    if "data-path" in node:
+        return str(node["region"]) if node.get("region") else None
+    if config.federation.kind == "csv":
+        return csv_site_files(config, int(node["partition-id"])).region
+    return None
 
 
 def _mapping_path(context: Context, config: RunConfig) -> Path | str | None:
@@ -232,7 +248,7 @@ def _mapping_path(context: Context, config: RunConfig) -> Path | str | None:
     if "data-path" in node:
         return str(node["mapping-path"]) if node.get("mapping-path") else None
     if config.federation.kind == "csv":
-        return discover_sites(config.federation.data_dir)[int(node["partition-id"])].mapping
+        return csv_site_files(config, int(node["partition-id"])).mapping
     return None
 
 
@@ -311,50 +327,6 @@ class RoundObserver:
             )
 
 
-def site_failures(strategy: MetaStrategy) -> list[tuple[str, str]]:
-    """The last exchange's failed sites as ``(site, reason)``: the site's name when the roll call gave it, and the reason's last line.
-
-    Flower wraps a ClientApp's exception in pages of Ray traceback; the site's
-    own message is what follows the last ``Message:``.
-    """
-    failures = []
-    for failure in strategy.failures:
-        who, found, reason = failure.partition(": ")
-        if not found:  # not about one site (e.g. SecAgg+ dropouts)
-            failures.append(("(several)", failure))
-            continue
-        site = who.removeprefix("site ")
-        if who.startswith("node ") and who[5:].isdigit():
-            site = strategy.node_sites.get(int(who[5:]), who)
-        failures.append((site, wire.short_reason(reason)))
-    return failures
-
-
-def round_line(round_: int, rounds: int, summary: dict, asked: int, roster: Roster) -> str:
-    """The coordinator's line for a round: loss, sites replied of sampled, seconds, and failed sites by name."""
-    done = f"loss {summary['loss']:.4f}" if "loss" in summary else "skipped (too few sites replied)"
-    missed = [f"{name} ({site['missed'][str(round_)]})" for name, site in sorted(roster.sites.items()) if str(round_) in site["missed"]]
-    return f"round {round_}/{rounds}: {done}, {int(summary.get('sites', 0))}/{asked} site(s) replied, {summary['seconds']:.1f} s" + (
-        f"; without {', '.join(missed)}" if missed else ""
-    )
-
-
-def evaluation_due(config: RunConfig, model_round: int) -> bool:
-    return model_round >= 1 and (model_round % config.evaluation.every == 0 or model_round == config.rounds)
-
-
-def _evaluation_rows(site_rows: list[dict], model_round: int, logged_in: int, seconds: float) -> tuple[list[dict], dict | None]:
-    """Per-site evaluation rows plus their example-weighted mean, tagged with the round that logged them."""
-    rows = [{**row, "logged_in_round": logged_in} for row in site_rows]
-    if not site_rows:
-        log.warning("round %d: no site returned evaluation metrics", model_round)
-        return rows, None
-    evaluation = mean_site_metrics(site_rows)
-    rows.append({"round": model_round, "phase": "evaluate", "site": "*", "seconds": seconds, "logged_in_round": logged_in, **evaluation})
-    log.info("round %d evaluation: %s", model_round, describe(evaluation))
-    return rows, evaluation
-
-
 def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundObserver | None = None, context: Context | None = None) -> dict[str, torch.Tensor]:
     """Run (or resume) the rounds of ``config`` in ``run_dir``; returns the final global state.
 
@@ -424,13 +396,13 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     if config.asynchronous.enabled:
         state, last_round = AsyncRounds(grid, strategy, state, first - 1, save_step, observer, roster).run()
     else:
-        state, last_round = _sync_rounds(grid, strategy, state, first, save_step, observer, roster, context)
+        state, last_round = sync_rounds(grid, strategy, state, first, save_step, observer, roster, context)
     # The last model is evaluated on its own; its rows count as written after the last round.
     started = time.perf_counter()
     evaluate = list(strategy.configure_evaluate(last_round, ArrayRecord(state), ConfigRecord(), grid))
     replies = wire.exchange(grid, {"evaluate": evaluate}, config.server.round_timeout)
     site_rows = strategy.evaluate_replies(last_round, replies["evaluate"])
-    rows, evaluation = _evaluation_rows(site_rows, last_round, last_round + 1, time.perf_counter() - started)
+    rows, evaluation = evaluation_rows(site_rows, last_round, last_round + 1, time.perf_counter() - started)
     failures = site_failures(strategy)
     if failures:
         observer.sites_failed(last_round, failures)
@@ -440,6 +412,7 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     observer.stop()
     privacy = account.summary() if account is not None else privacy_note(config)
     run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
+    regions = train_regional_bases(grid, strategy, state, last_round, run_dir, roster, observer, context, site_rows)
     delivered = delivery.after_run(grid, config, run_dir, strategy.node_sites, last_round, context)  # flwr run only: the sites receive the base model
     evaluated = sorted(r["site"] for r in site_rows)
     without = roster.trained_without()
@@ -447,67 +420,11 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         "run_id": context.run_id if context is not None else None, "base_model": str(run_dir.base_model_path.resolve()), "round": last_round, "trained_without": sorted(without),
         "evaluated": evaluated, "not_evaluated": sorted(set(roster.sites) - set(evaluated)),
         "delivered": sorted(r["site"] for r in delivered if r["stored"]), "personalized": sorted(r["site"] for r in delivered if r["personalized"]),
+        **({"regions": {name: region.trained for name, region in regions.items()}} if regions else {}),
     })
     if hasattr(observer, "finished"):
         observer.finished(roster)
     return state
-
-
-def _sync_rounds(grid: Grid, strategy: MetaStrategy, state: dict[str, torch.Tensor], first: int, save_step, observer, roster: Roster, context: Context | None):
-    """Synchronous rounds ``first``..``config.rounds``: each samples sites, waits for them, and aggregates; returns the state and the last round."""
-    config, account, s = strategy.config, strategy.account, strategy.config.server
-    last_round = first - 1
-    for round_ in range(first, config.rounds + 1):
-        if wire.STOP.is_set():
-            raise wire.StopRequested(f"stop requested before round {round_}")
-        started = time.perf_counter()
-        rows: list[dict] = []
-        prior = round_ - 1
-        strategy.evaluate_received = evaluation_due(config, prior)
-        train_metrics = None
-        budget_reached = None
-        for attempt in range(s.retries + 1):
-            try:
-                new_arrays, train_metrics = _train_round(strategy, round_, state, grid, context)
-            except PrivacyBudgetExceeded as e:
-                budget_reached = e  # checked on the round's real sample, before anything is sent
-                break
-            failures = site_failures(strategy)
-            roster.record(round_, strategy.node_sites, strategy.connected, strategy.asked, [r["site"] for r in strategy.site_rows], failures)
-            if failures:
-                observer.sites_failed(round_, failures)
-            rows += strategy.site_rows
-            for row in strategy.site_rows:
-                if row.get("restarts"):
-                    log.warning("round %d: site %s restarted its local training %d time(s) with a smaller step (non-finite loss or update)", round_, row["site"], int(row["restarts"]))
-            if strategy.evaluate_received:
-                eval_rows, evaluation = _evaluation_rows(strategy.evaluation_rows, prior, round_, time.perf_counter() - started)
-                rows += eval_rows
-                if evaluation is not None:
-                    observer.evaluated(prior, evaluation)
-                strategy.evaluate_received = False  # a retry trains again but need not re-evaluate
-            if new_arrays is not None:
-                state = new_arrays.to_torch_state_dict()
-                break
-            if attempt < s.retries:
-                log.warning("round %d: retrying (%d of %d)", round_, attempt + 1, s.retries)
-        else:
-            log.warning("round %d skipped: fewer than %d sites replied after %d attempt(s); the model is unchanged", round_, s.min_sites, s.retries + 1)
-        if budget_reached is not None:
-            log.warning("training stops before round %d: %s", round_, budget_reached)
-            break
-        summary = {"round": round_, "phase": "train", "site": "*", "seconds": time.perf_counter() - started, "skipped": train_metrics is None}
-        if train_metrics is not None:
-            summary.update(dict(train_metrics))
-            if account is not None:
-                account.spend(*strategy.last_sample, sites=strategy.last_sampled_sites)
-        save_step(round_, state, rows, summary)
-        last_round = round_
-        log.info("%s", round_line(round_, config.rounds, summary, len(strategy.asked), roster))
-        observer.round_done(round_, dict(train_metrics) if train_metrics is not None else None)
-        if hasattr(observer, "model_after"):
-            observer.model_after(round_, state)
-    return state, last_round
 
 
 def _report_mappings(statuses: dict[str, dict | None], roster: Roster, observer) -> None:
@@ -515,15 +432,6 @@ def _report_mappings(statuses: dict[str, dict | None], roster: Roster, observer)
     roster.record_mappings(statuses)
     if hasattr(observer, "site_mappings"):
         observer.site_mappings(mapping_table(statuses))
-
-
-def _train_round(strategy: MetaStrategy, round_: int, state: dict[str, torch.Tensor], grid: Grid, context: Context | None):
-    """One attempt at a training round: the new global arrays (None if nothing was aggregated) and its metrics."""
-    if strategy.config.secure.secagg:
-        return strategy.train_secure(round_, state, grid, context)
-    train = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
-    replies = wire.exchange(grid, {"train": train}, strategy.config.server.round_timeout)
-    return strategy.aggregate_train(round_, replies["train"])
 
 
 def privacy_account(config: RunConfig) -> PrivacyAccount | None:

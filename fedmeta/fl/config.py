@@ -6,7 +6,8 @@ One section per concern: ``[federation]`` (which sites), ``[model]``,
 ``[privacy]`` (client-level DP), ``[aggregation]`` (robust rules),
 ``[compression]`` (upload codecs) and ``[secure]`` (SecAgg+); ``[deployment]``
 (what the sites receive at the end of a ``flwr run``); ``[asynchronous]``
-(buffered asynchronous rounds) and ``[stragglers]`` (rehearsed slow sites). CLI overrides
+(buffered asynchronous rounds), ``[stragglers]`` (rehearsed slow sites) and ``[regions]``
+(regional bases between the global one and the sites). CLI overrides
 use dotted keys, e.g. ``--set server.lr=0.5``.
 """
 
@@ -226,6 +227,20 @@ class StragglersConfig(_Section):
         return self.delay > 0 or any(v > 0 for v in self.sites.values())
 
 
+class RegionsConfig(_Section):
+    """Regional bases, between the global base and the sites: :mod:`fedmeta.fl.regions`.
+
+    After the global rounds, each region (sites declare theirs: a region
+    folder, ``regions.csv``, or the SuperNode's ``region`` node config) with at
+    least ``min_sites`` connected sites meta-trains the global base further for
+    ``rounds`` rounds on its own sites only; a region's updates never mix with
+    another's. Runs whose sites declare no region are unaffected.
+    """
+
+    rounds: int = Field(5, ge=0, description="rounds of meta-training per region after the global rounds, on that region's sites only (0: no regional level)")
+    min_sites: int = Field(3, ge=1, description="a region with fewer connected sites keeps the global base (and the run says so)")
+
+
 class DeploymentConfig(_Section):
     """The end of a Deployment Engine run (``flwr run``): the base model reaches every site (:mod:`fedmeta.fl.delivery`).
 
@@ -259,6 +274,7 @@ class RunConfig(_Section):
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
     stragglers: StragglersConfig = Field(default_factory=StragglersConfig)
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -316,8 +332,9 @@ class RunConfig(_Section):
 
     def digest(self) -> str:
         """SHA-256 of the settings that shape training (the name is excluded)."""
-        # What happens after the last round shapes no weights: changing it must not refuse a resume.
-        payload = self.model_dump(mode="json", exclude={"name": True, "rounds": True, "deployment": True, "server": {"keep_every"}})
+        # What happens after the last global round shapes none of its weights: changing it must not refuse a resume
+        # (a regional stage cut short starts again from the global base).
+        payload = self.model_dump(mode="json", exclude={"name": True, "rounds": True, "deployment": True, "regions": True, "server": {"keep_every"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_toml(self) -> str:

@@ -163,13 +163,18 @@ class RunDir:
         atomic_write_bytes(self.round_model_path(round_), buf.getvalue())
 
     def save_base_model(
-        self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None, statistics: dict | None = None
+        self, state: dict[str, torch.Tensor], config: RunConfig, round_: int, privacy: dict | None = None, statistics: dict | None = None,
+        lineage: dict | None = None,
     ) -> None:
         """The global base model; ``privacy`` records the (epsilon, delta) spent to make it, ``statistics`` the
-        normalization the federation computed (``{feature: [mean, std]}``, :mod:`fedmeta.fl.normalization`)."""
+        normalization the federation computed (``{feature: [mean, std]}``, :mod:`fedmeta.fl.normalization`),
+        ``lineage`` what a regional base was trained from (:mod:`fedmeta.fl.regional_rounds`)."""
         buf = io.BytesIO()
         normalization = {k: [float(m), float(sd)] for k, (m, sd) in statistics.items()} if statistics else None
-        torch.save({"state": state, "config": config.model_dump(mode="json"), "round": round_, "privacy": privacy, "normalization": normalization}, buf)
+        saved = {"state": state, "config": config.model_dump(mode="json"), "round": round_, "privacy": privacy, "normalization": normalization}
+        if lineage is not None:
+            saved["lineage"] = lineage
+        torch.save(saved, buf)
         atomic_write_bytes(self.base_model_path, buf.getvalue())
 
     # --- metrics --------------------------------------------------------------

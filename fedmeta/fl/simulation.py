@@ -24,6 +24,7 @@ import torch
 from fedmeta.files import atomic_write_json
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.app import RoundObserver, client_app, make_server_app
+from fedmeta.fl.regions import load_regions
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.data_defaults import choose as choose_defaults
 from fedmeta.fl.run_dir import RunDir
@@ -73,10 +74,12 @@ def stop_on_interrupt():
 
 
 def is_complete(rd: RunDir, config: RunConfig) -> bool:
-    """The run wrote its base model after its last round and has nothing left to do."""
+    """The run wrote its base model after its last round, and its regional bases, and has nothing left to do."""
     ckpt = rd.load_checkpoint()
     if ckpt is None or not rd.base_model_path.exists() or ckpt.round < config.rounds:
         return False
+    if config.regions.rounds and (load_regions(rd.path) or {}).get("global_round") != ckpt.round:
+        return False  # the regional stage (fedmeta.fl.regional_rounds) has not finished
     return int(torch.load(rd.base_model_path, weights_only=False)["round"]) == ckpt.round
 
 

@@ -35,14 +35,19 @@ def _load(site: SiteFiles, data_dir: str, test_fraction: float, seed: int, stati
     return load_federation_site(site, applied(_schema(data_dir), statistics), test_fraction, seed)
 
 
+def csv_site_files(config: RunConfig, partition: int) -> SiteFiles:
+    """The files of partition ``partition`` of a CSV federation: the i-th site found, sorted by name."""
+    sites = _sites(config.federation.data_dir)
+    if not 0 <= partition < len(sites):
+        raise ValueError(f"partition {partition} has no site in {config.federation.data_dir} ({len(sites)} sites)")
+    return sites[partition]
+
+
 def csv_site(config: RunConfig, partition: int, statistics: str | None = None) -> SiteData:
     """The rows of partition ``partition`` of a CSV federation: the i-th site found, sorted by name,
     normalized with the federation's ``statistics`` (JSON, :mod:`fedmeta.fl.normalization`) if given."""
     fed = config.federation
-    sites = _sites(fed.data_dir)
-    if not 0 <= partition < len(sites):
-        raise ValueError(f"partition {partition} has no site in {fed.data_dir} ({len(sites)} sites)")
-    return _load(sites[partition], fed.data_dir, fed.test_fraction, fed.seed, statistics)
+    return _load(csv_site_files(config, partition), fed.data_dir, fed.test_fraction, fed.seed, statistics)
 
 
 def prepare_federation(config: RunConfig, accept_review: bool = False) -> tuple[RunConfig, list[SiteData]]:

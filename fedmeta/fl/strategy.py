@@ -40,6 +40,7 @@ from fedmeta.fl.exchange import TooFewSitesError, short_reason, wait_for_nodes
 from fedmeta.fl.mapping_status import MAX_COLUMNS, STATUS as MAPPING_STATUS, StatusError, validated as validated_mapping_status
 from fedmeta.fl.normalization import STATISTICS, SUMS, combine_site_sums, to_text
 from fedmeta.fl.privacy import PrivacyAccount, clip_update, noisy_mean, secure_normal
+from fedmeta.fl.regions import REGION, declared_region
 from fedmeta.fl.robust import robust_mean
 from fedmeta.fl.secagg import SecureRound, run_secure_round, weighted_sums
 
@@ -91,6 +92,8 @@ class MetaStrategy(Strategy):
         self.node_tasks: dict[int, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.site_sums: dict[str, str] = {}  # each site's roll-call sums for the federation's normalization
+        self.site_regions: dict[str, str] = {}  # the region each site declared at its roll call (fedmeta.fl.regions)
+        self.only_sites: frozenset[str] | None = None  # when set, rounds sample from these sites only (a region's)
         # Each site's roll-call mapping status (fedmeta.fl.mapping_status), None when malformed or not sent.
         self.mapping_status: dict[str, dict | None] = {}
         self.mapping_limit = MAX_COLUMNS  # the most columns a status may count: the run sets its schema's
@@ -157,6 +160,8 @@ class MetaStrategy(Strategy):
                 log.warning("site %s is connected as two nodes (%s and %s); sampling node %s", site, by_site[site], node, by_site[site])
                 continue
             by_site[site] = node
+        if self.only_sites is not None:
+            by_site = {site: node for site, node in by_site.items() if site in self.only_sites}
         if len(by_site) < s.min_sites:
             raise TooFewSitesError(
                 f"only {len(by_site)} of {len(nodes)} connected site(s) answered the roll call; the run needs at least {s.min_sites} (server.min_sites)"
@@ -188,6 +193,9 @@ class MetaStrategy(Strategy):
                 self.site_sums[self.node_sites[node]] = str(reply.content["site"][SUMS])
             site = self.node_sites[node]
             self.mapping_status[site] = self._mapping_status(site, reply.content["site"].get(MAPPING_STATUS))
+            region = declared_region(site, reply.content["site"].get(REGION))
+            if region is not None:
+                self.site_regions[site] = region
             answered.append(site)
         silent = set(nodes) - {wire.node_of(r) for r in replies}
         if silent:

@@ -1,0 +1,159 @@
+"""Regional bases against hand computations, on a scripted federation.
+
+Every site answers a training message with an update of one value in every
+entry and ten examples, so each server step moves every entry by the mean of
+the values of the sites in it (server lr 1, no momentum): a regional base that
+took in another region's update, or the global rounds', is off by a known amount.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmeta.fl.app import initial_state, run_rounds
+from fedmeta.fl.config import RunConfig
+from fedmeta.fl.regions import REGION, declared_region, plan_regions, regional_base_path
+from fedmeta.fl.run_dir import RunDir
+from fedmeta.fl.simulation import is_complete
+from tests.test_fl_asynchronous import TASK, shift
+
+# name -> (update value, region or None)
+SITES = {
+    "a": (1.0, "north"), "b": (2.0, "north"), "c": (6.0, "north"),
+    "d": (10.0, "south"), "e": (20.0, "south"), "f": (60.0, "south"),
+    "g": (100.0, "east"),  # alone in its region: below regions.min_sites
+    "h": (7.0, None),  # declares no region
+}
+
+
+class RegionalSites:
+    """A Flower ``Grid`` whose sites reply at once: to the roll call with their region, to training with an update of one value."""
+
+    def __init__(self, sites: dict[str, tuple[float, str | None]]):
+        self.sites = sites
+        self.nodes = {node: name for node, name in enumerate(sites, start=1)}
+        self.pushed = 0
+        self.pending: dict[str, Message] = {}
+        self.trained: list[tuple[int, str]] = []  # (round, site) of every training message
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            self.pushed += 1
+            mid = f"m{self.pushed}"
+            message.metadata.__dict__["_message_id"] = mid  # what Grid.push_messages does
+            site = self.nodes[message.metadata.dst_node_id]
+            value, region = self.sites[site]
+            content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value})})
+            kind = message.metadata.message_type
+            if kind == "train":
+                self.trained.append((int(message.content["config"]["round"]), site))
+                content["arrays"] = ArrayRecord({k: torch.full_like(v, value) for k, v in message.content["arrays"].to_torch_state_dict().items()})
+            elif kind == "evaluate":
+                content["metrics"] = MetricRecord({"examples." + TASK: 10, f"{TASK}.global.acc": 0.5, f"{TASK}.personalized.acc": value / 100})
+            elif region:  # the roll call
+                content["site"][REGION] = region
+            self.pending[mid] = Message(content=content, reply_to=message)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.pending.pop(mid) for mid in list(ids) if mid in self.pending]
+
+
+@pytest.fixture(autouse=True)
+def in_a_flower_task(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def config(rounds=1, regional_rounds=2, **regions) -> RunConfig:
+    return RunConfig.from_dict({
+        "rounds": rounds, "federation": {"kind": "hospitals", "n_sites": len(SITES)}, "model": {"hidden": [4]},
+        "server": {"lr": 1.0, "momentum": 0.0, "min_sites": 1}, "regions": {"rounds": regional_rounds, **regions},
+    })
+
+
+def regional_state(run_dir, region: str) -> dict:
+    path = regional_base_path(run_dir, region)
+    assert path is not None, f"region {region} has no base"
+    return torch.load(path, weights_only=False)
+
+
+def test_each_regional_base_is_the_global_base_stepped_by_its_own_sites_only(tmp_path):
+    cfg = config(rounds=1, regional_rounds=2)
+    grid = RegionalSites(SITES)
+    final = run_rounds(grid, cfg, RunDir(tmp_path))
+    initial = initial_state(cfg)
+    global_shift = sum(v for v, _ in SITES.values()) / len(SITES)  # round 1: every site, equal examples
+    assert shift(final, initial) == pytest.approx(global_shift)
+    north, south = regional_state(tmp_path, "north"), regional_state(tmp_path, "south")
+    # Two regional rounds each: the mean of the region's own values, twice, from the global base.
+    assert shift(north["state"], initial) == pytest.approx(global_shift + 2 * (1 + 2 + 6) / 3)
+    assert shift(south["state"], initial) == pytest.approx(global_shift + 2 * (10 + 20 + 60) / 3)
+    assert {site for round_, site in grid.trained if round_ > 1} == {"a", "b", "c", "d", "e", "f"}  # never g (east) or h (none)
+    assert north["lineage"]["global_sha256"] and north["lineage"]["sites"] == ["a", "b", "c"] and north["lineage"]["global_round"] == 1
+
+
+def test_a_region_below_the_minimum_keeps_the_global_base_and_says_so(tmp_path):
+    run_rounds(RegionalSites(SITES), config(), RunDir(tmp_path))
+    regions = json.loads((tmp_path / "regions.json").read_text())["regions"]
+    assert regions["east"]["trained"] is False
+    assert regions["east"]["note"] == "kept the global base: 1 site(s), fewer than regions.min_sites = 3"
+    assert regional_base_path(tmp_path, "east") is None and not (tmp_path / "regions" / "east").exists()
+    assert sorted(regions) == ["east", "north", "south"]  # h declared none: global level only
+
+
+def test_regions_off_trains_no_regional_base(tmp_path):
+    run_rounds(RegionalSites(SITES), config(regional_rounds=0), RunDir(tmp_path))
+    assert not (tmp_path / "regions.json").exists() and not (tmp_path / "regions").exists()
+
+
+def test_a_run_is_complete_only_once_its_regional_stage_is_written(tmp_path):
+    cfg = config()
+    run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))
+    assert is_complete(RunDir(tmp_path), cfg)
+    (tmp_path / "regions.json").unlink()
+    assert not is_complete(RunDir(tmp_path), cfg)
+
+
+def test_a_resumed_regional_stage_keeps_the_regions_already_trained(tmp_path):
+    cfg = config()
+    run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))
+    before = (tmp_path / "regions" / "north" / "base_model.pt").read_bytes()
+    (tmp_path / "regions" / "south" / "base_model.pt").unlink()  # as if the run stopped during south's rounds
+    grid = RegionalSites(SITES)
+    run_rounds(grid, cfg, RunDir(tmp_path))
+    assert (tmp_path / "regions" / "north" / "base_model.pt").read_bytes() == before
+    assert {site for _, site in grid.trained} == {"d", "e", "f"}
+
+
+def test_a_regional_base_under_dp_spends_more_than_the_global_one(tmp_path):
+    cfg = RunConfig.from_dict({
+        **config().model_dump(mode="json", exclude_none=True),
+        "privacy": {"clip_norm": 1000.0, "noise_multiplier": 1.0, "delta": 1e-5},
+    })
+    run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))
+    global_eps = torch.load(RunDir(tmp_path).base_model_path, weights_only=False)["privacy"]["epsilon"]
+    north = regional_state(tmp_path, "north")["privacy"]
+    assert north["rounds"] == 1 + 2 and north["sampling"] == ["3 of 3", "8 of 8"]
+    assert north["epsilon"] > global_eps
+
+
+def test_a_malformed_declared_region_is_ignored():
+    assert declared_region("a", "north-1") == "north-1"
+    assert declared_region("a", "../etc") is None and declared_region("a", "x" * 65) is None and declared_region("a", 3) is None
+
+
+def test_the_plan_counts_only_connected_sites():
+    plan = plan_regions({"a": "n", "b": "n", "c": "n", "d": "s"}, connected={"a", "b", "d"}, min_sites=2)
+    assert plan["n"].sites == ["a", "b"] and not plan["n"].note
+    assert plan["s"].note.startswith("kept the global base: 1 site(s)")
