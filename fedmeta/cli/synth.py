@@ -16,12 +16,25 @@ def synth_hospitals(
     out: Path = typer.Argument(..., help="Folder to write one CSV per site and schema.json into."),
     sites: int = typer.Option(20, min=1, help="Number of hospitals."),
     seed: int = typer.Option(0, help="Random seed."),
+    regions: int | None = typer.Option(
+        None, help="Deal the hospitals round-robin into N regions (2 to --sites) that differ in case mix and outcome rates; "
+        "each site is written to <region>/<site>.csv. Default: no regions, one folder of sites."
+    ),
 ) -> None:
     """Write a hospital federation: per-site CSV files plus the shared schema."""
+    from collections import Counter
+
+    from fedmeta.cli.errors import UsageProblem
     from fedmeta.data import write_hospital_federation
 
-    schema_path, paths = write_hospital_federation(out, n_sites=sites, seed=seed)
-    console.print(f"wrote {len(paths)} site files and {schema_path}")
+    if regions is not None and not 2 <= regions <= sites:
+        raise UsageProblem(f"--regions {regions}: a regional federation needs between 2 and --sites ({sites}) regions")
+    schema_path, paths = write_hospital_federation(out, n_sites=sites, seed=seed, regions=regions)
+    if regions is None:
+        console.print(f"wrote {len(paths)} site files and {schema_path}")
+        return
+    per_region = ", ".join(f"{region} {count}" for region, count in sorted(Counter(p.parent.name for p in paths).items()))
+    console.print(f"wrote {len(paths)} site files in {regions} region folders (sites per region: {per_region}) and {schema_path}")
 
 
 @app.command("fraud")

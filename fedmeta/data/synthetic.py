@@ -1,4 +1,5 @@
-"""Seeded synthetic data: MAML sine tasks, FedProx Synthetic(α, β), and a hospital federation.
+"""Seeded synthetic data: MAML sine tasks, FedProx Synthetic(α, β), a fraud federation, and (from
+:mod:`fedmeta.data.hospitals`, its home) the hospital federation.
 
 Everything here is a pure function of its seed, so every site of a
 simulation can regenerate its own partition without files.
@@ -20,10 +21,25 @@ import pandas as pd
 import torch
 
 from fedmeta.data.episodes import EpisodeBatch
-from fedmeta.data.federation import federation_statistics
+from fedmeta.data.federation import write_federation
+from fedmeta.data.hospitals import (  # the hospital network's home; its names stay importable from here
+    HOSPITAL_TASKS,
+    hospital_federation,
+    hospital_federation_frames,
+    hospital_schema,
+    region_names,
+    regional_hospital_frames,
+    write_clinic_federation,
+    write_hospital_federation,
+)
 from fedmeta.data.schema import Feature, Schema, TaskColumn, numeric_schema
-from fedmeta.data.site import SiteData, held_out_mask
-from fedmeta.files import atomic_write_bytes
+from fedmeta.data.site import SiteData
+
+__all__ = [
+    "SineTasks", "fedprox_schema", "fedprox_synthetic", "FedProxSites", "fraud_schema", "fraud_federation_frames", "write_fraud_federation",
+    "write_federation", "HOSPITAL_TASKS", "hospital_schema", "hospital_federation_frames", "regional_hospital_frames", "region_names",
+    "hospital_federation", "write_hospital_federation", "write_clinic_federation",
+]
 
 # --------------------------------------------------------------------------
 # (a) MAML sine regression
@@ -167,155 +183,7 @@ class FedProxSites:
 
 
 # --------------------------------------------------------------------------
-# (c) A hospital federation
-# --------------------------------------------------------------------------
-
-_WARDS = ["medical", "surgical", "cardiology", "icu"]
-_ADMISSIONS = ["emergency", "urgent", "elective"]
-_NUMERIC = ["age", "prior_admissions", "charlson_index", "heart_rate", "systolic_bp", "creatinine", "hemoglobin", "sodium", "wbc"]
-HOSPITAL_TASKS = ("readmission_30d", "mortality", "length_of_stay")
-
-
-def hospital_schema() -> Schema:
-    """The hospital federation's schema, before federated normalization."""
-    features = [Feature(name=n) for n in _NUMERIC[:1]]
-    features.append(Feature(name="sex", type="categorical", categories=["F", "M"]))
-    features.append(Feature(name="admission_type", type="categorical", categories=_ADMISSIONS))
-    features.append(Feature(name="ward", type="categorical", categories=_WARDS))
-    features += [Feature(name=n) for n in _NUMERIC[1:]]
-    tasks = [
-        TaskColumn(name="readmission_30d", kind="binary", label="readmitted_30d", classes=["0", "1"]),
-        TaskColumn(name="mortality", kind="binary", label="died_in_hospital", classes=["0", "1"]),
-        TaskColumn(name="length_of_stay", kind="regression", label="length_of_stay_days", target_mean=6.0, target_std=5.0),
-    ]
-    return Schema(name="hospitals", features=features, tasks=tasks)
-
-
-def _hospital_frame(rng: np.random.Generator, n: int, site_shift: dict) -> tuple[pd.DataFrame, np.ndarray]:
-    age = np.clip(rng.normal(site_shift["age_mean"], 16, n), 18, 100)
-    ward = rng.choice(_WARDS, n, p=site_shift["ward_mix"])
-    admission = rng.choice(_ADMISSIONS, n, p=site_shift["admission_mix"])
-    severity = rng.normal(0, 1, n) + 0.8 * (ward == "icu") + 0.4 * (admission == "emergency") + (age - 60) / 25
-    df = pd.DataFrame(
-        {
-            "age": age.round(0),
-            "sex": rng.choice(["F", "M"], n),
-            "admission_type": admission,
-            "ward": ward,
-            "prior_admissions": rng.poisson(np.exp(0.3 * severity + site_shift["util"]), n),
-            "charlson_index": np.clip(np.round(rng.normal(2 + 1.2 * severity, 1.2, n)), 0, 15),
-            "heart_rate": rng.normal(82 + 6 * severity, 11, n).round(0),
-            "systolic_bp": rng.normal(128 - 6 * severity, 17, n).round(0),
-            "creatinine": np.exp(rng.normal(0.0 + 0.18 * severity, 0.3, n)).round(2),
-            "hemoglobin": rng.normal(13 - 0.6 * severity, 1.6, n).round(1),
-            "sodium": rng.normal(139 - 0.8 * severity, 3.5, n).round(0),
-            "wbc": np.exp(rng.normal(2.0 + 0.12 * severity, 0.3, n)).round(1),
-        }
-    )
-    return df, severity
-
-
-def _zscore(df: pd.DataFrame, col: str) -> np.ndarray:
-    return (df[col].to_numpy(float) - df[col].mean()) / (df[col].std() + 1e-9)
-
-
-def hospital_federation_frames(n_sites: int = 20, seed: int = 0) -> tuple[Schema, dict[str, pd.DataFrame]]:
-    """A seeded hospital network as raw tables, one per site, plus the schema.
-
-    Sites differ in size (lognormal), case mix (age, ward and admission mix:
-    covariate shift) and in how features relate to outcomes (site-specific
-    coefficients and base rates: concept shift). Each site records a subset
-    of the three tasks; unrecorded labels are empty.
-    """
-    if n_sites < 1:
-        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
-    rng = np.random.default_rng(seed)
-    frames: dict[str, pd.DataFrame] = {}
-    for k in range(n_sites):
-        n = int(np.clip(rng.lognormal(5.6, 0.7), 80, 4000))
-        shift = {
-            "age_mean": rng.uniform(50, 75),
-            "ward_mix": rng.dirichlet([4, 2, 1.5, 0.8]),
-            "admission_mix": rng.dirichlet([5, 2, 3]),
-            "util": rng.normal(0, 0.3),
-        }
-        df, severity = _hospital_frame(rng, n, shift)
-        # Concept shift: each site has its own base rates and its own weight on key risk factors.
-        w_prior = 0.6 + rng.normal(0, 0.6)
-        w_sev = 1.0 + rng.normal(0, 0.5)
-        readmit_logit = -1.7 + rng.normal(0, 1.5) + w_prior * _zscore(df, "prior_admissions") + 0.5 * w_sev * severity + 0.3 * (df["admission_type"] == "emergency")
-        mort_logit = -2.6 + rng.normal(0, 1.5) + w_sev * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * (1 + rng.normal(0, 0.7)) - 0.3 * _zscore(df, "hemoglobin")
-        los = np.exp(1.4 + rng.normal(0, 0.25) + 0.25 * w_sev * severity + 0.35 * (df["ward"] == "icu") + rng.normal(0, 0.35, n))
-        df["readmitted_30d"] = (rng.random(n) < 1 / (1 + np.exp(-readmit_logit))).astype(int)
-        df["died_in_hospital"] = (rng.random(n) < 1 / (1 + np.exp(-mort_logit))).astype(int)
-        df["length_of_stay_days"] = los.round(1)
-        has = rng.random(3) < [0.85, 0.7, 0.8]
-        if not has.any():
-            has[rng.integers(3)] = True
-        for recorded, col in zip(has, ["readmitted_30d", "died_in_hospital", "length_of_stay_days"]):
-            if not recorded:
-                df[col] = np.nan
-        frames[f"hospital_{k:03d}"] = df
-    return hospital_schema(), frames
-
-
-def hospital_federation(n_sites: int = 20, seed: int = 0, test_fraction: float = 0.25) -> list[SiteData]:
-    """The hospital federation, encoded, as in-memory sites, normalized as a training run on all of them would normalize them."""
-    schema, frames = hospital_federation_frames(n_sites, seed)
-    raw = [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed) for name, df in frames.items()]
-    schema = schema.with_statistics(federation_statistics(raw))
-    return [SiteData.from_frame(name, schema, df, name, test_fraction, seed=seed) for name, df in frames.items()]
-
-
-def write_hospital_federation(out_dir: str | Path, n_sites: int = 20, seed: int = 0) -> tuple[Path, list[Path]]:
-    """Write one CSV per site plus ``schema.json`` (means and stds left to the federation), the way real sites bring data."""
-    return write_federation(out_dir, *hospital_federation_frames(n_sites, seed))
-
-
-def write_federation(out_dir: str | Path, schema: Schema, frames: dict[str, pd.DataFrame]) -> tuple[Path, list[Path]]:
-    """One CSV per site (each written atomically) plus ``schema.json``."""
-    out = Path(out_dir)
-    paths = []
-    for name, df in frames.items():
-        path = out / f"{name}.csv"
-        atomic_write_bytes(path, df.to_csv(index=False).encode())
-        paths.append(path)
-    schema_path = out / "schema.json"
-    schema.save(schema_path)
-    return schema_path, paths
-
-
-def write_clinic_federation(out_dir: str | Path, n_sites: int = 8, seed: int = 0, test_fraction: float = 0.25, missing_labels: float = 0.1) -> list[Path]:
-    """A clinic network as users bring one: ``<clinic>/train.csv`` and ``<clinic>/test.csv``, no schema.
-
-    Built from the hospital generator (:func:`hospital_federation_frames`)
-    with two tasks, readmission (``readmitted_30d``) and mortality
-    (``died_in_hospital``): a clinic may not record one of them at all, and
-    ``missing_labels`` of the remaining labels are blank. Clinics that
-    record neither are left out. A clinic's test file holds the rows the one
-    split rule holds out (:func:`~fedmeta.data.site.held_out_mask` of the
-    clinic's name, ``test_fraction`` and ``seed``). Returns the clinic folders.
-    """
-    _, frames = hospital_federation_frames(n_sites, seed)
-    rng = np.random.default_rng([seed, 14])
-    labels = ["readmitted_30d", "died_in_hospital"]
-    folders = []
-    for name, df in frames.items():
-        df = df.drop(columns=["length_of_stay_days"])
-        if df[labels].isna().all().all():
-            continue
-        for column in labels:
-            df.loc[rng.random(len(df)) < missing_labels, column] = np.nan
-        folder = Path(out_dir) / name.replace("hospital", "clinic")
-        test = held_out_mask(folder.name, len(df), test_fraction, seed)
-        atomic_write_bytes(folder / "train.csv", df[~test].to_csv(index=False).encode())
-        atomic_write_bytes(folder / "test.csv", df[test].to_csv(index=False).encode())
-        folders.append(folder)
-    return folders
-
-
-# --------------------------------------------------------------------------
-# (d) A fraud federation: banks with different fraud base rates
+# (c) A fraud federation: banks with different fraud base rates
 # --------------------------------------------------------------------------
 
 _MERCHANTS = ["grocery", "fuel", "restaurant", "travel", "online", "electronics"]

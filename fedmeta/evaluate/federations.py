@@ -8,6 +8,7 @@ sites' training rows only, never from held-out rows or unseen sites.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,14 +86,19 @@ def folder_federation(
     for folder in (train_dir, unseen_dir):
         if folder.exists():
             for link in folder.iterdir():
-                link.unlink()
+                if link.is_dir() and not link.is_symlink():
+                    shutil.rmtree(link)  # a region folder of links: rmtree removes the links, not what they point to
+                else:
+                    link.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SCHEMA_FILE).symlink_to(data_dir / SCHEMA_FILE)
     for site in sites:
-        source = site.train.parent if site.train.parent != data_dir else site.train
-        (unseen_dir if site.name in unseen else train_dir).joinpath(source.name).symlink_to(source)
-        if site.mapping is not None and source == site.train:  # a site file's mapping lies beside it, not in a folder the link carries
-            (unseen_dir if site.name in unseen else train_dir).joinpath(site.mapping.name).symlink_to(site.mapping)
+        # A site keeps its region as a region folder of links (whether its folder or regions.csv gave it), so the links read back alike.
+        home = (unseen_dir if site.name in unseen else train_dir) / (site.region or "")
+        home.mkdir(exist_ok=True)
+        home.joinpath(site.location.name).symlink_to(site.location)
+        if site.mapping is not None and site.location == site.train:  # a site file's mapping lies beside it, not in a folder the link carries
+            home.joinpath(site.mapping.name).symlink_to(site.mapping)
     seen = load_federation(train_dir, test_fraction, seed)  # normalized as a training run on train_dir would be
     held = load_federation(unseen_dir, test_fraction, seed, seen[0].schema.statistics()) if unseen else []
     return Federation(train_dir, unseen_dir, seen, held, seed, test_fraction, review_accepted=pending)
