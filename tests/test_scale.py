@@ -1,18 +1,22 @@
 """A round's cost does not grow with the population (issue 27, item 5; measured by benchmarks/scale.py).
 
 What each fix keeps true: Flower's simulation hands out waiting messages in
-one pass over them (not one pass per node), a simulated FedProx site draws
+one pass over them (not one pass per node) to as many sites at once as it
+has actors (not the machine's cores + 4), a simulated FedProx site draws
 only its own rows yet is bit-identical to the whole federation's, and a
 round's roster writes what changed without re-encoding every site.
 """
 
 import json
+import os
 import random
+import threading
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
@@ -27,7 +31,7 @@ from flwr.superlink.grid import InMemoryGrid
 import fedmeta.fl.roster as roster_module
 from fedmeta.data.synthetic import FedProxSites, fedprox_synthetic
 from fedmeta.fl.roster import Roster
-from fedmeta.fl.simulation_polling import pending_messages
+from fedmeta.fl.simulation_polling import install, pending_messages
 
 
 @pytest.fixture
@@ -67,6 +71,18 @@ def test_a_sweep_hands_out_each_nodes_oldest_message_once_checking_the_store_onc
     assert [m.metadata.message_id for m in pending_messages(state, nodes)] == [second]
     assert pending_messages(state, nodes) == []
     assert c not in {m.metadata.dst_node_id for m in handed}
+
+
+def test_the_simulation_runtime_runs_every_worker_at_once_beyond_the_cores_plus_four(monkeypatch):
+    for name in ("add_messages_to_queue", "ThreadPoolExecutor"):
+        monkeypatch.setattr(vce_api, name, getattr(vce_api, name))  # install() replaces both; restored afterwards
+    install()
+    workers = (os.cpu_count() or 1) + 8  # one per actor: 20 at cpus_per_site 0.1 on 2 cores
+    together = threading.Barrier(workers, timeout=3)
+    with vce_api.ThreadPoolExecutor() as pool:  # as Flower's run_api builds it
+        futures = [pool.submit(together.wait) for _ in range(workers)]
+    # Flower's workers loop until the run stops: one the pool cannot start at once never serves its actor.
+    assert [f.exception() for f in futures] == [None] * workers
 
 
 def test_a_fedprox_site_drawn_alone_is_the_whole_federations_site_bit_for_bit():

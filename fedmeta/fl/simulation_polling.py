@@ -1,4 +1,5 @@
-"""How Flower's simulation runtime finds the messages waiting for its sites, in time that does not grow with the population.
+"""How Flower's simulation runtime finds the messages waiting for its sites, in time that does not grow with the population,
+and how many of them it serves at once.
 
 Flower 1.41's runtime (``flwr.server.superlink.fleet.vce.vce_api``) hands
 messages to its workers from a thread that, every 0.1 s, asks the in-memory
@@ -15,11 +16,19 @@ the same one message per node per sweep, the same "delivered" mark.
 :func:`install` puts it in place of Flower's loop for simulations started in
 this process; on a LinkState without the in-memory store it looks into
 (another Flower version), Flower's own loop is kept.
+
+The runtime then starts one worker per Ray actor (``cpus / cpus_per_site``)
+in ``ThreadPoolExecutor()``, whose default size is the machine's cores + 4:
+on 2 cores at most 6 sites were served at once, whatever ``cpus_per_site``
+promised, so 20 sites that each wait 1 s took 5.3 s a round instead of 2
+(measured for issue 27; with no waits, 1.0 s). :func:`install` also gives
+that pool one thread per worker (:class:`EveryWorker`).
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from queue import Queue
 
 from flwr.app import Message
@@ -61,6 +70,20 @@ def add_messages_to_queue(state, queue: Queue, nodes_mapping: dict[int, int], f_
         f_stop.wait(0.1)
 
 
+class EveryWorker(ThreadPoolExecutor):
+    """A pool that runs every submitted worker at once: each of Flower's workers loops until the run stops, so a
+    worker beyond the pool's size never starts, and its actor sits idle. Threads are still made only when submitted."""
+
+    def __init__(self, max_workers: int | None = None, *args, **kwargs):
+        super().__init__(max_workers or EVERY_WORKER_CAP, *args, **kwargs)
+
+
+#: More actors than a simulation starts (one per ``cpus_per_site`` share of the cores); never reached in practice.
+EVERY_WORKER_CAP = 4096
+
+
 def install() -> None:
-    """Use :func:`add_messages_to_queue` in simulations started from now on (``run_api`` looks the loop up at each start)."""
+    """Use :func:`add_messages_to_queue` and :class:`EveryWorker` in simulations started from now on (``run_api``
+    looks both up at each start)."""
     vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.ThreadPoolExecutor = EveryWorker
