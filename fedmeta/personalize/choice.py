@@ -150,8 +150,34 @@ def choose(
     return chosen, {label: {k: round(v, 5) for k, v in m.items()} for label, m in means.items()}
 
 
+#: The label prefix of candidates fitted from a regional base (:mod:`fedmeta.fl.regional_rounds`).
+REGIONAL = "regional:"
+
+
+def _from_bases(
+    bases: dict[str, TrainedModel], rows: SiteData, tasks: list[str], shots: int, lr: float, seed: int, candidates
+) -> list[Candidate]:
+    """Every base's candidates on one fold, each labelled (and its knobs marked) with the level it starts from."""
+    out = []
+    for level, model in bases.items():
+        for c in fit_candidates(model, rows, tasks, shots, lr, seed, candidates):
+            if level != "global":
+                c = Candidate(f"{REGIONAL}{c.name}", c.model, {**c.knobs, "from": level})
+            out.append(c)
+    return out
+
+
+def _refit_from(chosen: Candidate, bases: dict[str, TrainedModel], site: SiteData, tasks: list[str], seed: int) -> Candidate:
+    """The chosen candidate refit on all the training rows from the base it was chosen from."""
+    level = chosen.knobs.get("from", "global")
+    kind = chosen.name.removeprefix(REGIONAL)
+    refitted = refit(Candidate(kind, chosen.model, {k: v for k, v in chosen.knobs.items() if k != "from"}), bases[level], site, tasks, seed)
+    return refitted if level == "global" else Candidate(chosen.name, refitted.model, {**refitted.knobs, "from": level})
+
+
 def choose_personalization(
-    base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0, candidates=DEFAULT_CANDIDATES, rank=loss_first
+    base: TrainedModel, site: SiteData, shots: int = 5, lr: float = 0.05, seed: int = 0, candidates=DEFAULT_CANDIDATES, rank=loss_first,
+    regional: TrainedModel | None = None,
 ) -> Personalization:
     """Fit each candidate on part of the site's training rows, keep the best on the rest, refit it on all of them.
 
@@ -161,6 +187,12 @@ def choose_personalization(
     (refused if the training rows cannot supply it, lowered to what the
     fitting rows can) and ``lr`` its rate. Base and chosen model are scored on
     the site's held-out (or test) rows, as :func:`~fedmeta.personalize.personalize` does.
+
+    ``regional``: the site's regional base (:mod:`fedmeta.fl.regional_rounds`),
+    when its region has one. Every candidate is then also fitted from it
+    (labelled ``regional:<kind>``) on the same folds and weighed beside the
+    global ones: Ditto's zero steps make the regional base as it is one of
+    them. A site whose region teaches nothing keeps a global candidate.
 
     >>> from fedmeta.data import hospital_federation
     >>> site = hospital_federation(n_sites=1)[0]
@@ -174,6 +206,12 @@ def choose_personalization(
     except ValueError as e:
         raise PersonalizationError(str(e)) from None
     check_normalization(base, site)
+    bases = {"global": base}
+    if regional is not None:
+        check_normalization(regional, site)
+        if regional.tasks != base.tasks:
+            raise PersonalizationError(f"the regional base's tasks ({', '.join(regional.tasks)}) are not the global base's ({', '.join(base.tasks)})")
+        bases["regional"] = regional
     tasks = [t for t in site.tasks if t in base.tasks]
     if not tasks:
         raise PersonalizationError(
@@ -193,11 +231,11 @@ def choose_personalization(
         folds = []
         for fold in range(FOLDS):
             rows = validation_split(site, seed, fold)
-            folds.append((fit_candidates(base, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed, candidates), rows))
+            folds.append((_from_bases(bases, rows, fit_tasks, _feasible_shots(rows, fit_tasks, shots), lr, seed, candidates), rows))
         chosen, scores = choose(folds, fit_tasks, rank)
-        candidate = refit(chosen, base, site, tasks, seed)
+        candidate = _refit_from(chosen, bases, site, tasks, seed)
         why = {"chosen": chosen.label, "knobs": chosen.knobs, "validation": scores, "validation_rows": n_validation,
-               "folds": FOLDS, "candidates": list(candidates)}
+               "folds": FOLDS, "candidates": list(candidates), "levels": list(bases)}
     metrics = held_out_metrics(base, candidate.model, site, tasks)
     steps = candidate.knobs.get("steps", 0)
     return Personalization(candidate.model, metrics, tasks, candidate.knobs.get("shots", "all"), int(steps), float(lr),
