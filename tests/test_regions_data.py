@@ -126,11 +126,10 @@ def test_regions_explain_more_of_the_sites_mortality_rates_than_sites_within_a_r
     assert between > within
 
 
-def test_sites_are_dealt_to_regions_named_in_order_each_getting_its_share():
+def test_sites_are_dealt_round_robin_to_regions_named_in_order():
     _, frames, region_of = regional_hospital_frames(11, seed=4, regions=3)
-    assert list(region_of) == list(frames)
-    counts = {r: list(region_of.values()).count(r) for r in set(region_of.values())}
-    assert counts == {"region_a": 4, "region_b": 4, "region_c": 3}
+    assert region_of == {name: ["region_a", "region_b", "region_c"][k % 3] for k, name in enumerate(frames)}
+    assert list(frames) == [f"hospital_{k:03d}" for k in range(11)]
 
 
 def test_synth_hospitals_with_regions_writes_the_layout_discovery_reads_back(tmp_path):

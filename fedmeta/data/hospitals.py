@@ -155,7 +155,8 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
     frames: dict[str, pd.DataFrame] = {}
     region_of: dict[str, str] = {}
     for k in range(n_sites):
-        site, r = f"hospital_{k:03d}", region[names[k % regions]]
+        site, home = f"hospital_{k:03d}", names[k % regions]
+        r = region[home]
         n = int(np.clip(rng.lognormal(5.6, 0.7), 80, 4000))
         shift = {
             "age_mean": r["age_mean"] + rng.normal(0, 3),
@@ -169,7 +170,7 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
             "w_prior": r["w_prior"] + rng.normal(0, 0.3), "w_sev": r["w_sev"] + rng.normal(0, 0.25),
             "w_creat": 1 + rng.normal(0, 0.7), "los_b": 1.4 + rng.normal(0, 0.25),
         }
-        frames[site], region_of[site] = _hospital_outcomes(rng, df, severity, risk), names[k % regions]
+        frames[site], region_of[site] = _hospital_outcomes(rng, df, severity, risk), home
     return hospital_schema(), frames, region_of
 
 
