@@ -136,7 +136,7 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
     its sites vary around those: age sd 3 years, mixes from Dirichlets of concentration 40 about the
     region's, intercepts sd 0.6 about the region's sd 1.2. The total intercept sd, 1.34, stays near the flat
     network's 1.5, so sites are about as different as there, but the region explains 1.44 / 1.80 = 80% of
-    a site's intercept variance (``w_prior`` sd 0.5 region + 0.3 site, ``w_sev`` 0.4 + 0.25: about 75%).
+    a site's intercept variance (``w_prior`` sd 0.5 region + 0.3 site, ``w_sev`` 0.4 + 0.25: about 73% each).
     What the flat network draws per site and no region would (creatinine weight, length-of-stay base, site size,
     which tasks a site records) stays per site. The draws use their own stream: :func:`hospital_federation_frames`
     is unchanged by their existence.
