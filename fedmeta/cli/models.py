@@ -36,13 +36,35 @@ def scores_summary(v) -> str:
     return "; ".join(parts)
 
 
+def level(v) -> str:
+    """Where a version sits in the chain global > region > site > head."""
+    if v.kind == "base":
+        return "region" if v.lineage.get("region") else "global"
+    return "head" if v.kind == "head" else "site"
+
+
+def site_text(v) -> str:
+    return v.site or (f"(region {v.lineage['region']})" if v.lineage.get("region") else "(global)")
+
+
+def chain(v, get) -> list[str]:
+    """The labels from the global base down to ``v``, by ``parent`` links (``get`` reads a version by number)."""
+    labels, seen = [v.label], {v.version}
+    while v.parent is not None and v.parent not in seen:  # a registry never loops; a hand-edited one must not hang the listing
+        v = get(v.parent)
+        seen.add(v.version)
+        labels.append(v.label)
+    return labels[::-1]
+
+
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on standard output instead of a table.")
 
 
-def version_record(v, promoted: bool) -> dict:
+def version_record(v, promoted: bool, lineage: list[str] | None = None) -> dict:
     """A version as ``models list --json`` prints it: full hashes, metrics and lineage, no formatting."""
     return {
-        "version": v.label, "kind": v.kind, "site": v.site, "parent": f"v{v.parent}" if v.parent else None, "created_at": v.created_at,
+        "version": v.label, "kind": v.kind, "level": level(v), "region": v.lineage.get("region"), "site": v.site,
+        "parent": f"v{v.parent}" if v.parent else None, "lineage": lineage or [v.label], "created_at": v.created_at,
         "created_by": v.created_by, "sha256": v.sha256, "promoted": promoted, "tasks": list(v.lineage.get("tasks") or []),
         "held_out_rows": (v.lineage.get("data") or {}).get("held_out"), "metrics": v.metrics,
     }
@@ -61,16 +83,19 @@ def models_list(
     current = {s: home.registry.current(s) for s in home.registry.sites()}
     shown = [v for v in versions if site is None or v.site in (site, None)]
     promoted = {v.version: bool(v.site and current.get(v.site) and current[v.site].version == v.version) for v in shown}
+    by_number = {v.version: v for v in versions}
+    get = lambda n: by_number.get(n) or home.registry.get(n)  # noqa: E731 (a --kind listing still walks through the other kinds)
+    chains = {v.version: chain(v, get) for v in shown}
     if as_json:
-        print_json({"site_home": str(home.path), "versions": [version_record(v, promoted[v.version]) for v in shown]})
+        print_json({"site_home": str(home.path), "versions": [version_record(v, promoted[v.version], chains[v.version]) for v in shown]})
         return
     rows = []
     for v in shown:
         held_out = (v.lineage.get("data") or {}).get("held_out")
-        rows.append([v.label, v.kind, v.site or "(global)", "promoted" if promoted[v.version] else "", f"v{v.parent}" if v.parent else "",
+        rows.append([v.label, v.kind, site_text(v), "promoted" if promoted[v.version] else "", " > ".join(chains[v.version]),
                      v.created_at[:16].replace("T", " "), v.created_by, v.sha256[:12], ", ".join(v.lineage.get("tasks") or []), scores_summary(v),
                      "" if held_out is None else str(held_out)])
-    columns = ["version", "kind", "site", "promoted", "parent", "created", "by", "sha256", "tasks", "held-out scores", "held-out rows"]
+    columns = ["version", "kind", "site", "promoted", "lineage", "created", "by", "sha256", "tasks", "held-out scores", "held-out rows"]
     print_rows(f"models in {home.path}", columns, rows, heading=4)
 
 
@@ -85,7 +110,8 @@ def models_show(version: str = typer.Argument(..., help="Version, e.g. v3."), si
     v = home.registry.get(parse_version(version))
     manifest, _ = home.load(v)
     data = manifest.model_dump(mode="json", by_alias=True, exclude={"schema_"})
-    data = {"version": v.label, "parent": f"v{v.parent}" if v.parent else None, "folder": str(home.folder(v)), "hashes": "verified", **data}
+    data = {"version": v.label, "parent": f"v{v.parent}" if v.parent else None, "lineage": chain(v, home.registry.get), "level": level(v),
+            "folder": str(home.folder(v)), "hashes": "verified", **data}
     console.print_json(json.dumps(data))
 
 

@@ -89,6 +89,10 @@ def personalize(
     data: Path = typer.Option(..., "--data", help="The site's training rows (CSV or Parquet)."),
     schema: Path = typer.Option(..., "--schema", help="The federation's schema.json."),
     base: str = typer.Option(..., "--base", help="Global base model: a training run folder, a base_model.pt, or a registry version (v3)."),
+    region: str = typer.Option(
+        None, "--region", help="Start from this region's base too (an unseen site of a known region); 'none': the global base only. "
+        "Default: the region the site trained in, by the run folder's regions.json."
+    ),
     site: str = typer.Option(None, "--site", help="Site name (default: the folder of a train.csv, else the data file's name)."),
     test: Path = typer.Option(None, "--test", help="The site's own test file (CSV or Parquet): scores are measured on it, and no rows are held out of --data. "
                               "A file that does not exist is skipped with a note (the site has none): rows are held out of --data instead."),
@@ -137,8 +141,9 @@ def personalize(
     import time
 
     from fedmeta.data import Schema, load_site
-    from fedmeta.personalize import choose_personalization, load_base, publish, register_base
+    from fedmeta.personalize import choose_personalization, load_base, load_regional_base, publish, register_base
     from fedmeta.personalize import personalize as run_personalize
+    from fedmeta.personalize.choice import REGIONAL
     from fedmeta.registry import SiteHome
 
     start = time.perf_counter()
@@ -155,6 +160,9 @@ def personalize(
         k = _shots_value(shots)
         home = SiteHome(site_home)
         global_base = load_base(base, home)
+        if global_base.lineage is not None:
+            name = global_base.lineage.get("region")
+            raise UsageProblem(f"--base {base} is region {name}'s base, not the global one: give the run folder (or the global version) and --region {name}")
         defaults = global_base.adaptation
         federation = global_base.config.federation
         test_fraction = federation.test_fraction if test_fraction is None else test_fraction
@@ -163,6 +171,8 @@ def personalize(
         site_schema = global_base.schema_for(Schema.load(schema), str(schema))
         site_mapping, accepted = read_site_mapping(data, mapping, accept_review)
         site_data = load_site(data, site_schema, name=site, test_fraction=test_fraction, seed=federation.seed, test_path=test, mapping=site_mapping)
+        regional = load_regional_base(base, site_data.name, region, home, note=lambda text: console_err.print(f"note: {text}"))
+        region_name = None if regional is None else regional.lineage.get("region")
         choosing = mode == "auto" and k != "all" and steps == "auto"
         weighed = [c.strip() for c in candidates.split(",") if c.strip()]
         if choosing and k is not None and "few_shot" not in weighed:
@@ -173,11 +183,11 @@ def personalize(
         if choosing:
             result = choose_personalization(
                 global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed,
-                candidates=weighed,
+                candidates=weighed, regional=None if regional is None else regional.for_schema(site_data.schema),
             )
         else:
             result = run_personalize(
-                global_base.for_schema(site_data.schema),
+                (regional or global_base).for_schema(site_data.schema),
                 site_data,
                 shots=k or defaults["shots"],
                 steps=steps if steps == "auto" else _steps_number(steps),
@@ -190,17 +200,21 @@ def personalize(
             by_itself, alone_method = _alone_scores(site_data, global_base.hidden, result.tasks, seed)
             baselines.update(by_itself)
         base_version = register_base(home, global_base)
+        # The regional base is a version of its own, under the global one, whether or not the choice keeps it: the table weighed it.
+        regional_version = None if regional is None else register_base(home, regional, parent=base_version)
+        from_region = regional is not None and (not choosing or result.steps_selection["chosen"].startswith(REGIONAL))
+        start_version = regional_version if from_region else base_version
         published = publish(
             home,
             result.model,
             "personalized",
             site_data.name,
-            parent=base_version,
-            base=base_version,
+            parent=start_version,
+            base=start_version,
             metrics={**result.metrics, **baselines},
             data=_lineage(data, test, site_data, test_fraction),
             training={"mode": result.mode, "shots": result.shots, "steps": result.steps, "steps_selection": result.steps_selection, "lr": result.lr,
-                      "seed": result.seed, "seconds": round(result.seconds, 4)},
+                      "seed": result.seed, "seconds": round(result.seconds, 4), **({"region": region_name} if from_region else {})},
             shots=result.shots if isinstance(result.shots, int) else None,
             personalized_tasks=result.tasks,
             promote=promote,
@@ -215,7 +229,7 @@ def personalize(
     chosen = " (auto)" if steps == "auto" else ""
     if choosing:
         console.print(_choice_table(result.steps_selection, site_data.name))
-        how = f"chosen on validation rows: {result.steps_selection['chosen']}"
+        how = f"chosen on validation rows: {result.steps_selection['chosen']}" + (f" (regional: region {region_name}'s base)" if regional else "")
     elif result.shots == "all":
         rows = (result.steps_selection or {}).get("rows")
         from fedmeta.personalize.all_rows import stopping_note
@@ -223,6 +237,8 @@ def personalize(
         how = f"all {rows} labelled training rows, {result.steps} steps" + (f" ({stopping_note(result.steps_selection)})" if steps == "auto" else "")
     else:
         how = f"K={result.shots}, {result.steps} steps{chosen}"
+    if regional is not None and not choosing:
+        how = f"from region {region_name}'s base, {how}"
     scored = f"scores on {test}" if test is not None else "scores on held-out rows"
     title = f"{site_data.name}: {how}, mode {result.mode}; {scored}; baseline: majority class (acc) or mean (mse), ignoring the features"
     if compare_alone:

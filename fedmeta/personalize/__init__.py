@@ -5,6 +5,8 @@ One module per concept:
 - :mod:`~fedmeta.personalize.base`: :func:`load_base` reads a global base model
   from a training run folder (``base_model.pt``) or from the registry;
   :func:`register_base` records it.
+- :mod:`~fedmeta.personalize.regional`: :func:`load_regional_base` picks the
+  regional base a site starts from (its own region's, or ``--region``'s).
 - :mod:`~fedmeta.personalize.adaptation`: :func:`personalize` fine-tunes the
   base on K shots per task drawn from the site's training rows and scores
   base and personalized models on the site's held-out (or test) rows.
@@ -31,6 +33,7 @@ from fedmeta.personalize.choice import choose_personalization
 from fedmeta.personalize.base import BASE_FILE, GlobalBase, PersonalizationError, load_base, register_base
 from fedmeta.personalize.heads import MIN_HOLDOUT_ROWS, HeadResult, head_task, train_head
 from fedmeta.personalize.publishing import Published, base_of, data_lineage, load_trained, publish
+from fedmeta.personalize.regional import load_regional_base
 
 __all__ = [
     "AUTO_STEPS",
@@ -49,6 +52,7 @@ __all__ = [
     "data_lineage",
     "head_task",
     "load_base",
+    "load_regional_base",
     "load_trained",
     "personalize",
     "publish",

@@ -1,8 +1,8 @@
-"""The global base model at a site: read from a training run or the registry, and recorded in the registry.
+"""The base model at a site: read from a training run or the registry, and recorded in the registry.
 
 :func:`load_base` reads a meta-trained base (a run folder's ``base_model.pt``,
 the file itself, or a registry version such as ``v3``); :func:`register_base`
-records it once per hash.
+records it once per hash, a regional base as the child of the global one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class PersonalizationError(ValueError):
 
 @dataclass
 class GlobalBase:
-    """A meta-trained global base model as a training run wrote it."""
+    """A meta-trained base model as a training run wrote it: the global base, or a region's (:attr:`lineage` set)."""
 
     state: dict[str, dict[str, torch.Tensor]]
     config: RunConfig
@@ -41,6 +41,7 @@ class GlobalBase:
     version: int | None = None
     privacy: dict | None = None
     statistics: dict[str, tuple[float, float]] | None = None  # the normalization the federation computed
+    lineage: dict | None = None  # a regional base's: level, region, sites, global round and hash (None for the global base)
 
     @property
     def sha256(self) -> str:
@@ -109,7 +110,8 @@ def read_base(data: bytes, source: str, version: int | None = None) -> GlobalBas
         raw = torch.load(io.BytesIO(data), weights_only=True)
         config = RunConfig.from_dict(raw["config"], source=source)
         statistics = {k: (float(v[0]), float(v[1])) for k, v in (raw.get("normalization") or {}).items()}
-        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"), statistics or None)
+        return GlobalBase(unflatten_state(raw["state"]), config, int(raw["round"]), data, source, version, raw.get("privacy"), statistics or None,
+                          raw.get("lineage"))
     except Exception as e:
         raise PersonalizationError(f"{source} is not a fedmeta base model: {e}") from None
 
@@ -136,15 +138,22 @@ def load_base(source: str | Path, home: SiteHome | None = None) -> GlobalBase:
     return read_base(data, f"{home.path} {version.label}", version.version)
 
 
-def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None, delivery: dict | None = None) -> ModelVersion:
+def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None, delivery: dict | None = None, parent: ModelVersion | None = None) -> ModelVersion:
     """Record the base in the registry (once: a known hash returns the existing version).
 
     ``delivery`` is how the base reached the site when a run sent it
     (:mod:`fedmeta.fl.delivery`: run, round, configuration digest, ...): it
     goes into the manifest's ``training``, whose hash the registry records.
+
+    A regional base (:attr:`GlobalBase.lineage` set) is registered as a base
+    version of its own whose ``parent`` is the global base's version, with its
+    lineage in ``training`` and its own privacy account. Of the region's sites
+    only their number is kept: their names are the coordinator's knowledge.
     """
     if base.version is not None:
         return home.registry.get(base.version)
+    if base.lineage is not None and parent is None:
+        raise PersonalizationError(f"{base.source} is region {base.lineage.get('region')!r}'s base: register the global base first and pass it as parent")
     manifest = Manifest(
         kind="base",
         model_file=BASE_FILE,
@@ -152,9 +161,17 @@ def register_base(home: SiteHome, base: GlobalBase, actor: str | None = None, de
         files={},
         run_id=base.run_id,
         training={"algorithm": base.config.algorithm.model_dump(mode="json"), "round": base.round, "hidden": list(base.hidden), "source": base.source,
-                  **({"delivery": delivery} if delivery else {})},
+                  **({"delivery": delivery} if delivery else {}), **regional_training(base.lineage)},
         privacy=base.privacy,
     )
-    version, _ = home.store({BASE_FILE: base.data}, manifest, actor=actor)
+    version, _ = home.store({BASE_FILE: base.data}, manifest, parent=None if parent is None else parent.version, actor=actor)
     base.version = version.version
     return version
+
+
+def regional_training(lineage: dict | None) -> dict:
+    """What a regional base's manifest records of its lineage (nothing for the global base): level, region, global round and hash, rounds, site count."""
+    if not lineage:
+        return {}
+    return {"level": lineage.get("level", "region"), "region": lineage.get("region"), "global_round": lineage.get("global_round"),
+            "global_sha256": lineage.get("global_sha256"), "regional_rounds": lineage.get("regional_rounds"), "sites": len(lineage.get("sites") or [])}

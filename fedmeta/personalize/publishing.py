@@ -123,7 +123,7 @@ def load_trained(home: SiteHome, version: ModelVersion) -> TrainedModel:
 
 
 def base_of(home: SiteHome, version: ModelVersion) -> ModelVersion:
-    """The global base a site version descends from."""
+    """The base a site version descends from: its region's when it was personalized from one, else the global base."""
     seen = version
     while seen.kind != "base":
         if seen.parent is None:

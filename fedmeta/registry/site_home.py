@@ -95,6 +95,7 @@ class SiteHome:
                 "shots": written.shots,
                 "tasks": [t.name for t in written.tasks] or None,
                 "privacy": written.privacy,
+                "region": written.training.get("region") if written.kind == "base" else None,  # a regional base's, for listings
             }.items()
             if v is not None
         }
