@@ -81,8 +81,12 @@ def test_an_unseen_site_of_a_known_region_weighs_that_regions_base(tmp_path, hos
     result = personalize(tmp_path, hospitals, regional_run, "--site", "newcomer", "--region", "north", site_file="hospital_001.csv")
     assert result.exit_code == 0, result.output
     assert "regional:base" in result.output and "region north's base" in result.output
-    regional = SiteHome(tmp_path).registry.get(2)
+    home = SiteHome(tmp_path)
+    regional = home.registry.get(2)
     assert (regional.kind, regional.lineage["region"], regional.parent) == ("base", "north", 1)
+    mine = home.registry.current("newcomer")
+    chosen = home.load(mine)[0].training["steps_selection"]["chosen"]
+    assert mine.parent == (2 if chosen.startswith("regional:") else 1), chosen
 
 
 def test_region_none_personalizes_from_the_global_base_only(tmp_path, hospitals, regional_run):
@@ -110,10 +114,16 @@ def test_a_region_that_kept_the_global_base_is_noted_and_the_global_base_used(tm
 
 
 def test_a_single_adaptation_starts_from_the_regional_base_and_says_so(tmp_path, hospitals, regional_run):
-    result = personalize(tmp_path, hospitals, regional_run, "--mode", "head", "--shots", "5")
+    result = personalize(tmp_path / "regional", hospitals, regional_run, "--mode", "head", "--shots", "5")
     assert result.exit_code == 0, result.output
     assert "from region north's base" in " ".join(result.output.split())
-    assert SiteHome(tmp_path).registry.current("hospital_002").parent == 2
+    home = SiteHome(tmp_path / "regional")
+    mine = home.registry.current("hospital_002")
+    assert mine.parent == 2
+    assert personalize(tmp_path / "global", hospitals, regional_run, "--mode", "head", "--shots", "5", "--region", "none").exit_code == 0
+    flat = SiteHome(tmp_path / "global").registry.current("hospital_002")
+    # The starting point's own held-out score: north's base already fits this site, the untrained global base does not.
+    assert mine.metrics["readmission_30d.base.acc"] > flat.metrics["readmission_30d.base.acc"] + 0.1
 
 
 def test_a_regional_base_given_as_the_base_is_refused_in_one_line(tmp_path, hospitals, regional_run):
@@ -135,3 +145,13 @@ def test_models_list_shows_the_chain_global_region_site_head(tmp_path, hospitals
     assert "v2  base  (region north)" in table and "v1  base  (global)" in table
     shown = json.loads(runner.invoke(app, ["models", "show", "v4", "--site-home", str(home)]).output)
     assert shown["lineage"] == ["v1", "v2", "v3", "v4"]
+
+
+def test_a_registered_global_version_with_region_starts_from_that_regions_registered_base(tmp_path, hospitals, north_home):
+    home = tmp_path / "home"
+    shutil.copytree(north_home, home)
+    result = personalize(home, hospitals, "v1", "--region", "north", "--mode", "head", "--shots", "5", site_file="hospital_000.csv")
+    assert result.exit_code == 0, result.output
+    assert "from region north's base" in " ".join(result.output.split())
+    registry = SiteHome(home).registry
+    assert len(registry.versions(kind="base")) == 2 and registry.current("hospital_000").parent == 2
