@@ -13,6 +13,12 @@ its own rows as ``fedmeta personalize`` does by default
 promotes the result. Its reply carries no rows: the version labels, the
 candidate chosen and the held-out scores.
 
+A site of a region with a base of its own (:mod:`fedmeta.fl.regional_rounds`)
+also receives that regional base, checked the same way and registered as a
+base version whose parent is the global one; personalizing, it weighs both
+(``choose_personalization(regional=...)``), and the personalized version's
+parent is the base its chosen candidate started from.
+
 The server writes one ``metrics.jsonl`` row per site (phase ``deliver``) and
 logs one line per site. Only ``flwr run``'s ServerApp delivers
 (:func:`is_deployment_run`): the sites of ``fedmeta train``'s simulation
@@ -52,6 +58,8 @@ MESSAGE_TYPE = f"{MessageType.QUERY}.{ACTION}"
 PHASE = "deliver"
 PAYLOAD = "base-model"  # the file's bytes as one uint8 array: Flower chunks arrays, not config values
 SHA256 = "base-model-sha256"
+REGIONAL_PAYLOAD = "regional-base-model"
+REGIONAL_SHA256 = "regional-base-model-sha256"
 
 
 class DeliveryRefused(ValueError):
@@ -84,7 +92,8 @@ def deliver(grid: Grid, config: RunConfig, run_dir: RunDir, node_sites: dict[int
     lineage = {"run": config.name, "round": round_, "config_digest": config.digest(), "flower_run_id": run_id}
     connected = set(grid.get_node_ids())
     node_sites = latest_nodes(node_sites, connected)
-    messages = [_delivery_message(node, config, data, sha, lineage) for node in sorted(node_sites) if node in connected]
+    regional = regional_bases(run_dir)
+    messages = [_delivery_message(node, config, data, sha, lineage, regional.get(node_sites[node])) for node in sorted(node_sites) if node in connected]
     started = time.perf_counter()
     replies = wire.exchange(grid, {PHASE: messages}, config.deployment.timeout)[PHASE] if messages else []
     answers = {wire.node_of(r): reply_fields(r) for r in replies}
@@ -109,9 +118,25 @@ def latest_nodes(node_sites: dict[int, str], connected: set[int]) -> dict[int, s
     return {node: name for name, node in sorted(chosen.items(), key=lambda item: item[1])}
 
 
-def _delivery_message(node: int, config: RunConfig, data: bytes, sha: str, lineage: dict) -> Message:
+def regional_bases(run_dir: RunDir) -> dict[str, bytes]:
+    """``{site: bytes of its region's base}`` for every site of a region that trained a base of its own."""
+    from fedmeta.fl.regions import load_regions, regional_base_path
+
+    out = {}
+    for region, entry in ((load_regions(run_dir.path) or {}).get("regions") or {}).items():
+        path = regional_base_path(run_dir.path, region)
+        if path is not None:
+            data = path.read_bytes()
+            out.update({site: data for site in entry["sites"]})
+    return out
+
+
+def _delivery_message(node: int, config: RunConfig, data: bytes, sha: str, lineage: dict, regional: bytes | None = None) -> Message:
     settings = ConfigRecord({"run-config": config.model_dump_json(), SHA256: sha, "lineage": json.dumps(lineage)})
     arrays = ArrayRecord({PAYLOAD: Array(np.frombuffer(data, dtype=np.uint8))})
+    if regional is not None:
+        arrays[REGIONAL_PAYLOAD] = Array(np.frombuffer(regional, dtype=np.uint8))
+        settings[REGIONAL_SHA256] = sha256_bytes(regional)
     return Message(content=RecordDict({"config": settings, "arrays": arrays}), message_type=MESSAGE_TYPE, dst_node_id=node)
 
 
@@ -190,8 +215,11 @@ def handle(message: Message, context: Context) -> Message:
     settings = message.content["config"]
     config = RunConfig.model_validate_json(str(settings["run-config"]))
     data = message.content["arrays"][PAYLOAD].numpy().tobytes()
+    regional = None
+    if REGIONAL_PAYLOAD in message.content["arrays"]:
+        regional = (message.content["arrays"][REGIONAL_PAYLOAD].numpy().tobytes(), str(settings.get(REGIONAL_SHA256, "")))
     try:
-        fields, scores = receive(data, str(settings[SHA256]), dict(context.node_config), config, json.loads(str(settings["lineage"])))
+        fields, scores = receive(data, str(settings[SHA256]), dict(context.node_config), config, json.loads(str(settings["lineage"])), regional)
     except DeliveryRefused as e:
         fields, scores = {"site": node_site_name(dict(context.node_config)), "stored": False, "reason": str(e)}, {}
     content = RecordDict({"delivery": ConfigRecord(fields)})
@@ -200,17 +228,20 @@ def handle(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-def receive(data: bytes, sha256: str, node_config: dict, config: RunConfig, lineage: dict) -> tuple[dict, dict[str, float]]:
+def receive(
+    data: bytes, sha256: str, node_config: dict, config: RunConfig, lineage: dict, regional: tuple[bytes, str] | None = None
+) -> tuple[dict, dict[str, float]]:
     """A site's side of the delivery: ``(fields, held-out scores)`` for its reply.
 
-    Raises :class:`DeliveryRefused`, before anything is written, when
-    ``data`` does not hash to ``sha256``. A node config without
-    ``site-home`` stores nothing and says so.
+    ``regional``: the bytes and hash of the site's regional base, when its
+    region has one. Raises :class:`DeliveryRefused`, before anything is
+    written, when either does not hash as the server said. A node config
+    without ``site-home`` stores nothing and says so.
     """
     name = node_site_name(node_config)
-    actual = sha256_bytes(data)
-    if actual != sha256:
-        raise DeliveryRefused(f"site {name}: the base model received hashes to SHA-256 {actual[:16]}..., the server sent {sha256[:16]}...; refusing to store it")
+    _check_hash(name, "base model", data, sha256)
+    if regional is not None:
+        _check_hash(name, "regional base model", *regional)
     if not node_config.get("site-home"):
         return {"site": name, "stored": False, "reason": "its node config has no site-home (add site-home=\"/path\" to the SuperNode's --node-config)"}, {}
     from fedmeta.personalize.base import read_base, register_base
@@ -220,10 +251,15 @@ def receive(data: bytes, sha256: str, node_config: dict, config: RunConfig, line
     base = read_base(data, f"run {lineage.get('run')} round {lineage.get('round')} (flwr run {lineage.get('flower_run_id')})")
     version = register_base(home, base, delivery={**lineage, "site": name})
     fields: dict = {"site": name, "stored": True, "version": version.label}
+    region = None
+    if regional is not None:
+        regional_base = read_base(regional[0], f"run {lineage.get('run')} regional base (flwr run {lineage.get('flower_run_id')})")
+        region = (regional_base, register_base(home, regional_base, delivery={**lineage, "site": name}, parent=version))
+        fields["regional_version"] = region[1].label
     if not config.deployment.personalize:
         return fields, {}
     try:
-        chosen, published, scores = personalize_at_site(home, base, version, node_config, name)
+        chosen, published, scores = personalize_at_site(home, base, version, node_config, name, region)
     except Exception as e:  # the base is stored whatever happens here: the site says why it has no personalized model instead of failing the exchange
         fields["personalize_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         return fields, {}
@@ -231,8 +267,17 @@ def receive(data: bytes, sha256: str, node_config: dict, config: RunConfig, line
     return fields, scores
 
 
-def personalize_at_site(home, base, base_version, node_config: dict, name: str):
+def _check_hash(site: str, what: str, data: bytes, expected: str) -> None:
+    actual = sha256_bytes(data)
+    if actual != expected:
+        raise DeliveryRefused(f"site {site}: the {what} received hashes to SHA-256 {actual[:16]}..., the server sent {expected[:16]}...; refusing to store it")
+
+
+def personalize_at_site(home, base, base_version, node_config: dict, name: str, region=None):
     """``fedmeta personalize``'s default on the site's rows (the candidates weighed on validation folds), exported and promoted.
+
+    ``region``: ``(regional base, its registered version)``: its candidates are weighed too, and the
+    personalized version's parent is the base the chosen one started from.
 
     Returns the candidate chosen, the published version and the held-out scores
     (``<task>.base.<metric>``, ``<task>.personalized.<metric>``).
@@ -240,6 +285,7 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str):
     from fedmeta.data import Schema, load_site
     from fedmeta.data.mapping import Mapping, require_reviewed
     from fedmeta.personalize import PersonalizationError, choose_personalization, data_lineage, publish
+    from fedmeta.personalize.choice import REGIONAL
     from fedmeta.threads import limit_threads, site_threads
 
     if "data-path" not in node_config or "schema-path" not in node_config:
@@ -256,7 +302,10 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str):
     site = load_site(data_path, base.schema_for(Schema.load(schema_path), schema_path), name=name,
                      test_fraction=federation.test_fraction, seed=federation.seed, test_path=test_path, mapping=mapping)
     defaults = base.adaptation
-    result = choose_personalization(base.for_schema(site.schema), site, shots=defaults["shots"], lr=defaults["lr"], seed=0)
+    regional = region[0].for_schema(site.schema) if region else None
+    result = choose_personalization(base.for_schema(site.schema), site, shots=defaults["shots"], lr=defaults["lr"], seed=0, regional=regional)
+    if region and str(result.steps_selection.get("chosen", "")).startswith(REGIONAL):
+        base_version = region[1]
     held_out = int(site.test_mask.sum())
     if test_path is None:
         rows = data_lineage(data_path, rows=site.n_rows, held_out=held_out, test_fraction=federation.test_fraction, held_out_rows_sha256=site.held_out_digest())
