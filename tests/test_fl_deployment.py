@@ -13,6 +13,8 @@ import torch
 from fedmeta.data import write_hospital_federation
 from fedmeta.data.site import held_out_mask
 from fedmeta.fl.loopback import LoopbackDeployment
+from fedmeta.manifest import sha256_file
+from fedmeta.registry import SiteHome
 
 pytestmark = pytest.mark.slow  # Flower simulations or deployments: the suite's end-to-end runs
 
@@ -214,3 +216,29 @@ def test_a_site_that_vanishes_is_waited_for_once_and_the_survivors_aggregate(tmp
         roll_call = [i for i, line in enumerate(lines) if "roll call:" in line]
         assert len(roll_call) == 1 and ("did not answer within" in lines[roll_call[0]] or "Node Unavailable" in lines[roll_call[0]]), log
         assert not any("did not reply within" in line for line in lines[roll_call[0] + 1 :]), log
+
+
+REGIONAL = CONFIG + """
+[regions]
+rounds = 1
+min_sites = 2
+"""
+
+
+def test_sites_that_declare_a_region_in_their_node_config_train_its_base_and_receive_it(tmp_path):
+    schema, paths = sites_left_to_normalize(tmp_path / "data", n_sites=3)
+    regions = {"hospital_000": "north", "hospital_001": "north", "hospital_002": "south"}
+    with LoopbackDeployment([(p, schema) for p in paths], log_dir=tmp_path, regions=regions) as dep:
+        path = tmp_path / "regional.toml"
+        path.write_text(REGIONAL.format(data=tmp_path / "data", n_sites=3, min_sites=3, sampling_timeout=60))
+        result = dep.run(path, tmp_path / "run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        north = SiteHome.existing(dep.site_homes["supernode0"])  # the homes go with the deployment
+        assert north.registry.get(2).parent == 1 and north.registry.get(2).sha256 == sha256_file(tmp_path / "run" / "regions" / "north" / "base_model.pt")
+    plan = json.loads((tmp_path / "run" / "regions.json").read_text())["regions"]
+    assert plan["north"]["trained"] and plan["north"]["sites"] == ["hospital_000", "hospital_001"]
+    assert plan["south"]["note"] == "kept the global base: 1 site(s), fewer than regions.min_sites = 2"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "regions" / "north" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows if r["phase"] == "train" and r["site"] != "*"} == {"hospital_000", "hospital_001"}
+    delivered = {r["site"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "deliver"}
+    assert delivered["hospital_000"]["regional_version"] == "v2" and "regional_version" not in delivered["hospital_002"]

@@ -107,8 +107,11 @@ class LoopbackDeployment:
         intruders: int = 0,
         gateway: bool = False,
         supervise: bool = False,
+        regions: dict[str, str] | None = None,
     ):
         self.sites = [(Path(d).resolve(), Path(s).resolve()) for d, s in sites]
+        #: The region each site declares in its node config (``region="..."``), by its data file's stem.
+        self.regions = dict(regions or {})
         self.secure, self.intruders, self.gateway, self.supervise = secure, intruders, gateway, supervise
         if intruders and not secure:
             raise ValueError("intruders are only refused with secure=True (SuperNode authentication needs TLS)")
@@ -240,6 +243,8 @@ class LoopbackDeployment:
             security = ["--root-certificates", str(self.ca_cert), "--auth-supernode-private-key", str(private)]
         self.site_homes[name] = self.home / "sites" / name
         node_config = f'data-path="{data}" schema-path="{schema}" site-name="{data.stem}" site-home="{self.site_homes[name]}"'
+        if self.regions.get(data.stem):
+            node_config += f' region="{self.regions[data.stem]}"'
         args = [_bin("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.fleet_port}", "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
         self.supernodes[name] = self._start(name, args)
 
