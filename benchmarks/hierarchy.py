@@ -134,7 +134,9 @@ def score(fed: Federation, run_dir: Path, seed: int, workers: int) -> dict:
 
 def run_seed(work: Path, seed: int, args) -> dict:
     figures = {}
-    for kind in ("regional", "random_regions"):
+    # The same sites are left out of both federations: the seen sites, their rows and so the flat figures match.
+    unseen = unseen_sites(regional_hospital_frames(args.sites, seed, args.regions)[2], args.unseen, seed)
+    for kind in args.only:
         folder = work / f"seed{seed}" / kind
         data = folder / "data"
         if not (data / "schema.json").exists():
@@ -142,8 +144,6 @@ def run_seed(work: Path, seed: int, args) -> dict:
                 write_hospital_federation(data, args.sites, seed, regions=args.regions)
             else:
                 write_random_regions(data, args.sites, seed, args.regions)
-        if kind == "regional":  # the same sites are left out of both: the seen sites, their rows and so the flat figures match
-            unseen = unseen_sites({s.name: s.region for s in discover_sites(data)}, args.unseen, seed)
         fed = folder_federation(data, folder / "links", unseen, seed=seed)
         started = time.perf_counter()
         run_dir = train(fed, folder / "run", args.rounds, args.regional_rounds, seed)
@@ -163,7 +163,7 @@ def run_seed(work: Path, seed: int, args) -> dict:
 def summary(per_seed: list[dict]) -> dict:
     """Mean over seeds of each seed's mean over sites."""
     out = {}
-    for kind in ("regional", "random_regions"):
+    for kind in per_seed[0]:
         out[kind] = {
             group: {label: round(statistics.mean(statistics.mean(s[kind][group][label]) for s in per_seed), 4) for label in ("flat", "hierarchical")}
             for group in ("seen", "unseen")
@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--regional-rounds", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workers", type=int, default=2, help="sites personalized at once (one torch thread each)")
+    parser.add_argument("--only", nargs="+", choices=("regional", "random_regions"), default=["regional", "random_regions"])
     parser.add_argument("--work", type=Path, help="keep the federations and runs here (a finished run is scored again, not retrained)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedmeta-hierarchy-") as tmp:
@@ -190,7 +191,7 @@ def main() -> None:
         per_seed = [run_seed(work, seed, args) for seed in args.seeds]
     figures = {**summary(per_seed), "seeds": args.seeds, "sites": args.sites, "regions": args.regions, "unseen_per_region": args.unseen,
                "rounds": args.rounds, "regional_rounds": args.regional_rounds}
-    print(f"mean over seeds {args.seeds}: {json.dumps({k: figures[k] for k in ('regional', 'random_regions')})}")
+    print(f"mean over seeds {args.seeds}: {json.dumps({k: figures[k] for k in args.only})}")
     if args.json:
         print(json.dumps(figures))
 

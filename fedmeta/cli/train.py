@@ -78,6 +78,8 @@ def train(
         if last["round"] < rd.load_config().rounds:
             console.print(f"[yellow]training stopped after round {last['round']}: the next round would exceed privacy.max_epsilon[/]")
     console.print(f"base model: {rd.base_model_path}")
+    for line in regional_lines(rd.path):
+        console.print(line, highlight=False, markup=False)
     for line in diverged_sites(observer.sat_out, rd.read_metrics()):
         console.print(f"[yellow]{line}[/]", highlight=False)
     # A site that raised is a fault to fix (a file, a bug): the model lacks its data, so scripts must notice. A site
@@ -86,6 +88,17 @@ def train(
     if failed:
         listed = "; ".join(f"{site} (round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, sorted(rounds)))}: {rounds[max(rounds)]})" for site, rounds in sorted(failed.items()))
         raise fail(f"{len(failed)} site(s) failed during training and the base model was made without them in those rounds: {listed}", 1)
+
+
+def regional_lines(run_dir: Path) -> list[str]:
+    """Where each region's base is, or why a region kept the global one (nothing for a run without regions)."""
+    from fedmeta.fl.regions import load_regions, regional_base_path
+
+    lines = []
+    for region, entry in sorted(((load_regions(run_dir) or {}).get("regions") or {}).items()):
+        path = regional_base_path(run_dir, region)
+        lines.append(f"region {region}: " + (f"regional base {path} ({entry['rounds']} rounds on {len(entry['sites'])} sites)" if path else entry["note"]))
+    return lines
 
 
 def _rounds(rounds) -> str:

@@ -47,7 +47,7 @@ class FederationConfig(_Section):
     seed: int = Field(0, description="seed of the synthetic sites and of every site's held-out rows")
     alpha: float = Field(1.0, ge=0, description="fedprox: how much the sites' models differ (FedProx Synthetic(alpha, beta))")
     beta: float = Field(1.0, ge=0, description="fedprox: how much the sites' features differ")
-    data_dir: str | None = Field(None, description="csv: the folder of site files (<site>.csv or <site>/train.csv [+ test.csv]) and schema.json")
+    data_dir: str | None = Field(None, description="csv: the folder of site files (<site>.csv or <site>/train.csv [+ test.csv], optionally in <region>/ folders or with regions.csv) and schema.json")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="share of a site's rows held out for scoring, for a site without a test file")
 
     @model_validator(mode="after")
