@@ -24,10 +24,11 @@ rows, personalized with ``evaluation.shots`` per class), the same way for all.
   20 sites with no waits, all 20 at once with Flower's and Ray's messaging,
   1.3 s; hence 3 s (it was 1.5 s before, when Flower served at most 6
   sites at once: :mod:`fedmeta.fl.simulation_polling`). On loopback the
-  median is ``--deploy-delay``; there each message costs tens of seconds of
-  this machine's (a SuperNode polls every 3 s and starts an app process per
-  message, 8 of them on 2 cores: a synchronous round beyond its slowest wait
-  took 27.7 s on seed 1), more than waits that fit the time can dominate, so
+  median is ``--deploy-delay``; there each message costs about half a minute
+  of this machine's (a SuperNode polls every 3 s and starts an app process
+  per message, 8 of them on 2 cores: on seed 1 a synchronous round beyond its
+  slowest wait took 27.7 s, and a median site's asynchronous update about
+  35 s for a 2 s wait), more than waits that fit the time can dominate, so
   the median is the largest that fits it: 8 synchronous rounds within about
   10 minutes, 8 x (27.7 + 10 x median) <= 600 s, hence 4 s (2 s before). The
   realized ratio of the slowest tenth's wait to the median is printed.
