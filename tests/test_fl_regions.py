@@ -157,3 +157,11 @@ def test_the_plan_counts_only_connected_sites():
     plan = plan_regions({"a": "n", "b": "n", "c": "n", "d": "s"}, connected={"a", "b", "d"}, min_sites=2)
     assert plan["n"].sites == ["a", "b"] and not plan["n"].note
     assert plan["s"].note.startswith("kept the global base: 1 site(s)")
+
+
+def test_a_robust_rule_that_needs_more_sites_than_a_region_has_keeps_the_global_base(tmp_path, caplog):
+    cfg = RunConfig.from_dict({**config().model_dump(mode="json", exclude_none=True), "aggregation": {"rule": "krum", "byzantine_sites": 1}})
+    run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))  # 8 sites globally: Krum with f = 1 needs 5 per round
+    regions = json.loads((tmp_path / "regions.json").read_text())["regions"]
+    assert regions["north"]["trained"] is False and regions["north"]["note"] == "kept the global base: no regional round was aggregated"
+    assert regional_base_path(tmp_path, "north") is None
