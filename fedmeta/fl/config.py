@@ -234,10 +234,13 @@ class RegionsConfig(_Section):
     folder, ``regions.csv``, or the SuperNode's ``region`` node config) with at
     least ``min_sites`` connected sites meta-trains the global base further for
     ``rounds`` rounds on its own sites only; a region's updates never mix with
-    another's. Runs whose sites declare no region are unaffected.
+    another's. Runs whose sites declare no region are unaffected. The default
+    ``rounds`` was chosen on ``benchmarks/hierarchy.py``'s selection seed 0
+    (20 against 5: held-out accuracy +0.63 and +0.51 points over flat on seen
+    and unseen sites, against -0.76 and +0.34).
     """
 
-    rounds: int = Field(5, ge=0, description="rounds of meta-training per region after the global rounds, on that region's sites only (0: no regional level)")
+    rounds: int = Field(20, ge=0, description="rounds of meta-training per region after the global rounds, on that region's sites only (0: no regional level)")
     min_sites: int = Field(3, ge=1, description="a region with fewer connected sites keeps the global base (and the run says so)")
 
 
