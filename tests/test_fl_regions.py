@@ -129,11 +129,17 @@ def test_a_resumed_regional_stage_keeps_the_regions_already_trained(tmp_path):
     cfg = config()
     run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))
     before = (tmp_path / "regions" / "north" / "base_model.pt").read_bytes()
-    (tmp_path / "regions" / "south" / "base_model.pt").unlink()  # as if the run stopped during south's rounds
+    # As if the run stopped during south's rounds: the file written after north, and no base for south.
+    partial = json.loads((tmp_path / "regions.json").read_text())
+    partial.update(complete=False, regions={"north": partial["regions"]["north"]})
+    (tmp_path / "regions.json").write_text(json.dumps(partial))
+    (tmp_path / "regions" / "south" / "base_model.pt").unlink()
+    assert not is_complete(RunDir(tmp_path), cfg)
     grid = RegionalSites(SITES)
     run_rounds(grid, cfg, RunDir(tmp_path))
     assert (tmp_path / "regions" / "north" / "base_model.pt").read_bytes() == before
     assert {site for _, site in grid.trained} == {"d", "e", "f"}
+    assert is_complete(RunDir(tmp_path), cfg)
 
 
 def test_a_regional_base_under_dp_spends_more_than_the_global_one(tmp_path):

@@ -102,6 +102,7 @@ def train_regional_bases(
             log.info("region %s: its base from before the resume is kept", name)
             continue
         _train_region(grid, strategy, state, last_round, name, region, folder, roster, observer, context, global_sha, global_evaluation)
+        save_regions(run_dir.path, last_round, {n: r for n, r in plan.items() if r.trained or n == name}, complete=False)
     save_regions(run_dir.path, last_round, plan)
     return plan
 

@@ -76,9 +76,13 @@ def region_dir(run_dir: str | Path, region: str) -> Path:
     return Path(run_dir) / REGIONS_FOLDER / region
 
 
-def save_regions(run_dir: str | Path, global_round: int, plan: dict[str, Region]) -> None:
-    """``regions.json``: every region, its sites, and whether it has a base of its own (the regional stage's end)."""
-    payload = {"global_round": global_round, "regions": {name: {k: v for k, v in asdict(r).items() if k != "extra"} | r.extra for name, r in plan.items()}}
+def save_regions(run_dir: str | Path, global_round: int, plan: dict[str, Region], complete: bool = True) -> None:
+    """``regions.json``: every region, its sites, and whether it has a base of its own; ``complete`` once the regional stage has ended.
+
+    Written after each region too (``complete`` false), so that a resumed run keeps the regions already trained.
+    """
+    payload = {"global_round": global_round, "complete": complete,
+               "regions": {name: {k: v for k, v in asdict(r).items() if k != "extra"} | r.extra for name, r in plan.items()}}
     atomic_write_text(Path(run_dir) / REGIONS_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 

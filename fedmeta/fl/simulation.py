@@ -78,7 +78,8 @@ def is_complete(rd: RunDir, config: RunConfig) -> bool:
     ckpt = rd.load_checkpoint()
     if ckpt is None or not rd.base_model_path.exists() or ckpt.round < config.rounds:
         return False
-    if config.regions.rounds and (load_regions(rd.path) or {}).get("global_round") != ckpt.round:
+    regions = load_regions(rd.path) or {}
+    if config.regions.rounds and (regions.get("global_round") != ckpt.round or not regions.get("complete", False)):
         return False  # the regional stage (fedmeta.fl.regional_rounds) has not finished
     return int(torch.load(rd.base_model_path, weights_only=False)["round"]) == ckpt.round
 
