@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedmeta.data.federation import check_region_name
+from fedmeta.data.schema import SchemaError
 from fedmeta.files import atomic_write_text
 
 log = logging.getLogger("flwr.fedmeta")
@@ -30,18 +31,19 @@ log = logging.getLogger("flwr.fedmeta")
 REGION = "region"
 REGIONS_FILE = "regions.json"
 REGIONS_FOLDER = "regions"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def declared_region(site: str, value) -> str | None:
     """The region ``site`` declared, or None when it declared none; a malformed name is logged in one line and ignored."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        shown = repr(value)[:40]
-        log.warning("roll call: site %s declared a malformed region %s (1 to 64 of A-Z a-z 0-9 . _ -, not starting with . _ -); it trains at the global level only", site, shown)
+    try:
+        if not isinstance(value, str):
+            raise SchemaError(f"roll call: region {repr(value)[:40]} is not a name")
+        return check_region_name(value[:100], "roll call")  # the same rule as a region folder's (fedmeta.data.federation)
+    except SchemaError as e:
+        log.warning("site %s: %s; it trains at the global level only", site, e)
         return None
-    return value
 
 
 @dataclass
