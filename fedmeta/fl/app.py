@@ -42,7 +42,7 @@ from fedmeta.data.mapping import Mapping, require_reviewed
 from fedmeta.data.synthetic import FedProxSites, fedprox_schema
 from fedmeta.data.federation import federation_schema
 from fedmeta.data.schema import Schema
-from fedmeta.fl import delivery
+from fedmeta.fl import contributions, delivery
 from fedmeta.fl import exchange as wire
 from fedmeta.fl import normalization
 from fedmeta.fl.aggregation import flatten_state, make_server_optimizer
@@ -181,6 +181,9 @@ def train(message: Message, context: Context) -> Message:
     settings = message.content["config"]
     site, update, metrics = _site_round(config, round_, received, bool(settings.get("evaluate-received", False)), context, settings.get(normalization.STATISTICS))
     reply = _reply(message, site, compress(config, update, context), metrics)
+    if config.contributions.enabled:
+        # Scores the other sites' updates at the server (fedmeta.fl.contributions); the rows stay here.
+        reply.content[contributions.GRADIENT] = ArrayRecord(contributions.validation_gradient(config, site, received))
     if config.compression.upload != "none":
         # Packed arrays name no keys; the server knows which it sent, and checks this fingerprint of their order.
         reply.content["site"]["keys-digest"] = keys_digest(sorted(update))
@@ -192,6 +195,9 @@ def _secure_train(message: Message, context: Context) -> Message:
     config, round_, evaluate_received, received, keys = received_state(message)
     statistics = message.content["fitins.config"].get(normalization.STATISTICS)
     site, update, metrics = _site_round(config, round_, received, evaluate_received, context, statistics)
+    if config.contributions.enabled:
+        # The server sees only the sum: the site scores its own update (fedmeta.fl.contributions, SecAgg+ fallback).
+        metrics[contributions.SELF_SCORE] = contributions.self_score(contributions.validation_gradient(config, site, received), update, config.server.lr)
     return secure_reply(message, secure_vector(config, keys, update, site_examples(metrics)), {**metrics, "site-name": site.name})
 
 
@@ -385,6 +391,9 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         run_dir.append_metrics(rows + [summary])
         if config.server.keep_every and round_ % config.server.keep_every == 0:
             run_dir.save_round_model(round_, state, summary["elapsed"])
+        if ledger is not None and strategy.round_contributions is not None:
+            # Before the checkpoint: a run stopped between the two resumes from the checkpoint and drops the extra round.
+            contributions.record_round(ledger, run_dir.path, round_, strategy.round_contributions, rows, roster.failure_counts())
         run_dir.save_checkpoint(
             Checkpoint(
                 round_, state, optimizer.state_dict(), strategy.rng.getstate(), torch.get_rng_state(), config.digest(), strategy.node_tasks,
@@ -393,6 +402,8 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
         )
         roster.save()
 
+    method = contributions.SELF_SCORED if config.secure.secagg else contributions.FIRST_ORDER
+    ledger = contributions.Ledger.load(run_dir.path, ckpt.round if ckpt else 0, method) if config.contributions.enabled else None
     if config.asynchronous.enabled:
         state, last_round = AsyncRounds(grid, strategy, state, first - 1, save_step, observer, roster).run()
     else:
@@ -410,6 +421,10 @@ def run_rounds(grid: Grid, config: RunConfig, run_dir: RunDir, observer: RoundOb
     if evaluation is not None:
         observer.evaluated(last_round, evaluation)
     observer.stop()
+    if ledger is not None:
+        check = contributions.to_check(ledger.report())
+        if check:
+            log.warning("contributions: sites to check (their whole interval is below zero: their updates raised the others' validation loss): %s", ", ".join(check))
     privacy = account.summary() if account is not None else privacy_note(config)
     run_dir.save_base_model(state, config, last_round, privacy, strategy.statistics)
     regions = train_regional_bases(grid, strategy, state, last_round, run_dir, roster, observer, context, site_rows)

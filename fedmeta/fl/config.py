@@ -187,6 +187,7 @@ class SimulationConfig(_Section):
     failing_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions raise in training")
     byzantine_sites: list[int] = Field(default_factory=list, description="chaos testing: these partitions send a malicious update")
     attack: Literal["sign_flip", "noise"] = Field("sign_flip", description="sign_flip: -10 x the honest update; noise: N(0, 1) entries")
+    free_riders: list[int] = Field(default_factory=list, description="chaos testing: these partitions send a zero update while claiming their examples")
 
 
 class AsynchronousConfig(_Section):
@@ -244,6 +245,20 @@ class RegionsConfig(_Section):
     min_sites: int = Field(3, ge=1, description="a region with fewer connected sites keeps the global base (and the run says so)")
 
 
+class ContributionsConfig(_Section):
+    """What each site contributes, round by round: :mod:`fedmeta.fl.contributions` (``RUN/contributions.json``).
+
+    Each round's sites also send the gradient of their held-out loss at the
+    model they received; the server values every site's update by its
+    Shapley value in that round (exactly up to 10 sites, else by
+    ``samples`` permutations), scored by the other sites' gradients.
+    """
+
+    enabled: bool = Field(False, description="per-round Shapley contributions of each site (sites also send their held-out loss gradient)")
+    samples: int = Field(64, ge=1, description="random permutations per round when a round has more than 10 sites")
+    truncation: float = Field(0.01, ge=0, lt=1, description="a permutation stops once its sites are worth the whole round within this fraction")
+
+
 class DeploymentConfig(_Section):
     """The end of a Deployment Engine run (``flwr run``): the base model reaches every site (:mod:`fedmeta.fl.delivery`).
 
@@ -278,6 +293,7 @@ class RunConfig(_Section):
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
     stragglers: StragglersConfig = Field(default_factory=StragglersConfig)
     regions: RegionsConfig = Field(default_factory=RegionsConfig)
+    contributions: ContributionsConfig = Field(default_factory=ContributionsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -293,6 +309,13 @@ class RunConfig(_Section):
                 "secure.secagg cannot run with asynchronous.enabled yet: SecAgg+ masks one fixed cohort together, "
                 "and a buffer fills from sites that started at different times on different models; use synchronous rounds"
             )
+        if self.contributions.enabled and self.privacy.enabled:
+            raise ValueError(
+                "contributions.enabled cannot run with privacy.clip_norm: per-site values computed from unnoised updates "
+                "would release more than the run's (epsilon, delta) covers"
+            )
+        if self.contributions.enabled and self.asynchronous.enabled:
+            raise ValueError("contributions.enabled needs synchronous rounds: a round's coalitions are the sites that trained on the same model")
         if self.privacy.accounted and robust:
             raise ValueError(f"privacy.noise_multiplier > 0 is accounted for the mean only; aggregation.rule = {self.aggregation.rule!r} has another sensitivity")
         if self.privacy.max_epsilon is not None and not self.privacy.accounted:
@@ -338,6 +361,12 @@ class RunConfig(_Section):
         # What happens after the last global round shapes none of its weights: changing it must not refuse a resume
         # (a regional stage cut short starts again from the global base).
         payload = self.model_dump(mode="json", exclude={"name": True, "rounds": True, "deployment": True, "regions": True, "server": {"keep_every"}})
+        # Off, contributions change nothing a site sends (and digests from before the section stay valid); on, a
+        # resume needs them on from the start, or the ledger would miss the first rounds.
+        if not self.contributions.enabled:
+            del payload["contributions"]
+        if not self.simulation.free_riders:
+            del payload["simulation"]["free_riders"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_toml(self) -> str:
@@ -361,6 +390,7 @@ def _unused_options(config: "RunConfig") -> list[str]:
         (config.simulation, "attack", bool(config.simulation.byzantine_sites), "simulation.byzantine_sites"),
     ]
     rules += [(config.asynchronous, name, config.asynchronous.enabled, "asynchronous.enabled = true") for name in ("concurrency", "buffer", "max_staleness", "staleness_exponent")]
+    rules += [(config.contributions, name, config.contributions.enabled, "contributions.enabled = true") for name in ("samples", "truncation")]
     rules += [(config.secure, name, config.secure.secagg, "secure.secagg = true") for name in ("clipping_range", "quantization_range", "reconstruction_threshold", "max_examples")]
     section_of = {id(getattr(config, name)): name for name in type(config).model_fields}
     return [

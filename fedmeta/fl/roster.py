@@ -129,6 +129,10 @@ class Roster:
             self._site(name, None)["mapping"] = status
             self._changed.add(name)
 
+    def failure_counts(self) -> dict[str, int]:
+        """Rounds each site was asked to train in and did not (failed, timed out or disconnected)."""
+        return {name: len(site["missed"]) for name, site in self.sites.items()}
+
     def trained_without(self) -> dict[str, dict[str, str]]:
         """``{site: {round: reason}}`` for every site some round went without."""
         return {name: site["missed"] for name, site in sorted(self.sites.items()) if site["missed"]}

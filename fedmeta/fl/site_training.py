@@ -144,9 +144,12 @@ def outgoing_update(config: RunConfig, update: FlatState, partition: int) -> Fla
 
     Partitions listed in ``simulation.byzantine_sites`` play attackers here
     (chaos testing): they skip clipping and send ``-10 x`` their update
-    (``sign_flip``) or standard normal noise of the same shapes (``noise``).
+    (``sign_flip``) or standard normal noise of the same shapes (``noise``);
+    those in ``simulation.free_riders`` send zeros (and still claim their examples).
     """
     sim = config.simulation
+    if partition in sim.free_riders:
+        return {k: torch.zeros_like(t) for k, t in update.items()}
     if partition not in sim.byzantine_sites and not all(bool(torch.isfinite(t).all()) for t in update.values()):
         # The server drops a non-finite update it can see, but under SecAgg+ it sees only the sum, which one
         # NaN would ruin (and a NaN norm passes clipping). The site sits the round out instead.

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, group_updates, head_task, select_for_tasks, weighted_mean
 from fedmeta.fl.compression import BROADCAST_LAYOUT, dense_bytes, encode_broadcast, keys_digest, make_codec
+from fedmeta.fl import contributions
 from fedmeta.fl import exchange as wire
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.exchange import TooFewSitesError, short_reason, wait_for_nodes
@@ -110,6 +111,7 @@ class MetaStrategy(Strategy):
         c = config.compression
         self.codec = make_codec(c.upload, c.topk_ratio, c.error_feedback)
         self.refused_groups: list[str] = []  # groups a robust rule could not combine in the last round
+        self.round_contributions: dict[str, tuple[float, float]] | None = None  # the last aggregated round's (value, se) per site
 
     def summary(self) -> None:
         c = self.config
@@ -286,7 +288,7 @@ class MetaStrategy(Strategy):
 
     def aggregate_secure(self, server_round: int, secure: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The server step from a SecAgg+ round: only the sums of the updates and of their weights are known."""
-        self.site_rows, self.evaluation_rows = [], []
+        self.site_rows, self.evaluation_rows, self.round_contributions = [], [], None
         dropped = len(secure.nodes) - len(secure.replies)
         self.failures = [f"{dropped} site(s) dropped out of the SecAgg+ protocol"] if dropped else []
         for node, metrics in secure.replies:
@@ -307,11 +309,15 @@ class MetaStrategy(Strategy):
                 continue
             noise = secure_normal(tuple(total.shape), std) if std else 0.0
             mean[key] = ((total + noise) / weights[key]).float()
+        if self.config.contributions.enabled:
+            # Self-reported (fedmeta.fl.contributions): the server cannot see one site's update to score it.
+            self.round_contributions = {row["site"]: (float(row[contributions.SELF_SCORE]), 0.0) for row in self.site_rows if contributions.SELF_SCORE in row}
         metrics = {"loss": round_loss([m for _, m in secure.replies]), "sites": len(secure.replies), "failed_sites": dropped,
                    "broadcast_bytes": secure.broadcast_bytes, "broadcast_dense_bytes": secure.broadcast_dense_bytes}
         return ArrayRecord(self.optimizer.step(self.current, mean)), MetricRecord(metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.round_contributions = None
         good = self._good_replies(server_round, replies, "train")
         if len(good) < self.config.server.min_sites:
             log.warning(
@@ -329,6 +335,8 @@ class MetaStrategy(Strategy):
             log.warning("round %d: the body could not be combined (%s); nothing aggregated", server_round, "; ".join(self.refused_groups))
             return None, None
         new_state = self.optimizer.step(self.current, combined)
+        if self.config.contributions.enabled:
+            self.round_contributions = self.attribute(server_round, accepted)
         metrics = MetricRecord(
             {
                 "loss": round_loss([r.content["metrics"] for r, _ in accepted]),
@@ -341,6 +349,26 @@ class MetaStrategy(Strategy):
             }
         )
         return ArrayRecord(new_state), metrics
+
+    def attribute(self, server_round: int, accepted: list[tuple[Message, SiteUpdate]]) -> dict[str, tuple[float, float]]:
+        """Each site's Shapley value in this round, scored by the other sites' validation gradients (:mod:`fedmeta.fl.contributions`).
+
+        A gradient with keys or shapes the model does not have, or non-finite
+        entries, is not used (its site scores nobody) and the site is named.
+        """
+        shapes = {k: tuple(v.shape) for k, v in self.current.items()}
+        gradients = {}
+        for reply, update in accepted:
+            if contributions.GRADIENT not in reply.content.array_records:
+                continue
+            gradient = reply.content[contributions.GRADIENT].to_torch_state_dict()
+            if not gradient or any(shapes.get(k) != tuple(g.shape) or not torch.isfinite(g).all() for k, g in gradient.items()):
+                log.warning("round %d: site %s sent a misshapen or non-finite validation gradient; it scores no site this round", server_round, update.site)
+                continue
+            gradients[update.site] = gradient
+        c = self.config.contributions
+        rng = random.Random(f"fedmeta-contributions/{self.config.seed}/{server_round}")
+        return contributions.round_values([u for _, u in accepted], gradients, lambda us: self.combined(us)[0], self.config.server.lr, c.samples, rng, c.truncation)
 
     def _site_updates(self, server_round: int, replies: list[Message]) -> list[tuple[Message, SiteUpdate]]:
         """Each reply with its decoded update; a reply whose keys or shapes do not fit the model it was sent is dropped."""
@@ -376,21 +404,25 @@ class MetaStrategy(Strategy):
         noise under DP (no noise when ``noise_multiplier`` is 0), else the
         example-weighted mean.
         """
+        combined, self.refused_groups = self.combined(updates)
+        for reason in self.refused_groups:
+            log.warning("%s rule: not updated this round: %s", self.config.aggregation.rule, reason)
+        return combined
+
+    def combined(self, updates: list[SiteUpdate]) -> tuple[FlatState | None, list[str]]:
+        """:meth:`combine` without its log lines: the update (None when the body cannot be combined) and the groups a robust rule refused."""
         privacy, agg = self.config.privacy, self.config.aggregation
         if privacy.enabled:
             updates = [SiteUpdate(u.site, clip_update(u.update, privacy.clip_norm)[0], u.examples) for u in updates]
         groups = group_updates(updates)
-        self.refused_groups = []
         if agg.rule != "mean":
-            combined, self.refused_groups = robust_mean(groups, agg.rule, agg.trim_fraction, agg.byzantine_sites, agg.multikrum_select)
-            for reason in self.refused_groups:
-                log.warning("%s rule: not updated this round: %s", agg.rule, reason)
+            combined, refused = robust_mean(groups, agg.rule, agg.trim_fraction, agg.byzantine_sites, agg.multikrum_select)
             if any(g.task is None for g in groups) and not any(head_task(k) is None for k in combined):
-                return None
-            return combined
+                return None, refused
+            return combined, refused
         if privacy.enabled:
-            return noisy_mean(groups, privacy.noise_multiplier * privacy.clip_norm)
-        return weighted_mean(groups)
+            return noisy_mean(groups, privacy.noise_multiplier * privacy.clip_norm), []
+        return weighted_mean(groups), []
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
         """Per-site metric rows of the good evaluation replies."""
@@ -404,8 +436,8 @@ class MetaStrategy(Strategy):
 
 def reply_bytes(reply: Message) -> int:
     """What a training reply carries, as Flower counts it: the update's arrays, the site record (a compressed
-    update's key list travels there) and the metrics."""
-    return sum(reply.content[name].count_bytes() for name in ("arrays", "site", "metrics") if name in reply.content)
+    update's key list travels there), the metrics and, with contributions on, the validation gradient."""
+    return sum(reply.content[name].count_bytes() for name in ("arrays", "site", "metrics", contributions.GRADIENT) if name in reply.content)
 
 
 def mean_site_metrics(rows: list[dict]) -> dict[str, float]:
