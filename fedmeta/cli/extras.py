@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-SERVING_COMMANDS = frozenset({"serve", "predict", "models", "keys", "version"})
+SERVING_COMMANDS = frozenset({"serve", "predict", "models", "keys", "version", "contributions"})
 TRAINING_COMMANDS = frozenset({"synth", "schema", "train", "heads", "personalize", "demo", "evaluate", "report", "certs", "launch", "sites"})
 TRAINING_EXTRA = "train"
 INSTALL_TRAINING = 'pip install "fedmeta[train]"'

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
+from fedmeta.cli.contributions import print_report
 from fedmeta.cli.errors import fail
 from fedmeta.cli.output import ProgressObserver, console
+from fedmeta.fl.contribution_report import REPORT, load_report
 
 
 def train(
@@ -80,6 +82,13 @@ def train(
     console.print(f"base model: {rd.base_model_path}")
     for line in regional_lines(rd.path):
         console.print(line, highlight=False, markup=False)
+    try:
+        report = load_report(rd.path)
+    except ValueError as e:
+        console.print(f"[yellow]{e}[/]", highlight=False)
+    else:
+        if report is not None:
+            print_report(report, f"contributions ({rd.path / REPORT}; fedmeta contributions {rd.path})")
     for line in diverged_sites(observer.sat_out, rd.read_metrics()):
         console.print(f"[yellow]{line}[/]", highlight=False)
     # A site that raised is a fault to fix (a file, a bug): the model lacks its data, so scripts must notice. A site

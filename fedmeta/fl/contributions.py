@@ -48,12 +48,12 @@ import torch
 
 from fedmeta.files import atomic_write_text
 from fedmeta.fl.aggregation import unflatten_state
+from fedmeta.fl.contribution_report import REPORT, to_check  # noqa: F401 (where callers find them)
 from fedmeta.fl.site_training import build_model
 from fedmeta.meta.inner import make_loss
 
 #: Rounds of at most this many sites are computed exactly (2^n coalitions).
 EXACT_MAX = 10
-REPORT = "contributions.json"
 GRADIENT = "contribution-gradient"  # the record of a training reply that carries the site's validation gradient
 SELF_SCORE = "contribution-self"  # the metric of a SecAgg+ reply that carries the site's own score
 FIRST_ORDER = "gtg-shapley, first-order utility (validation gradients of the other sites), median over scorers"
@@ -233,11 +233,6 @@ def record_round(ledger: Ledger, run_dir: str | Path, round_: int, values: Mappi
             examples[row["site"]] = {k.removeprefix("examples."): int(v) for k, v in row.items() if k.startswith("examples.")}
     ledger.add(round_, values, seconds, examples)
     return ledger.save(run_dir, failures)
-
-
-def to_check(report: Mapping) -> list[str]:
-    """Sites whose contribution is confidently negative: the whole interval below zero."""
-    return [site for site, s in report.get("sites", {}).items() if s["ci"][1] < 0]
 
 
 def validation_gradient(config, site, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
