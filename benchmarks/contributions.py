@@ -225,7 +225,7 @@ def own_exact_shapley(players: Sequence[str], value: Callable[[frozenset[str]], 
     """Shapley values by the definition: each player's marginal value, weighted |S|! (n - |S| - 1)! / n! over the coalitions S without it.
 
     >>> own_exact_shapley(["a", "b"], lambda s: {frozenset(): 0, frozenset("a"): 1, frozenset("b"): 3, frozenset("ab"): 6}[s])
-    {'a': 2.0, 'b': 5.0}
+    {'a': 2.0, 'b': 4.0}
     """
     n = len(players)
     out = {}
@@ -291,6 +291,12 @@ def simulate(config: RunConfig, run_dir: Path) -> tuple[float, Path]:
     return seconds, run_dir
 
 
+def training_seconds(run_dir: Path) -> float:
+    """Seconds from the roll call to the end of the last round (``elapsed`` in ``metrics.jsonl``): the run without Ray's start-up."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max(float(r["elapsed"]) for r in rows if r.get("phase") == "train" and r.get("site") == "*" and "elapsed" in r)
+
+
 def base_difference(run_dir: Path, state: FlatState) -> float:
     """The largest absolute difference between a run's base model and ``state``."""
     saved = torch.load(run_dir / "base_model.pt", weights_only=False)["state"]
@@ -337,6 +343,7 @@ def main() -> None:
 
 
 def run(args, work: Path) -> dict:
+    """The federation, the exact values and (unless ``--exact-only``) the two runs; returns the figures."""
     data = work / "data"
     if (data / "schema.json").exists():
         roles = federation_frames(args.sites, args.seed)[2]
@@ -345,40 +352,53 @@ def run(args, work: Path) -> dict:
     config, sites = benchmark_config(data, work / "links", args.seed, args.rounds, args.algorithm)
     names = [s.name for s in sites]
     free_riders = frozenset(name for name in names if roles[name] == FREE_RIDER)
-    free_rider_ids = sorted(names.index(name) for name in free_riders)  # partition ids: sorted site names (fedmeta.fl.sites)
     print(f"{len(sites)} sites, {sum(s.n_rows for s in sites)} rows; {args.rounds} rounds of {config.algorithm.name}, hidden {list(config.model.hidden)}; "
-          f"free rider partition(s) {free_rider_ids}", flush=True)
+          f"free rider(s) {sorted(free_riders)}", flush=True)
 
     from fedmeta.fl.app import initial_state
 
     initial = initial_state(config)
+    cache = work / f"coalitions-{config.algorithm.name}-{args.rounds}r.json"
+    cached = cache.exists()
     started = time.perf_counter()
-    values = coalition_values(config, initial, sites, free_riders, work / f"coalitions-{config.algorithm.name}-{args.rounds}r.json")
+    values = coalition_values(config, initial, sites, free_riders, cache)
     exact, helper = exact_shapley(names, values.__getitem__)
     exact_seconds = time.perf_counter() - started
-    print(f"exact Shapley over {len(values)} coalitions: {exact_seconds:.0f} s (helper: {helper}); v(all) = {values[frozenset(names)]:.4f}", flush=True)
+    print(f"exact Shapley over {len(values)} coalitions: {exact_seconds:.0f} s{' (values partly or wholly from ' + str(cache) + ')' if cached else ''}; "
+          f"helper: {helper}; v(all) = {values[frozenset(names)]:.4f}", flush=True)
     figures: dict = {"sites": len(sites), "rounds": args.rounds, "seed": args.seed, "algorithm": config.algorithm.name,
-                     "exact": {k: round(v, 6) for k, v in exact.items()}, "roles": roles, "exact_helper": helper,
-                     "v_all": round(values[frozenset(names)], 6), "seconds": {"exact": round(exact_seconds, 1)}}
+                     "rows": {s.name: s.n_rows for s in sites}, "roles": roles, "exact": {k: round(v, 6) for k, v in exact.items()},
+                     "exact_helper": helper, "v_all": round(values[frozenset(names)], 6), "exact_from_cache": cached,
+                     "seconds": {"exact": round(exact_seconds, 1)}}
     if args.exact_only:
         print(table(sites, roles, exact, {}))
         return figures
+    grand = train_coalition(config, initial, sites, frozenset(names), free_riders)
+    return {**figures, **estimates(config, work / "runs", sites, roles, exact, grand, figures["seconds"])}
 
-    runs = work / "runs"
-    plain = with_sections(config, simulation={"free_riders": free_rider_ids})
+
+def estimates(config: RunConfig, runs: Path, sites: Sequence[SiteData], roles: Mapping[str, str], exact: Mapping[str, float], grand: FlatState, seconds: dict) -> dict:
+    """The runs with contributions off and on, the on run's estimates against ``exact``, and the off run's model against ``grand``."""
+    names = [s.name for s in sites]
+    free_riders = {name for name in names if roles[name] == FREE_RIDER}
+    plain = with_sections(config, simulation={"free_riders": sorted(names.index(name) for name in free_riders)})  # partition ids: sorted names
     off_s, off_dir = simulate(plain, runs / "off")
     on_s, on_dir = simulate(with_sections(plain, contributions={"enabled": True}), runs / "on")
     report = json.loads((on_dir / "contributions.json").read_text())
     estimate = {site: float(entry["contribution"]) for site, entry in report["sites"].items()}
     print(table(sites, roles, exact, report["sites"]))
-    grand = train_coalition(config, initial, sites, frozenset(names), free_riders)
     difference = base_difference(off_dir, grand)
-    print(f"runs: off {off_s:.1f} s, on {on_s:.1f} s (x{on_s / off_s:.2f}); the grand coalition's retrained model differs from the off run's base model by {difference:.2e} at most")
+    train_off, train_on = training_seconds(off_dir), training_seconds(on_dir)
+    print(f"runs: off {off_s:.1f} s, on {on_s:.1f} s wall (x{on_s / off_s:.2f}); rounds alone {train_off:.1f} s and {train_on:.1f} s (x{train_on / train_off:.2f}); "
+          f"the grand coalition's retrained model differs from the off run's base model by {difference:.2e} at most", flush=True)
     bad = {name for name, role in roles.items() if role != HONEST}
-    figures.update({
+    seconds.update({"run_off": round(off_s, 1), "run_on": round(on_s, 1), "training_off": round(train_off, 1), "training_on": round(train_on, 1)})
+    return {
         "spearman_vs_exact": round(spearman(exact, estimate), 4) if set(estimate) == set(exact) else None,
-        "spearman_exact_vs_rows": round(spearman(exact, {s.name: s.n_rows if roles[s.name] == HONEST else 0 for s in sites}), 4),
+        # How far the ground truth itself follows the known quality: honest sites by rows, the bad ones below them.
+        "spearman_exact_vs_known_quality": round(spearman(exact, {s.name: s.n_rows if roles[s.name] == HONEST else 0 for s in sites}), 4),
         "cost_ratio": round(on_s / off_s, 3),
+        "cost_ratio_training": round(train_on / train_off, 3),
         "free_rider_last": bottom(estimate, 1) <= free_riders,
         "shuffled_last": bottom(estimate, 1) <= {n for n, r in roles.items() if r == SHUFFLED},
         "bad_sites_bottom_two": bottom(estimate, len(bad)) == bad,
@@ -387,9 +407,8 @@ def run(args, work: Path) -> dict:
         "estimate": {k: round(v, 6) for k, v in estimate.items()},
         "ci": {site: entry.get("ci") for site, entry in report["sites"].items()},
         "grand_coalition_vs_run_max_abs": difference,
-    })
-    figures["seconds"].update({"run_off": round(off_s, 1), "run_on": round(on_s, 1)})
-    return figures
+        "seconds": seconds,
+    }
 
 
 if __name__ == "__main__":
