@@ -27,16 +27,19 @@ optimizer (:meth:`fedmeta.fl.strategy.MetaStrategy.aggregate_train`).
 v(S) is the mean over ALL sites of (validation loss of the initial model minus
 that of S's final model) on their held-out rows, the loss being
 :func:`fedmeta.meta.inner.make_loss`'s averaged over a site's tasks weighted by
-rows. The grand coalition's model is checked against the run's base model.
+rows. The values are :func:`fedmeta.fl.contributions.exact_shapley` of v; the
+grand coalition's model is checked against the run's base model.
 
 **Estimates.** Two Flower simulations of the same configuration and seed,
 ``contributions.enabled`` on and off, timed (wall seconds of
-:func:`fedmeta.fl.simulation.run_simulation`; ``cost_ratio`` = on / off); the
-estimates are the on run's ``contributions.json``.
+:func:`fedmeta.fl.simulation.run_simulation`; ``cost_ratio`` = on / off, and
+``cost_ratio_training`` of the rounds alone, without Ray's start-up; with
+``--repeats`` the medians of alternating pairs); the estimates are the on
+run's ``contributions.json``.
 
 Seeds: ``--seed`` 0 is the selection seed, 1 the reported one.
 
-    python benchmarks/contributions.py [--json] [--sites 6] [--rounds 10] [--seed 0] [--algorithm reptile] [--work DIR]
+    python benchmarks/contributions.py [--json] [--sites 6] [--rounds 10] [--seed 0] [--algorithm reptile] [--repeats 1] [--work DIR]
 
 Prints a per-site table (site, rows, quality, exact Shapley, estimate, CI), then
 (``--json``) one JSON line: ``{"spearman_vs_exact": r, "cost_ratio": x,
@@ -49,7 +52,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +71,7 @@ from fedmeta.evaluate.harness import run_config
 from fedmeta.files import atomic_write_json
 from fedmeta.fl.aggregation import FlatState, SiteUpdate, group_updates, make_server_optimizer, select_for_tasks, unflatten_state, weighted_mean
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.contributions import exact_shapley
 from fedmeta.fl.data_defaults import choose as choose_defaults
 from fedmeta.fl.site_training import build_model, local_update
 from fedmeta.fl.sites import prepare_federation
@@ -196,10 +200,6 @@ def utility(config: RunConfig, sites: Sequence[SiteData], initial: FlatState, fi
     return float(np.mean([validation_loss(config, s, initial) - validation_loss(config, s, final) for s in sites]))
 
 
-def coalition_key(coalition: frozenset[str]) -> str:
-    return ",".join(sorted(coalition))
-
-
 def coalition_values(
     config: RunConfig, initial: FlatState, sites: Sequence[SiteData], free_riders: frozenset[str], cache: Path | None = None, progress: Callable[[str], None] = print,
 ) -> dict[frozenset[str], float]:
@@ -210,7 +210,7 @@ def coalition_values(
     coalitions = [frozenset(c) for size in range(len(names) + 1) for c in itertools.combinations(names, size)]
     started = time.perf_counter()
     for i, coalition in enumerate(coalitions, 1):
-        key = coalition_key(coalition)
+        key = ",".join(sorted(coalition))
         if key not in known:
             known[key] = 0.0 if not coalition else utility(config, sites, initial, train_coalition(config, initial, sites, coalition, free_riders))
             if cache is not None:
@@ -219,37 +219,6 @@ def coalition_values(
         if i % 16 == 0 or i == len(coalitions):
             progress(f"  coalitions: {i}/{len(coalitions)} ({time.perf_counter() - started:.0f} s)")
     return values
-
-
-def own_exact_shapley(players: Sequence[str], value: Callable[[frozenset[str]], float]) -> dict[str, float]:
-    """Shapley values by the definition: each player's marginal value, weighted |S|! (n - |S| - 1)! / n! over the coalitions S without it.
-
-    >>> own_exact_shapley(["a", "b"], lambda s: {frozenset(): 0, frozenset("a"): 1, frozenset("b"): 3, frozenset("ab"): 6}[s])
-    {'a': 2.0, 'b': 4.0}
-    """
-    n = len(players)
-    out = {}
-    for p in players:
-        others = [q for q in players if q != p]
-        total = 0.0
-        for size in range(n):
-            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
-            for c in itertools.combinations(others, size):
-                total += weight * (value(frozenset(c) | {p}) - value(frozenset(c)))
-        out[p] = total
-    return out
-
-
-def exact_shapley(players: Sequence[str], value: Callable[[frozenset[str]], float]) -> tuple[dict[str, float], str]:
-    """The feature's exact Shapley helper when it is there (checked against this benchmark's), else this benchmark's; and which was used."""
-    own = own_exact_shapley(players, value)
-    try:
-        from fedmeta.fl.contributions import exact_shapley as feature_exact
-    except ImportError:
-        return own, "benchmarks/contributions.py"
-    feature = {p: float(v) for p, v in feature_exact(players, value).items()}
-    gap = max(abs(feature[p] - own[p]) for p in players)
-    return feature, f"fedmeta.fl.contributions.exact_shapley (max |difference| from this benchmark's: {gap:.1e})"
 
 
 # --------------------------------------------------------------------------
@@ -332,6 +301,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="0 selects, 1 reports")
     parser.add_argument("--algorithm", default="reptile", choices=("reptile", "fomaml", "maml", "metasgd", "fedavg"))
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs (off, on) timed; the cost is the ratio of their medians")
     parser.add_argument("--exact-only", action="store_true", help="retrain the coalitions only (no Flower runs)")
     parser.add_argument("--work", type=Path, help="keep the federation, coalition values and runs here (what is finished is reused)")
     args = parser.parse_args()
@@ -362,37 +332,46 @@ def run(args, work: Path) -> dict:
     cached = cache.exists()
     started = time.perf_counter()
     values = coalition_values(config, initial, sites, free_riders, cache)
-    exact, helper = exact_shapley(names, values.__getitem__)
+    exact = {site: float(v) for site, v in exact_shapley(names, values.__getitem__).items()}
     exact_seconds = time.perf_counter() - started
     print(f"exact Shapley over {len(values)} coalitions: {exact_seconds:.0f} s{' (values partly or wholly from ' + str(cache) + ')' if cached else ''}; "
-          f"helper: {helper}; v(all) = {values[frozenset(names)]:.4f}", flush=True)
+          f"v(all) = {values[frozenset(names)]:.4f}", flush=True)
     figures: dict = {"sites": len(sites), "rounds": args.rounds, "seed": args.seed, "algorithm": config.algorithm.name,
                      "rows": {s.name: s.n_rows for s in sites}, "roles": roles, "exact": {k: round(v, 6) for k, v in exact.items()},
-                     "exact_helper": helper, "v_all": round(values[frozenset(names)], 6), "exact_from_cache": cached,
+                     "v_all": round(values[frozenset(names)], 6), "exact_from_cache": cached,
                      "seconds": {"exact": round(exact_seconds, 1)}}
     if args.exact_only:
         print(table(sites, roles, exact, {}))
         return figures
     grand = train_coalition(config, initial, sites, frozenset(names), free_riders)
-    return {**figures, **estimates(config, work / "runs", sites, roles, exact, grand, figures["seconds"])}
+    return {**figures, **estimates(config, work / "runs", sites, roles, exact, grand, figures["seconds"], args.repeats)}
 
 
-def estimates(config: RunConfig, runs: Path, sites: Sequence[SiteData], roles: Mapping[str, str], exact: Mapping[str, float], grand: FlatState, seconds: dict) -> dict:
-    """The runs with contributions off and on, the on run's estimates against ``exact``, and the off run's model against ``grand``."""
+def estimates(
+    config: RunConfig, runs: Path, sites: Sequence[SiteData], roles: Mapping[str, str], exact: Mapping[str, float], grand: FlatState, seconds: dict, repeats: int = 1,
+) -> dict:
+    """The runs with contributions off and on (``repeats`` pairs, alternating; the median seconds of each), the first on
+    run's estimates against ``exact``, and the first off run's model against ``grand``."""
     names = [s.name for s in sites]
     free_riders = {name for name in names if roles[name] == FREE_RIDER}
     plain = with_sections(config, simulation={"free_riders": sorted(names.index(name) for name in free_riders)})  # partition ids: sorted names
-    off_s, off_dir = simulate(plain, runs / "off")
-    on_s, on_dir = simulate(with_sections(plain, contributions={"enabled": True}), runs / "on")
+    timed = {"off": [], "on": []}
+    for i in range(repeats):
+        for mode, settings in (("off", plain), ("on", with_sections(plain, contributions={"enabled": True}))):
+            timed[mode].append(simulate(settings, runs / (mode if i == 0 else f"{mode}-{i + 1}")))
+    off_dir, on_dir = timed["off"][0][1], timed["on"][0][1]
+    off_s, on_s = (statistics.median(s for s, _ in timed[mode]) for mode in ("off", "on"))
+    train_off, train_on = (statistics.median(training_seconds(d) for _, d in timed[mode]) for mode in ("off", "on"))
     report = json.loads((on_dir / "contributions.json").read_text())
+    repeatable = all(json.loads((d / "contributions.json").read_text())["sites"] == report["sites"] for _, d in timed["on"])
     estimate = {site: float(entry["contribution"]) for site, entry in report["sites"].items()}
     print(table(sites, roles, exact, report["sites"]))
     difference = base_difference(off_dir, grand)
-    train_off, train_on = training_seconds(off_dir), training_seconds(on_dir)
-    print(f"runs: off {off_s:.1f} s, on {on_s:.1f} s wall (x{on_s / off_s:.2f}); rounds alone {train_off:.1f} s and {train_on:.1f} s (x{train_on / train_off:.2f}); "
+    print(f"runs (median of {repeats}): off {off_s:.1f} s, on {on_s:.1f} s wall (x{on_s / off_s:.2f}); rounds alone {train_off:.1f} s and {train_on:.1f} s (x{train_on / train_off:.2f}); "
           f"the grand coalition's retrained model differs from the off run's base model by {difference:.2e} at most", flush=True)
     bad = {name for name, role in roles.items() if role != HONEST}
-    seconds.update({"run_off": round(off_s, 1), "run_on": round(on_s, 1), "training_off": round(train_off, 1), "training_on": round(train_on, 1)})
+    seconds.update({"run_off": round(off_s, 1), "run_on": round(on_s, 1), "training_off": round(train_off, 1), "training_on": round(train_on, 1),
+                    **{f"{mode}_each": [round(s, 1) for s, _ in timed[mode]] for mode in ("off", "on")}})
     return {
         "spearman_vs_exact": round(spearman(exact, estimate), 4) if set(estimate) == set(exact) else None,
         # How far the ground truth itself follows the known quality: honest sites by rows, the bad ones below them.
@@ -407,6 +386,7 @@ def estimates(config: RunConfig, runs: Path, sites: Sequence[SiteData], roles: M
         "estimate": {k: round(v, 6) for k, v in estimate.items()},
         "ci": {site: entry.get("ci") for site, entry in report["sites"].items()},
         "grand_coalition_vs_run_max_abs": difference,
+        "estimates_identical_over_repeats": repeatable,
         "seconds": seconds,
     }
 

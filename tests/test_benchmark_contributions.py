@@ -1,5 +1,5 @@
-"""benchmarks/contributions.py's own pieces (issue 29, item 5): the federation it writes, the coalition retraining
-that gives exact Shapley values, and the Shapley formula; none needs a Flower run or the contributions feature."""
+"""benchmarks/contributions.py's own pieces (issue 29, item 5): the federation it writes, and the coalition retraining
+that gives exact Shapley values; none needs a Flower run or the contributions feature."""
 
 import importlib.util
 from pathlib import Path
@@ -114,9 +114,3 @@ def test_the_written_schema_states_every_statistic_so_runs_and_retraining_encode
     assert schema.unnormalized == []
     assert sorted(p.name for p in tmp_path.glob("*.csv")) == [f"site_{i}.csv" for i in range(6)]
 
-
-def test_exact_shapley_of_the_glove_game(bench):
-    # One left glove, two right ones: a pair is worth 1. By hand: left 2/3, each right 1/6.
-    value = lambda s: float("left" in s and bool(s & {"right1", "right2"}))
-    shapley = bench.own_exact_shapley(["left", "right1", "right2"], value)
-    assert shapley == pytest.approx({"left": 2 / 3, "right1": 1 / 6, "right2": 1 / 6})
