@@ -23,6 +23,11 @@ Roles are ordered, each admitted wherever a smaller one is:
 - ``admin``: also ``POST /v1/models/{version}/promote`` and ``POST
   /v1/models/rollback``, every head job's status, and ``"promote": true`` in
   a head request (which a site policy may also grant departments).
+
+The coordinator console (:mod:`fedmeta.console`) has roles of its own,
+``viewer`` (reads runs) and ``coordinator`` (also launches, stops and resumes
+them), kept in the same file: a console key opens no serving route and a
+serving key no console route.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from serving.errors import ApiError
 KEYS_FILE = "api_keys.json"
 ROLES = ("predict", "department", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
+#: The coordinator console's roles (fedmeta.console), ordered apart: a console key opens no serving route, and a serving key no console route.
+CONSOLE_ROLES = ("viewer", "coordinator")
+CONSOLE_RANK = {role: i for i, role in enumerate(CONSOLE_ROLES)}
 log = logging.getLogger("fedmeta.serving")
 
 
@@ -103,14 +111,14 @@ class KeyStore:
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise KeyManagementError(f"unreadable key file {self.path}: {type(e).__name__}") from None
         for k in keys:
-            if k.role not in RANK or not isinstance(k.sha256, str):
+            if (k.role not in RANK and k.role not in CONSOLE_RANK) or not isinstance(k.sha256, str):
                 raise KeyManagementError(f"unreadable key file {self.path}: key {str(k.id)[:16]!r} has an unknown role or hash")
         return keys
 
     def create(self, name: str, role: str) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and only its hash is stored."""
-        if role not in RANK:
-            raise KeyManagementError(f"role must be one of {list(ROLES)}, got {role!r}")
+        if role not in RANK and role not in CONSOLE_RANK:
+            raise KeyManagementError(f"role must be one of {list(ROLES + CONSOLE_ROLES)}, got {role!r}")
         if not name.strip():
             raise KeyManagementError("a key needs a name (who or what uses it)")
         secret = "fm_" + secrets.token_urlsafe(32)
@@ -173,6 +181,7 @@ class KeyStore:
         key = self._by_hash.get(_digest(secret))
         if key is None:
             raise ApiError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
-        if RANK[key.role] < RANK[role]:
+        ranks = RANK if role in RANK else CONSOLE_RANK
+        if key.role not in ranks or ranks[key.role] < ranks[role]:
             raise ApiError(403, f"this route needs the {role!r} role; key {key.name!r} has {key.role!r}")
         return key

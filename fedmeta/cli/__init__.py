@@ -20,7 +20,7 @@ from __future__ import annotations
 import typer
 
 import fedmeta
-from fedmeta.cli import certs, contributions, demo, deploy, keys, models, personalize, predict, schema, serve, synth, train
+from fedmeta.cli import certs, console as console_cli, contributions, demo, deploy, keys, models, personalize, predict, schema, serve, synth, train
 from fedmeta.cli.errors import FedmetaGroup, fail
 from fedmeta.cli.extras import SERVING_COMMANDS, training_extra_problem
 from fedmeta.cli.output import console
@@ -70,6 +70,7 @@ app.add_typer(synth.app, name="synth")
 app.add_typer(schema.app, name="schema")
 app.command()(train.train)
 app.command("contributions")(contributions.contributions)
+app.command("console")(console_cli.console_command)
 app.add_typer(personalize.heads_app, name="heads")
 app.add_typer(models.app, name="models")
 app.command()(personalize.personalize)

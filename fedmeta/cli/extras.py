@@ -13,7 +13,7 @@ import re
 from importlib import metadata
 
 SERVING_COMMANDS = frozenset({"serve", "predict", "models", "keys", "version", "contributions"})
-TRAINING_COMMANDS = frozenset({"synth", "schema", "train", "heads", "personalize", "demo", "evaluate", "report", "certs", "launch", "sites"})
+TRAINING_COMMANDS = frozenset({"console", "synth", "schema", "train", "heads", "personalize", "demo", "evaluate", "report", "certs", "launch", "sites"})
 TRAINING_EXTRA = "train"
 INSTALL_TRAINING = 'pip install "fedmeta[train]"'
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

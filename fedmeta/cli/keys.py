@@ -15,7 +15,7 @@ app = typer.Typer(help="API keys of the site's prediction server (stored hashed)
 
 @app.command("create")
 def keys_create(
-    role: str = typer.Option(..., "--role", help="What the key may do: predict; department (also head requests); or admin."),
+    role: str = typer.Option(..., "--role", help="What the key may do on the site server: predict; department (also head requests); or admin. On the coordinator console: viewer; or coordinator (also launches and stops runs)."),
     name: str = typer.Option(..., "--name", help="Who or what uses the key (shown in the audit log)."),
     site_home: Path = SITE_HOME_OPTION,
 ) -> None:
