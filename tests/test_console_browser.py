@@ -2,8 +2,9 @@
 
 Signed in with a coordinator key, the test launches a run from the page, watches
 its round advance without a reload, sees every site and a drawn chart, stops it
-from the page (a checkpoint, then "stopped" and a resume button), and checks
-that the page logged no error and asked nothing of any host but the console.
+from the page (a checkpoint, then "stopped" and a resume button), resumes it past
+the round it stopped at and stops it again, and checks that the page logged no
+error and asked nothing of any host but the console.
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ def test_a_coordinator_launches_watches_and_stops_a_run_from_the_page(console, t
             page.wait_for_selector("#resume")
             assert (runs / "trial" / "checkpoint.pt").exists() and not (runs / "trial" / "base_model.pt").exists()
             assert "stopped after round" in (runs / "trial" / "console.log").read_text()
+            stopped_at = int(page.get_attribute("#round", "data-round"))
+
+            page.click("#resume")
+            page.wait_for_function(f"() => Number(document.querySelector('#round').dataset.round) > {stopped_at}", timeout=180_000)
+            page.click("#stop")
+            page.wait_for_selector("[data-status=stopped]", timeout=120_000)
+            assert page.evaluate("window.notReloaded") is True
         finally:
             page.screenshot(path=str(tmp_path / "run-page.png"), full_page=True)
             browser.close()

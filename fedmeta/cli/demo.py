@@ -126,6 +126,12 @@ def _interruptible(work, again: str):
         raise typer.Exit(130) from None
 
 
+def console_hint(runs: Path) -> str:
+    """The commands that open the coordinator console on ``runs`` (a key in a folder of its own, then the console)."""
+    return (f"mkdir -p console-home && fedmeta keys create --role viewer --name me --site-home console-home && "
+            f"fedmeta console --runs {runs} --site-home console-home (then open http://127.0.0.1:8090 and paste the key)")
+
+
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, runs, models and the report."),
     sites: int = typer.Option(47, "--sites", min=3, help="Hospitals to synthesize (a fifth never take part in training)."),
@@ -154,6 +160,7 @@ def demo(
         console.print(f"{out} holds this demo, complete: report {out / 'report.md'}; models: fedmeta models list --site-home {out / 'site-home'}")
     else:
         console.print(f"[bold]fedmeta demo[/]: {sites} hospitals, {rounds} rounds of {algorithm}, K={shots} -> {out}")
+        console.print(f"watch its rounds in a browser, from another terminal: {console_hint(out / 'runs')}", highlight=False, soft_wrap=True)
         result = _interruptible(lambda: run_demo(out, n_sites=sites, rounds=rounds, algorithm=algorithm, shots=shots, seed=seed, hidden=hidden,
                                                  progress=stage_progress(), observer=ProgressObserver), f"fedmeta demo --out {out}" + _flags(settings, quick))
         print_results(out)
