@@ -67,7 +67,7 @@ def live_copy(run: Path, runs: Path) -> tuple[Path, list[dict]]:
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     last = max(r["round"] for r in rows if r["phase"] == "train")
     config = (copy / "config.toml").read_text()
-    (copy / "config.toml").write_text(config.replace(f"rounds = {last}", f"rounds = {last + 1000}", 1))
+    (copy / "config.toml").write_text(config.replace(f"rounds = {last}", f"rounds = {last + 50}", 1))
     (copy / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "engine": "simulation"}))
     template = [r for r in rows if r.get("round") == last or r.get("logged_in_round") == last + 1]
     return copy, template
