@@ -61,6 +61,7 @@ def test_quick_demo_trains_personalizes_registers_reports_and_serves(tmp_path):
     # The printed table is the report's table, at 80 columns too.
     report_rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     printed = " ".join(run.stdout.split())
+    assert f"fedmeta console --runs {out / 'runs'} --site-home console-home" in printed, "how to watch the rounds in the console"
     for row in report_rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] in printed and " ".join(f"{c} {v}" for c, v in zip(("accuracy", "worst 10%"), cells[1:3])) in printed, row
