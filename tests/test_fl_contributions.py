@@ -15,13 +15,13 @@ import random
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.fl import app as site_app
 from fedmeta.fl import contributions
 from fedmeta.fl.aggregation import SiteUpdate, group_updates, weighted_mean
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.run_dir import RunDir
+from tests.grids import ImmediateGrid, act_as_a_flower_task
 
 TASK = "t"
 
@@ -124,36 +124,21 @@ def test_turning_contributions_on_changes_the_digest_but_the_section_left_off_do
 # --- a run on real site code ------------------------------------------------------------------------------
 
 
-class InProcessSites:
-    """A Flower ``Grid`` whose sites are the real ClientApp functions, called in this process (partition i = node i + 1)."""
+class InProcessSites(ImmediateGrid):
+    """Sites that are the real ClientApp functions, called in this process (partition i = node i + 1)."""
 
     def __init__(self, config: RunConfig):
-        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={}) for i in range(config.federation.n_sites)}
-        self.pushed = 0
-        self.pending = {}
+        super().__init__({i + 1: f"partition {i}" for i in range(config.federation.n_sites)})
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(), run_config={}) for node in self.nodes}
 
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            self.pushed += 1
-            mid = f"m{self.pushed}"
-            message.metadata.__dict__["_message_id"] = mid
-            handler = {"train": site_app.train, "evaluate": site_app.evaluate, "query": site_app.roll_call}[message.metadata.message_type]
-            self.pending[mid] = handler(message, self.contexts[message.metadata.dst_node_id])
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.pending.pop(mid) for mid in list(ids) if mid in self.pending]
+    def reply(self, message):
+        handler = {"train": site_app.train, "evaluate": site_app.evaluate, "query": site_app.roll_call}[message.metadata.message_type]
+        return handler(message, self.contexts[message.metadata.dst_node_id])
 
 
 @pytest.fixture(autouse=True)
 def in_a_flower_task(monkeypatch):
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+    act_as_a_flower_task(monkeypatch)
 
 
 def run_config(rounds=3, **extra) -> RunConfig:

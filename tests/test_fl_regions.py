@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.fl.app import initial_state, run_rounds
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.regions import REGION, declared_region, plan_regions, regional_base_path
 from fedmeta.fl.run_dir import RunDir
 from fedmeta.fl.simulation import is_complete
+from tests.grids import ImmediateGrid, act_as_a_flower_task
 from tests.test_fl_asynchronous import TASK, shift
 
 # name -> (update value, region or None)
@@ -31,48 +31,32 @@ SITES = {
 }
 
 
-class RegionalSites:
-    """A Flower ``Grid`` whose sites reply at once: to the roll call with their region, to training with an update of one value."""
+class RegionalSites(ImmediateGrid):
+    """Sites that reply at once: to the roll call with their region, to training with an update of one value."""
 
     def __init__(self, sites: dict[str, tuple[float, str | None]]):
+        super().__init__({node: name for node, name in enumerate(sites, start=1)})
         self.sites = sites
-        self.nodes = {node: name for node, name in enumerate(sites, start=1)}
-        self.pushed = 0
-        self.pending: dict[str, Message] = {}
         self.trained: list[tuple[int, str]] = []  # (round, site) of every training message
 
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            self.pushed += 1
-            mid = f"m{self.pushed}"
-            message.metadata.__dict__["_message_id"] = mid  # what Grid.push_messages does
-            site = self.nodes[message.metadata.dst_node_id]
-            value, region = self.sites[site]
-            content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value})})
-            kind = message.metadata.message_type
-            if kind == "train":
-                self.trained.append((int(message.content["config"]["round"]), site))
-                content["arrays"] = ArrayRecord({k: torch.full_like(v, value) for k, v in message.content["arrays"].to_torch_state_dict().items()})
-            elif kind == "evaluate":
-                content["metrics"] = MetricRecord({"examples." + TASK: 10, f"{TASK}.global.acc": 0.5, f"{TASK}.personalized.acc": value / 100})
-            elif region:  # the roll call
-                content["site"][REGION] = region
-            self.pending[mid] = Message(content=content, reply_to=message)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.pending.pop(mid) for mid in list(ids) if mid in self.pending]
+    def reply(self, message: Message) -> Message:
+        site = self.nodes[message.metadata.dst_node_id]
+        value, region = self.sites[site]
+        content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value})})
+        kind = message.metadata.message_type
+        if kind == "train":
+            self.trained.append((int(message.content["config"]["round"]), site))
+            content["arrays"] = ArrayRecord({k: torch.full_like(v, value) for k, v in message.content["arrays"].to_torch_state_dict().items()})
+        elif kind == "evaluate":
+            content["metrics"] = MetricRecord({"examples." + TASK: 10, f"{TASK}.global.acc": 0.5, f"{TASK}.personalized.acc": value / 100})
+        elif region:  # the roll call
+            content["site"][REGION] = region
+        return Message(content=content, reply_to=message)
 
 
 @pytest.fixture(autouse=True)
 def in_a_flower_task(monkeypatch):
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+    act_as_a_flower_task(monkeypatch)
 
 
 def config(rounds=1, regional_rounds=2, **regions) -> RunConfig:
