@@ -81,6 +81,21 @@ def test_a_site_is_valued_by_the_other_sites_gradients_to_first_order():
     assert {s: round(x, 6) for s, (x, _) in values.items()} == {s: round(float(exact[s]), 6) for s in "abc"}
 
 
+def test_the_mean_rules_closed_form_values_coalitions_as_combining_their_updates_does():
+    torch.manual_seed(0)
+    shapes = {"params.body.w": (4, 3), "params.heads.a.w": (2,), "params.heads.b.w": (3,)}
+    sites = []
+    for i in range(7):  # every third site has no task b: it holds no head b
+        examples = {"a": 10 + 7 * i, **({"b": 5 + i} if i % 3 else {})}
+        sites.append(SiteUpdate(f"s{i}", {k: torch.randn(s) for k, s in shapes.items() if k != "params.heads.b.w" or "b" in examples}, examples))
+    grads = {u.site: {k: torch.randn(s) for k, s in shapes.items()} for u in sites}
+    closed = contributions.round_values(sites, grads, None, 0.5, 1, random.Random(0))
+    combined = contributions.round_values(sites, grads, mean_rule, 0.5, 1, random.Random(0))
+    assert set(closed) == set(combined)
+    for site in closed:
+        assert closed[site] == pytest.approx(combined[site], rel=1e-5, abs=1e-7), site
+
+
 def test_a_site_never_scores_itself_and_one_lying_scorer_cannot_move_the_median():
     honest = {"params.body.w": torch.tensor([1.0, 0.0])}
     grads = {s: honest for s in "abcd"}

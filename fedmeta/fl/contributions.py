@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from fedmeta.files import atomic_write_text
-from fedmeta.fl.aggregation import unflatten_state
+from fedmeta.fl.aggregation import group_updates, unflatten_state
 from fedmeta.fl.contribution_report import REPORT, to_check  # noqa: F401 (where callers find them)
 from fedmeta.fl.site_training import build_model
 from fedmeta.meta.inner import make_loss
@@ -129,17 +129,45 @@ def clipped(update: Mapping[str, torch.Tensor], bound: float) -> dict[str, torch
     return dict(update) if norm <= bound or norm == 0 else {k: t * (bound / norm) for k, t in update.items()}
 
 
+def _mean_game(updates: Sequence, gradients: Mapping[str, Mapping[str, torch.Tensor]], scorers: list[str], lr: float):
+    """The coalition game of the example-weighted mean, from dot products computed once.
+
+    Per group (body, each head), ``g_j . mean(S) = sum_i w_i (g_j . u_i) / sum_i w_i``
+    over S's holders of the group: each ``g_j . u_i`` is computed once, and a
+    coalition costs a few sums instead of combining its updates.
+    """
+    groups = []
+    for group in group_updates(updates):
+        holders = []
+        for u in group.holders:
+            dots = np.array([sum(float((gradients[j][k].double() * u.update[k].double()).sum()) for k in group.keys if k in gradients[j]) for j in scorers])
+            holders.append((u.site, u.weight(group.keys[0]), dots))
+        groups.append(holders)
+
+    def value(coalition: frozenset[str]) -> np.ndarray:
+        total = np.zeros(len(scorers))
+        for holders in groups:
+            inside = [(w, dots) for site, w, dots in holders if site in coalition]
+            weight = sum(w for w, _ in inside)
+            if weight > 0:
+                total += sum(w * dots for w, dots in inside) / weight
+        return lr * total
+
+    return value
+
+
 def round_values(
-    updates: Sequence, gradients: Mapping[str, Mapping[str, torch.Tensor]], combine: Callable[[list], Mapping[str, torch.Tensor] | None],
+    updates: Sequence, gradients: Mapping[str, Mapping[str, torch.Tensor]], combine: Callable[[list], Mapping[str, torch.Tensor] | None] | None,
     lr: float, samples: int, rng: random.Random, truncation: float = 0.01,
 ) -> dict[str, tuple[float, float]]:
     """Each site's ``(value, standard error)`` in one round, from its update and the other sites' validation gradients.
 
     ``updates`` are the round's :class:`~fedmeta.fl.aggregation.SiteUpdate`
     (clipped here to their median norm), ``gradients`` each scoring site's
-    validation gradient by parameter key, ``combine`` the run's rule (None
-    when a coalition cannot be combined: it is worth nothing). A site with no
-    other scorer is valued 0.
+    validation gradient by parameter key, ``combine`` the run's rule (returning
+    None when a coalition cannot be combined: it is worth nothing), or None
+    for the example-weighted mean, computed from dot products (:func:`_mean_game`).
+    A site with no other scorer is valued 0.
     """
     bound = float(np.median([update_norm(u.update) for u in updates])) if updates else 0.0
     bounded = [type(u)(u.site, clipped(u.update, bound), u.examples) for u in updates]
@@ -147,7 +175,7 @@ def round_values(
     players = [u.site for u in bounded]
     by_site = {u.site: u for u in bounded}
 
-    def value(coalition: frozenset[str]) -> np.ndarray:
+    def combined_value(coalition: frozenset[str]) -> np.ndarray:
         if not coalition or not scorers:
             return np.zeros(len(scorers))
         step = combine([by_site[p] for p in players if p in coalition])
@@ -155,6 +183,7 @@ def round_values(
             return np.zeros(len(scorers))
         return np.array([lr * sum(float((gradients[j][k].double() * t.double()).sum()) for k, t in step.items() if k in gradients[j]) for j in scorers])
 
+    value = combined_value if combine is not None else _mean_game(bounded, gradients, scorers, lr)
     if len(players) <= EXACT_MAX:
         per_scorer, sampling = exact_shapley(players, value), {p: np.zeros(len(scorers)) for p in players}
     else:

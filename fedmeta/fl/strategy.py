@@ -368,7 +368,9 @@ class MetaStrategy(Strategy):
             gradients[update.site] = gradient
         c = self.config.contributions
         rng = random.Random(f"fedmeta-contributions/{self.config.seed}/{server_round}")
-        return contributions.round_values([u for _, u in accepted], gradients, lambda us: self.combined(us)[0], self.config.server.lr, c.samples, rng, c.truncation)
+        # The plain mean has a closed form over coalitions; a robust rule is run on each coalition.
+        combine = None if self.config.aggregation.rule == "mean" else (lambda us: self.combined(us)[0])
+        return contributions.round_values([u for _, u in accepted], gradients, combine, self.config.server.lr, c.samples, rng, c.truncation)
 
     def _site_updates(self, server_round: int, replies: list[Message]) -> list[tuple[Message, SiteUpdate]]:
         """Each reply with its decoded update; a reply whose keys or shapes do not fit the model it was sent is dropped."""
