@@ -50,6 +50,7 @@ from fedmeta.evaluate.harness import run_config
 from fedmeta.evaluate.site_scores import shots_for, site_summary
 from fedmeta.files import atomic_write_text
 from fedmeta.fl.config import RunConfig
+from fedmeta.fl.regional_rounds import validation_base_path
 from fedmeta.fl.regions import regional_base_path
 from fedmeta.personalize import choose_personalization, load_base
 from fedmeta.threads import limit_threads
@@ -95,7 +96,7 @@ def train(fed: Federation, run_dir: Path, rounds: int, regional_rounds: int, see
 
 def _personalize(job: tuple) -> tuple[str, float | None, float | None, bool]:
     """One site, flat and hierarchically: ``(group, flat accuracy, hierarchical accuracy, chose a regional candidate)``."""
-    group, site, run_dir, regional_path, seed = job
+    group, site, run_dir, regional_path, validation_path, seed = job
     limit_threads(1)
     base = _base(run_dir)
     trained = base.for_schema(site.schema)
@@ -104,7 +105,8 @@ def _personalize(job: tuple) -> tuple[str, float | None, float | None, bool]:
     hierarchical = flat  # a site with no regional base is personalized exactly as flat
     if regional_path is not None:
         regional = _base(regional_path).for_schema(site.schema)
-        hierarchical = choose_personalization(trained, site, shots=shots_for(site, SHOTS), lr=lr, seed=seed, regional=regional)
+        validation = _base(validation_path).for_schema(site.schema) if validation_path is not None else None
+        hierarchical = choose_personalization(trained, site, shots=shots_for(site, SHOTS), lr=lr, seed=seed, regional=regional, regional_validation=validation)
     chose = hierarchical.steps_selection.get("chosen", "").startswith("regional:")
     return group, held_out_accuracy(flat.metrics, flat.tasks), held_out_accuracy(hierarchical.metrics, hierarchical.tasks), chose
 
@@ -121,7 +123,10 @@ def score(fed: Federation, run_dir: Path, seed: int, workers: int) -> dict:
     for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
         for site in sites:
             region = regions.get(site.name)
-            jobs.append((group, site, run_dir, regional_base_path(run_dir, region) if region else None, seed))
+            regional = regional_base_path(run_dir, region) if region else None
+            # A seen site's regional candidates are validated from its region's base trained without it (fedmeta.fl.regional_rounds).
+            validation = validation_base_path(run_dir, region, site.name) if regional is not None else None
+            jobs.append((group, site, run_dir, regional, validation, seed))
     out: dict = {"seen": {"flat": [], "hierarchical": []}, "unseen": {"flat": [], "hierarchical": []}, "chose_regional": 0, "sites": len(jobs)}
     with ProcessPoolExecutor(workers) as pool:
         for group, flat, hierarchical, chose in pool.map(_personalize, jobs):

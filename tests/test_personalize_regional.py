@@ -5,6 +5,7 @@ import torch
 
 from fedmeta.data import hospital_federation
 from fedmeta.personalize import PersonalizationError, choose_personalization
+from fedmeta.personalize.choice import REGIONAL_ALLOWANCE, pick
 from fedmeta.trained import TrainedModel
 
 
@@ -56,3 +57,34 @@ def test_a_regional_base_with_other_tasks_is_refused(site, untrained):
     narrow = TrainedModel.initial(other.model_copy(update={"tasks": other.tasks[:1]}), hidden=(16, 16))
     with pytest.raises(PersonalizationError, match="regional base's tasks"):
         choose_personalization(untrained, site, seed=0, regional=narrow)
+
+
+def test_a_regional_base_that_only_fits_the_rows_it_learned_is_not_chosen_when_validated_without_them(site, untrained, fitted):
+    # The regional base has learned this site's rows (as a seen site's has); its base without the site teaches nothing.
+    result = choose_personalization(untrained, site, seed=0, regional=fitted, regional_validation=scrambled(untrained))
+    assert not result.steps_selection["chosen"].startswith("regional:")
+    assert result.steps_selection["regional_validation"] == "a base of the region trained without this site"
+
+
+def test_the_chosen_regional_candidate_is_refit_from_the_regional_base_not_its_validation_base(site, untrained, fitted):
+    from_fitted = choose_personalization(untrained, site, seed=0, regional=fitted)
+    validated_on_fitted = choose_personalization(untrained, site, seed=0, regional=scrambled(fitted), regional_validation=fitted)
+    assert validated_on_fitted.steps_selection["chosen"] == from_fitted.steps_selection["chosen"]
+    assert validated_on_fitted.steps_selection["chosen"].startswith("regional:")
+    assert validated_on_fitted.metrics != from_fitted.metrics  # refit from the scrambled regional base, which scores otherwise
+
+
+def test_a_validation_base_without_a_regional_base_is_refused(site, untrained):
+    with pytest.raises(PersonalizationError, match="without the regional base"):
+        choose_personalization(untrained, site, seed=0, regional_validation=untrained)
+
+
+def test_a_regional_candidate_validated_without_the_site_is_taken_if_it_loses_by_less_than_the_allowance():
+    means = {"ditto(λ=10)": {"loss": 0.400, "acc": 0.8}, "regional:ditto(λ=10)": {"loss": 0.400 + REGIONAL_ALLOWANCE - 0.001, "acc": 0.8}}
+    assert pick(means, regional_allowance=REGIONAL_ALLOWANCE) == "regional:ditto(λ=10)"
+    assert pick(means) == "ditto(λ=10)"  # without a validation base, no allowance
+
+
+def test_a_regional_candidate_that_loses_by_more_than_the_allowance_is_not_taken():
+    means = {"ditto(λ=10)": {"loss": 0.400, "acc": 0.8}, "regional:ditto(λ=10)": {"loss": 0.400 + REGIONAL_ALLOWANCE + 0.001, "acc": 0.8}}
+    assert pick(means, regional_allowance=REGIONAL_ALLOWANCE) == "ditto(λ=10)"

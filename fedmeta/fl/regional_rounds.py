@@ -15,6 +15,21 @@ than the global base's for the same noise: fewer sites, less amplification.
 That figure is also what a site of the region has spent over every model the
 run releases (other regions' bases use its rows only through the global base).
 
+Validation bases: a site's choice (:func:`fedmeta.personalize.choose_personalization`)
+scores the regional candidates on validation folds cut from the site's own
+training rows, which the regional base was meta-trained on, with the site
+weighing a quarter or a sixth of it rather than a twenty-fourth of the global
+base: regional candidates look better there than on held-out rows. So each
+region of at most :data:`LEAVE_ONE_OUT_UP_TO` sites also trains, for each of
+its sites, the same rounds without that site
+(``regions/<region>/without/<site>/base_model.pt``, :func:`validation_base_path`):
+the base the site's choice scores the regional level with, as if the site were
+new to its region. On ``benchmarks/hierarchy.py``'s selection seed 0 this took
+the seen sites' cost with regions dealt at random from -1.27 points to a gain
+of 0.06 (``docs/benchmarks.md``, "Regions"). Such a base goes to that one site
+only, is not registered, and costs the region's rounds once more per site; its
+privacy account is the region's without the site.
+
 Resuming: a region whose base is on disk for the same global round is kept;
 a region cut short starts again from the global base (its rounds are not
 checkpointed).
@@ -26,6 +41,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -44,6 +60,18 @@ from fedmeta.fl.strategy import MetaStrategy, mean_site_metrics
 from fedmeta.manifest import sha256_file
 
 log = logging.getLogger("flwr.fedmeta")
+
+#: Regions with more sites train no validation bases: there a site weighs little in its region's base, and the cost grows with the sites.
+LEAVE_ONE_OUT_UP_TO = 12
+#: The fewest sites a validation base is trained on (a region of three trains its sites' on two each).
+LEAVE_ONE_OUT_MIN_SITES = 2
+WITHOUT = "without"
+
+
+def validation_base_path(run_dir: str | Path, region: str, site: str) -> Path | None:
+    """The base of ``region`` trained without ``site`` (see the module docstring), or None when the run has none."""
+    path = region_dir(run_dir, region) / WITHOUT / site / "base_model.pt"
+    return path if path.is_file() else None
 
 
 def regional_strategy(strategy: MetaStrategy, sites: list[str], last_round: int) -> MetaStrategy:
@@ -134,6 +162,7 @@ def _train_region(grid, strategy, state, last_round, name, region, folder: RunDi
         log.warning("region %s: %s", name, region.note)
     else:
         _finish(grid, regional, regional_state, done, name, region, folder, config, global_sha, global_evaluation)
+        _train_without_each_site(grid, strategy, state, last_round, name, region, folder, roster, context)
     if hasattr(observer, "region_done"):
         observer.region_done(name, region)
 
@@ -152,6 +181,37 @@ def _finish(
     region.extra = _comparison(region.sites, global_evaluation, [r for r in after if r.get("site") != "*"])
     if region.extra:
         log.info("region %s: on its sites, the global base scores %s; the regional base %s", name, region.extra["global_base"], region.extra["regional_base"])
+
+
+def _train_without_each_site(grid, strategy, state, last_round, name, region, folder: RunDir, roster, context) -> None:
+    """Each site's validation base: the region's rounds again on its other sites (module docstring)."""
+    config = strategy.config
+    if not LEAVE_ONE_OUT_MIN_SITES < len(region.sites) <= LEAVE_ONE_OUT_UP_TO:
+        return
+    for site in region.sites:
+        others = [s for s in region.sites if s != site]
+        without = regional_strategy(strategy, others, last_round)
+        log.info("region %s without %s: %d round(s) on %d site(s), to validate %s's regional candidates", name, site, config.regions.rounds, len(others), site)
+        never = lambda _config, _model_round: False  # noqa: E731 (scored by nobody: only the left-out site's choice uses it)
+        state_without, done = sync_rounds(grid, without, state, last_round + 1, lambda *_: None, _Unobserved(), roster, context, due=never)
+        out = RunDir(folder.path / WITHOUT / site)
+        out.path.mkdir(parents=True, exist_ok=True)
+        lineage = {"level": "region", "region": name, "sites": others, "without": site, "global_round": last_round, "regional_rounds": config.regions.rounds}
+        privacy = without.account.summary() if without.account is not None else None
+        out.save_base_model(state_without, config, done, privacy, without.statistics, lineage)
+
+
+class _Unobserved:
+    """The run's observer while validation bases train: their rounds are not the run's progress."""
+
+    def sites_failed(self, round_: int, failures: list[tuple[str, str]]) -> None:
+        log.warning("round %d (a validation base): %s", round_, "; ".join(f"{s}: {why}" for s, why in failures))
+
+    def evaluated(self, model_round: int, evaluation: dict) -> None:
+        pass
+
+    def round_done(self, round_: int, train: dict | None) -> None:
+        pass
 
 
 class _RegionObserver:
