@@ -55,8 +55,7 @@ from fedmeta.evaluate.harness import run_config
 from fedmeta.evaluate.site_scores import shots_for, site_summary
 from fedmeta.files import atomic_write_text
 from fedmeta.fl.config import RunConfig
-from fedmeta.fl.regional_rounds import validation_base_path
-from fedmeta.fl.regions import regional_base_path
+from fedmeta.fl.regions import regional_base_path, validation_base_path
 from fedmeta.personalize import choose_personalization, load_base
 from fedmeta.threads import limit_threads
 
@@ -93,7 +92,7 @@ def train(fed: Federation, run_dir: Path, rounds: int, regional_rounds: int, see
     from fedmeta.fl.simulation import run_simulation
 
     config = run_config(fed, "reptile", rounds, HIDDEN, seed)
-    config = RunConfig.from_dict({**config.model_dump(mode="json", exclude_none=True), "regions": {"rounds": regional_rounds, "min_sites": 3}})
+    config = RunConfig.from_dict({**config.model_dump(mode="json", exclude_none=True), "regions": {"rounds": regional_rounds, "min_sites": 3, "validation_bases": True}})
     if not (run_dir / "regions.json").exists():
         run_simulation(config, run_dir, resume=(run_dir / "checkpoint.pt").exists())
     return run_dir

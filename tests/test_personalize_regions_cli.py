@@ -155,3 +155,18 @@ def test_a_registered_global_version_with_region_starts_from_that_regions_regist
     assert "from region north's base" in " ".join(result.output.split())
     registry = SiteHome(home).registry
     assert len(registry.versions(kind="base")) == 2 and registry.current("hospital_000").parent == 2
+
+
+def test_a_seen_site_validates_the_regional_level_with_the_base_trained_without_it_when_the_run_has_one(tmp_path, hospitals, regional_run, north_home):
+    run = tmp_path / "run"
+    shutil.copytree(regional_run, run)
+    without = region_dir(run, "north") / "without" / "hospital_002"
+    without.mkdir(parents=True)
+    shutil.copy(region_dir(run, "north") / "base_model.pt", without / "base_model.pt")
+    result = personalize(tmp_path / "home", hospitals, run)
+    assert result.exit_code == 0, result.output
+    home = SiteHome(tmp_path / "home")
+    chosen = home.load(home.registry.current("hospital_002"))[0].training["steps_selection"]
+    assert chosen["regional_validation"] == "a base of the region trained without this site" and chosen["regional_allowance"] > 0
+    control = SiteHome(north_home)
+    assert control.load(control.registry.current("hospital_002"))[0].training["steps_selection"]["regional_validation"] == "the regional base"

@@ -142,6 +142,7 @@ def personalize(
 
     from fedmeta.data import Schema, load_site
     from fedmeta.personalize import choose_personalization, load_base, load_regional_base, publish, register_base
+    from fedmeta.personalize.regional import load_validation_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.personalize.choice import REGIONAL
     from fedmeta.registry import SiteHome
@@ -181,9 +182,11 @@ def personalize(
                 "drop --shots, add few_shot to --candidates, or adapt on K shots with --mode all, head or metasgd"
             )
         if choosing:
+            validation = None if region_name is None else load_validation_base(base, site_data.name, region_name)
             result = choose_personalization(
                 global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed,
                 candidates=weighed, regional=None if regional is None else regional.for_schema(site_data.schema),
+                regional_validation=None if validation is None else validation.for_schema(site_data.schema),
             )
         else:
             result = run_personalize(

@@ -243,6 +243,7 @@ class RegionsConfig(_Section):
 
     rounds: int = Field(20, ge=0, description="rounds of meta-training per region after the global rounds, on that region's sites only (0: no regional level)")
     min_sites: int = Field(3, ge=1, description="a region with fewer connected sites keeps the global base (and the run says so)")
+    validation_bases: bool = Field(False, description="each region of at most 12 sites also trains its rounds once without each site, for that site's choice to validate the regional level on (experimental: costs the region's rounds once more per site)")
 
 
 class ContributionsConfig(_Section):
@@ -308,6 +309,11 @@ class RunConfig(_Section):
             raise ValueError(
                 "secure.secagg cannot run with asynchronous.enabled yet: SecAgg+ masks one fixed cohort together, "
                 "and a buffer fills from sites that started at different times on different models; use synchronous rounds"
+            )
+        if self.regions.validation_bases and self.privacy.enabled:
+            raise ValueError(
+                "regions.validation_bases cannot run with privacy.clip_norm: each validation base is one more release of its "
+                "region's other sites that their privacy account does not charge"
             )
         if self.contributions.enabled and self.privacy.enabled:
             raise ValueError(

@@ -15,14 +15,15 @@ than the global base's for the same noise: fewer sites, less amplification.
 That figure is also what a site of the region has spent over every model the
 run releases (other regions' bases use its rows only through the global base).
 
-Validation bases: a site's choice (:func:`fedmeta.personalize.choose_personalization`)
+Validation bases (``[regions] validation_bases = true``, off by default; refused
+with DP, whose account would not charge them): a site's choice (:func:`fedmeta.personalize.choose_personalization`)
 scores the regional candidates on validation folds cut from the site's own
 training rows, which the regional base was meta-trained on, with the site
 weighing a quarter or a sixth of it rather than a twenty-fourth of the global
 base: regional candidates look better there than on held-out rows. So each
 region of at most :data:`LEAVE_ONE_OUT_UP_TO` sites also trains, for each of
 its sites, the same rounds without that site
-(``regions/<region>/without/<site>/base_model.pt``, :func:`validation_base_path`):
+(``regions/<region>/without/<site>/base_model.pt``, :func:`~fedmeta.fl.regions.validation_base_path`):
 the base the site's choice scores the regional level with, as if the site were
 new to its region. On ``benchmarks/hierarchy.py``'s selection seed 0 this took
 the seen sites' cost with regions dealt at random from -1.27 points to a gain
@@ -41,7 +42,6 @@ import copy
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -52,7 +52,7 @@ from fedmeta.fl.aggregation import make_server_optimizer
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.exchange import TooFewSitesError
 from fedmeta.fl.privacy import PrivacyAccount
-from fedmeta.fl.regions import Region, load_regions, plan_regions, region_dir, save_regions
+from fedmeta.fl.regions import WITHOUT, Region, load_regions, plan_regions, region_dir, save_regions
 from fedmeta.fl.roster import Roster
 from fedmeta.fl.rounds import evaluation_rows, sync_rounds
 from fedmeta.fl.run_dir import RunDir
@@ -65,13 +65,6 @@ log = logging.getLogger("flwr.fedmeta")
 LEAVE_ONE_OUT_UP_TO = 12
 #: The fewest sites a validation base is trained on (a region of three trains its sites' on two each).
 LEAVE_ONE_OUT_MIN_SITES = 2
-WITHOUT = "without"
-
-
-def validation_base_path(run_dir: str | Path, region: str, site: str) -> Path | None:
-    """The base of ``region`` trained without ``site`` (see the module docstring), or None when the run has none."""
-    path = region_dir(run_dir, region) / WITHOUT / site / "base_model.pt"
-    return path if path.is_file() else None
 
 
 def regional_strategy(strategy: MetaStrategy, sites: list[str], last_round: int) -> MetaStrategy:
@@ -186,7 +179,7 @@ def _finish(
 def _train_without_each_site(grid, strategy, state, last_round, name, region, folder: RunDir, roster, context) -> None:
     """Each site's validation base: the region's rounds again on its other sites (module docstring)."""
     config = strategy.config
-    if not LEAVE_ONE_OUT_MIN_SITES < len(region.sites) <= LEAVE_ONE_OUT_UP_TO:
+    if not config.regions.validation_bases or not LEAVE_ONE_OUT_MIN_SITES < len(region.sites) <= LEAVE_ONE_OUT_UP_TO:
         return
     for site in region.sites:
         others = [s for s in region.sites if s != site]

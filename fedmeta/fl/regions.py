@@ -109,3 +109,13 @@ def region_of_site(run_dir: str | Path, site: str) -> str | None:
     """The region ``site`` trained in, by the run's ``regions.json``; None when it declared none."""
     regions = load_regions(run_dir) or {"regions": {}}
     return next((name for name, entry in regions["regions"].items() if site in entry["sites"]), None)
+
+
+#: Where a region's validation bases live: ``regions/<region>/without/<site>/`` (:mod:`fedmeta.fl.regional_rounds`).
+WITHOUT = "without"
+
+
+def validation_base_path(run_dir: str | Path, region: str, site: str) -> Path | None:
+    """The base of ``region`` trained without ``site`` (``[regions] validation_bases``), or None when the run has none."""
+    path = region_dir(run_dir, region) / WITHOUT / site / "base_model.pt"
+    return path if path.is_file() else None

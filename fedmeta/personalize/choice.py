@@ -208,7 +208,7 @@ def choose_personalization(
     them. A site whose region teaches nothing keeps a global candidate.
 
     ``regional_validation``: for a site that trained in its region, the
-    region's base trained without it (:func:`~fedmeta.fl.regional_rounds.validation_base_path`).
+    region's base trained without it (:func:`~fedmeta.fl.regions.validation_base_path`).
     The regional candidates are then fitted from it on the folds, so that the
     folds (the site's own training rows) score the level as rows the regional
     base never saw; the one chosen is refit from ``regional``. Without it the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fedmeta.fl.regions import REGIONS_FILE, load_regions, regional_base_path, region_of_site
+from fedmeta.fl.regions import REGIONS_FILE, load_regions, region_of_site, regional_base_path, validation_base_path
 from fedmeta.personalize.base import BASE_FILE, GlobalBase, PersonalizationError, read_base
 from fedmeta.registry import RegistryError, SiteHome, parse_version
 
@@ -68,6 +68,13 @@ def load_regional_base(
     if not path.is_file():
         raise PersonalizationError(f"{path}: region {region}'s base is missing, though {folder / REGIONS_FILE} says it was trained")
     return read_base(path.read_bytes(), str(path))
+
+
+def load_validation_base(source: str | Path, site_name: str, region: str) -> GlobalBase | None:
+    """The base of ``region`` trained without ``site_name`` (``[regions] validation_bases``), when ``source`` is a run folder that has one."""
+    folder = _run_folder(source)
+    path = validation_base_path(folder, region, site_name) if folder is not None else None
+    return None if path is None else read_base(path.read_bytes(), str(path))
 
 
 def _registered(source: str | Path, region: str | None, home: SiteHome | None) -> GlobalBase | None:
