@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from fedmeta.meta.inner import make_loss
 EXACT_MAX = 10
 GRADIENT = "contribution-gradient"  # the record of a training reply that carries the site's validation gradient
 SELF_SCORE = "contribution-self"  # the metric of a SecAgg+ reply that carries the site's own score
+log = logging.getLogger("flwr.fedmeta")
 FIRST_ORDER = "gtg-shapley, first-order utility (validation gradients of the other sites), median over scorers"
 SELF_SCORED = "site-side self-scored first-order gain (SecAgg+: the server sees only sums)"
 
@@ -198,6 +200,31 @@ def round_values(
         spread = 1.2533 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
         out[p] = (float(np.median(values)), math.hypot(spread, float(np.median(np.asarray(sampling[p], float)[others]))))
     return out
+
+
+def attribute(strategy, server_round: int, accepted: Sequence) -> dict[str, tuple[float, float]]:
+    """Each site's Shapley value in a round the strategy (:class:`~fedmeta.fl.strategy.MetaStrategy`) aggregated, scored by the other sites' validation gradients.
+
+    ``accepted`` pairs each good reply with its update. A gradient with keys or
+    shapes the model does not have, or non-finite entries, is not used (its
+    site scores nobody) and the site is named.
+    """
+    shapes = {k: tuple(v.shape) for k, v in strategy.current.items()}
+    gradients = {}
+    for reply, update in accepted:
+        if GRADIENT not in reply.content.array_records:
+            continue
+        gradient = reply.content[GRADIENT].to_torch_state_dict()
+        if not gradient or any(shapes.get(k) != tuple(g.shape) or not torch.isfinite(g).all() for k, g in gradient.items()):
+            log.warning("round %d: site %s sent a misshapen or non-finite validation gradient; it scores no site this round", server_round, update.site)
+            continue
+        gradients[update.site] = gradient
+    config = strategy.config
+    c = config.contributions
+    rng = random.Random(f"fedmeta-contributions/{config.seed}/{server_round}")
+    # The plain mean has a closed form over coalitions; a robust rule is run on each coalition.
+    combine = None if config.aggregation.rule == "mean" else (lambda us: strategy.combined(us)[0])
+    return round_values([u for _, u in accepted], gradients, combine, config.server.lr, c.samples, rng, c.truncation)
 
 
 class Ledger:

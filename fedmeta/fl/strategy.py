@@ -336,7 +336,7 @@ class MetaStrategy(Strategy):
             return None, None
         new_state = self.optimizer.step(self.current, combined)
         if self.config.contributions.enabled:
-            self.round_contributions = self.attribute(server_round, accepted)
+            self.round_contributions = contributions.attribute(self, server_round, accepted)
         metrics = MetricRecord(
             {
                 "loss": round_loss([r.content["metrics"] for r, _ in accepted]),
@@ -349,28 +349,6 @@ class MetaStrategy(Strategy):
             }
         )
         return ArrayRecord(new_state), metrics
-
-    def attribute(self, server_round: int, accepted: list[tuple[Message, SiteUpdate]]) -> dict[str, tuple[float, float]]:
-        """Each site's Shapley value in this round, scored by the other sites' validation gradients (:mod:`fedmeta.fl.contributions`).
-
-        A gradient with keys or shapes the model does not have, or non-finite
-        entries, is not used (its site scores nobody) and the site is named.
-        """
-        shapes = {k: tuple(v.shape) for k, v in self.current.items()}
-        gradients = {}
-        for reply, update in accepted:
-            if contributions.GRADIENT not in reply.content.array_records:
-                continue
-            gradient = reply.content[contributions.GRADIENT].to_torch_state_dict()
-            if not gradient or any(shapes.get(k) != tuple(g.shape) or not torch.isfinite(g).all() for k, g in gradient.items()):
-                log.warning("round %d: site %s sent a misshapen or non-finite validation gradient; it scores no site this round", server_round, update.site)
-                continue
-            gradients[update.site] = gradient
-        c = self.config.contributions
-        rng = random.Random(f"fedmeta-contributions/{self.config.seed}/{server_round}")
-        # The plain mean has a closed form over coalitions; a robust rule is run on each coalition.
-        combine = None if self.config.aggregation.rule == "mean" else (lambda us: self.combined(us)[0])
-        return contributions.round_values([u for _, u in accepted], gradients, combine, self.config.server.lr, c.samples, rng, c.truncation)
 
     def _site_updates(self, server_round: int, replies: list[Message]) -> list[tuple[Message, SiteUpdate]]:
         """Each reply with its decoded update; a reply whose keys or shapes do not fit the model it was sent is dropped."""
