@@ -47,8 +47,11 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from fedmeta.data.federation import discover_sites
 from fedmeta.data.hospitals import regional_hospital_frames, write_hospital_federation
+from fedmeta.data.site import SiteData
 from fedmeta.data.synthetic import write_federation
 from fedmeta.evaluate.federations import Federation, folder_federation
 from fedmeta.evaluate.harness import run_config
@@ -61,12 +64,21 @@ from fedmeta.threads import limit_threads
 
 HIDDEN = (64, 64)
 SHOTS = 10
+GROUPS = ("seen", "unseen", "new")
 
 
 def held_out_accuracy(metrics: dict[str, float], tasks: list[str]) -> float | None:
     """A site's personalized held-out accuracy, the mean over its classification tasks (None without one)."""
     per_task = {t: {k.split(".")[2]: v for k, v in metrics.items() if k.startswith(f"{t}.personalized.")} for t in tasks}
     return site_summary(per_task).get("acc")
+
+
+def as_new_site(site: SiteData, rows: int, seed: int) -> SiteData:
+    """The site as a new one: ``rows`` of its training rows (drawn with ``seed`` and its name), the same held-out rows."""
+    rng = np.random.default_rng([seed, 28, *site.name.encode()])
+    training = np.flatnonzero(~site.test_mask)
+    keep = np.sort(np.concatenate([np.flatnonzero(site.test_mask), rng.choice(training, min(rows, len(training)), replace=False)]))
+    return SiteData(site.name, site.schema, site.x[keep], {t: labels[keep] for t, labels in site.labels.items()}, site.test_mask[keep])
 
 
 def unseen_sites(region_of: dict[str, str], per_region: int, seed: int) -> list[str]:
@@ -110,7 +122,8 @@ def _personalize(job: tuple) -> tuple[str, float | None, float | None, bool]:
     if regional_path is not None:
         regional = _base(regional_path).for_schema(site.schema)
         validation = _base(validation_path).for_schema(site.schema) if validation_path is not None else None
-        hierarchical = choose_personalization(trained, site, shots=shots_for(site, SHOTS), lr=lr, seed=seed, regional=regional, regional_validation=validation)
+        hierarchical = choose_personalization(trained, site, shots=shots_for(site, SHOTS), lr=lr, seed=seed, regional=regional,
+                                              regional_validation=validation, regional_saw_site=group == "seen")
     chose = hierarchical.steps_selection.get("chosen", "").startswith("regional:")
     return group, held_out_accuracy(flat.metrics, flat.tasks), held_out_accuracy(hierarchical.metrics, hierarchical.tasks), chose
 
@@ -120,21 +133,23 @@ def _base(path: Path):
     return load_base(path)
 
 
-def score(fed: Federation, run_dir: Path, seed: int, workers: int) -> dict:
-    """Every site personalized flat and hierarchically: ``{"seen"|"unseen": {"flat": [...], "hierarchical": [...]}}``, one accuracy per site."""
+def score(fed: Federation, run_dir: Path, seed: int, workers: int, new_site_rows: int) -> dict:
+    """Every site personalized flat and hierarchically: ``{"seen"|"unseen"|"new": {"flat": [...], "hierarchical": [...]}}``,
+    one accuracy per site; ``new`` are the unseen sites again with only ``new_site_rows`` training rows each."""
     regions = {s.name: s.region for folder in (fed.train_dir, fed.unseen_dir) if folder.exists() and any(folder.iterdir()) for s in discover_sites(folder)}
     jobs = []
-    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+    new = [as_new_site(site, new_site_rows, seed) for site in fed.unseen] if new_site_rows else []
+    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen), ("new", new)):
         for site in sites:
             region = regions.get(site.name)
             regional = regional_base_path(run_dir, region) if region else None
             # A seen site's regional candidates are validated from its region's base trained without it (fedmeta.fl.regional_rounds).
             validation = validation_base_path(run_dir, region, site.name) if regional is not None else None
             jobs.append((group, site, run_dir, regional, validation, seed))
-    out: dict = {"seen": {"flat": [], "hierarchical": []}, "unseen": {"flat": [], "hierarchical": []}, "chose_regional": 0, "sites": len(jobs)}
+    out: dict = {g: {"flat": [], "hierarchical": []} for g in GROUPS} | {"chose_regional": 0, "sites": len(fed.seen) + len(fed.unseen), "new_chose_regional": 0}
     with ProcessPoolExecutor(workers) as pool:
         for group, flat, hierarchical, chose in pool.map(_personalize, jobs):
-            out["chose_regional"] += chose
+            out["new_chose_regional" if group == "new" else "chose_regional"] += chose
             for label, acc in (("flat", flat), ("hierarchical", hierarchical)):
                 if acc is not None:
                     out[group][label].append(acc)
@@ -157,13 +172,15 @@ def run_seed(work: Path, seed: int, args) -> dict:
         started = time.perf_counter()
         run_dir = train(fed, folder / "run", args.rounds, args.regional_rounds, seed)
         trained_s = time.perf_counter() - started
-        scores = score(fed, run_dir, seed, args.workers)
+        scores = score(fed, run_dir, seed, args.workers, args.new_site_rows)
         figures[kind] = scores
-        means = {g: {k: round(statistics.mean(v), 4) for k, v in scores[g].items()} for g in ("seen", "unseen")}
+        means = {g: {k: round(statistics.mean(v), 4) for k, v in scores[g].items() if v} for g in GROUPS}
+        new = (f"; new sites ({args.new_site_rows} rows) flat {means['new']['flat']:.4f} hierarchical {means['new']['hierarchical']:.4f}, "
+               f"{scores['new_chose_regional']} of {len(scores['new']['flat'])} regional") if args.new_site_rows else ""
         print(
             f"seed {seed}, {kind}: seen flat {means['seen']['flat']:.4f} hierarchical {means['seen']['hierarchical']:.4f}; "
             f"unseen flat {means['unseen']['flat']:.4f} hierarchical {means['unseen']['hierarchical']:.4f}; "
-            f"{scores['chose_regional']} of {scores['sites']} sites chose a regional candidate; trained in {trained_s:.0f} s",
+            f"{scores['chose_regional']} of {scores['sites']} sites chose a regional candidate{new}; trained in {trained_s:.0f} s",
             flush=True,
         )
     return figures
@@ -175,9 +192,9 @@ def summary(per_seed: list[dict]) -> dict:
     for kind in per_seed[0]:
         out[kind] = {
             group: {label: round(statistics.mean(statistics.mean(s[kind][group][label]) for s in per_seed), 4) for label in ("flat", "hierarchical")}
-            for group in ("seen", "unseen")
+            for group in GROUPS if per_seed[0][kind][group]["flat"]
         }
-        for group in ("seen", "unseen"):
+        for group in out[kind]:
             out[kind][group]["gain_points"] = round(100 * (out[kind][group]["hierarchical"] - out[kind][group]["flat"]), 2)
     return out
 
@@ -193,13 +210,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[4])
     parser.add_argument("--workers", type=int, default=2, help="sites personalized at once (one torch thread each)")
     parser.add_argument("--only", nargs="+", choices=("regional", "random_regions"), default=["regional", "random_regions"])
+    parser.add_argument("--new-site-rows", type=int, default=30,
+                        help="also score the unseen sites as new ones, with only this many training rows each (0: not)")
     parser.add_argument("--work", type=Path, help="keep the federations and runs here (a finished run is scored again, not retrained)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedmeta-hierarchy-") as tmp:
         work = args.work or Path(tmp)
         per_seed = [run_seed(work, seed, args) for seed in args.seeds]
     figures = {**summary(per_seed), "seeds": args.seeds, "sites": args.sites, "regions": args.regions, "unseen_per_region": args.unseen,
-               "rounds": args.rounds, "regional_rounds": args.regional_rounds}
+               "rounds": args.rounds, "regional_rounds": args.regional_rounds, "new_site_rows": args.new_site_rows}
     print(f"mean over seeds {args.seeds}: {json.dumps({k: figures[k] for k in args.only})}")
     if args.json:
         print(json.dumps(figures))

@@ -36,7 +36,7 @@ families too). With ``--json`` the last line is
 ``{"benchmarks": {"name@seed": {"methods": {method: {"acc", "worst10"}}, "choices": {...}}}}``.
 It prints figures; it asserts nothing.
 
-    python benchmarks/personalization.py [--fresh] [--rounds 20] [--shots 5] [--algorithms reptile] [--only hospitals "fedprox(1,1)"] [--peers] [--json] [--work DIR]
+    python benchmarks/personalization.py [--fresh] [--rounds 20] [--shots 5] [--algorithms reptile] [--only hospitals "fedprox(1,1)"] [--seeds N | --seed S] [--peers] [--json] [--work DIR]
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help=f"benchmark names, from {list(BENCHMARKS)}")
     parser.add_argument("--fresh", action="store_true", help="the fresh seeds (for reporting only) instead of the selection seeds")
     parser.add_argument("--seeds", type=int, default=None, help="only the first N seeds of each benchmark")
+    parser.add_argument("--seed", type=int, default=None, help="only this one of each benchmark's seeds (e.g. the fresh 1002)")
     parser.add_argument("--peers", action="store_true", help="the personalized-FL peers on the generator families too")
     parser.add_argument("--previous", action="store_true", help="also the previous default (Ditto and the site's linear model, by validation loss)")
     parser.add_argument("--json", action="store_true")
@@ -113,7 +114,9 @@ def main() -> None:
     report = {}
     for name in chosen:
         seeds = FRESH_SEEDS if args.fresh else SELECTION[name]
-        for seed in seeds[: args.seeds]:
+        if args.seed is not None and args.seed not in seeds:
+            raise SystemExit(f"--seed {args.seed} is not one of the {'fresh' if args.fresh else 'selection'} seeds of {name}: {list(seeds)}")
+        for seed in seeds[: args.seeds] if args.seed is None else (args.seed,):
             started = time.perf_counter()
             label = f"{name}@{seed}"
             out = work / label.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "").replace("α", "a").replace("@", "_seed")
