@@ -37,4 +37,6 @@ def test_validation_bases_are_off_by_default_and_refused_with_differential_priva
     run_rounds(RegionalSites(SITES), config(), RunDir(tmp_path))
     assert not any(validation_base_path(tmp_path, "north", s) for s in "abc")
     with pytest.raises(ConfigError, match="regions.validation_bases cannot run with privacy"):
-        RunConfig.from_dict({"regions": {"validation_bases": True}, "privacy": {"clip_norm": 1.0}})
+        RunConfig.from_dict({"regions": {"rounds": 20, "validation_bases": True}, "privacy": {"clip_norm": 1.0}})
+    with pytest.raises(ConfigError, match="regions.validation_bases needs regional bases to validate: set regions.rounds"):
+        RunConfig.from_dict({"regions": {"validation_bases": True}})  # regions.rounds is 0 by default

@@ -101,6 +101,9 @@ def train_regional_bases(
     """
     config = strategy.config
     if not config.regions.rounds:
+        if strategy.site_regions:
+            log.info("sites declare %d region(s); no regional bases: [regions] rounds = 0 (off by default; see docs/training.md#regions)",
+                     len(set(strategy.site_regions.values())))
         return {}
     try:
         connected = set(strategy.population(grid)) if strategy.site_regions else set()
