@@ -5,7 +5,6 @@ import torch
 
 from fedmeta.data import hospital_federation
 from fedmeta.personalize import PersonalizationError, choose_personalization
-from fedmeta.personalize.choice import REGIONAL_ALLOWANCE, pick
 from fedmeta.trained import TrainedModel
 
 
@@ -77,25 +76,3 @@ def test_the_chosen_regional_candidate_is_refit_from_the_regional_base_not_its_v
 def test_a_validation_base_without_a_regional_base_is_refused(site, untrained):
     with pytest.raises(PersonalizationError, match="without the regional base"):
         choose_personalization(untrained, site, seed=0, regional_validation=untrained)
-
-
-def test_a_regional_candidate_validated_without_the_site_is_taken_if_it_loses_by_less_than_the_allowance():
-    means = {"ditto(λ=10)": {"loss": 0.400, "acc": 0.8}, "regional:ditto(λ=10)": {"loss": 0.400 + REGIONAL_ALLOWANCE - 0.001, "acc": 0.8}}
-    assert pick(means, regional_allowance=REGIONAL_ALLOWANCE) == "regional:ditto(λ=10)"
-    assert pick(means) == "ditto(λ=10)"  # without a validation base, no allowance
-
-
-def test_a_regional_candidate_that_loses_by_more_than_the_allowance_is_not_taken():
-    means = {"ditto(λ=10)": {"loss": 0.400, "acc": 0.8}, "regional:ditto(λ=10)": {"loss": 0.400 + REGIONAL_ALLOWANCE + 0.001, "acc": 0.8}}
-    assert pick(means, regional_allowance=REGIONAL_ALLOWANCE) == "ditto(λ=10)"
-
-
-def test_a_site_that_never_trained_in_its_region_gives_the_regional_level_the_allowance(site, fitted):
-    # A regional base equal to the global one: its candidates tie the global ones on every fold, so only the allowance
-    # can make the choice take one, and it must for a site the regional base never saw (a new site of a known region).
-    twin = TrainedModel(fitted.schema, fitted.hidden, {"params": {k: v.clone() for k, v in fitted.params.items()}})
-    new = choose_personalization(fitted, site, seed=0, regional=twin, regional_saw_site=False)
-    assert new.steps_selection["chosen"].startswith("regional:") and new.steps_selection["regional_allowance"] == REGIONAL_ALLOWANCE
-    assert new.steps_selection["regional_validation"] == "the regional base, which never saw this site"
-    seen = choose_personalization(fitted, site, seed=0, regional=twin)  # the control: a site the regional base trained on
-    assert not seen.steps_selection["chosen"].startswith("regional:") and seen.steps_selection["regional_allowance"] == 0.0

@@ -142,7 +142,7 @@ def personalize(
 
     from fedmeta.data import Schema, load_site
     from fedmeta.personalize import choose_personalization, load_base, load_regional_base, publish, register_base
-    from fedmeta.personalize.regional import load_validation_base, trained_in
+    from fedmeta.personalize.regional import load_validation_base
     from fedmeta.personalize import personalize as run_personalize
     from fedmeta.personalize.choice import REGIONAL
     from fedmeta.registry import SiteHome
@@ -187,7 +187,6 @@ def personalize(
                 global_base.for_schema(site_data.schema), site_data, shots=k or defaults["shots"], lr=lr or defaults["lr"], seed=seed,
                 candidates=weighed, regional=None if regional is None else regional.for_schema(site_data.schema),
                 regional_validation=None if validation is None else validation.for_schema(site_data.schema),
-                regional_saw_site=regional is None or trained_in(regional, site_data.name),
             )
         else:
             result = run_personalize(

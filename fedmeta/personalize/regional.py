@@ -77,15 +77,6 @@ def load_validation_base(source: str | Path, site_name: str, region: str) -> Glo
     return None if path is None else read_base(path.read_bytes(), str(path))
 
 
-def trained_in(regional: GlobalBase, site_name: str) -> bool:
-    """Whether ``site_name`` is one of the sites ``regional`` was trained on (its lineage's ``sites``).
-
-    A site personalized under another name than it trained under counts as
-    new: its regional candidates then get the allowance of rows the base never saw.
-    """
-    return site_name in regional.lineage.get("sites", ())
-
-
 def _registered(source: str | Path, region: str | None, home: SiteHome | None) -> GlobalBase | None:
     """The registered base of ``region`` whose parent is the global base version ``source``."""
     if region is None or home is None:
