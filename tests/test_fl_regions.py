@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmeta.fl.app import initial_state, run_rounds
+from fedmeta.fl.app import RoundObserver, initial_state, run_rounds
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.regions import REGION, declared_region, plan_regions, regional_base_path
 from fedmeta.fl.run_dir import RunDir
@@ -99,10 +99,18 @@ def test_a_region_below_the_minimum_keeps_the_global_base_and_says_so(tmp_path):
 def test_regions_are_off_by_default_and_the_run_says_its_sites_declare_some(tmp_path, caplog):
     # Off by default: on the hierarchy benchmark's fresh seeds the regional level cost the sites accuracy (docs/benchmarks.md).
     cfg = RunConfig.from_dict({k: v for k, v in config().model_dump(mode="json", exclude_none=True).items() if k != "regions"})
+    told = {}
+
+    class Observer(RoundObserver):  # `fedmeta train` prints region_done (fedmeta.cli.output)
+        def region_done(self, region, outcome):
+            told[region] = outcome
+
     with caplog.at_level("INFO", logger="flwr.fedmeta"):
-        run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path))
+        run_rounds(RegionalSites(SITES), cfg, RunDir(tmp_path), observer=Observer())
     assert not (tmp_path / "regions.json").exists() and not (tmp_path / "regions").exists()
-    assert "sites declare 3 region(s); no regional bases: [regions] rounds = 0" in caplog.text
+    assert sorted(told) == ["east", "north", "south"] and told["north"].sites == ["a", "b", "c"] and not told["north"].trained
+    assert told["north"].note.startswith("declared by 3 site(s); no regional base: [regions] rounds = 0")
+    assert "region north: declared by 3 site(s); no regional base" in caplog.text
     control = RunDir(tmp_path / "control")  # the same run with regional rounds asked for trains them
     run_rounds(RegionalSites(SITES), config(regional_rounds=1), control)
     assert (control.path / "regions.json").exists() and regional_base_path(control.path, "north") is not None

@@ -101,9 +101,15 @@ def train_regional_bases(
     """
     config = strategy.config
     if not config.regions.rounds:
-        if strategy.site_regions:
-            log.info("sites declare %d region(s); no regional bases: [regions] rounds = 0 (off by default; see docs/training.md#regions)",
-                     len(set(strategy.site_regions.values())))
+        declared: dict[str, list[str]] = {}
+        for site, name in sorted(strategy.site_regions.items()):
+            declared.setdefault(name, []).append(site)
+        for name, sites in sorted(declared.items()):
+            # Told like a region that kept the global base, so the run's output shows it, not only its log.
+            off = Region(sites, note=f"declared by {len(sites)} site(s); no regional base: [regions] rounds = 0 (off by default; docs/training.md#regions)")
+            log.info("region %s: %s", name, off.note)
+            if hasattr(observer, "region_done"):
+                observer.region_done(name, off)
         return {}
     try:
         connected = set(strategy.population(grid)) if strategy.site_regions else set()
