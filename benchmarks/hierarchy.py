@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmeta.data.federation import discover_sites
-from fedmeta.data.hospitals import regional_hospital_frames, write_hospital_federation
+from fedmeta.data.hospitals import outcome_logits, regional_hospital_frames, regional_hospital_truth, write_hospital_federation
 from fedmeta.data.site import SiteData
 from fedmeta.data.synthetic import write_federation
 from fedmeta.evaluate.federations import Federation, folder_federation
@@ -81,6 +81,39 @@ def as_new_site(site: SiteData, rows: int, seed: int) -> SiteData:
     training = np.flatnonzero(~site.test_mask)
     keep = np.sort(np.concatenate([np.flatnonzero(site.test_mask), rng.choice(training, min(rows, len(training)), replace=False)]))
     return SiteData(site.name, site.schema, site.x[keep], {t: labels[keep] for t, labels in site.labels.items()}, site.test_mask[keep])
+
+
+def ceiling(fed: Federation, n_sites: int, seed: int, regions: int) -> dict:
+    """Each group's mean held-out accuracy of its sites' true risk models (``site``) and of their regions' (``region``).
+
+    The truth knows each row's latent severity, which the features show only in part: no model of them passes
+    ``site`` but by the luck of the held-out draws. ``region`` is what a perfect regional level could give a site
+    that adapted nothing. Scored like the benchmark's models: a site's mean over its scored classification tasks.
+    New sites share the unseen sites' held-out rows and so their ceiling.
+    """
+    _, frames, _ = regional_hospital_frames(n_sites, seed, regions)
+    truths = regional_hospital_truth(n_sites, seed, regions)
+    out: dict = {}
+    for group, sites in (("seen", fed.seen), ("unseen", fed.unseen)):
+        per_site: dict[str, list[float]] = {"site": [], "region": []}
+        for site in sites:
+            frame, truth = frames[site.name], truths[site.name]
+            accs: dict[str, list[float]] = {"site": [], "region": []}
+            for task in site.scored_tasks:
+                column = site.schema.task(task)
+                if not column.is_classification:
+                    continue
+                labels = site.labels[task]
+                held_out = site.test_mask & ~np.isnan(labels)
+                for level, risk in (("site", truth.risk), ("region", truth.region_risk)):
+                    predicted = outcome_logits(frame, truth.severity, risk)[column.label] > 0
+                    accs[level].append(float(np.mean(predicted[held_out] == labels[held_out])))
+            if accs["site"]:
+                for level in per_site:
+                    per_site[level].append(statistics.mean(accs[level]))
+        out[group] = {level: round(statistics.mean(v), 4) for level, v in per_site.items()}
+    out["new"] = out["unseen"]
+    return out
 
 
 def unseen_sites(region_of: dict[str, str], per_region: int, seed: int) -> list[str]:
@@ -175,6 +208,10 @@ def run_seed(work: Path, seed: int, args) -> dict:
         trained_s = time.perf_counter() - started
         scores = score(fed, run_dir, seed, args.workers, args.new_site_rows)
         figures[kind] = scores
+        if kind == "regional":
+            figures["ceiling"] = ceiling(fed, args.sites, seed, args.regions)
+            print(f"seed {seed}, ceiling (the true risk models): " + "; ".join(
+                f"{group} site {levels['site']:.4f} region {levels['region']:.4f}" for group, levels in figures["ceiling"].items() if group != "new"), flush=True)
         means = {g: {k: round(statistics.mean(v), 4) for k, v in scores[g].items() if v} for g in GROUPS}
         new = (f"; new sites ({args.new_site_rows} rows) flat {means['new']['flat']:.4f} hierarchical {means['new']['hierarchical']:.4f}, "
                f"{scores['new_chose_regional']} of {len(scores['new']['flat'])} regional") if args.new_site_rows else ""
@@ -188,15 +225,17 @@ def run_seed(work: Path, seed: int, args) -> dict:
 
 
 def summary(per_seed: list[dict]) -> dict:
-    """Mean over seeds of each seed's mean over sites."""
+    """Mean over seeds of each seed's mean over sites; the regional federation's groups carry their ceiling (:func:`ceiling`)."""
     out = {}
-    for kind in per_seed[0]:
+    for kind in (k for k in per_seed[0] if k != "ceiling"):
         out[kind] = {
             group: {label: round(statistics.mean(statistics.mean(s[kind][group][label]) for s in per_seed), 4) for label in ("flat", "hierarchical")}
             for group in GROUPS if per_seed[0][kind][group]["flat"]
         }
         for group in out[kind]:
             out[kind][group]["gain_points"] = round(100 * (out[kind][group]["hierarchical"] - out[kind][group]["flat"]), 2)
+            if kind == "regional":
+                out[kind][group]["ceiling"] = {level: round(statistics.mean(s["ceiling"][group][level] for s in per_seed), 4) for level in ("site", "region")}
     return out
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from fedmeta.cli import app
 from fedmeta.data.federation import discover_sites, site_regions
+from fedmeta.data.hospitals import outcome_logits, regional_hospital_truth
 from fedmeta.data.schema import SchemaError
 from fedmeta.data.synthetic import hospital_federation_frames, regional_hospital_frames, write_hospital_federation
 from fedmeta.evaluate.federations import folder_federation
@@ -146,3 +147,28 @@ def test_synth_hospitals_refuses_regions_outside_two_to_sites_in_one_line(tmp_pa
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: --regions {regions}: a regional federation needs between 2 and --sites (7) regions"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_generated_sites_truth_is_what_drew_its_labels():
+    # Summed over every site and task: the labels are likelier under the site's own risk model than under its region's or a constant rate,
+    # and their count is what the true probabilities predict. A truth drawn from another site or row order fails both.
+    _, frames, _ = regional_hospital_frames(12, seed=1, regions=3)
+    truths = regional_hospital_truth(12, seed=1, regions=3)
+    log_likelihood = {"site": 0.0, "region": 0.0, "rate": 0.0}
+    expected = observed = variance = 0.0
+    for site, df in frames.items():
+        truth = truths[site]
+        by_level = {"site": outcome_logits(df, truth.severity, truth.risk), "region": outcome_logits(df, truth.severity, truth.region_risk)}
+        for column in ("readmitted_30d", "died_in_hospital"):
+            recorded = df[column].notna().to_numpy()
+            if not recorded.any():
+                continue
+            y = df[column].to_numpy()[recorded]
+            rate = np.full(len(y), np.clip(y.mean(), 1e-3, 1 - 1e-3))
+            for level, p in (("site", 1 / (1 + np.exp(-by_level["site"][column][recorded]))),
+                             ("region", 1 / (1 + np.exp(-by_level["region"][column][recorded]))), ("rate", rate)):
+                log_likelihood[level] += float(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
+                if level == "site":
+                    expected, observed, variance = expected + p.sum(), observed + y.sum(), variance + (p * (1 - p)).sum()
+    assert log_likelihood["site"] > log_likelihood["region"] > log_likelihood["rate"]
+    assert abs(observed - expected) < 3 * np.sqrt(variance)

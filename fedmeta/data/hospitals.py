@@ -8,6 +8,7 @@ holds the other generators and offers these under its name too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,26 @@ def _zscore(df: pd.DataFrame, col: str) -> np.ndarray:
     return (df[col].to_numpy(float) - df[col].mean()) / (df[col].std() + 1e-9)
 
 
+def outcome_logits(df: pd.DataFrame, severity: np.ndarray, risk: dict) -> dict[str, np.ndarray]:
+    """The true log-odds of each row's 30-day readmission (``readmitted_30d``) and in-hospital death (``died_in_hospital``).
+
+    ``severity`` is the rows' latent severity, which no feature shows whole; ``risk`` a risk model
+    (``readmit_b``, ``mort_b``, ``w_prior``, ``w_sev``, ``w_creat``), as :class:`SiteTruth` holds them.
+    """
+    emergency = (df["admission_type"] == "emergency").to_numpy(float)
+    return {
+        "readmitted_30d": risk["readmit_b"] + risk["w_prior"] * _zscore(df, "prior_admissions") + 0.5 * risk["w_sev"] * severity + 0.3 * emergency,
+        "died_in_hospital": risk["mort_b"] + risk["w_sev"] * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * risk["w_creat"] - 0.3 * _zscore(df, "hemoglobin"),
+    }
+
+
 def _hospital_outcomes(rng: np.random.Generator, df: pd.DataFrame, severity: np.ndarray, risk: dict) -> pd.DataFrame:
     """A site's labels from its rows and its risk model (intercepts and weights); each site records a subset of the three tasks."""
     n = len(df)
-    readmit_logit = risk["readmit_b"] + risk["w_prior"] * _zscore(df, "prior_admissions") + 0.5 * risk["w_sev"] * severity + 0.3 * (df["admission_type"] == "emergency")
-    mort_logit = risk["mort_b"] + risk["w_sev"] * 1.1 * severity + 0.5 * _zscore(df, "creatinine") * risk["w_creat"] - 0.3 * _zscore(df, "hemoglobin")
+    logits = outcome_logits(df, severity, risk)
     los = np.exp(risk["los_b"] + 0.25 * risk["w_sev"] * severity + 0.35 * (df["ward"] == "icu") + rng.normal(0, 0.35, n))
-    df["readmitted_30d"] = (rng.random(n) < 1 / (1 + np.exp(-readmit_logit))).astype(int)
-    df["died_in_hospital"] = (rng.random(n) < 1 / (1 + np.exp(-mort_logit))).astype(int)
+    df["readmitted_30d"] = (rng.random(n) < 1 / (1 + np.exp(-logits["readmitted_30d"]))).astype(int)
+    df["died_in_hospital"] = (rng.random(n) < 1 / (1 + np.exp(-logits["died_in_hospital"]))).astype(int)
     df["length_of_stay_days"] = los.round(1)
     has = rng.random(3) < [0.85, 0.7, 0.8]
     if not has.any():
@@ -127,6 +140,20 @@ def region_names(regions: int) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class SiteTruth:
+    """What drew a generated site's outcomes: its rows' latent severity, its risk model and its region's.
+
+    The region's model has the mean creatinine weight (1), which the region does not draw.
+    :func:`outcome_logits` turns either into each row's true log-odds: the ceiling no model of the
+    site's features can pass, since they show the severity only in part (``benchmarks/hierarchy.py``).
+    """
+
+    severity: np.ndarray
+    risk: dict
+    region_risk: dict
+
+
 def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4) -> tuple[Schema, dict[str, pd.DataFrame], dict[str, str]]:
     """The hospital network with regions (urban and rural networks, say): the schema, one table per site and ``{site: region}``.
 
@@ -141,6 +168,16 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
     which tasks a site records) stays per site. The draws use their own stream: :func:`hospital_federation_frames`
     is unchanged by their existence.
     """
+    _, frames, region_of, _ = _regional_network(n_sites, seed, regions)
+    return hospital_schema(), frames, region_of
+
+
+def regional_hospital_truth(n_sites: int = 20, seed: int = 0, regions: int = 4) -> dict[str, SiteTruth]:
+    """``{site: SiteTruth}`` for :func:`regional_hospital_frames` of the same arguments (it draws the network again)."""
+    return _regional_network(n_sites, seed, regions)[3]
+
+
+def _regional_network(n_sites: int, seed: int, regions: int) -> tuple[Schema, dict[str, pd.DataFrame], dict[str, str], dict[str, SiteTruth]]:
     if not 1 <= regions <= n_sites:
         raise ValueError(f"regions must be between 1 and n_sites ({n_sites}), got {regions}")
     rng = np.random.default_rng([seed, 28])
@@ -154,6 +191,7 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
     }
     frames: dict[str, pd.DataFrame] = {}
     region_of: dict[str, str] = {}
+    truths: dict[str, SiteTruth] = {}
     for k in range(n_sites):
         site, home = f"hospital_{k:03d}", names[k % regions]
         r = region[home]
@@ -171,7 +209,8 @@ def regional_hospital_frames(n_sites: int = 20, seed: int = 0, regions: int = 4)
             "w_creat": 1 + rng.normal(0, 0.7), "los_b": 1.4 + rng.normal(0, 0.25),
         }
         frames[site], region_of[site] = _hospital_outcomes(rng, df, severity, risk), home
-    return hospital_schema(), frames, region_of
+        truths[site] = SiteTruth(severity, risk, {key: r[key] for key in ("readmit_b", "mort_b", "w_prior", "w_sev")} | {"w_creat": 1.0})
+    return hospital_schema(), frames, region_of, truths
 
 
 def hospital_federation(n_sites: int = 20, seed: int = 0, test_fraction: float = 0.25) -> list[SiteData]:
