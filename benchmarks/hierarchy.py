@@ -21,7 +21,9 @@ the unseen sites of known regions (personalized from their region's base
 without having trained in it), and those again as **new** sites with only
 ``--new-site-rows`` (30) of their training rows, where a region should matter
 most. The flat figure of both federations comes from the same global rounds on
-the same rows; only the regions differ.
+the same rows; only the regions differ. Beside them, the regional federation's
+**ceiling** (:func:`ceiling`): each group's held-out accuracy under its sites'
+true risk models, and under their regions', which the generator knows.
 
 Seeds: ``regions.rounds`` was first 5, set before any measurement, and
 reported on seeds 1 and 2; on selection seed 0, 20 rounds scored better than
@@ -34,7 +36,8 @@ by default (docs/benchmarks.md, "Regions"). The benchmark still runs 20.
     python benchmarks/hierarchy.py [--json] [--sites 24] [--regions 4] [--unseen 2] [--rounds 20] [--regional-rounds 20] [--new-site-rows 30] [--seeds 5 6] [--workers 2] [--work DIR]
 
 Prints a line per seed and federation, then (``--json``) one JSON line:
-``{"regional": {"seen": {"flat": a, "hierarchical": b}, "unseen": {...}, "new": {...}}, "random_regions": {...}, "seeds": [...], ...}``.
+``{"regional": {"seen": {"flat": a, "hierarchical": b, "gain_points": g, "ceiling": {"site": c, "region": d}}, "unseen": {...}, "new": {...}},
+"random_regions": {...}, "seeds": [...], ...}``.
 """
 
 from __future__ import annotations
