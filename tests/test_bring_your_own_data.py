@@ -122,6 +122,7 @@ def test_the_readme_commands_train_personalize_and_evaluate_every_clinic_from_it
     assert f"{len(clinics) - 1} sites train, 1 never take part (unseen); {len(tested)} scored on their test file" in output
 
 
+@pytest.mark.slow
 def test_a_site_folder_without_its_optional_test_file_is_scored_on_rows_held_out_of_its_training_file(clinics, tmp_path):
     # The README's loop passes every folder's test.csv; a site that has none is personalized, with a note, not stopped.
     folder = clinics / "data" / "clinic_000"

@@ -91,6 +91,7 @@ def test_the_algorithm_option_is_a_choice():
     assert [getattr(c, "value", c) for c in algorithm.type.choices] == ["reptile", "fomaml", "maml", "metasgd", "anil"]
 
 
+@pytest.mark.slow
 def test_scores_are_shown_beside_the_feature_blind_baseline_and_the_held_out_rows(tmp_path, hospitals, base_run, monkeypatch):
     from fedmeta.cli.output import console
 

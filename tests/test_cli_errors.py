@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from fedmeta.cli import app
 
 runner = CliRunner()
+QUICK = ("--mode", "head", "--shots", "10", "--steps", "5", "--no-alone")  # a promoted model in seconds: heads only, no fit of the site alone
 SECRET = "PATIENT-SECRET-4711"
 SECRET_NUMBER = "12345.678"
 
@@ -19,7 +20,7 @@ def world(tmp_path_factory, hospitals, base_run):
     root = tmp_path_factory.mktemp("cli-errors")
     home = root / "home"
     args = ["personalize", "--data", str(hospitals / "hospital_002.csv"), "--schema", str(hospitals / "schema.json"), "--base", str(base_run)]
-    assert runner.invoke(app, args + ["--site-home", str(home)]).exit_code == 0
+    assert runner.invoke(app, args + ["--site-home", str(home), *QUICK]).exit_code == 0  # any promoted model does
     rows = pd.read_csv(hospitals / "hospital_002.csv")
     rows["age"] = rows["age"].astype(object)
     rows.loc[3, "age"] = SECRET  # a name typed into a numeric column
@@ -93,6 +94,7 @@ def _cases(w):
 CASES = list(_cases({"root": Path("/"), "home": "/", "hospitals": Path("/"), "base": "/"}))  # the names only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_user_error_is_one_line_without_traceback_locals_or_data(world, case):
     result = runner.invoke(app, _cases(world)[case])

@@ -96,6 +96,7 @@ def test_a_mismatched_n_sites_is_one_line_naming_both_numbers_and_the_folder(cli
     assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "breakage, expected",
     [

@@ -68,6 +68,7 @@ def test_a_tampered_regional_base_is_refused_and_nothing_is_stored(federation, r
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow
 def test_personalizing_weighs_the_regional_base_and_records_the_base_it_chose_from(federation, regional, tmp_path):
     config, base_model, schema, _ = federation
     run_dir, site_file = regional

@@ -74,6 +74,7 @@ def test_local_training_never_touches_a_held_out_row(algorithm):
     assert not all(torch.isfinite(t).all() for t in _update_with_poisoned_rows(algorithm, poison_held_out=False).values())
 
 
+@pytest.mark.slow
 def test_fedmeta_personalize_scores_exactly_the_rows_training_held_out(federation, tmp_path):
     from typer.testing import CliRunner
 

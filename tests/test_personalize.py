@@ -25,6 +25,7 @@ def site(hospitals, base_run):
     return load_site(hospitals / "hospital_002.csv", load_base(base_run).schema_for(Schema.load(hospitals / "schema.json")))
 
 
+@pytest.mark.slow
 def test_personalize_registers_promotes_and_reports_base_vs_personalized(tmp_path, hospitals, base_run):
     result = _personalize_cli(tmp_path, hospitals, base_run, "--shots", "5", "--mode", "all")
     assert result.exit_code == 0, result.output
@@ -51,6 +52,7 @@ def test_personalization_is_deterministic_for_a_seed(tmp_path, hospitals, base_r
     assert "registered v3" in other.output
 
 
+@pytest.mark.slow
 def test_base_can_come_from_the_registry(tmp_path, hospitals, base_run):
     assert _personalize_cli(tmp_path, hospitals, base_run).exit_code == 0
     result = _personalize_cli(tmp_path, hospitals, "v1", "--mode", "head", "--shots", "10")
@@ -120,6 +122,7 @@ def _sepsis_rows(hospitals, n):
     return df.drop(columns=["readmitted_30d", "died_in_hospital", "length_of_stay_days"])
 
 
+@pytest.mark.slow
 def test_new_head_on_the_frozen_body_is_scored_on_held_out_rows_and_registered(tmp_path, hospitals, base_run):
     assert _personalize_cli(tmp_path, hospitals, base_run).exit_code == 0
     rows = tmp_path / "sepsis.csv"

@@ -51,6 +51,7 @@ def _validation_loss(model, rows, tasks):
     return float(np.mean(losses))
 
 
+@pytest.mark.slow
 def test_the_chosen_candidate_has_the_lowest_validation_loss_and_beats_the_untrained_base(site, base):
     folds = [(fit_candidates(base, rows, site.tasks, shots=3, lr=0.05, seed=0, names=CANDIDATES), rows) for rows in (validation_split(site, 0, f) for f in range(3))]
     chosen, scores = choose(folds, site.tasks)
@@ -157,6 +158,7 @@ def test_few_shot_adapts_only_the_heads_of_an_anil_base(site, base):
     assert any(not torch.equal(params[k], base.params[k]) for k in base.params if k.startswith("heads."))
 
 
+@pytest.mark.slow
 def test_the_choice_never_looks_at_held_out_rows(site, base):
     clean = choose_personalization(base, site, shots=3, seed=0)
     poisoned_site = type(site)(site.name, site.schema, site.x.copy(), site.labels, site.test_mask)
@@ -167,6 +169,7 @@ def test_the_choice_never_looks_at_held_out_rows(site, base):
     assert poisoned.steps_selection["chosen"] == clean.steps_selection["chosen"]
 
 
+@pytest.mark.slow
 def test_personalize_without_a_mode_reports_every_candidate_the_choice_and_the_sites_own_model(tmp_path, hospitals, base_run):
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     done = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args)], capture_output=True, text=True)
@@ -186,6 +189,7 @@ def test_personalize_without_a_mode_reports_every_candidate_the_choice_and_the_s
     assert refused.returncode == 2 and "error: candidates must be some of base, few_shot, all_rows, ditto, head, mix, linear, wide, blend; got head, mix, guess" in refused.stdout
 
 
+@pytest.mark.slow
 def test_shots_with_the_default_choice_is_refused_in_one_line_unless_few_shot_is_weighed(tmp_path, hospitals, base_run):
     args = ["personalize", "--data", hospitals / "hospital_001.csv", "--schema", hospitals / "schema.json", "--base", base_run, "--site-home", tmp_path]
     refused = subprocess.run([sys.executable, "-m", "fedmeta.cli", *map(str, args), "--shots", "10"], capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """The linear candidates: a site's own cross-validated regression carried in the base's network form."""
 
 import numpy as np
+import pytest
 import torch
 
 from fedmeta.data import SiteData
@@ -60,6 +61,7 @@ def _own_coefficients_site(seed: int, n: int = 150) -> SiteData:
     return SiteData(f"clinic_{seed}", schema, x, {"event": y}, rng.random(n) < 0.3)
 
 
+@pytest.mark.slow
 def test_the_default_choice_takes_the_sites_own_linear_model_where_sites_are_linear_and_scores_above_ditto_alone():
     assert "blend" in DEFAULT_CANDIDATES
     chosen, gains = [], []

@@ -31,6 +31,7 @@ def scrambled(model: TrainedModel) -> TrainedModel:
     return TrainedModel(model.schema, model.hidden, {"params": params})
 
 
+@pytest.mark.slow
 def test_every_candidate_is_also_fitted_from_the_regional_base(site, untrained):
     result = choose_personalization(untrained, site, seed=0, regional=untrained)
     labels = sorted(result.steps_selection["validation"])
@@ -38,6 +39,7 @@ def test_every_candidate_is_also_fitted_from_the_regional_base(site, untrained):
     assert result.steps_selection["levels"] == ["global", "regional"]
 
 
+@pytest.mark.slow
 def test_a_regional_base_that_fits_the_site_is_chosen(site, untrained, fitted):
     result = choose_personalization(untrained, site, seed=0, regional=fitted)
     assert result.steps_selection["chosen"].startswith("regional:")
@@ -46,6 +48,7 @@ def test_a_regional_base_that_fits_the_site_is_chosen(site, untrained, fitted):
     assert scores[result.steps_selection["chosen"]]["loss"] < min(v["loss"] for k, v in scores.items() if not k.startswith("regional:"))
 
 
+@pytest.mark.slow
 def test_a_regional_base_that_teaches_nothing_is_not_chosen(site, fitted):
     result = choose_personalization(fitted, site, seed=0, regional=scrambled(fitted))
     assert not result.steps_selection["chosen"].startswith("regional:")
@@ -58,6 +61,7 @@ def test_a_regional_base_with_other_tasks_is_refused(site, untrained):
         choose_personalization(untrained, site, seed=0, regional=narrow)
 
 
+@pytest.mark.slow
 def test_a_regional_base_that_only_fits_the_rows_it_learned_is_not_chosen_when_validated_without_them(site, untrained, fitted):
     # The regional base has learned this site's rows (as a seen site's has); its base without the site teaches nothing.
     result = choose_personalization(untrained, site, seed=0, regional=fitted, regional_validation=scrambled(untrained))
@@ -65,6 +69,7 @@ def test_a_regional_base_that_only_fits_the_rows_it_learned_is_not_chosen_when_v
     assert result.steps_selection["regional_validation"] == "a base of the region trained without this site"
 
 
+@pytest.mark.slow
 def test_the_chosen_regional_candidate_is_refit_from_the_regional_base_not_its_validation_base(site, untrained, fitted):
     from_fitted = choose_personalization(untrained, site, seed=0, regional=fitted)
     validated_on_fitted = choose_personalization(untrained, site, seed=0, regional=scrambled(fitted), regional_validation=fitted)

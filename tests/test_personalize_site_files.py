@@ -52,6 +52,7 @@ def _personalize(clinics, home, site, *extra):
                    "--site-home", home, *extra)
 
 
+@pytest.mark.slow
 def test_the_site_is_named_by_its_folder_and_scored_on_its_test_file_only(clinics, tmp_path):
     test_file = clinics / "data" / "clinic_001" / "test.csv"
     result = _personalize(clinics, tmp_path, "clinic_001", "--test", test_file)
@@ -93,6 +94,7 @@ def test_shots_all_uses_every_labelled_training_row_and_chooses_its_steps_on_val
         assert result.metrics[f"{task}.personalized.auc"] > result.metrics[f"{task}.base.auc"] - 0.02
 
 
+@pytest.mark.slow
 def test_shots_all_through_the_cli_records_it_and_the_rows(clinics, tmp_path):
     folder = clinics / "data" / "clinic_000"
     result = _personalize(clinics, tmp_path, "clinic_000", "--test", folder / "test.csv", "--shots", "all")
@@ -106,6 +108,7 @@ def test_shots_all_through_the_cli_records_it_and_the_rows(clinics, tmp_path):
     assert (api.lr, api.steps) == (manifest.training["lr"], manifest.training["steps"]) and api.lr == 0.001
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -121,6 +124,7 @@ def test_bad_personalization_requests_are_one_line(clinics, tmp_path, extra, exp
     assert len([line for line in result.stdout.splitlines() if line.startswith("error:")]) == 1
 
 
+@pytest.mark.slow
 def test_the_site_is_normalized_as_the_federation_was_and_a_schema_stating_other_statistics_is_refused(clinics, tmp_path):
     base = load_base(clinics / "run")
     folder = clinics / "data" / "clinic_002"

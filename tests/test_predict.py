@@ -9,16 +9,18 @@ from fedmeta.cli import app
 from fedmeta.registry import SiteHome
 
 runner = CliRunner()
+QUICK = ("--mode", "head", "--shots", "10", "--steps", "5", "--no-alone")  # a promoted model in seconds: heads only, no fit of the site alone
 
 
 @pytest.fixture(scope="module")
 def site_home(tmp_path_factory, hospitals, base_run):
     home = tmp_path_factory.mktemp("predict-home")
     args = ["personalize", "--data", str(hospitals / "hospital_002.csv"), "--schema", str(hospitals / "schema.json"), "--base", str(base_run)]
-    assert runner.invoke(app, args + ["--site-home", str(home)]).exit_code == 0
+    assert runner.invoke(app, args + ["--site-home", str(home), *QUICK]).exit_code == 0
     return home
 
 
+@pytest.mark.slow
 def test_predict_scores_every_row_as_the_server_would(site_home, hospitals, tmp_path):
     from serving.predict import render
     from serving.store import load_model

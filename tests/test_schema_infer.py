@@ -91,6 +91,7 @@ def test_identifiers_are_ignored_and_columns_can_be_forced(tmp_path):
     assert "ignored patient text with 80 distinct values" in " ".join(result.stdout.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "task, mutate, expected",
     [

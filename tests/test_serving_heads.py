@@ -3,6 +3,7 @@
 import time
 
 import httpx
+import pytest
 
 from serving.auth import KeyStore
 from site_server import ROW, SITE, auth, running, sepsis_rows, settings, site_home, wait_for_job  # noqa: F401
@@ -19,6 +20,7 @@ def test_a_department_key_cannot_replace_what_is_served(site_home):
     assert not [e for e in home.registry.audit() if e.action == "head_request"]
 
 
+@pytest.mark.slow
 def test_a_department_job_registers_a_version_that_an_admin_promotes(site_home):
     home, keys = site_home
     with running(settings(home)) as (url, _):
@@ -32,6 +34,7 @@ def test_a_department_job_registers_a_version_that_an_admin_promotes(site_home):
     assert served["model"]["version"] == "v4" and "sepsis" in served["predictions"]
 
 
+@pytest.mark.slow
 def test_a_site_policy_can_let_departments_promote_their_heads(site_home):
     home, keys = site_home
     (home.path / "serving-policy.toml").write_text("[heads]\ndepartment_may_promote = true\n")

@@ -70,6 +70,7 @@ def test_a_full_participation_run_spends_the_exact_gaussian_epsilon_below_the_rd
     assert ours < _independent_epsilon(sigma, 10, 10, rounds, delta) - 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sigma, sample, population, rounds",
     # Sampled (RDP and the exact unsampled bound compete: 6 of 10 sites is where RDP's conversion loses), and full.
