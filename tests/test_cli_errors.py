@@ -94,7 +94,6 @@ def _cases(w):
 CASES = list(_cases({"root": Path("/"), "home": "/", "hospitals": Path("/"), "base": "/"}))  # the names only
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_user_error_is_one_line_without_traceback_locals_or_data(world, case):
     result = runner.invoke(app, _cases(world)[case])

@@ -20,7 +20,6 @@ def site_home(tmp_path_factory, hospitals, base_run):
     return home
 
 
-@pytest.mark.slow
 def test_predict_scores_every_row_as_the_server_would(site_home, hospitals, tmp_path):
     from serving.predict import render
     from serving.store import load_model

@@ -38,7 +38,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
 def test_the_docstring_example_runs_on_a_real_site_home(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     parser = doctest.DocTestParser()
