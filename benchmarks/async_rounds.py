@@ -69,7 +69,7 @@ import torch
 
 from fedmeta.data import write_hospital_federation
 from fedmeta.data.federation import discover_sites
-from fedmeta.fl.app import _synthetic_federation
+from fedmeta.fl.site_app import _synthetic_federation
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.loopback import LoopbackDeployment
 from fedmeta.fl.normalization import to_text

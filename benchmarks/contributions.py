@@ -153,7 +153,7 @@ def write_contribution_federation(out: Path, n_sites: int, seed: int) -> dict[st
 
 
 def round_seed(config: RunConfig, round_: int, partition: int) -> int:
-    """The seed a simulated site trains a round with (the rule of ``fedmeta.fl.app._site_round``)."""
+    """The seed a simulated site trains a round with (the rule of ``fedmeta.fl.site_app._site_round``)."""
     return config.seed * 1_000_003 + round_ * 1009 + max(partition, 0)
 
 

@@ -13,7 +13,7 @@ from fedmeta.evaluate import (
     local_only_k,
     shots_for,
 )
-from fedmeta.fl.app import site_for
+from fedmeta.fl.site_app import site_for
 from fedmeta.fl.config import RunConfig
 
 

@@ -12,7 +12,7 @@ from fedmeta.data import discover_sites, load_site
 from fedmeta.data.schema import SchemaError
 from fedmeta.data.site import held_out_mask
 from fedmeta.data.synthetic import write_clinic_federation
-from fedmeta.fl.app import site_for
+from fedmeta.fl.site_app import site_for
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.sites import prepare_federation
 

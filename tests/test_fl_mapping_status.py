@@ -152,7 +152,7 @@ def test_a_deployments_server_logs_the_table_a_line_a_row_and_the_roster_keeps_e
 
 
 def test_a_folder_sites_answer_is_its_mapping_json_status_and_a_site_without_one_answers_none(tmp_path):
-    from fedmeta.fl.app import _mapping_path
+    from fedmeta.fl.site_app import _mapping_path
 
     hospitals_in_folders(tmp_path)
     config = RunConfig.from_dict({"federation": {"kind": "csv", "data_dir": str(tmp_path)}})

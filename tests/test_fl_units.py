@@ -208,7 +208,7 @@ def test_a_sites_app_process_does_not_import_the_privacy_accountant():
     import subprocess
     import sys
 
-    code = "import sys, fedmeta.fl.app; print(sorted(m for m in ('dp_accounting', 'sklearn') if m in sys.modules))"
+    code = "import sys, fedmeta.fl.site_app; print(sorted(m for m in ('dp_accounting', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
     assert out.strip() == "[]", out
 

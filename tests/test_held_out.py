@@ -10,7 +10,7 @@ import torch
 from fedmeta.data import Schema, SiteData, hospital_federation, load_federation, load_site, write_hospital_federation
 from fedmeta.data.site import held_out_mask
 from fedmeta.fl import site_training
-from fedmeta.fl.app import _synthetic_federation, site_for
+from fedmeta.fl.site_app import _synthetic_federation, site_for
 from fedmeta.fl.config import RunConfig
 
 

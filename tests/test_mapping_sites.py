@@ -15,7 +15,7 @@ from fedmeta.data.federation import discover_sites
 from fedmeta.data.mapping import ColumnMapping, Mapping
 from fedmeta.evaluate.federations import folder_federation
 from fedmeta.data.schema import Feature, Schema, SchemaError, TaskColumn
-from fedmeta.fl.app import site_for
+from fedmeta.fl.site_app import site_for
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.sites import prepare_federation
 

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
 from fedmeta.fl.aggregation import SiteUpdate, group_updates, weighted_mean
-from fedmeta.fl.app import received_model
+from fedmeta.fl.site_app import received_model
 from fedmeta.fl.compression import Int8Codec, TopKCodec, decode_broadcast, dense_bytes, encode_broadcast
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount, PrivacyBudgetExceeded, clip_update, noise_multiplier_for, noisy_mean, update_norm

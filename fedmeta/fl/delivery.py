@@ -296,7 +296,7 @@ def personalize_at_site(home, base, base_version, node_config: dict, name: str, 
     federation = base.config.federation
     # Normalized as the federation normalized, held out as training held out (the seed and the site's name decide).
     mapping, accepted = None, False
-    if node_config.get("mapping-path"):  # the site's own columns, codes and units, read as training read them (fedmeta.fl.app.site_for)
+    if node_config.get("mapping-path"):  # the site's own columns, codes and units, read as training read them (fedmeta.fl.site_app.site_for)
         mapping = Mapping.load(str(node_config["mapping-path"]))
         accepted = bool(require_reviewed(mapping, str(node_config["mapping-path"]), bool(node_config.get("accept-review", False))))
     site = load_site(data_path, base.schema_for(Schema.load(schema_path), schema_path), name=name,

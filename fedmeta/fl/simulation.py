@@ -23,7 +23,8 @@ import torch
 
 from fedmeta.files import atomic_write_json
 from fedmeta.fl import exchange as wire
-from fedmeta.fl.app import RoundObserver, client_app, make_server_app
+from fedmeta.fl.app import RoundObserver, make_server_app
+from fedmeta.fl.site_app import client_app
 from fedmeta.fl.regions import load_regions
 from fedmeta.fl.config import RunConfig
 from fedmeta.fl.data_defaults import choose as choose_defaults
