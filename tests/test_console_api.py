@@ -113,6 +113,20 @@ def test_the_series_follow_a_file_that_grows_and_one_that_a_resume_truncates(con
     assert get(client, "/api/runs/stopped/metrics", keys["viewer"]).json()["train"]["round"] == [1]
 
 
+
+def test_the_sites_table_follows_a_file_that_grows_and_skips_lines_that_are_not_rows(console):
+    client, keys, runs = console
+    sites = {s["site"]: s for s in get(client, "/api/runs/stopped", keys["viewer"]).json()["sites"]}
+    assert (sites["clinic-a"]["rounds"], sites["clinic-a"]["seconds"]) == (2, 0.5)
+    with (runs / "stopped" / "metrics.jsonl").open("a") as f:
+        for row in ({"round": 3, "phase": "train", "site": "clinic-a", "seconds": 2.0, "examples.mortality": 120}, [1, 2], "text",
+                    {"round": 3, "phase": "evaluate", "site": "clinic-a", "seconds": 99.0}):
+            f.write(json.dumps(row) + "\n")
+    sites = {s["site"]: s for s in get(client, "/api/runs/stopped", keys["viewer"]).json()["sites"]}
+    assert sites["clinic-a"]["rounds"] == 3 and sites["clinic-a"]["seconds"] == pytest.approx((0.5 + 0.5 + 2.0) / 3)
+    assert sites["clinic-a"]["rows"] == {"mortality": 120}, "the rows of its last training reply"
+    assert sites["clinic-b"]["rounds"] == 2
+
 def test_roles_are_kept_apart_a_viewer_cannot_launch_and_a_serving_admin_key_opens_nothing_here(console):
     client, keys, _ = console
     refused = client.post("/api/runs", json={"name": "new", "config": CONFIG}, headers={"X-API-Key": keys["viewer"]})

@@ -46,25 +46,51 @@ def check_name(name: str) -> str:
 
 
 @dataclass
+class _SiteTally:
+    """What the sites table needs of a site's training rows, kept as they are read rather than the rows themselves."""
+
+    rounds: set[int] = field(default_factory=set)
+    replies: int = 0
+    seconds: float = 0.0
+    last: dict = field(default_factory=dict)
+
+    def add(self, row: dict) -> None:
+        self.rounds.add(row.get("round"))
+        self.replies += 1
+        self.seconds += float(row.get("seconds", 0.0))
+        self.last = row
+
+
+@dataclass
 class _Rows:
-    """``metrics.jsonl`` read incrementally: only the bytes appended since the last read are parsed."""
+    """``metrics.jsonl`` read incrementally: only the bytes appended since the last read are parsed, into the run's
+    own rows (site ``*``: a few per round) and a tally per site, so that a poll costs the run's rounds, not its rows
+    (a row per site per round: a million for 10,000 sites and 100 rounds)."""
 
     offset: int = 0
     identity: tuple[int, int] | None = None
-    rows: list[dict] = field(default_factory=list)
+    server: list[dict] = field(default_factory=list)
+    sites: dict[str, _SiteTally] = field(default_factory=dict)
+
+    def add(self, row: dict) -> None:
+        site = row.get("site")
+        if site == "*":
+            self.server.append(row)
+        elif site is not None and row.get("phase") == "train":
+            self.sites.setdefault(str(site), _SiteTally()).add(row)
 
 
 _cache: dict[Path, _Rows] = {}
 
 
-def metric_rows(run_dir: Path) -> list[dict]:
-    """Every row of ``metrics.jsonl`` (a partial last line, still being written, is left for the next read)."""
+def metric_rows(run_dir: Path) -> _Rows:
+    """``metrics.jsonl`` as read so far (a partial last line, still being written, is left for the next read)."""
     path = run_dir / "metrics.jsonl"
     try:
         st = path.stat()
     except FileNotFoundError:
         _cache.pop(path, None)
-        return []
+        return _Rows()
     cached = _cache.get(path)
     if cached is None or cached.identity != (st.st_ino, st.st_dev) or st.st_size < cached.offset:
         cached = _cache[path] = _Rows(identity=(st.st_ino, st.st_dev))  # new, replaced or truncated (a resume): read again
@@ -75,11 +101,13 @@ def metric_rows(run_dir: Path) -> list[dict]:
         end = chunk.rfind(b"\n") + 1
         for line in chunk[:end].splitlines():
             try:
-                cached.rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue  # a damaged line: the rest of the file still reads
+            if isinstance(row, dict):
+                cached.add(row)
         cached.offset += end
-    return cached.rows
+    return cached
 
 
 def _json(path: Path) -> dict | None:
@@ -139,8 +167,7 @@ def protections(config: dict) -> dict:
 def summary(run_dir: Path, launched: dict | None = None) -> dict:
     """The runs table's row: status, round r of R, elapsed and estimated seconds left, algorithm, protections, ε spent."""
     config = config_of(run_dir)
-    rows = metric_rows(run_dir)
-    train = [r for r in rows if r.get("phase") == "train" and r.get("site") == "*"]
+    train = [r for r in metric_rows(run_dir).server if r.get("phase") == "train"]
     rounds = int(config.get("rounds", 0) or 0)
     done = max((int(r["round"]) for r in train), default=0)
     elapsed = float(train[-1].get("elapsed", 0.0)) if train else 0.0
@@ -178,22 +205,19 @@ def sites(run_dir: Path) -> list[dict]:
     roster = (_json(run_dir / "sites.json") or {}).get("sites", {})
     regions = {site: region for region, entry in ((_json(run_dir / "regions.json") or {}).get("regions") or {}).items() for site in entry.get("sites", [])}
     contributions = (_json(run_dir / "contributions.json") or {}).get("sites", {})
-    trained: dict[str, list[dict]] = {}
-    for row in metric_rows(run_dir):
-        if row.get("phase") == "train" and row.get("site") not in (None, "*"):
-            trained.setdefault(row["site"], []).append(row)
+    trained = metric_rows(run_dir).sites
     out = []
     for name in sorted(set(roster) | set(trained)):
-        entry, rows = roster.get(name, {}), trained.get(name, [])
-        last = rows[-1] if rows else {}
+        entry, tally = roster.get(name, {}), trained.get(name, _SiteTally())
+        last = tally.last
         missed = entry.get("missed", {})
         mapping = entry.get("mapping") or {}
         contribution = contributions.get(name)
         out.append({
-            "site": name, "status": entry.get("status", "trained" if rows else "unknown"),
+            "site": name, "status": entry.get("status", "trained" if tally.replies else "unknown"),
             "rows": {k.removeprefix("examples."): int(v) for k, v in last.items() if k.startswith("examples.")},
-            "rounds": len({r["round"] for r in rows}), "last_round": entry.get("last_round"), "last_contact": entry.get("last_contact"),
-            "seconds": round(sum(float(r.get("seconds", 0.0)) for r in rows) / len(rows), 3) if rows else None,
+            "rounds": len(tally.rounds), "last_round": entry.get("last_round"), "last_contact": entry.get("last_contact"),
+            "seconds": round(tally.seconds / tally.replies, 3) if tally.replies else None,
             "failures": len(missed), "last_failure": missed[max(missed, key=int)] if missed else None,
             "region": regions.get(name), "mapping": "review" if mapping.get("review") else ("mapped" if mapping.get("mapped") else None),
             "contribution": contribution.get("contribution") if contribution else None,
@@ -205,8 +229,8 @@ def series(run_dir: Path, since: int = 0) -> dict:
     """Per-round series after round ``since``: the training loss, and each evaluated metric (``<task>.<global|personalized>.<metric>``)."""
     loss = {"round": [], "loss": []}
     evaluation: dict[str, list] = {"round": []}
-    for row in metric_rows(run_dir):
-        if row.get("site") != "*" or int(row.get("round", 0)) <= since:
+    for row in metric_rows(run_dir).server:
+        if int(row.get("round", 0)) <= since:
             continue
         if row.get("phase") == "train" and "loss" in row:
             loss["round"].append(int(row["round"]))
@@ -265,14 +289,14 @@ def models(run_dir: Path) -> list[dict]:
 
 
 def _last_round(run_dir: Path) -> int:
-    return max((int(r["round"]) for r in metric_rows(run_dir) if r.get("phase") == "train" and r.get("site") == "*"), default=0)
+    return max((int(r["round"]) for r in metric_rows(run_dir).server if r.get("phase") == "train"), default=0)
 
 
 def account(run_dir: Path) -> dict:
     """The privacy account as the last round logged it, or a note that the run has no DP."""
     config = config_of(run_dir)
     p = protections(config)
-    last = next((r for r in reversed(metric_rows(run_dir)) if r.get("site") == "*" and "epsilon" in r), None)
+    last = next((r for r in reversed(metric_rows(run_dir).server) if "epsilon" in r), None)
     if not p["dp"]:
         return {"dp": False, "note": "no differential privacy in this run"}
     return {"dp": True, "epsilon": last.get("epsilon") if last else None, "epsilon_known_sample": last.get("epsilon_known_sample") if last else None,
