@@ -16,8 +16,8 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedmeta.fl import app as site_app
-from fedmeta.fl import contributions
+from fedmeta.fl import contributions, site_app
+from fedmeta.fl.app import run_rounds
 from fedmeta.fl.aggregation import SiteUpdate, group_updates, weighted_mean
 from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.run_dir import RunDir
@@ -165,7 +165,7 @@ def run_config(rounds=3, **extra) -> RunConfig:
 
 
 def contributions_of(run_dir, config) -> dict:
-    site_app.run_rounds(InProcessSites(config), config, RunDir(run_dir))
+    run_rounds(InProcessSites(config), config, RunDir(run_dir))
     return json.loads((run_dir / contributions.REPORT).read_text())
 
 
@@ -184,13 +184,13 @@ def test_a_run_writes_each_sites_contribution_and_a_site_that_free_rides_loses_i
 def test_a_resumed_run_keeps_the_rounds_its_checkpoint_kept_and_continues_the_estimates(tmp_path):
     whole = tmp_path / "whole"
     config = run_config(rounds=3)
-    site_app.run_rounds(InProcessSites(config), config, RunDir(whole))
+    run_rounds(InProcessSites(config), config, RunDir(whole))
     cut = tmp_path / "cut"
-    site_app.run_rounds(InProcessSites(run_config(rounds=2)), run_config(rounds=2), RunDir(cut))
+    run_rounds(InProcessSites(run_config(rounds=2)), run_config(rounds=2), RunDir(cut))
     report = json.loads((cut / contributions.REPORT).read_text())
     report["by_round"].append({"round": 3, "values": {"x": [99.0, 0.0]}, "seconds": {}, "rows": {}})  # written after the checkpoint
     (cut / contributions.REPORT).write_text(json.dumps(report))
-    site_app.run_rounds(InProcessSites(config), config, RunDir(cut))
+    run_rounds(InProcessSites(config), config, RunDir(cut))
     resumed = json.loads((cut / contributions.REPORT).read_text())
     expected = json.loads((whole / contributions.REPORT).read_text())
     assert [r["round"] for r in resumed["by_round"]] == [1, 2, 3]
