@@ -78,7 +78,7 @@ def test_a_site_is_valued_by_the_other_sites_gradients_to_first_order():
     values = contributions.round_values(updates(1, 2, 3), grads, mean_rule, lr=1.0, samples=1, rng=random.Random(0))
     v = {"": 0, "a": 1, "b": 2, "c": 2, "ab": 1.5, "ac": 1.5, "bc": 2, "abc": 5 / 3}
     exact = contributions.exact_shapley("abc", lambda s: v["".join(sorted(s))])
-    assert {s: round(x, 6) for s, (x, _) in values.items()} == {s: round(float(exact[s]), 6) for s in "abc"}
+    assert {s: round(x, 6) for s, (x, *_) in values.items()} == {s: round(float(exact[s]), 6) for s in "abc"}
 
 
 def test_the_mean_rules_closed_form_values_coalitions_as_combining_their_updates_does():
@@ -215,14 +215,59 @@ def test_under_secagg_the_server_takes_each_sites_self_score_and_the_report_says
     strategy = MetaStrategy(config, ServerSGD(lr=1.0), random.Random(0))
     strategy.current = current
     strategy.aggregate_secure(1, secure)
-    assert strategy.round_contributions == {"x": (0.25, 0.0), "y": (-0.5, 0.0)}
+    assert strategy.round_contributions == {"x": (0.25, 0.0, 1), "y": (-0.5, 0.0, 1)}, "one scorer each: the site itself"
     ledger = contributions.Ledger(contributions.SELF_SCORED)
     report = contributions.record_round(ledger, tmp_path, 1, strategy.round_contributions, strategy.site_rows, {})
     assert report["method"] == contributions.SELF_SCORED and report["sites"]["y"]["contribution"] == -0.5
-    assert contributions.to_check(report) == ["y"]
+    # A self-report is one number with no spread to estimate its error from: no interval, and no site named to check on it.
+    assert report["sites"]["y"]["ci"] is None and contributions.to_check(report) == []
 
 
 def test_a_damaged_report_is_refused_on_resume_in_one_line(tmp_path):
     (tmp_path / contributions.REPORT).write_text("{}")
     with pytest.raises(ValueError, match="contributions.json: not a contributions report"):
         contributions.Ledger.load(tmp_path, after_round=2)
+
+
+def test_a_few_rounds_of_three_sites_give_a_students_t_interval_that_does_not_name_a_site_the_normal_one_would():
+    from scipy.stats import t
+
+    ledger = contributions.Ledger()
+    for round_ in (1, 2):  # three sites: each value is the median of two scorers, an error of one degree of freedom
+        ledger.add(round_, {"a": (-0.08, 0.03, 2), "b": (0.05, 0.03, 2), "c": (0.04, 0.03, 2)}, {}, {})
+    report = ledger.report()
+    variance = 2 * 0.03**2
+    df = variance**2 / (2 * 0.03**4 / 1)  # Welch-Satterthwaite over the two rounds: 2
+    half = t.ppf(0.975, df) * variance**0.5
+    assert report["sites"]["a"]["ci"] == pytest.approx([-0.16 - half, -0.16 + half], abs=1e-6)
+    assert -0.16 + 1.96 * variance**0.5 < 0, "the control: 1.96 errors would have named site a"
+    assert contributions.to_check(report) == []
+
+
+def test_many_rounds_of_many_scorers_give_about_the_normal_interval_and_a_clear_loser_is_named():
+    ledger = contributions.Ledger()
+    for round_ in range(1, 31):
+        ledger.add(round_, {"a": (-0.02, 0.01, 9), "b": (0.03, 0.01, 9)}, {}, {})
+    lo, hi = ledger.report()["sites"]["a"]["ci"]
+    normal = 1.96 * (30 * 0.01**2) ** 0.5
+    assert (hi - lo) / 2 == pytest.approx(normal, rel=0.01)
+    assert contributions.to_check(ledger.report()) == ["a"]
+
+
+def test_a_round_with_one_other_scorer_leaves_the_interval_unknown_and_the_site_is_never_named():
+    ledger = contributions.Ledger()
+    ledger.add(1, {"a": (-0.5, 0.0, 1), "b": (0.2, 0.0, 1)}, {}, {})  # two sites: each scored by the other alone
+    ledger.add(2, {"a": (-0.5, 0.01, 4), "b": (0.2, 0.01, 4)}, {}, {})
+    report = ledger.report()
+    assert report["sites"]["a"]["ci"] is None and report["sites"]["a"]["contribution"] == -1.0
+    assert contributions.to_check(report) == []
+    from fedmeta.fl.contribution_report import rows
+
+    assert [r[2] for r in rows(report)] == ["unknown", "unknown"]
+
+
+def test_two_sites_in_a_round_are_each_scored_by_one_other():
+    updates = [SiteUpdate(name, {"params.body.w": torch.tensor([v])}, {TASK: 10}) for name, v in (("a", 1.0), ("b", -1.0))]
+    gradients = {name: {"params.body.w": torch.tensor([1.0])} for name in "ab"}
+    values = contributions.round_values(updates, gradients, None, lr=1.0, samples=8, rng=random.Random(0))
+    assert {site: v[2] for site, v in values.items()} == {"a": 1, "b": 1}

@@ -23,8 +23,8 @@ def load_report(run_dir: str | Path) -> dict | None:
 
 
 def to_check(report: Mapping) -> list[str]:
-    """Sites whose contribution is confidently negative: their whole interval is below zero."""
-    return [site for site, s in report.get("sites", {}).items() if s["ci"][1] < 0]
+    """Sites whose contribution is confidently negative: their whole interval is below zero (an unknown interval never is)."""
+    return [site for site, s in report.get("sites", {}).items() if s.get("ci") is not None and s["ci"][1] < 0]
 
 
 def rows(report: Mapping) -> list[list[str]]:
@@ -33,9 +33,13 @@ def rows(report: Mapping) -> list[list[str]]:
     positive = sum(max(s["contribution"], 0.0) for s in sites.values()) or 1.0
     out = []
     for name, s in sorted(sites.items(), key=lambda item: -item[1]["contribution"]):
-        lo, hi = s["ci"]
         share = f"{100 * s['contribution'] / positive:.0f}%" if s["contribution"] > 0 else "-"
-        out.append([name, f"{s['contribution']:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]" + (" check" if hi < 0 else ""), share, str(s["rounds"]),
+        if s.get("ci") is None:
+            interval = "unknown"  # a round scored by one site only, or self-reported (fedmeta.fl.contributions)
+        else:
+            lo, hi = s["ci"]
+            interval = f"[{lo:+.4f}, {hi:+.4f}]" + (" check" if hi < 0 else "")
+        out.append([name, f"{s['contribution']:+.4f}", interval, share, str(s["rounds"]),
                     str(max(s["rows"].values(), default=0)), f"{s['seconds']:.1f}", str(s["failures"])])
     return out
 

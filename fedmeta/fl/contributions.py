@@ -24,8 +24,11 @@ Up to :data:`EXACT_MAX` sites a round is computed exactly (all ``2^n``
 coalitions); above, by ``samples`` random permutations with GTG's truncation
 (a permutation stops once its prefix is worth the whole round within
 ``truncation``). A round's standard error combines the scorers' spread
-(the median's, ``1.2533 s / sqrt(m)``) and the sampling's; a site's interval is
-its summed value +- 1.96 of the summed errors.
+(the median's, ``1.2533 s / sqrt(m)`` over its ``m`` other scorers) and the sampling's. A site's interval is
+its summed value +- Student's t of the summed errors, at the degrees of freedom the rounds' spreads give
+together (Welch-Satterthwaite: a few rounds of three sites give an interval several times wider than 1.96
+errors would). A round with one other scorer, or a self-reported score, has no spread to estimate its error
+from: the site's interval is then unknown (``None``), and it is never named a site to check.
 
 Under SecAgg+ the server sees only the sum: each site scores its own update
 against its own validation gradient (FedCE-style site-side
@@ -161,15 +164,15 @@ def _mean_game(updates: Sequence, gradients: Mapping[str, Mapping[str, torch.Ten
 def round_values(
     updates: Sequence, gradients: Mapping[str, Mapping[str, torch.Tensor]], combine: Callable[[list], Mapping[str, torch.Tensor] | None] | None,
     lr: float, samples: int, rng: random.Random, truncation: float = 0.01,
-) -> dict[str, tuple[float, float]]:
-    """Each site's ``(value, standard error)`` in one round, from its update and the other sites' validation gradients.
+) -> dict[str, tuple[float, float, int]]:
+    """Each site's ``(value, standard error, scorers)`` in one round, from its update and the other sites' validation gradients.
 
     ``updates`` are the round's :class:`~fedmeta.fl.aggregation.SiteUpdate`
     (clipped here to their median norm), ``gradients`` each scoring site's
     validation gradient by parameter key, ``combine`` the run's rule (returning
     None when a coalition cannot be combined: it is worth nothing), or None
     for the example-weighted mean, computed from dot products (:func:`_mean_game`).
-    A site with no other scorer is valued 0.
+    A site with no other scorer is valued 0; ``scorers`` counts the others (its error's degrees of freedom are one fewer).
     """
     bound = float(np.median([update_norm(u.update) for u in updates])) if updates else 0.0
     bounded = [type(u)(u.site, clipped(u.update, bound), u.examples) for u in updates]
@@ -194,15 +197,15 @@ def round_values(
     for p in players:
         others = [i for i, j in enumerate(scorers) if j != p]
         if not others:
-            out[p] = (0.0, 0.0)
+            out[p] = (0.0, 0.0, 0)
             continue
         values = np.asarray(per_scorer[p], float)[others]
         spread = 1.2533 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-        out[p] = (float(np.median(values)), math.hypot(spread, float(np.median(np.asarray(sampling[p], float)[others]))))
+        out[p] = (float(np.median(values)), math.hypot(spread, float(np.median(np.asarray(sampling[p], float)[others]))), len(others))
     return out
 
 
-def attribute(strategy, server_round: int, accepted: Sequence) -> dict[str, tuple[float, float]]:
+def attribute(strategy, server_round: int, accepted: Sequence) -> dict[str, tuple[float, float, int]]:
     """Each site's Shapley value in a round the strategy (:class:`~fedmeta.fl.strategy.MetaStrategy`) aggregated, scored by the other sites' validation gradients.
 
     ``accepted`` pairs each good reply with its update. A gradient with keys or
@@ -227,10 +230,29 @@ def attribute(strategy, server_round: int, accepted: Sequence) -> dict[str, tupl
     return round_values([u for _, u in accepted], gradients, combine, config.server.lr, c.samples, rng, c.truncation)
 
 
+def interval_half_width(variance: float, spread: float) -> float:
+    """Half the 95% interval of a sum of rounds' values: Student's t at the Welch-Satterthwaite degrees of freedom
+    ``variance^2 / spread`` (``spread``: the sum of ``se^4 / df`` over the rounds), times the summed error.
+
+    >>> round(interval_half_width(1.0, 1.0), 3)  # one round whose error has 1 degree of freedom (two other scorers)
+    12.706
+    >>> round(interval_half_width(1.0, 0.0), 3)  # errors taken as normal
+    1.96
+    """
+    if variance <= 0:
+        return 0.0
+    if spread <= 0:
+        return 1.959964 * math.sqrt(variance)
+    from scipy.stats import t  # the server's only: a site's app process stays light
+
+    return float(t.ppf(0.975, variance * variance / spread)) * math.sqrt(variance)
+
+
 class Ledger:
     """Each site's contributions summed over the rounds, kept per round so a resumed run drops what its checkpoint did not keep.
 
-    ``rounds`` holds ``{"round": r, "values": {site: [value, se]}, "seconds": {site: s}, "rows": {site: {task: n}}}``.
+    ``rounds`` holds ``{"round": r, "values": {site: [value, se, scorers]}, "seconds": {site: s}, "rows": {site: {task: n}}}``
+    (a report written before ``scorers`` was recorded has ``[value, se]``: its errors are taken as normal).
     """
 
     def __init__(self, method: str = FIRST_ORDER, rounds: list[dict] | None = None):
@@ -250,9 +272,10 @@ class Ledger:
             raise ValueError(f"{path}: not a contributions report this run can continue ({e})") from None
         return cls(method, kept)
 
-    def add(self, round_: int, values: Mapping[str, tuple[float, float]], seconds: Mapping[str, float], rows: Mapping[str, Mapping[str, int]]) -> None:
+    def add(self, round_: int, values: Mapping[str, tuple], seconds: Mapping[str, float], rows: Mapping[str, Mapping[str, int]]) -> None:
+        """``values``: each site's ``(value, se, scorers)`` (:func:`round_values`); ``(value, se)`` when its error is taken as normal."""
         self.rounds.append({
-            "round": round_, "values": {s: [round(v, 8), round(se, 8)] for s, (v, se) in sorted(values.items())},
+            "round": round_, "values": {s: [round(v[0], 8), round(v[1], 8), *v[2:3]] for s, v in sorted(values.items())},
             "seconds": {s: round(float(t), 3) for s, t in sorted(seconds.items())}, "rows": {s: dict(r) for s, r in sorted(rows.items())},
         })
 
@@ -260,17 +283,23 @@ class Ledger:
         """``{"method", "unit", "sites": {site: {contribution, ci, rounds, rows, seconds, failures}}, "by_round"}``."""
         totals: dict[str, dict] = {}
         for record in self.rounds:
-            for site, (value, se) in record["values"].items():
-                t = totals.setdefault(site, {"contribution": 0.0, "variance": 0.0, "rounds": 0, "seconds": 0.0, "rows": {}})
+            for site, (value, se, *scorers) in record["values"].items():
+                t = totals.setdefault(site, {"contribution": 0.0, "variance": 0.0, "spread": 0.0, "unknown": False, "rounds": 0, "seconds": 0.0, "rows": {}})
                 t["contribution"] += value
                 t["variance"] += se * se
+                df = scorers[0] - 1 if scorers else math.inf
+                if scorers and scorers[0] == 1:
+                    t["unknown"] = True  # one scorer, or a self-report: no spread to estimate the error from
+                elif se > 0:
+                    t["spread"] += se**4 / df  # Welch-Satterthwaite's denominator
                 t["rounds"] += 1
                 t["seconds"] += record.get("seconds", {}).get(site, 0.0)
                 t["rows"] = record.get("rows", {}).get(site, t["rows"])
         sites = {}
         for site, t in sorted(totals.items()):
-            half, c = 1.96 * math.sqrt(t["variance"]), t["contribution"]
-            sites[site] = {"contribution": round(c, 6), "ci": [round(c - half, 6), round(c + half, 6)], "rounds": t["rounds"],
+            c = t["contribution"]
+            ci = None if t["unknown"] else [round(c - (half := interval_half_width(t["variance"], t["spread"])), 6), round(c + half, 6)]
+            sites[site] = {"contribution": round(c, 6), "ci": ci, "rounds": t["rounds"],
                            "rows": t["rows"], "seconds": round(t["seconds"], 3), "failures": int((failures or {}).get(site, 0))}
         return {"method": self.method, "unit": "validation loss decrease, summed over rounds", "sites": sites, "by_round": self.rounds}
 

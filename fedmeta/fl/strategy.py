@@ -311,7 +311,7 @@ class MetaStrategy(Strategy):
             mean[key] = ((total + noise) / weights[key]).float()
         if self.config.contributions.enabled:
             # Self-reported (fedmeta.fl.contributions): the server cannot see one site's update to score it.
-            self.round_contributions = {row["site"]: (float(row[contributions.SELF_SCORE]), 0.0) for row in self.site_rows if contributions.SELF_SCORE in row}
+            self.round_contributions = {row["site"]: (float(row[contributions.SELF_SCORE]), 0.0, 1) for row in self.site_rows if contributions.SELF_SCORE in row}
         metrics = {"loss": round_loss([m for _, m in secure.replies]), "sites": len(secure.replies), "failed_sites": dropped,
                    "broadcast_bytes": secure.broadcast_bytes, "broadcast_dense_bytes": secure.broadcast_dense_bytes}
         return ArrayRecord(self.optimizer.step(self.current, mean)), MetricRecord(metrics)
