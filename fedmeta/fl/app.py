@@ -240,7 +240,6 @@ def make_server_app(config: RunConfig | None = None, run_dir: str | Path | None 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        nonlocal config, run_dir
         try:
             _main(grid, context)
         except wire.StopRequested as e:
