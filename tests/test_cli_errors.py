@@ -154,3 +154,15 @@ def test_an_error_naming_several_files_prints_one_error_line_per_file(capsys):
     fail(SchemaProblems(["a/test.csv has no column 'y' (label of task 't')", "b/train.csv: missing feature column(s) ['age']"]))
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines == ["error: a/test.csv has no column 'y' (label of task 't')", "error: b/train.csv: missing feature column(s) ['age']"]
+
+
+def test_an_error_is_reported_without_importing_layers_the_command_never_used(tmp_path):
+    # Reporting a registry error must not import the personalize layer (torch, onnx) to see whether it was one of its errors.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedmeta.cli import app\n"
+            f"try:\n    app(['models', 'list', '--site-home', {str(tmp_path / 'nowhere')!r}])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, 'torch' in sys.modules, 'fedmeta.personalize' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "no site home at" in result.stdout and result.stdout.strip().splitlines()[-1] == "2 False False", result.stdout + result.stderr
