@@ -1,4 +1,4 @@
-"""Flower ``Grid`` stand-ins for round loops run in this process: the sites answer every message at once."""
+"""Flower ``Grid`` stand-ins for round loops run in this process: the sites reply at once, or after a scripted number of pulls."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class ImmediateGrid:
-    """A ``Grid`` over ``nodes`` (node id -> site name) whose sites reply as soon as a message is pushed: :meth:`reply` says how."""
+    """A ``Grid`` over ``nodes`` (node id -> site name) whose sites reply when a message is pushed: :meth:`reply` says how.
+
+    A reply is pulled :meth:`delay` pulls later (0 by default: at the next pull); replies that are ready come back in
+    the order their messages were pushed.
+    """
 
     def __init__(self, nodes: dict[int, str]):
         self.nodes = nodes
         self.pushed = 0
-        self.pending: dict[str, Message] = {}
+        self.tick = 0  # pulls so far
+        self.pending: list[tuple[int, int, str, Message]] = []  # (ready at tick, order pushed, message id, reply)
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -23,15 +28,22 @@ class ImmediateGrid:
             self.pushed += 1
             mid = f"m{self.pushed}"
             message.metadata.__dict__["_message_id"] = mid  # what Grid.push_messages does
-            self.pending[mid] = self.reply(message)
+            self.pending.append((self.tick + self.delay(message), self.pushed, mid, self.reply(message)))
             ids.append(mid)
         return ids
 
     def pull_messages(self, ids):
-        return [self.pending.pop(mid) for mid in list(ids) if mid in self.pending]
+        self.tick += 1
+        wanted = set(ids)
+        ready = sorted(p for p in self.pending if p[2] in wanted and p[0] <= self.tick)
+        self.pending = [p for p in self.pending if p not in ready]
+        return [reply for *_, reply in ready]
 
     def reply(self, message: Message) -> Message:
         raise NotImplementedError
+
+    def delay(self, message: Message) -> int:
+        return 0
 
 
 def act_as_a_flower_task(monkeypatch) -> None:

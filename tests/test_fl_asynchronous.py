@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.fl import asynchronous
 from fedmeta.fl.app import initial_state, run_rounds
@@ -23,61 +22,43 @@ from fedmeta.fl.config import ConfigError, RunConfig
 from fedmeta.fl.privacy import PrivacyAccount
 from fedmeta.fl.run_dir import RunDir
 from fedmeta.fl.stragglers import site_delay
+from tests.grids import ImmediateGrid, act_as_a_flower_task
 
 TASK = "mortality"
 
 
-class ScriptedSites:
+class ScriptedSites(ImmediateGrid):
     """A Grid whose sites reply to a training message after ``delay`` pulls, with every entry of the update = ``value``."""
 
     def __init__(self, sites: dict[str, tuple[float, int]]):
+        super().__init__({node: name for node, name in enumerate(sites, start=1)})
         self.sites = sites
-        self.nodes = {node: name for node, name in enumerate(sites, start=1)}
-        self.tick = 0
-        self.pushed = 0
-        self.pending: list[tuple[int, int, str, Message]] = []  # (ready at tick, order, message id, reply)
         self.sent: list[tuple[str, int]] = []  # (site, model version) of every training message
 
-    def get_node_ids(self):
-        return list(self.nodes)
+    def delay(self, message: Message) -> int:
+        return self.sites[self.nodes[message.metadata.dst_node_id]][1] if message.metadata.message_type == "train" else 0
 
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            self.pushed += 1
-            mid = f"m{self.pushed}"
-            message.metadata.__dict__["_message_id"] = mid  # what Grid.push_messages does
-            site = self.nodes[message.metadata.dst_node_id]
-            value, delay = self.sites[site]
-            kind = message.metadata.message_type
-            if value is None and kind == "train":  # a site whose training raises
-                self.sent.append((site, int(message.content["config"][asynchronous.MODEL_VERSION])))
-                self.pending.append((self.tick + delay, self.pushed, mid, Message(error=Error(code=0, reason="site failed"), reply_to=message)))
-                ids.append(mid)
-                continue
-            content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value or 0.0})})
-            if kind == "train":
-                self.sent.append((site, int(message.content["config"][asynchronous.MODEL_VERSION])))
-                received = message.content["arrays"].to_torch_state_dict()
-                content["arrays"] = ArrayRecord({k: torch.full_like(v, value) for k, v in received.items()})
-            elif kind == "evaluate":
-                content["metrics"] = MetricRecord({"examples." + TASK: 10, f"{TASK}.global.acc": 0.5})
-            self.pending.append((self.tick + (delay if kind == "train" else 0), self.pushed, mid, Message(content=content, reply_to=message)))
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        self.tick += 1
-        ready = sorted(p for p in self.pending if p[2] in ids and p[0] <= self.tick)
-        self.pending = [p for p in self.pending if p not in ready]
-        return [reply for *_, reply in ready]
+    def reply(self, message: Message) -> Message:
+        site = self.nodes[message.metadata.dst_node_id]
+        value = self.sites[site][0]
+        kind = message.metadata.message_type
+        if kind == "train":
+            self.sent.append((site, int(message.content["config"][asynchronous.MODEL_VERSION])))
+        if value is None and kind == "train":  # a site whose training raises
+            return Message(error=Error(code=0, reason="site failed"), reply_to=message)
+        content = RecordDict({"site": ConfigRecord({"name": site}), "metrics": MetricRecord({"examples." + TASK: 10, "loss": value or 0.0})})
+        if kind == "train":
+            received = message.content["arrays"].to_torch_state_dict()
+            content["arrays"] = ArrayRecord({k: torch.full_like(v, value) for k, v in received.items()})
+        elif kind == "evaluate":
+            content["metrics"] = MetricRecord({"examples." + TASK: 10, f"{TASK}.global.acc": 0.5})
+        return Message(content=content, reply_to=message)
 
 
 @pytest.fixture(autouse=True)
 def in_a_flower_task(monkeypatch):
     """Flower builds a Message only inside a task: be the ServerApp's; and the loop need not sleep between pulls."""
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+    act_as_a_flower_task(monkeypatch)
     monkeypatch.setattr(asynchronous, "POLL", 0.0)
 
 
