@@ -77,6 +77,7 @@ def test_export_fails_loudly_when_the_graph_does_not_match_torch(trained, monkey
         export_onnx(trained)
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_gives_the_same_interface_and_parity(trained):
     exported = export_onnx(trained, exporter="dynamo")
     assert exported.exporter == "dynamo" and exported.max_abs_diff <= 1e-5

@@ -22,6 +22,7 @@ from fedmeta.manifest import sha256_file
 from fedmeta.personalize import choose_personalization, load_base
 from fedmeta.registry import SiteHome
 
+pytestmark = pytest.mark.slow  # every test here runs `fedmeta personalize` on a module-wide site home (~10 s to build)
 runner = CliRunner()
 NORTH = ["hospital_000", "hospital_002", "hospital_009"]
 # Weighing the bases as they are keeps each run to a second; the choice between levels is the same with any candidates.

@@ -284,6 +284,7 @@ def test_a_tampered_version_is_never_promoted(site_home):
 # --- head requests -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_head_request_end_to_end_trains_registers_promotes_and_serves_the_new_task(site_home):
     home, keys = site_home
     with running(settings(home)) as (url, _):
