@@ -65,7 +65,7 @@ def fail(error: Exception | str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _installed(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], ...]:
+def _imported(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], ...]:
     """The exception classes ``(module, name)`` whose module is already imported.
 
     An error of a class no code has imported cannot have been raised, so nothing is imported here: importing a
@@ -81,7 +81,7 @@ def _installed(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], .
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    return _installed((
+    return _imported((
         ("fedmeta.data", "SchemaError"), ("fedmeta.fl.config", "ConfigError"), ("fedmeta.personalize", "PersonalizationError"),
         ("fedmeta.registry", "RegistryError"), ("fedmeta.trained", "ModelMismatchError"), ("serving.policy", "PolicyError"),
     ))
@@ -101,12 +101,12 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def integrity_errors() -> tuple[type[Exception], ...]:
-    return _installed((("fedmeta.export", "ExportError"), ("fedmeta.manifest", "ManifestError")))
+    return _imported((("fedmeta.export", "ExportError"), ("fedmeta.manifest", "ManifestError")))
 
 
 def _other_user_errors() -> tuple[type[Exception], ...]:
     """Errors of other layers that only a user's input causes."""
-    return _installed((("serving.auth", "KeyManagementError"), ("fedmeta.fl.certs", "CertificateError")))
+    return _imported((("serving.auth", "KeyManagementError"), ("fedmeta.fl.certs", "CertificateError")))
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
